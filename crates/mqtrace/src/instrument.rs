@@ -1,0 +1,721 @@
+//! The [`Instrumenter`]: every span mqtrace creates is decided here.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures_util::FutureExt as _;
+use opentelemetry::global::{self, BoxedTracer};
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{
+    FutureExt as _, Link, SpanContext, SpanKind, Status, TraceContextExt, Tracer, TracerProvider,
+};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
+
+use crate::conventions::{attr, Conventions};
+use crate::describe::{MessageDescription, OperationType};
+use crate::forward::{self, Disposition, ForwardKind, RetryPolicy};
+use crate::outcome::{HandlerError, HandlerResult};
+use crate::propagation::Propagation;
+
+/// Longest captured header value; longer values are cut at a character boundary.
+pub const MAX_CAPTURED_HEADER_LEN: usize = 256;
+
+/// How a `process` span relates to the context the producer injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProcessParenting {
+    /// The producer's context is the parent **and** a link: one connected trace that
+    /// link-aware backends also show as a link (the default).
+    #[default]
+    ParentAndLink,
+    /// The producer's context is only a link; the process span starts a new trace (or
+    /// continues the ambient one, e.g. an HTTP server span). What the conventions
+    /// recommend, and right for fan-in.
+    LinkOnly,
+    /// The producer's context is the parent, with no link.
+    ParentOnly,
+}
+
+/// A message as the core needs to see it. Adapters implement this for their delivery
+/// type: a description, a header carrier, the body, and what the broker says about
+/// timing and redelivery.
+pub trait Inbound {
+    /// The message described for a `process` operation.
+    fn description(&self) -> MessageDescription;
+    /// The message's headers, as an OpenTelemetry extractor.
+    fn headers(&self) -> impl Extractor + '_;
+    /// The message body.
+    fn body(&self) -> &[u8];
+    /// When the broker accepted the message, if it says.
+    fn broker_timestamp(&self) -> Option<SystemTime> {
+        None
+    }
+    /// How many times the broker has delivered this message (1 on first delivery).
+    fn delivery_count(&self) -> Option<u32> {
+        None
+    }
+}
+
+/// What a start hook sees.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageView<'a> {
+    /// The operation's description.
+    pub description: &'a MessageDescription,
+    /// The body, where the operation has one message.
+    pub body: Option<&'a [u8]>,
+}
+
+/// Adds attributes of the user's choosing when a span starts (e.g. an order id taken
+/// from the payload). Implemented for closures and for `()` (nothing added).
+pub trait OnStart: Send + Sync + 'static {
+    /// Appends attributes for this message.
+    fn on_start(&self, message: &MessageView<'_>, attributes: &mut Vec<KeyValue>);
+}
+
+impl OnStart for () {
+    fn on_start(&self, _: &MessageView<'_>, _: &mut Vec<KeyValue>) {}
+}
+
+impl<F> OnStart for F
+where
+    F: Fn(&MessageView<'_>, &mut Vec<KeyValue>) + Send + Sync + 'static,
+{
+    fn on_start(&self, message: &MessageView<'_>, attributes: &mut Vec<KeyValue>) {
+        self(message, attributes)
+    }
+}
+
+/// A span started by the [`Instrumenter`], held in the context that carries it.
+/// Dropping it ends the span too; [`MessagingSpan::end`] says so explicitly.
+#[derive(Debug, Clone)]
+pub struct MessagingSpan {
+    cx: Context,
+}
+
+impl MessagingSpan {
+    /// The context with this span active: the parent for child spans, and what is
+    /// injected into an outgoing message.
+    pub fn context(&self) -> &Context {
+        &self.cx
+    }
+
+    /// The span's identity.
+    pub fn span_context(&self) -> SpanContext {
+        self.cx.span().span_context().clone()
+    }
+
+    /// Adds an attribute.
+    pub fn set_attribute(&self, attribute: KeyValue) {
+        self.cx.span().set_attribute(attribute);
+    }
+
+    /// Records a handler failure.
+    pub fn record_error(&self, error: &HandlerError) {
+        error.record(&self.cx.span());
+    }
+
+    /// Records a broker failure (publish, ack...): status Error and `error.type`.
+    pub fn record_failure(&self, error_type: &str, error: &dyn std::error::Error) {
+        let span = self.cx.span();
+        span.add_event(
+            "exception",
+            vec![
+                KeyValue::new(attr::EXCEPTION_TYPE, error_type.to_owned()),
+                KeyValue::new(attr::EXCEPTION_MESSAGE, error.to_string()),
+            ],
+        );
+        span.set_attribute(KeyValue::new(attr::ERROR_TYPE, error_type.to_owned()));
+        span.set_status(Status::error(error.to_string()));
+    }
+
+    /// Ends the span now.
+    pub fn end(self) {
+        self.cx.span().end();
+    }
+}
+
+/// The outcome of [`Instrumenter::process`]: the handler's result and the still-open
+/// process span, so settlement and forwarding become its children.
+#[derive(Debug)]
+pub struct Processed {
+    span: MessagingSpan,
+    outcome: HandlerResult,
+    attempt: u32,
+    creation: SpanContext,
+    original: SpanContext,
+}
+
+impl Processed {
+    /// The handler's result.
+    pub fn outcome(&self) -> &HandlerResult {
+        &self.outcome
+    }
+
+    /// Which delivery attempt this was (1 = first).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The process span.
+    pub fn span(&self) -> &MessagingSpan {
+        &self.span
+    }
+
+    /// The producer's context found in the message (invalid if there was none).
+    pub fn creation_context(&self) -> &SpanContext {
+        &self.creation
+    }
+
+    /// The creation context of the message's first publication: the same as
+    /// [`Processed::creation_context`] unless the message was forwarded.
+    pub fn original_context(&self) -> &SpanContext {
+        &self.original
+    }
+
+    /// What should happen to the message, by the policy's rules.
+    pub fn disposition(&self, policy: &RetryPolicy, has_dead_letter: bool) -> Disposition {
+        forward::decide(policy, self.attempt, &self.outcome, has_dead_letter)
+    }
+
+    /// Records the disposition on the span and ends it. Returns the handler's result.
+    pub fn finish(self, disposition: Disposition) -> HandlerResult {
+        self.span
+            .set_attribute(KeyValue::new(attr::DISPOSITION, disposition.as_str()));
+        self.span.end();
+        self.outcome
+    }
+}
+
+/// The outcome of [`Instrumenter::process_batch`].
+#[derive(Debug)]
+pub struct BatchProcessed {
+    /// One result per message, in the order given.
+    pub outcomes: Vec<HandlerResult>,
+    /// Messages whose handler succeeded.
+    pub succeeded: usize,
+    /// Messages whose handler failed.
+    pub failed: usize,
+}
+
+/// Builds and configures an [`Instrumenter`].
+pub struct InstrumenterBuilder {
+    tracer: Option<BoxedTracer>,
+    conventions: Conventions,
+    parenting: ProcessParenting,
+    propagation: Propagation,
+    capture_headers: Vec<String>,
+    on_start: Arc<dyn OnStart>,
+    retry: RetryPolicy,
+}
+
+impl fmt::Debug for InstrumenterBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InstrumenterBuilder")
+            .field("conventions", &self.conventions)
+            .field("parenting", &self.parenting)
+            .field("propagation", &self.propagation)
+            .field("capture_headers", &self.capture_headers)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder("mqtrace")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+}
+
+impl InstrumenterBuilder {
+    /// Spans go to this provider instead of the global one.
+    pub fn tracer_provider<P>(mut self, provider: &P) -> Self
+    where
+        P: TracerProvider,
+        P::Tracer: Send + Sync + 'static,
+        <P::Tracer as Tracer>::Span: Send + Sync + 'static,
+    {
+        self.tracer = Some(BoxedTracer::new(Box::new(
+            provider.tracer_with_scope(scope()),
+        )));
+        self
+    }
+
+    /// The attribute names to emit (default: from the environment, see
+    /// [`Conventions::from_env`]).
+    pub fn conventions(mut self, conventions: Conventions) -> Self {
+        self.conventions = conventions;
+        self
+    }
+
+    /// How process spans relate to the producer's context.
+    pub fn parenting(mut self, parenting: ProcessParenting) -> Self {
+        self.parenting = parenting;
+        self
+    }
+
+    /// The propagation formats (default: W3C trace context and baggage).
+    pub fn propagation(mut self, propagation: Propagation) -> Self {
+        self.propagation = propagation;
+        self
+    }
+
+    /// Records this header of incoming messages as `messaging.header.<name>` on the
+    /// process span. Nothing is captured unless listed; bodies never are.
+    pub fn capture_header(mut self, name: impl Into<String>) -> Self {
+        self.capture_headers.push(name.into().to_ascii_lowercase());
+        self
+    }
+
+    /// A hook that adds attributes when a span starts.
+    pub fn on_start(mut self, hook: impl OnStart) -> Self {
+        self.on_start = Arc::new(hook);
+        self
+    }
+
+    /// Retry budget and dead-letter rules.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Finishes the instrumenter.
+    pub fn build(self) -> Instrumenter {
+        Instrumenter {
+            inner: Arc::new(Inner {
+                tracer: self
+                    .tracer
+                    .unwrap_or_else(|| global::tracer_provider().tracer_with_scope(scope())),
+                conventions: self.conventions,
+                parenting: self.parenting,
+                propagation: self.propagation,
+                capture_headers: self.capture_headers,
+                on_start: self.on_start,
+                retry: self.retry,
+            }),
+        }
+    }
+}
+
+struct Inner {
+    tracer: BoxedTracer,
+    conventions: Conventions,
+    parenting: ProcessParenting,
+    propagation: Propagation,
+    capture_headers: Vec<String>,
+    on_start: Arc<dyn OnStart>,
+    retry: RetryPolicy,
+}
+
+/// Creates every messaging span: it names them, picks kind, parent and links, sets
+/// the attributes of the chosen conventions at start, and maps outcomes to status.
+/// Adapters describe; the instrumenter decides. Cheap to clone.
+#[derive(Clone)]
+pub struct Instrumenter {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Instrumenter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Instrumenter")
+            .field("conventions", &self.inner.conventions)
+            .field("parenting", &self.inner.parenting)
+            .field("propagation", &self.inner.propagation)
+            .field("retry", &self.inner.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Instrumenter {
+    fn default() -> Self {
+        Self::builder().build()
+    }
+}
+
+// === impl Instrumenter ===
+
+impl Instrumenter {
+    /// A builder with the defaults: global tracer provider, conventions from the
+    /// environment, producer as parent and link, W3C propagation, retry budget 3.
+    pub fn builder() -> InstrumenterBuilder {
+        InstrumenterBuilder {
+            tracer: None,
+            conventions: Conventions::from_env(),
+            parenting: ProcessParenting::default(),
+            propagation: Propagation::default(),
+            capture_headers: Vec::new(),
+            on_start: Arc::new(()),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// The conventions in force.
+    pub fn conventions(&self) -> Conventions {
+        self.inner.conventions
+    }
+
+    /// The propagation formats.
+    pub fn propagation(&self) -> &Propagation {
+        &self.inner.propagation
+    }
+
+    /// The retry policy.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.retry
+    }
+
+    fn start(
+        &self,
+        d: &MessageDescription,
+        kind: SpanKind,
+        parent: &Context,
+        links: Vec<Link>,
+        body: Option<&[u8]>,
+        extra: impl FnOnce(&mut Vec<KeyValue>),
+    ) -> MessagingSpan {
+        let tracer = &self.inner.tracer;
+        let mut attributes = Vec::with_capacity(16);
+        self.inner.conventions.attributes(d, &mut attributes);
+        extra(&mut attributes);
+        self.inner.on_start.on_start(
+            &MessageView {
+                description: d,
+                body,
+            },
+            &mut attributes,
+        );
+        let span = tracer
+            .span_builder(self.inner.conventions.span_name(d))
+            .with_kind(kind)
+            .with_attributes(attributes)
+            .with_links(links)
+            .start_with_context(tracer, parent);
+        MessagingSpan {
+            cx: parent.with_span(span),
+        }
+    }
+
+    /// A `send` span (PRODUCER), child of the current context. Inject its context
+    /// into the message with [`Instrumenter::inject`]; end it when the broker has
+    /// acknowledged the message.
+    pub fn start_send(&self, d: &MessageDescription, body: Option<&[u8]>) -> MessagingSpan {
+        self.start(d, SpanKind::Producer, &Context::current(), Vec::new(), body, |_| {})
+    }
+
+    /// A `create` span (PRODUCER) for one message of a batch send.
+    pub fn start_create(&self, d: &MessageDescription, body: Option<&[u8]>) -> MessagingSpan {
+        self.start(d, SpanKind::Producer, &Context::current(), Vec::new(), body, |_| {})
+    }
+
+    /// The `send` span of a batch (CLIENT) linking every message's `create` span.
+    pub fn start_batch_send(
+        &self,
+        d: &MessageDescription,
+        created: &[SpanContext],
+    ) -> MessagingSpan {
+        let links = created
+            .iter()
+            .filter(|sc| sc.is_valid())
+            .map(|sc| Link::with_context(sc.clone()))
+            .collect();
+        self.start(d, SpanKind::Client, &Context::current(), links, None, |_| {})
+    }
+
+    /// A `receive` span (CLIENT) for one poll, linking each received message's
+    /// creation context (with its message id on the link).
+    pub fn start_receive<'a, M>(&self, d: &MessageDescription, messages: &'a [M]) -> MessagingSpan
+    where
+        M: Inbound + 'a,
+    {
+        let links = messages
+            .iter()
+            .filter_map(|m| self.message_link(m))
+            .collect();
+        self.start(d, SpanKind::Client, &Context::current(), links, None, |_| {})
+    }
+
+    fn message_link(&self, m: &impl Inbound) -> Option<Link> {
+        let creation = self.extract(&m.headers());
+        let sc = creation.span().span_context().clone();
+        if !sc.is_valid() {
+            return None;
+        }
+        let d = m.description();
+        let attributes = d
+            .message_id
+            .map(|id| vec![KeyValue::new(attr::MESSAGING_MESSAGE_ID, id)])
+            .unwrap_or_default();
+        Some(Link::new(sc, attributes, 0))
+    }
+
+    /// A settle span (CLIENT: `ack`, `nack`, `commit`, `delete`...), child of the
+    /// process span.
+    pub fn start_settle(&self, d: &MessageDescription, process: &MessagingSpan) -> MessagingSpan {
+        self.start(d, SpanKind::Client, process.context(), Vec::new(), None, |_| {})
+    }
+
+    /// Injects a span's context into outgoing headers.
+    pub fn inject(&self, span: &MessagingSpan, carrier: &mut dyn Injector) {
+        self.inner.propagation.inject(span.context(), carrier);
+    }
+
+    /// Injects within a header budget (SQS allows 10 attributes): each format whole
+    /// or not at all. Returns the number of entries written.
+    pub fn inject_within(&self, span: &MessagingSpan, carrier: &mut dyn Injector, budget: usize) -> usize {
+        self.inner
+            .propagation
+            .inject_within(span.context(), carrier, budget)
+    }
+
+    /// Extracts a message's remote context, from an empty context.
+    pub fn extract(&self, carrier: &dyn Extractor) -> Context {
+        self.inner.propagation.extract(carrier)
+    }
+
+    /// Starts the `process` span (CONSUMER) of a message, per the parenting switch.
+    /// [`Instrumenter::process`] does this and runs the handler; use this directly
+    /// only when the handler cannot be handed over.
+    pub fn start_process<M: Inbound>(&self, message: &M) -> (MessagingSpan, SpanContext, u32) {
+        let headers = message.headers();
+        let remote = self.extract(&headers);
+        let creation = remote.span().span_context().clone();
+        let ambient = Context::current();
+        let ambient_sc = ambient.span().span_context().clone();
+        let (parent, mut links) = match (self.inner.parenting, creation.is_valid()) {
+            (_, false) => (ambient, Vec::new()),
+            (ProcessParenting::ParentAndLink, true) => {
+                (remote, vec![Link::with_context(creation.clone())])
+            }
+            (ProcessParenting::ParentOnly, true) => (remote, Vec::new()),
+            (ProcessParenting::LinkOnly, true) => {
+                (ambient, vec![Link::with_context(creation.clone())])
+            }
+        };
+        // Processing inside another span (say an HTTP request) while the producer is
+        // the parent: keep the ambient span as a link.
+        if ambient_sc.is_valid() && parent.span().span_context() != &ambient_sc {
+            links.push(Link::with_context(ambient_sc));
+        }
+        let attempt = forward::attempt_of(&headers, message.delivery_count());
+        let span = self.start_process_span(message, &headers, &parent, links, attempt);
+        (span, creation, attempt)
+    }
+
+    fn start_process_span<M: Inbound>(
+        &self,
+        message: &M,
+        headers: &dyn Extractor,
+        parent: &Context,
+        links: Vec<Link>,
+        attempt: u32,
+    ) -> MessagingSpan {
+        let d = message.description();
+        self.start(
+            &d,
+            SpanKind::Consumer,
+            parent,
+            links,
+            Some(message.body()),
+            |attributes| {
+                attributes.push(KeyValue::new(attr::ATTEMPT, i64::from(attempt)));
+                if let Some(sent) = message.broker_timestamp() {
+                    let waited = SystemTime::now()
+                        .duration_since(sent)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0);
+                    attributes.push(KeyValue::new(attr::QUEUE_TIME, waited));
+                }
+                for name in &self.inner.capture_headers {
+                    if let Some(value) = headers.get(name) {
+                        attributes.push(KeyValue::new(
+                            format!("{}{name}", attr::HEADER_PREFIX),
+                            truncate(value, MAX_CAPTURED_HEADER_LEN).to_owned(),
+                        ));
+                    }
+                }
+            },
+        )
+    }
+
+    /// Processes one message: extracts its context, starts the `process` span, runs
+    /// the handler inside it (spans the handler creates, with the OpenTelemetry API
+    /// or `tracing`, are its children), and records the outcome. A handler that
+    /// panics counts as a transient failure with `error.type = panic`.
+    ///
+    /// The span stays open in the returned [`Processed`] so settlement and
+    /// forwarding are its children; [`Processed::finish`] ends it.
+    pub async fn process<M, Fut>(&self, message: &M, handler: Fut) -> Processed
+    where
+        M: Inbound,
+        Fut: Future<Output = HandlerResult>,
+    {
+        let (span, creation, attempt) = self.start_process(message);
+        let original = forward::original_context(&message.headers()).unwrap_or_else(|| creation.clone());
+        let outcome = run_handler(handler, span.context().clone()).await;
+        if let Err(error) = &outcome {
+            span.record_error(error);
+        }
+        Processed {
+            span,
+            outcome,
+            attempt,
+            creation,
+            original,
+        }
+    }
+
+    /// Processes a batch: one `process` span (CONSUMER) for the batch with a link
+    /// per message (carrying its message id) and `messaging.batch.message_count`,
+    /// and a child `process` span per message linking its creation context. The
+    /// batch span counts successes and failures and is an Error when any failed.
+    /// Outcomes are handed back in order so the caller settles each message.
+    pub async fn process_batch<M, F, Fut>(
+        &self,
+        batch: &MessageDescription,
+        messages: &[M],
+        mut handler: F,
+    ) -> BatchProcessed
+    where
+        M: Inbound,
+        F: FnMut(&M) -> Fut,
+        Fut: Future<Output = HandlerResult>,
+    {
+        let mut d = batch.clone();
+        d.operation = OperationType::Process;
+        d.batch_message_count = Some(messages.len() as u64);
+        let links = messages.iter().filter_map(|m| self.message_link(m)).collect();
+        let batch_span = self.start(&d, SpanKind::Consumer, &Context::current(), links, None, |_| {});
+
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for message in messages {
+            let headers = message.headers();
+            let creation = self.extract(&headers);
+            let creation = creation.span().span_context().clone();
+            let links = if creation.is_valid() {
+                vec![Link::with_context(creation)]
+            } else {
+                Vec::new()
+            };
+            let attempt = forward::attempt_of(&headers, message.delivery_count());
+            let span = self.start_process_span(message, &headers, batch_span.context(), links, attempt);
+            let outcome = run_handler(handler(message), span.context().clone()).await;
+            if let Err(error) = &outcome {
+                span.record_error(error);
+            }
+            span.end();
+            outcomes.push(outcome);
+        }
+        let failed = outcomes.iter().filter(|o| o.is_err()).count();
+        let succeeded = outcomes.len() - failed;
+        batch_span.set_attribute(KeyValue::new(attr::BATCH_SUCCEEDED, succeeded as i64));
+        batch_span.set_attribute(KeyValue::new(attr::BATCH_FAILED, failed as i64));
+        if failed > 0 {
+            batch_span.cx.span().set_status(Status::error(format!(
+                "{failed} of {} messages failed",
+                outcomes.len()
+            )));
+        }
+        batch_span.end();
+        BatchProcessed {
+            outcomes,
+            succeeded,
+            failed,
+        }
+    }
+
+    /// Starts the span that forwards a failed message to a retry or dead-letter
+    /// destination, and writes the forwarded message's headers.
+    ///
+    /// The span is a PRODUCER child of the failed process span, linking the
+    /// message's original creation context (`relationship = original_message`) and
+    /// the processing attempt (`relationship = processing_attempt`). The headers get
+    /// a fresh trace context, the attempt counter, the original `traceparent`, and
+    /// for dead letters the error type, a truncated error message and the time of
+    /// failure. Copy the other headers and the body from the original unchanged,
+    /// leaving out those for which [`Instrumenter::is_managed_header`] is true.
+    pub fn start_forward(
+        &self,
+        processed: &Processed,
+        kind: ForwardKind,
+        destination: &MessageDescription,
+        carrier: &mut dyn Injector,
+    ) -> MessagingSpan {
+        let mut links = Vec::with_capacity(2);
+        if processed.original.is_valid() {
+            links.push(Link::new(
+                processed.original.clone(),
+                vec![KeyValue::new(attr::RELATIONSHIP, "original_message")],
+                0,
+            ));
+        }
+        links.push(Link::new(
+            processed.span.span_context(),
+            vec![KeyValue::new(attr::RELATIONSHIP, "processing_attempt")],
+            0,
+        ));
+        let mut d = destination.clone();
+        d.operation = OperationType::Send;
+        let span = self.start(
+            &d,
+            SpanKind::Producer,
+            processed.span.context(),
+            links,
+            None,
+            |attributes| {
+                attributes.push(KeyValue::new(attr::ATTEMPT, i64::from(processed.attempt)));
+                attributes.push(KeyValue::new(
+                    attr::DISPOSITION,
+                    match kind {
+                        ForwardKind::Retry => Disposition::Retry.as_str(),
+                        ForwardKind::DeadLetter => Disposition::DeadLetter.as_str(),
+                    },
+                ));
+            },
+        );
+        self.inject(&span, carrier);
+        forward::write_headers(processed, kind, carrier);
+        span
+    }
+
+    /// Whether forwarding rewrites this header (trace context and mqtrace's own),
+    /// so it must not be copied from the failed message.
+    pub fn is_managed_header(&self, key: &str) -> bool {
+        forward::is_mqtrace_header(key)
+            || self
+                .inner
+                .propagation
+                .header_fields()
+                .iter()
+                .any(|f| f.eq_ignore_ascii_case(key))
+    }
+}
+
+async fn run_handler<Fut>(handler: Fut, cx: Context) -> HandlerResult
+where
+    Fut: Future<Output = HandlerResult>,
+{
+    match AssertUnwindSafe(handler.with_context(cx)).catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "handler panicked".to_owned());
+            Err(HandlerError::transient(message).with_type("panic"))
+        }
+    }
+}
+
+/// Cuts a string to at most `max` bytes at a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

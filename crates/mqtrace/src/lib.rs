@@ -1,0 +1,101 @@
+//! OpenTelemetry traces across message queues.
+//!
+//! A message published by one service and consumed, retried or dead-lettered by
+//! others shows up as one connected trace, with spans that follow the messaging
+//! semantic conventions (v1.44, or the legacy names, or both). This crate is the core
+//! that every broker adapter (`mqtrace-rdkafka`, `mqtrace-lapin`, `mqtrace-aws-sqs`,
+//! `mqtrace-aws-lambda`) builds on, and it has no broker client dependency. It also
+//! carries an [embedded in-memory broker](embedded) with the same traced surface.
+//!
+//! Adapters *describe* (a [`MessageDescription`], a header carrier, settlement); the
+//! [`Instrumenter`] *decides*: span name, kind, parent, links, attributes, status.
+//!
+//! # Span model
+//!
+//! | operation | span name (current) | kind | parent | links |
+//! |---|---|---|---|---|
+//! | send one message | `send {destination}` | PRODUCER | current context | — |
+//! | create (batch send, per message) | `create {destination}` | PRODUCER | current context | — |
+//! | send a batch | `send {destination}` | CLIENT | current context | each `create` span |
+//! | receive (poll) | `receive {destination}` (`poll` for Kafka) | CLIENT | current context | each message's creation context, with its message id |
+//! | process one message | `process {destination}` | CONSUMER | by [`ProcessParenting`]: producer (default), ambient, or producer | producer (default and link-only), ambient span when it is not the parent |
+//! | process a batch | `process {destination}` | CONSUMER | current context | each message's creation context, with its message id |
+//! | process one message of a batch | `process {destination}` | CONSUMER | the batch span | the message's creation context |
+//! | settle | `ack {destination}`, `commit ...`, `delete ...` | CLIENT | the process span | — |
+//! | forward to retry / dead letter | `send {retry or DLQ}` | PRODUCER | the failed process span | original creation (`relationship=original_message`), processing attempt (`relationship=processing_attempt`) |
+//!
+//! Attributes are set when the span starts (samplers see them), named by the
+//! [`Conventions`] in force; `docs/span-model.md` lists them for each setting.
+//! mqtrace's own attributes: `mqtrace.message.attempt`, `mqtrace.message.queue_time`
+//! (seconds, from the broker's timestamp), `mqtrace.message.disposition`
+//! (`settled`/`retried`/`dead_lettered`/`dropped`), `mqtrace.error.retryable`,
+//! `mqtrace.batch.succeeded_count` / `failed_count`, and captured headers as
+//! `messaging.header.<name>`. A failure sets status Error, `error.type`, and an
+//! `exception` event.
+//!
+//! # Customisation
+//!
+//! - [`Conventions`]: current, legacy or both (`OTEL_SEMCONV_STABILITY_OPT_IN=messaging/dup`,
+//!   or `MQTRACE_MESSAGING_CONVENTIONS=legacy|current|both`).
+//! - [`ProcessParenting`]: producer as parent and link (default), link only, parent only.
+//! - [`Propagation`]: W3C trace context and baggage (default), AWS X-Ray, underscore
+//!   keys, any order; extraction takes the first valid format.
+//! - [`OnStart`]: a hook (closure) adding attributes from the message at span start.
+//! - [`InstrumenterBuilder::capture_header`]: allow-listed headers as attributes.
+//! - [`Classify`] and [`HandlerError`]: permanent or transient failures;
+//!   [`RetryPolicy`]: attempts before dead-lettering (default 3).
+//!
+//! # Cargo features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `xray` | yes | [`PropagationBuilder::xray`] through `opentelemetry-aws` |
+//! | `otlp-grpc` | yes | OTLP/gRPC in [`telemetry`] |
+//! | `otlp-http` | yes | OTLP/HTTP (protobuf) in [`telemetry`] |
+//! | `tracing` | yes | [`telemetry::TelemetryGuard::tracing_layer`]: `tracing` spans in handlers nest under the process span |
+//!
+//! # Examples
+//!
+//! Processing with the core directly, as an adapter does:
+//!
+//! ```
+//! use mqtrace::embedded::{Broker, Message, QueueOptions};
+//! use mqtrace::{Disposition, Instrumenter};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = Broker::new();
+//! broker.declare_queue("orders", QueueOptions::default());
+//! broker.publish("orders", Message::new("hello").header("traceparent",
+//!     "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"))?;
+//!
+//! let instrumenter = Instrumenter::default();
+//! let delivery = broker.try_receive("orders")?.ok_or("empty")?;
+//! let processed = instrumenter.process(&delivery, async { Ok(()) }).await;
+//! assert_eq!(processed.creation_context().trace_id().to_string(),
+//!            "4bf92f3577b34da6a3ce929d0e0e4736");
+//! let disposition = processed.disposition(instrumenter.retry_policy(), false);
+//! delivery.ack();
+//! processed.finish(disposition)?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod conventions;
+pub mod describe;
+pub mod embedded;
+pub mod forward;
+mod instrument;
+pub mod outcome;
+pub mod propagation;
+#[cfg(any(feature = "otlp-grpc", feature = "otlp-http"))]
+pub mod telemetry;
+
+pub use conventions::Conventions;
+pub use describe::{Destination, MessageDescription, MessagingSystem, OperationType};
+pub use forward::{Disposition, ForwardKind, RetryPolicy};
+pub use instrument::{
+    BatchProcessed, Inbound, Instrumenter, InstrumenterBuilder, MessageView, MessagingSpan,
+    OnStart, ProcessParenting, Processed, MAX_CAPTURED_HEADER_LEN,
+};
+pub use outcome::{Classify, HandlerError, HandlerResult, Retryable};
+pub use propagation::{Propagation, PropagationBuilder, UnderscorePropagator};

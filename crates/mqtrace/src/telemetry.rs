@@ -1,0 +1,480 @@
+//! Telemetry set-up: one call builds and installs a tracer provider that exports over
+//! OTLP, and returns a guard that flushes on drop.
+//!
+//! - `service.name`: the argument, else `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES`,
+//!   else the executable's name.
+//! - Exporter: OTLP gRPC (port 4317) by default; HTTP/protobuf (port 4318) when
+//!   `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL` is
+//!   `http/protobuf`. Endpoint, headers, timeout and compression come from the standard
+//!   `OTEL_EXPORTER_OTLP_*` variables unless set on the builder.
+//! - Batch span processor, configured by `OTEL_BSP_*`; sampler from
+//!   `OTEL_TRACES_SAMPLER` / `_ARG`; `OTEL_SDK_DISABLED=true` installs nothing.
+//! - The global text-map propagator is set to the builder's [`Propagation`] (W3C trace
+//!   context and baggage by default).
+//!
+//! The exporter runs on a small runtime of its own (one thread), so exporting never
+//! depends on the application's runtime: a collector that is down or hanging delays
+//! nothing but the export thread, spans are dropped once the bounded queue is full,
+//! and [`TelemetryGuard::stats`] tells how many were exported and how many were not.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::{global, Context, KeyValue};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchConfig, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData,
+    SpanExporter, SpanProcessor,
+};
+use opentelemetry_sdk::Resource;
+
+use crate::propagation::Propagation;
+
+/// How spans leave the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP over gRPC.
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies.
+    HttpProtobuf,
+}
+
+impl Protocol {
+    /// From `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub fn from_env() -> Result<Self, TelemetryError> {
+        let value = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            .unwrap_or_default();
+        match value.trim() {
+            "" | "grpc" => Ok(Self::Grpc),
+            "http/protobuf" => Ok(Self::HttpProtobuf),
+            other => Err(TelemetryError::UnsupportedProtocol(other.to_owned())),
+        }
+    }
+}
+
+/// Why telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built (bad endpoint, bad headers...).
+    #[error("cannot build the OTLP exporter: {0}")]
+    Exporter(String),
+    /// The protocol asked for is not supported.
+    #[error("unsupported OTLP protocol {0:?}: use grpc or http/protobuf")]
+    UnsupportedProtocol(String),
+    /// The protocol's cargo feature is off.
+    #[error("OTLP over {0:?} needs the mqtrace feature that enables it")]
+    ProtocolDisabled(Protocol),
+    /// The exporter's thread could not start.
+    #[error("cannot start the exporter thread: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// Counts of spans through the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExportStats {
+    /// Spans that ended and entered the export queue (or were dropped by it).
+    pub ended: u64,
+    /// Spans the collector accepted.
+    pub exported: u64,
+    /// Spans in export calls that failed (collector down, timeout).
+    pub failed: u64,
+}
+
+impl ExportStats {
+    /// Spans not exported: dropped by the full queue, or in failed exports. Exact
+    /// after [`TelemetryGuard::shutdown`]; before, it also counts spans still queued.
+    pub fn not_exported(&self) -> u64 {
+        self.ended.saturating_sub(self.exported)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    ended: AtomicU64,
+    exported: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Configures [`init`].
+#[derive(Debug)]
+pub struct TelemetryBuilder {
+    service_name: Option<String>,
+    resource_attributes: Vec<KeyValue>,
+    endpoint: Option<String>,
+    protocol: Option<Protocol>,
+    batch: Option<BatchConfig>,
+    sampler: Option<Sampler>,
+    propagation: Propagation,
+    install_global: bool,
+    shutdown_timeout: Duration,
+    export_timeout: Option<Duration>,
+}
+
+impl Default for TelemetryBuilder {
+    fn default() -> Self {
+        Self {
+            service_name: None,
+            resource_attributes: Vec::new(),
+            endpoint: None,
+            protocol: None,
+            batch: None,
+            sampler: None,
+            propagation: Propagation::default(),
+            install_global: true,
+            shutdown_timeout: Duration::from_secs(5),
+            export_timeout: None,
+        }
+    }
+}
+
+/// Sets up telemetry with everything taken from the environment.
+pub fn init() -> Result<TelemetryGuard, TelemetryError> {
+    TelemetryBuilder::default().build()
+}
+
+impl TelemetryBuilder {
+    /// The `service.name` resource attribute.
+    pub fn service_name(mut self, name: impl Into<String>) -> Self {
+        self.service_name = Some(name.into());
+        self
+    }
+
+    /// Another resource attribute.
+    pub fn resource_attribute(mut self, attribute: KeyValue) -> Self {
+        self.resource_attributes.push(attribute);
+        self
+    }
+
+    /// The collector: `http://host:4317` for gRPC, `http://host:4318` for HTTP (the
+    /// `/v1/traces` path is added). Overrides `OTEL_EXPORTER_OTLP_*ENDPOINT`.
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// The protocol, overriding the environment.
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = Some(protocol);
+        self
+    }
+
+    /// Batch processor settings, overriding `OTEL_BSP_*`.
+    pub fn batch_config(mut self, config: BatchConfig) -> Self {
+        self.batch = Some(config);
+        self
+    }
+
+    /// The sampler, overriding `OTEL_TRACES_SAMPLER`.
+    pub fn sampler(mut self, sampler: Sampler) -> Self {
+        self.sampler = Some(sampler);
+        self
+    }
+
+    /// The propagation formats installed as the global text-map propagator.
+    pub fn propagation(mut self, propagation: Propagation) -> Self {
+        self.propagation = propagation;
+        self
+    }
+
+    /// Whether to install the provider and propagator globally (default: yes). A
+    /// process that simulates several services keeps one provider per service.
+    pub fn install_global(mut self, install: bool) -> Self {
+        self.install_global = install;
+        self
+    }
+
+    /// How long dropping the guard may wait for the last spans (default 5 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The timeout of one export call, overriding `OTEL_EXPORTER_OTLP_TIMEOUT`.
+    pub fn export_timeout(mut self, timeout: Duration) -> Self {
+        self.export_timeout = Some(timeout);
+        self
+    }
+
+    /// Builds the provider, and installs it unless told not to.
+    pub fn build(self) -> Result<TelemetryGuard, TelemetryError> {
+        if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+            return Ok(TelemetryGuard::disabled());
+        }
+        let protocol = match self.protocol {
+            Some(p) => p,
+            None => Protocol::from_env()?,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("mqtrace-otlp")
+            .enable_all()
+            .build()?;
+        let exporter = {
+            let _entered = runtime.enter();
+            build_exporter(protocol, self.endpoint.as_deref(), self.export_timeout)?
+        };
+        let counters = Arc::new(Counters::default());
+        let exporter = CountingExporter {
+            inner: exporter,
+            counters: counters.clone(),
+        };
+        let mut processor = BatchSpanProcessor::builder(exporter);
+        if let Some(batch) = self.batch {
+            processor = processor.with_batch_config(batch);
+        }
+        let processor = CountingProcessor {
+            inner: processor.build(),
+            counters: counters.clone(),
+        };
+        let mut provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(resource(self.service_name, self.resource_attributes));
+        if let Some(sampler) = self.sampler {
+            provider = provider.with_sampler(sampler);
+        }
+        let provider = provider.build();
+        if self.install_global {
+            global::set_tracer_provider(provider.clone());
+            global::set_text_map_propagator(self.propagation);
+        }
+        Ok(TelemetryGuard {
+            provider: Some(provider),
+            runtime: Some(runtime),
+            counters,
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+}
+
+fn resource(service_name: Option<String>, attributes: Vec<KeyValue>) -> Resource {
+    let builder = Resource::builder().with_attributes(attributes);
+    match service_name {
+        Some(name) => builder.with_service_name(name).build(),
+        None => {
+            let detected = builder.build();
+            let unknown = detected
+                .get(&opentelemetry::Key::from_static_str("service.name"))
+                .is_none_or(|v| v.as_str().starts_with("unknown_service"));
+            if !unknown {
+                return detected;
+            }
+            let exe = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "unknown_service".to_owned());
+            Resource::builder()
+                .with_attributes(detected.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())))
+                .with_service_name(exe)
+                .build()
+        }
+    }
+}
+
+#[allow(unused_variables)]
+fn build_exporter(
+    protocol: Protocol,
+    endpoint: Option<&str>,
+    timeout: Option<Duration>,
+) -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    match protocol {
+        #[cfg(feature = "otlp-grpc")]
+        Protocol::Grpc => {
+            let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            if let Some(endpoint) = endpoint {
+                b = b.with_endpoint(endpoint);
+            }
+            if let Some(timeout) = timeout {
+                b = b.with_timeout(timeout);
+            }
+            b.build().map_err(|e| TelemetryError::Exporter(e.to_string()))
+        }
+        #[cfg(feature = "otlp-http")]
+        Protocol::HttpProtobuf => {
+            let endpoint = endpoint.map(|e| {
+                let e = e.trim_end_matches('/');
+                if e.ends_with("/v1/traces") {
+                    e.to_owned()
+                } else {
+                    format!("{e}/v1/traces")
+                }
+            });
+            let timeout = timeout;
+            // The blocking HTTP client owns a runtime and must not be created on an
+            // async thread.
+            std::thread::spawn(move || {
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                if let Some(endpoint) = endpoint {
+                    b = b.with_endpoint(endpoint);
+                }
+                if let Some(timeout) = timeout {
+                    b = b.with_timeout(timeout);
+                }
+                b.build().map_err(|e| TelemetryError::Exporter(e.to_string()))
+            })
+            .join()
+            .map_err(|_| TelemetryError::Exporter("exporter set-up panicked".to_owned()))?
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(TelemetryError::ProtocolDisabled(other)),
+    }
+}
+
+/// Keeps telemetry running; dropping it (or [`TelemetryGuard::shutdown`]) flushes the
+/// spans still queued, waiting at most the shutdown timeout.
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+    runtime: Option<tokio::runtime::Runtime>,
+    counters: Arc<Counters>,
+    shutdown_timeout: Duration,
+}
+
+impl fmt::Debug for TelemetryGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TelemetryGuard")
+            .field("enabled", &self.provider.is_some())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl TelemetryGuard {
+    fn disabled() -> Self {
+        Self {
+            provider: None,
+            runtime: None,
+            counters: Arc::default(),
+            shutdown_timeout: Duration::ZERO,
+        }
+    }
+
+    /// The provider, unless `OTEL_SDK_DISABLED` turned telemetry off.
+    pub fn provider(&self) -> Option<&SdkTracerProvider> {
+        self.provider.as_ref()
+    }
+
+    /// Span counts so far.
+    pub fn stats(&self) -> ExportStats {
+        ExportStats {
+            ended: self.counters.ended.load(Ordering::Relaxed),
+            exported: self.counters.exported.load(Ordering::Relaxed),
+            failed: self.counters.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Exports what is queued now. Blocks the calling thread until done.
+    pub fn force_flush(&self) {
+        if let Some(provider) = &self.provider {
+            if let Err(e) = provider.force_flush() {
+                tracing::debug!(target: "mqtrace", error = %e, "flush failed");
+            }
+        }
+    }
+
+    /// A `tracing` layer that sends `tracing` spans to this provider, so
+    /// `#[instrument]` spans in handlers become children of the process span.
+    #[cfg(feature = "tracing")]
+    pub fn tracing_layer<S>(
+        &self,
+    ) -> Option<tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>>
+    where
+        S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    {
+        let tracer = self.provider.as_ref()?.tracer("mqtrace-tracing");
+        Some(tracing_opentelemetry::layer().with_tracer(tracer))
+    }
+
+    /// Flushes and stops exporting; returns the final counts.
+    pub fn shutdown(mut self) -> ExportStats {
+        self.stop();
+        self.stats()
+    }
+
+    fn stop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(e) = provider.shutdown_with_timeout(self.shutdown_timeout) {
+                tracing::debug!(target: "mqtrace", error = %e, "telemetry shutdown incomplete");
+            }
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[derive(Debug)]
+struct CountingProcessor<P> {
+    inner: P,
+    counters: Arc<Counters>,
+}
+
+impl<P: SpanProcessor> SpanProcessor for CountingProcessor<P> {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        self.counters.ended.fetch_add(1, Ordering::Relaxed);
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+#[derive(Debug)]
+struct CountingExporter<E> {
+    inner: E,
+    counters: Arc<Counters>,
+}
+
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    fn export(&self, batch: Vec<SpanData>) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let n = batch.len() as u64;
+        let counters = self.counters.clone();
+        let export = self.inner.export(batch);
+        async move {
+            let result = export.await;
+            let counter = if result.is_ok() {
+                &counters.exported
+            } else {
+                &counters.failed
+            };
+            counter.fetch_add(n, Ordering::Relaxed);
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
