@@ -1,1 +1,19 @@
-//! placeholder
+//! Test support for mqtrace.
+//!
+//! - [`Collector`]: an in-process OTLP receiver (gRPC and HTTP) so tests export spans
+//!   over real OTLP and assert on what arrived.
+//! - [`Forest`] and [`TreeOptions`]: spans grouped into traces and rendered as
+//!   normalised trees (names, kinds, parents, links, attributes, status; no ids or
+//!   times) to compare with the expected text.
+//! - [`brokers`]: the endpoints of the brokers the test script started, failing with
+//!   instructions when there are none.
+#![forbid(unsafe_code)]
+
+pub mod brokers;
+mod collector;
+mod span;
+
+pub use collector::Collector;
+pub use span::{
+    AttrValue, Forest, Kind, RecordedEvent, RecordedLink, RecordedSpan, SpanStatus, TreeOptions,
+};

@@ -1,0 +1,281 @@
+//! An OTLP trace receiver in the test process: gRPC and HTTP/protobuf, on loopback
+//! ports chosen by the OS. Spans arrive over real OTLP, exactly as a collector would
+//! receive them.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use prost::Message as _;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
+
+use crate::span::{AttrValue, Kind, RecordedEvent, RecordedLink, RecordedSpan, SpanStatus};
+
+#[derive(Debug, Default)]
+struct Store {
+    spans: Mutex<Vec<RecordedSpan>>,
+    requests: Mutex<u64>,
+    notify: Notify,
+}
+
+impl Store {
+    fn add(&self, request: ExportTraceServiceRequest) {
+        let spans = convert(request);
+        self.spans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(spans);
+        *self.requests.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.notify.notify_waiters();
+    }
+}
+
+/// A running in-process collector. Stops when dropped.
+#[derive(Debug)]
+pub struct Collector {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    store: Arc<Store>,
+    _stop: Vec<oneshot::Sender<()>>,
+}
+
+impl Collector {
+    /// Starts both receivers on 127.0.0.1. Needs a tokio runtime.
+    pub async fn start() -> std::io::Result<Self> {
+        let store = Arc::new(Store::default());
+        let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let http_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let grpc = grpc_listener.local_addr()?;
+        let http = http_listener.local_addr()?;
+
+        let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
+        let service = TraceServiceServer::new(GrpcReceiver {
+            store: store.clone(),
+        });
+        tokio::spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = grpc_stopped.await;
+                })
+                .await;
+        });
+
+        let (stop_http, mut http_stopped) = oneshot::channel::<()>();
+        let http_store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = http_listener.accept() => accepted,
+                    _ = &mut http_stopped => break,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let store = http_store.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let store = store.clone();
+                        async move { Ok::<_, Infallible>(http_export(req, &store).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+
+        Ok(Self {
+            grpc,
+            http,
+            store,
+            _stop: vec![stop_grpc, stop_http],
+        })
+    }
+
+    /// `http://127.0.0.1:PORT` of the gRPC receiver.
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// `http://127.0.0.1:PORT` of the HTTP receiver (it serves `/v1/traces`).
+    pub fn http_endpoint(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<RecordedSpan> {
+        self.store
+            .spans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Number of export requests received.
+    pub fn requests(&self) -> u64 {
+        *self.store.requests.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets the spans received so far.
+    pub fn clear(&self) {
+        self.store
+            .spans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Waits until at least `count` spans have arrived or `timeout` passes, and
+    /// returns what arrived.
+    pub async fn wait_for_spans(&self, count: usize, timeout: Duration) -> Vec<RecordedSpan> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.store.notify.notified();
+            let spans = self.spans();
+            if spans.len() >= count {
+                return spans;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.spans();
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct GrpcReceiver {
+    store: Arc<Store>,
+}
+
+#[tonic::async_trait]
+impl TraceService for GrpcReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.store.add(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+async fn http_export(req: Request<Incoming>, store: &Store) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST || req.uri().path() != "/v1/traces" {
+        return status(StatusCode::NOT_FOUND);
+    }
+    let body = match req.into_body().collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return status(StatusCode::BAD_REQUEST),
+    };
+    match ExportTraceServiceRequest::decode(body) {
+        Ok(request) => {
+            store.add(request);
+            let reply = ExportTraceServiceResponse {
+                partial_success: None,
+            }
+            .encode_to_vec();
+            Response::builder()
+                .header("content-type", "application/x-protobuf")
+                .body(Full::new(Bytes::from(reply)))
+                .unwrap_or_else(|_| status(StatusCode::INTERNAL_SERVER_ERROR))
+        }
+        Err(_) => status(StatusCode::BAD_REQUEST),
+    }
+}
+
+fn status(code: StatusCode) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = code;
+    response
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn value(v: Option<&AnyValue>) -> AttrValue {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => AttrValue::Str(s.clone()),
+        Some(any_value::Value::BoolValue(b)) => AttrValue::Bool(*b),
+        Some(any_value::Value::IntValue(i)) => AttrValue::Int(*i),
+        Some(any_value::Value::DoubleValue(d)) => AttrValue::Double(*d),
+        Some(other) => AttrValue::Other(format!("{other:?}")),
+        None => AttrValue::Other("<none>".to_owned()),
+    }
+}
+
+fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, AttrValue> {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), value(kv.value.as_ref())))
+        .collect()
+}
+
+fn convert(request: ExportTraceServiceRequest) -> Vec<RecordedSpan> {
+    let mut out = Vec::new();
+    for resource_spans in request.resource_spans {
+        let resource = resource_spans
+            .resource
+            .map(|r| attributes(&r.attributes))
+            .unwrap_or_default();
+        let service = match resource.get("service.name") {
+            Some(AttrValue::Str(s)) => s.clone(),
+            _ => String::new(),
+        };
+        for scope_spans in resource_spans.scope_spans {
+            for span in scope_spans.spans {
+                let status = match span.status {
+                    Some(s) if s.code == 2 => SpanStatus::Error(s.message),
+                    Some(s) if s.code == 1 => SpanStatus::Ok,
+                    _ => SpanStatus::Unset,
+                };
+                out.push(RecordedSpan {
+                    service: service.clone(),
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: (!span.parent_span_id.is_empty())
+                        .then(|| hex(&span.parent_span_id)),
+                    name: span.name,
+                    kind: Kind::from_otlp(span.kind),
+                    start_unix_nano: span.start_time_unix_nano,
+                    end_unix_nano: span.end_time_unix_nano,
+                    attributes: attributes(&span.attributes),
+                    events: span
+                        .events
+                        .iter()
+                        .map(|e| RecordedEvent {
+                            name: e.name.clone(),
+                            attributes: attributes(&e.attributes),
+                        })
+                        .collect(),
+                    links: span
+                        .links
+                        .iter()
+                        .map(|l| RecordedLink {
+                            trace_id: hex(&l.trace_id),
+                            span_id: hex(&l.span_id),
+                            attributes: attributes(&l.attributes),
+                        })
+                        .collect(),
+                    status,
+                });
+            }
+        }
+    }
+    out
+}

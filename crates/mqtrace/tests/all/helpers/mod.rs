@@ -1,0 +1,115 @@
+//! Shared set-up: an in-process collector and a tracer provider exporting to it over
+//! real OTLP, through mqtrace's own telemetry set-up.
+
+use std::time::Duration;
+
+use mqtrace::embedded::{Broker, QueueOptions};
+use mqtrace::telemetry::{Protocol, TelemetryBuilder, TelemetryGuard};
+use mqtrace::{Instrumenter, InstrumenterBuilder};
+use mqtrace_testing::{Collector, Forest, RecordedSpan, TreeOptions};
+use opentelemetry_sdk::trace::BatchConfigBuilder;
+
+pub struct Harness {
+    pub collector: Collector,
+    pub guard: TelemetryGuard,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with_protocol(Protocol::Grpc).await
+    }
+
+    pub async fn with_protocol(protocol: Protocol) -> Self {
+        let collector = Collector::start().await.expect("collector starts");
+        let endpoint = match protocol {
+            Protocol::Grpc => collector.grpc_endpoint(),
+            Protocol::HttpProtobuf => collector.http_endpoint(),
+        };
+        let guard = TelemetryBuilder::default()
+            .service_name("mqtrace-test")
+            .endpoint(endpoint)
+            .protocol(protocol)
+            .install_global(false)
+            .batch_config(
+                BatchConfigBuilder::default()
+                    .with_scheduled_delay(Duration::from_millis(50))
+                    .build(),
+            )
+            .build()
+            .expect("telemetry set-up");
+        Self { collector, guard }
+    }
+
+    /// An instrumenter exporting to this harness's collector.
+    pub fn instrumenter(&self, configure: impl FnOnce(InstrumenterBuilder) -> InstrumenterBuilder) -> Instrumenter {
+        let provider = self.guard.provider().expect("telemetry enabled");
+        configure(Instrumenter::builder().tracer_provider(provider)).build()
+    }
+
+    /// Flushes and waits for exactly `count` spans; fails if a different number came.
+    pub async fn spans(&self, count: usize) -> Vec<RecordedSpan> {
+        let provider = self.guard.provider().expect("telemetry enabled").clone();
+        tokio::task::spawn_blocking(move || provider.force_flush())
+            .await
+            .expect("flush task")
+            .expect("flush");
+        let spans = self
+            .collector
+            .wait_for_spans(count, Duration::from_secs(10))
+            .await;
+        // Anything more would arrive with the same flush.
+        assert_eq!(
+            spans.len(),
+            count,
+            "span count: got\n{}",
+            Forest::new(spans.clone()).render(&TreeOptions::normalised())
+        );
+        spans
+    }
+
+    pub async fn forest(&self, count: usize) -> Forest {
+        Forest::new(self.spans(count).await)
+    }
+}
+
+pub fn broker_with(queues: &[(&str, Option<&str>)]) -> Broker {
+    let broker = Broker::new();
+    for (name, dlq) in queues {
+        let mut options = QueueOptions::default();
+        if let Some(dlq) = dlq {
+            options = options.dead_letter(*dlq);
+        }
+        broker.declare_queue(*name, options);
+    }
+    broker
+}
+
+/// Asserts a rendered tree, showing both in full on mismatch.
+#[track_caller]
+pub fn assert_tree(actual: &str, expected: &str) {
+    let expected = unindent(expected);
+    assert!(
+        actual == expected,
+        "trace tree differs\n--- expected\n{expected}\n--- actual\n{actual}"
+    );
+}
+
+/// Removes the common indentation of a raw string literal and its first newline.
+pub fn unindent(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().skip_while(|l| l.trim().is_empty()).collect();
+    let indent = lines
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for line in lines {
+        out.push_str(line.get(indent..).unwrap_or("").trim_end());
+        out.push('\n');
+    }
+    while out.ends_with("\n\n") {
+        out.pop();
+    }
+    out
+}

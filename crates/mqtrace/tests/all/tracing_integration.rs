@@ -1,0 +1,55 @@
+//! Handler spans made with `tracing` (`#[instrument]`, `info_span!`) become children
+//! of the process span through the telemetry guard's `tracing` layer.
+
+use mqtrace::embedded::{Message, TracedConsumer, TracedProducer};
+use mqtrace::Conventions;
+use mqtrace_testing::TreeOptions;
+use tracing::instrument::WithSubscriber;
+use tracing::Instrument;
+use tracing_subscriber::layer::SubscriberExt;
+
+use crate::helpers::{assert_tree, broker_with, Harness};
+
+#[tracing::instrument]
+async fn validate_order(body: String) -> Result<(), mqtrace::HandlerError> {
+    async { tokio::task::yield_now().await }
+        .instrument(tracing::info_span!("load customer"))
+        .await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instrumented_handler_spans_nest_under_process() {
+    let h = Harness::start().await;
+    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(h.guard.tracing_layer()));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
+    let broker = broker_with(&[("orders", None)]);
+    TracedProducer::new(broker.clone(), instrumenter.clone())
+        .send("orders", Message::new("x"))
+        .await
+        .unwrap();
+    let consumer = TracedConsumer::new(broker, "orders", instrumenter);
+    // A tracing span around the consumer loop is the ambient context: it becomes a
+    // link of the process span and must not capture the handler's spans.
+    let loop_span = tracing::dispatcher::with_default(&dispatch, || tracing::info_span!("consumer loop"));
+    consumer
+        .run_until_idle(|m| validate_order(String::from_utf8_lossy(&m.body).into_owned()))
+        .instrument(loop_span)
+        .with_subscriber(dispatch)
+        .await
+        .unwrap();
+    assert_tree(
+        &h.forest(5).await.render(&TreeOptions::only(&[])),
+        "
+        trace #1
+        send orders [PRODUCER]
+            process orders [CONSUMER]
+                ~> send orders (this trace)
+                ~> consumer loop (trace #2)
+                validate_order [INTERNAL]
+                    load customer [INTERNAL]
+        trace #2
+        consumer loop [INTERNAL]
+        ",
+    );
+}
