@@ -1,1 +1,52 @@
-fn main() {}
+//! The `mqtrace` command.
+//!
+//! `mqtrace demo` runs an order pipeline (a producer service, a worker service whose
+//! handler makes child spans, transient failures that are retried, bad orders that
+//! end in the dead-letter queue) on the embedded broker, collects the spans over real
+//! OTLP in-process, and prints them as trees with a summary.
+#![forbid(unsafe_code)]
+
+mod demo;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// OpenTelemetry traces across message queues.
+#[derive(Debug, Parser)]
+#[command(name = "mqtrace", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the order pipeline and print its traces.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mqtrace: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Demo(args) => runtime.block_on(demo::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mqtrace: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -112,6 +112,7 @@ pub struct TelemetryBuilder {
     install_global: bool,
     shutdown_timeout: Duration,
     export_timeout: Option<Duration>,
+    mirror_env: bool,
 }
 
 impl Default for TelemetryBuilder {
@@ -127,6 +128,7 @@ impl Default for TelemetryBuilder {
             install_global: true,
             shutdown_timeout: Duration::from_secs(5),
             export_timeout: None,
+            mirror_env: false,
         }
     }
 }
@@ -199,6 +201,14 @@ impl TelemetryBuilder {
         self
     }
 
+    /// With an explicit [`TelemetryBuilder::endpoint`], also export every span to the
+    /// endpoint the `OTEL_EXPORTER_OTLP_*` variables name, when they name one. Spans
+    /// sent there are not counted in [`TelemetryGuard::stats`].
+    pub fn mirror_to_env_endpoint(mut self, mirror: bool) -> Self {
+        self.mirror_env = mirror;
+        self
+    }
+
     /// Builds the provider, and installs it unless told not to.
     pub fn build(self) -> Result<TelemetryGuard, TelemetryError> {
         if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true")) {
@@ -230,8 +240,17 @@ impl TelemetryBuilder {
             inner: processor.build(),
             counters: counters.clone(),
         };
-        let mut provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
+        let mirror = if self.mirror_env && env_endpoint_set() {
+            let _entered = runtime.enter();
+            Some(build_exporter(Protocol::from_env()?, None, self.export_timeout)?)
+        } else {
+            None
+        };
+        let mut provider = SdkTracerProvider::builder().with_span_processor(processor);
+        if let Some(mirror) = mirror {
+            provider = provider.with_batch_exporter(mirror);
+        }
+        let mut provider = provider
             .with_resource(resource(self.service_name, self.resource_attributes));
         if let Some(sampler) = self.sampler {
             provider = provider.with_sampler(sampler);
@@ -248,6 +267,12 @@ impl TelemetryBuilder {
             shutdown_timeout: self.shutdown_timeout,
         })
     }
+}
+
+fn env_endpoint_set() -> bool {
+    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|e| !e.trim().is_empty()))
 }
 
 fn resource(service_name: Option<String>, attributes: Vec<KeyValue>) -> Resource {

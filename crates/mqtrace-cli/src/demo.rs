@@ -1,0 +1,265 @@
+//! `mqtrace demo`: the order pipeline on the embedded broker.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use mqtrace::embedded::{
+    Broker, ConsumerStats, HeaderExtractor, Message, QueueOptions, StoredMessage,
+    TracedConsumer, TracedProducer,
+};
+use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
+use mqtrace::{Disposition, HandlerError, HandlerResult, Instrumenter};
+use mqtrace_testing::{Collector, Forest, Kind, RecordedSpan, TreeOptions};
+use opentelemetry_sdk::trace::BatchConfigBuilder;
+use serde::{Deserialize, Serialize};
+use tracing::instrument::WithSubscriber as _;
+use tracing::Instrument as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+
+const QUEUE: &str = "orders";
+const DEAD_LETTERS: &str = "orders.dlq";
+/// Every order whose id is a multiple of this has a malformed payload: a permanent
+/// failure that goes straight to the dead-letter queue.
+const MALFORMED_EVERY: u64 = 7;
+
+/// Options of `mqtrace demo`.
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Orders to publish.
+    #[arg(long, short = 'n', default_value_t = 12)]
+    messages: u64,
+    /// Chance that one attempt to charge a payment fails transiently (0 to 1).
+    #[arg(long, default_value_t = 0.3)]
+    fail_rate: f64,
+    /// Seed of the failure dice: the same seed gives the same run.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Traces to print (0: all).
+    #[arg(long, default_value_t = 6)]
+    show: usize,
+    /// Where to run: `embedded` (the in-process broker). Kafka, RabbitMQ and SQS URLs
+    /// arrive with their adapters.
+    #[arg(long, default_value = "embedded")]
+    broker: String,
+    /// Leave durations out of the printed trees (for comparing runs).
+    #[arg(long)]
+    no_timings: bool,
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DemoError {
+    #[error("--fail-rate must be between 0 and 1, not {0}")]
+    FailRate(f64),
+    #[error("broker {0:?} is not available in this build: only `embedded` is (Kafka, RabbitMQ and SQS come with their adapters)")]
+    Broker(String),
+    #[error("cannot start the in-process collector: {0}")]
+    Collector(#[from] std::io::Error),
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] mqtrace::telemetry::TelemetryError),
+    #[error("broker: {0}")]
+    Embedded(#[from] mqtrace::embedded::BrokerError),
+    #[error("flush task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Order {
+    order_id: u64,
+    amount_cents: u64,
+}
+
+fn service(name: &str, collector: &Collector) -> Result<TelemetryGuard, DemoError> {
+    Ok(TelemetryBuilder::default()
+        .service_name(name)
+        .endpoint(collector.grpc_endpoint())
+        .install_global(false)
+        .mirror_to_env_endpoint(true)
+        .batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(65_536)
+                .with_scheduled_delay(Duration::from_millis(200))
+                .build(),
+        )
+        .build()?)
+}
+
+pub(crate) async fn run(args: DemoArgs) -> Result<(), DemoError> {
+    if !(0.0..=1.0).contains(&args.fail_rate) {
+        return Err(DemoError::FailRate(args.fail_rate));
+    }
+    if args.broker != "embedded" && !args.broker.starts_with("embedded:") {
+        return Err(DemoError::Broker(args.broker));
+    }
+    let collector = Collector::start().await?;
+    let producer_telemetry = service("order-producer", &collector)?;
+    let worker_telemetry = service("order-worker", &collector)?;
+    // The worker's handler spans are `tracing` spans: they nest under the process
+    // span through the worker's layer.
+    let dispatch = tracing::Dispatch::new(
+        tracing_subscriber::registry().with(worker_telemetry.tracing_layer()),
+    );
+
+    let broker = Broker::new();
+    broker.declare_queue(QUEUE, QueueOptions::default().dead_letter(DEAD_LETTERS));
+    broker.declare_queue(DEAD_LETTERS, QueueOptions::default());
+
+    let bar = ProgressBar::new(args.messages);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    // The producer service.
+    bar.set_message("publishing");
+    let producer = TracedProducer::new(broker.clone(), instrumenter(&producer_telemetry));
+    for order_id in 1..=args.messages {
+        let body = if order_id % MALFORMED_EVERY == 0 {
+            format!("{{\"order_id\": {order_id}, \"amount_cents\": ")
+        } else {
+            serde_json::to_string(&Order {
+                order_id,
+                amount_cents: 1_000 + order_id * 37 % 9_000,
+            })
+            .unwrap_or_default()
+        };
+        producer.send(QUEUE, Message::new(body)).await?;
+        bar.inc(1);
+    }
+
+    // The worker service.
+    bar.set_position(0);
+    bar.set_message("processing");
+    let consumer = TracedConsumer::new(broker.clone(), QUEUE, instrumenter(&worker_telemetry));
+    let mut stats = ConsumerStats::default();
+    while broker.depth(QUEUE)?.ready > 0 {
+        let (fail_rate, seed) = (args.fail_rate, args.seed);
+        let disposition = consumer
+            .process_next(|m| handle_order(m, fail_rate, seed))
+            .with_subscriber(dispatch.clone())
+            .await?;
+        match disposition {
+            Disposition::Settle => stats.settled += 1,
+            Disposition::Retry => stats.retried += 1,
+            Disposition::DeadLetter => stats.dead_lettered += 1,
+            Disposition::Drop => stats.dropped += 1,
+        }
+        if disposition != Disposition::Retry {
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let dead = broker.drain(DEAD_LETTERS)?.len() as u64;
+
+    // Flush both services (blocking calls, off the async threads).
+    tokio::task::spawn_blocking(move || {
+        producer_telemetry.shutdown();
+        worker_telemetry.shutdown();
+    })
+    .await?;
+    let spans = collector.spans();
+    print_report(&args, &spans, &stats, dead);
+    Ok(())
+}
+
+fn instrumenter(telemetry: &TelemetryGuard) -> Instrumenter {
+    let builder = Instrumenter::builder();
+    match telemetry.provider() {
+        Some(provider) => builder.tracer_provider(provider).build(),
+        // OTEL_SDK_DISABLED: spans go nowhere, the pipeline still runs.
+        None => builder.build(),
+    }
+}
+
+/// Parse, then charge (which may fail transiently), then reserve stock.
+async fn handle_order(message: StoredMessage, fail_rate: f64, seed: u64) -> HandlerResult {
+    let attempt = mqtrace::forward::attempt_of(
+        &HeaderExtractor(&message.headers),
+        Some(message.delivery_count),
+    );
+    let order = validate(&message.body)?;
+    charge(&order, attempt, fail_rate, seed)
+        .instrument(tracing::info_span!("charge payment", order_id = order.order_id, attempt))
+        .await?;
+    async { tokio::task::yield_now().await }
+        .instrument(tracing::info_span!("reserve stock", order_id = order.order_id))
+        .await;
+    Ok(())
+}
+
+#[tracing::instrument(name = "validate order", skip_all)]
+fn validate(body: &[u8]) -> Result<Order, HandlerError> {
+    serde_json::from_slice(body).map_err(|e| HandlerError::permanent(e).with_type("invalid_order"))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("payment service timed out")]
+struct PaymentTimeout;
+
+async fn charge(order: &Order, attempt: u32, fail_rate: f64, seed: u64) -> HandlerResult {
+    tokio::task::yield_now().await;
+    // One die per order and attempt: the same seed replays the same run.
+    let mut dice = fastrand::Rng::with_seed(seed ^ (order.order_id << 8) ^ u64::from(attempt));
+    if dice.f64() < fail_rate {
+        return Err(HandlerError::transient(PaymentTimeout).with_type("payment_timeout"));
+    }
+    Ok(())
+}
+
+/// A trace is complete when it starts at the producer's `send` span, no span's
+/// parent is missing, and the message was processed in it.
+fn complete(trace: &[RecordedSpan]) -> bool {
+    let ids: Vec<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
+    let roots: Vec<&RecordedSpan> = trace
+        .iter()
+        .filter(|s| s.parent_span_id.as_deref().is_none_or(|p| !ids.contains(&p)))
+        .collect();
+    roots.len() == 1
+        && roots[0].kind == Kind::Producer
+        && roots[0].parent_span_id.is_none()
+        && trace.iter().any(|s| s.kind == Kind::Consumer)
+}
+
+fn print_report(args: &DemoArgs, spans: &[RecordedSpan], stats: &ConsumerStats, dead: u64) {
+    let forest = Forest::new(spans.to_vec());
+    let options = TreeOptions {
+        only: Some(
+            [
+                "messaging.message.id",
+                "mqtrace.message.attempt",
+                "mqtrace.message.disposition",
+                "error.type",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        ),
+        services: true,
+        durations: !args.no_timings,
+        ..TreeOptions::default()
+    };
+    let traces = forest.traces();
+    let shown = if args.show == 0 { traces.len() } else { args.show.min(traces.len()) };
+    let mut out = std::io::stdout().lock();
+    // Show the traces with a story first: failures, then the rest in order.
+    let mut order: Vec<usize> = (0..traces.len()).collect();
+    order.sort_by_key(|&i| !traces[i].iter().any(|s| s.kind == Kind::Producer && s.parent_span_id.is_some()));
+    for &i in order.iter().take(shown) {
+        let _ = writeln!(out, "{}", forest.render_trace(i, &options));
+    }
+    if shown < traces.len() {
+        let _ = writeln!(out, "({} more traces not shown; --show 0 prints all)\n", traces.len() - shown);
+    }
+    let complete = traces.iter().filter(|t| complete(t)).count();
+    let _ = writeln!(
+        out,
+        "sent {} · processed {} · retried {} · dead-lettered {} · traces {} · complete {}",
+        args.messages,
+        stats.settled,
+        stats.retried,
+        dead,
+        traces.len(),
+        complete
+    );
+}

@@ -1,0 +1,67 @@
+//! `mqtrace demo` as a user runs it: the printed trees against a golden file, and
+//! the summary's promises.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::process::Command;
+
+fn demo(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mqtrace"))
+        .arg("demo")
+        .args(args)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .output()
+        .expect("mqtrace runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The same seed prints the same trees. Regenerate after an intended change with
+/// `MQTRACE_BLESS=1 cargo test -p mqtrace-cli`.
+#[test]
+fn printed_trees_match_the_golden_file() {
+    let (ok, stdout, stderr) = demo(&["--messages", "8", "--seed", "3", "--show", "0", "--no-timings"]);
+    assert!(ok, "demo failed: {stderr}");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/demo.txt");
+    if std::env::var_os("MQTRACE_BLESS").is_some() {
+        std::fs::write(path, &stdout).unwrap();
+    }
+    let golden = std::fs::read_to_string(path).unwrap();
+    assert!(stdout == golden, "demo output differs from {path}\n--- got\n{stdout}");
+}
+
+/// The default run: every trace complete, nothing lost, retries and dead letters
+/// happened and show forward spans with both links.
+#[test]
+fn default_run_connects_every_message() {
+    let (ok, stdout, stderr) = demo(&["--messages", "50"]);
+    assert!(ok, "demo failed: {stderr}");
+    let summary = stdout.lines().last().unwrap();
+    let numbers: Vec<u64> = summary
+        .split(" · ")
+        .map(|part| part.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    let [sent, processed, retried, dead, traces, complete] = numbers[..] else {
+        panic!("summary: {summary}")
+    };
+    assert_eq!(sent, 50);
+    assert_eq!(processed + dead, sent, "lost = 0: {summary}");
+    assert!(retried > 0 && dead > 0, "{summary}");
+    assert_eq!(traces, sent);
+    assert_eq!(complete, traces, "{summary}");
+    assert!(stdout.contains(r#"relationship="original_message""#));
+    assert!(stdout.contains(r#"relationship="processing_attempt""#));
+}
+
+#[test]
+fn unsupported_broker_and_bad_rate_fail_clearly() {
+    let (ok, _, stderr) = demo(&["--broker", "kafka://127.0.0.1:9092"]);
+    assert!(!ok);
+    assert!(stderr.contains("only `embedded` is"), "{stderr}");
+    let (ok, _, stderr) = demo(&["--fail-rate", "2"]);
+    assert!(!ok);
+    assert!(stderr.contains("--fail-rate"), "{stderr}");
+}
