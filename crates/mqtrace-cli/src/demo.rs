@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mqtrace::embedded::{
-    Broker, ConsumerStats, HeaderExtractor, Message, QueueOptions, StoredMessage,
-    TracedConsumer, TracedProducer,
+    Broker, ConsumerStats, HeaderExtractor, Message, QueueOptions, StoredMessage, TracedConsumer,
+    TracedProducer,
 };
 use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{Disposition, HandlerError, HandlerResult, Instrumenter};
@@ -181,10 +181,17 @@ async fn handle_order(message: StoredMessage, fail_rate: f64, seed: u64) -> Hand
     );
     let order = validate(&message.body)?;
     charge(&order, attempt, fail_rate, seed)
-        .instrument(tracing::info_span!("charge payment", order_id = order.order_id, attempt))
+        .instrument(tracing::info_span!(
+            "charge payment",
+            order_id = order.order_id,
+            attempt
+        ))
         .await?;
     async { tokio::task::yield_now().await }
-        .instrument(tracing::info_span!("reserve stock", order_id = order.order_id))
+        .instrument(tracing::info_span!(
+            "reserve stock",
+            order_id = order.order_id
+        ))
         .await;
     Ok(())
 }
@@ -214,7 +221,11 @@ fn complete(trace: &[RecordedSpan]) -> bool {
     let ids: Vec<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
     let roots: Vec<&RecordedSpan> = trace
         .iter()
-        .filter(|s| s.parent_span_id.as_deref().is_none_or(|p| !ids.contains(&p)))
+        .filter(|s| {
+            s.parent_span_id
+                .as_deref()
+                .is_none_or(|p| !ids.contains(&p))
+        })
         .collect();
     roots.len() == 1
         && roots[0].kind == Kind::Producer
@@ -240,16 +251,28 @@ fn print_report(args: &DemoArgs, spans: &[RecordedSpan], stats: &ConsumerStats, 
         ..TreeOptions::default()
     };
     let traces = forest.traces();
-    let shown = if args.show == 0 { traces.len() } else { args.show.min(traces.len()) };
+    let shown = if args.show == 0 {
+        traces.len()
+    } else {
+        args.show.min(traces.len())
+    };
     let mut out = std::io::stdout().lock();
     // Show the traces with a story first: failures, then the rest in order.
     let mut order: Vec<usize> = (0..traces.len()).collect();
-    order.sort_by_key(|&i| !traces[i].iter().any(|s| s.kind == Kind::Producer && s.parent_span_id.is_some()));
+    order.sort_by_key(|&i| {
+        !traces[i]
+            .iter()
+            .any(|s| s.kind == Kind::Producer && s.parent_span_id.is_some())
+    });
     for &i in order.iter().take(shown) {
         let _ = writeln!(out, "{}", forest.render_trace(i, &options));
     }
     if shown < traces.len() {
-        let _ = writeln!(out, "({} more traces not shown; --show 0 prints all)\n", traces.len() - shown);
+        let _ = writeln!(
+            out,
+            "({} more traces not shown; --show 0 prints all)\n",
+            traces.len() - shown
+        );
     }
     let complete = traces.iter().filter(|t| complete(t)).count();
     let _ = writeln!(

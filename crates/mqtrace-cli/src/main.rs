@@ -5,6 +5,8 @@
 //! end in the dead-letter queue) on the embedded broker, collects the spans over real
 //! OTLP in-process, and prints them as trees with a summary.
 #![forbid(unsafe_code)]
+// A command-line tool reports its errors on stderr.
+#![allow(clippy::print_stderr)]
 
 mod demo;
 

@@ -23,14 +23,25 @@ fn demo(args: &[&str]) -> (bool, String, String) {
 /// `MQTRACE_BLESS=1 cargo test -p mqtrace-cli`.
 #[test]
 fn printed_trees_match_the_golden_file() {
-    let (ok, stdout, stderr) = demo(&["--messages", "8", "--seed", "3", "--show", "0", "--no-timings"]);
+    let (ok, stdout, stderr) = demo(&[
+        "--messages",
+        "8",
+        "--seed",
+        "3",
+        "--show",
+        "0",
+        "--no-timings",
+    ]);
     assert!(ok, "demo failed: {stderr}");
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/demo.txt");
     if std::env::var_os("MQTRACE_BLESS").is_some() {
         std::fs::write(path, &stdout).unwrap();
     }
     let golden = std::fs::read_to_string(path).unwrap();
-    assert!(stdout == golden, "demo output differs from {path}\n--- got\n{stdout}");
+    assert!(
+        stdout == golden,
+        "demo output differs from {path}\n--- got\n{stdout}"
+    );
 }
 
 /// The default run: every trace complete, nothing lost, retries and dead letters

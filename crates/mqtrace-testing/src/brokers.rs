@@ -34,7 +34,10 @@ fn reachable(what: &str, host_port: &str) {
     let ok = addrs
         .iter()
         .any(|a| TcpStream::connect_timeout(a, Duration::from_secs(3)).is_ok());
-    assert!(ok, "{what} at {host_port} does not accept connections: {HOW}");
+    assert!(
+        ok,
+        "{what} at {host_port} does not accept connections: {HOW}"
+    );
 }
 
 fn host_port(url: &str) -> &str {
@@ -71,7 +74,10 @@ mod tests {
 
     #[test]
     fn host_port_strips_scheme_credentials_and_path() {
-        assert_eq!(host_port("amqp://guest:guest@127.0.0.1:5672/%2f"), "127.0.0.1:5672");
+        assert_eq!(
+            host_port("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "127.0.0.1:5672"
+        );
         assert_eq!(host_port("http://127.0.0.1:9324"), "127.0.0.1:9324");
         assert_eq!(host_port("127.0.0.1:9092"), "127.0.0.1:9092");
     }

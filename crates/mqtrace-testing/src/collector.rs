@@ -128,7 +128,11 @@ impl Collector {
 
     /// Number of export requests received.
     pub fn requests(&self) -> u64 {
-        *self.store.requests.lock().unwrap_or_else(PoisonError::into_inner)
+        *self
+            .store
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Forgets the spans received so far.

@@ -200,16 +200,17 @@ pub struct Forest {
 impl Forest {
     /// Groups spans by trace.
     pub fn new(mut spans: Vec<RecordedSpan>) -> Self {
-        spans.sort_by(|a, b| {
-            (a.start_unix_nano, &a.name).cmp(&(b.start_unix_nano, &b.name))
-        });
+        spans.sort_by(|a, b| (a.start_unix_nano, &a.name).cmp(&(b.start_unix_nano, &b.name)));
         let mut order: Vec<String> = Vec::new();
         let mut by_trace: HashMap<String, Vec<RecordedSpan>> = HashMap::new();
         for span in spans {
             if !by_trace.contains_key(&span.trace_id) {
                 order.push(span.trace_id.clone());
             }
-            by_trace.entry(span.trace_id.clone()).or_default().push(span);
+            by_trace
+                .entry(span.trace_id.clone())
+                .or_default()
+                .push(span);
         }
         let traces = order
             .into_iter()
@@ -280,7 +281,11 @@ impl Forest {
         out.push('\n');
         let inner = format!("{indent}    ");
         for link in &span.links {
-            let _ = write!(out, "{inner}~> {}", self.describe_link(link, &span.trace_id));
+            let _ = write!(
+                out,
+                "{inner}~> {}",
+                self.describe_link(link, &span.trace_id)
+            );
             write_attributes(&link.attributes, &TreeOptions::default(), out);
             out.push('\n');
         }

@@ -35,7 +35,8 @@ pub mod attr {
     // constants; the others left the model long ago (see docs/span-model.md).
     /// Legacy: `messaging.operation` (`publish`, `receive`, `process`).
     #[allow(deprecated)]
-    pub const LEGACY_OPERATION: &str = opentelemetry_semantic_conventions::attribute::MESSAGING_OPERATION;
+    pub const LEGACY_OPERATION: &str =
+        opentelemetry_semantic_conventions::attribute::MESSAGING_OPERATION;
     /// Legacy: `messaging.kafka.consumer.group`.
     #[allow(deprecated)]
     pub const LEGACY_KAFKA_CONSUMER_GROUP: &str =
@@ -93,7 +94,9 @@ impl Conventions {
     pub fn from_env() -> Self {
         Self::from_values(
             std::env::var(CONVENTIONS_ENV).ok().as_deref(),
-            std::env::var("OTEL_SEMCONV_STABILITY_OPT_IN").ok().as_deref(),
+            std::env::var("OTEL_SEMCONV_STABILITY_OPT_IN")
+                .ok()
+                .as_deref(),
         )
     }
 
@@ -218,7 +221,10 @@ impl Conventions {
                 ));
             }
             if self.legacy() && kafka {
-                out.push(KeyValue::new(attr::LEGACY_KAFKA_CONSUMER_GROUP, group.clone()));
+                out.push(KeyValue::new(
+                    attr::LEGACY_KAFKA_CONSUMER_GROUP,
+                    group.clone(),
+                ));
             }
         }
         if let Some(key) = d.routing_key.as_ref().filter(|k| !k.is_empty()) {
@@ -229,7 +235,10 @@ impl Conventions {
                 ));
             }
             if self.legacy() {
-                out.push(KeyValue::new(attr::LEGACY_RABBITMQ_ROUTING_KEY, key.clone()));
+                out.push(KeyValue::new(
+                    attr::LEGACY_RABBITMQ_ROUTING_KEY,
+                    key.clone(),
+                ));
             }
         }
         if let Some(tag) = d.delivery_tag {
@@ -239,7 +248,11 @@ impl Conventions {
             ));
         }
         push_str(out, attr::MESSAGING_MESSAGE_ID, &d.message_id);
-        push_str(out, attr::MESSAGING_MESSAGE_CONVERSATION_ID, &d.conversation_id);
+        push_str(
+            out,
+            attr::MESSAGING_MESSAGE_CONVERSATION_ID,
+            &d.conversation_id,
+        );
         if let Some(size) = d.body_size {
             out.push(KeyValue::new(
                 attr::MESSAGING_MESSAGE_BODY_SIZE,

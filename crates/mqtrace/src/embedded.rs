@@ -103,7 +103,12 @@ pub struct HeaderExtractor<'a>(pub &'a Headers);
 
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        let matches = self.0 .0.iter().filter(|(k, _)| k.eq_ignore_ascii_case(key)).count();
+        let matches = self
+            .0
+             .0
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(key))
+            .count();
         if matches > 1 {
             tracing::debug!(target: "mqtrace", key, matches, "header repeated: ignored");
             return None;
@@ -362,6 +367,7 @@ impl Broker {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Settlement {
     Ack,
     Requeue,
@@ -414,7 +420,8 @@ impl Delivery {
 impl Drop for Delivery {
     fn drop(&mut self) {
         if !self.settled {
-            self.broker.settle(&self.queue, self.tag, Settlement::Requeue);
+            self.broker
+                .settle(&self.queue, self.tag, Settlement::Requeue);
         }
     }
 }
@@ -605,7 +612,9 @@ impl TracedConsumer {
                 Some(Ok(disposition)) => stats.count(disposition),
                 // A task can only fail by panicking outside the handler (the handler's
                 // own panics are caught); its delivery went back to the queue on drop.
-                Some(Err(e)) => tracing::warn!(target: "mqtrace", error = %e, "consumer task failed"),
+                Some(Err(e)) => {
+                    tracing::warn!(target: "mqtrace", error = %e, "consumer task failed")
+                }
                 None => break,
             }
         }
@@ -622,9 +631,15 @@ impl TracedConsumer {
             .process(&delivery, handler(delivery.message().clone()))
             .await;
         let dead_letter = self.broker.dead_letter_of(&self.queue);
-        let mut disposition = processed.disposition(instrumenter.retry_policy(), dead_letter.is_some());
+        let mut disposition =
+            processed.disposition(instrumenter.retry_policy(), dead_letter.is_some());
         let target = match disposition {
-            Disposition::Retry => Some((ForwardKind::Retry, self.retry_queue.clone().unwrap_or_else(|| self.queue.clone()))),
+            Disposition::Retry => Some((
+                ForwardKind::Retry,
+                self.retry_queue
+                    .clone()
+                    .unwrap_or_else(|| self.queue.clone()),
+            )),
             Disposition::DeadLetter => dead_letter.map(|q| (ForwardKind::DeadLetter, q)),
             Disposition::Settle | Disposition::Drop => None,
         };
@@ -637,9 +652,10 @@ impl TracedConsumer {
             None => true,
         };
         let settle_span = self.settle_spans.then(|| {
-            let d = delivery
-                .description()
-                .for_operation(OperationType::Settle, Some(if forwarded { settle_name } else { "nack" }));
+            let d = delivery.description().for_operation(
+                OperationType::Settle,
+                Some(if forwarded { settle_name } else { "nack" }),
+            );
             instrumenter.start_settle(&d, processed.span())
         });
         if !forwarded {
@@ -659,7 +675,13 @@ impl TracedConsumer {
         disposition
     }
 
-    fn forward(&self, processed: &Processed, delivery: &Delivery, kind: ForwardKind, queue: &str) -> bool {
+    fn forward(
+        &self,
+        processed: &Processed,
+        delivery: &Delivery,
+        kind: ForwardKind,
+        queue: &str,
+    ) -> bool {
         let original = delivery.message();
         let mut headers = Headers::new();
         for (k, v) in original.headers.iter() {
@@ -668,9 +690,9 @@ impl TracedConsumer {
             }
         }
         let d = send_description(queue, original.body.len());
-        let span = self
-            .instrumenter
-            .start_forward(processed, kind, &d, &mut HeaderInjector(&mut headers));
+        let span =
+            self.instrumenter
+                .start_forward(processed, kind, &d, &mut HeaderInjector(&mut headers));
         let result = self.broker.publish(
             queue,
             Message {
@@ -697,9 +719,21 @@ mod tests {
         broker.declare_queue("q", QueueOptions::default());
         broker.publish("q", Message::new("a"))?;
         let delivery = broker.try_receive("q")?;
-        assert_eq!(broker.depth("q")?, QueueDepth { ready: 0, unacked: 1 });
+        assert_eq!(
+            broker.depth("q")?,
+            QueueDepth {
+                ready: 0,
+                unacked: 1
+            }
+        );
         drop(delivery);
-        assert_eq!(broker.depth("q")?, QueueDepth { ready: 1, unacked: 0 });
+        assert_eq!(
+            broker.depth("q")?,
+            QueueDepth {
+                ready: 1,
+                unacked: 0
+            }
+        );
         let again = broker.try_receive("q")?.map(|d| d.message().delivery_count);
         assert_eq!(again, Some(2));
         Ok(())

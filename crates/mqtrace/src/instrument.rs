@@ -400,12 +400,26 @@ impl Instrumenter {
     /// into the message with [`Instrumenter::inject`]; end it when the broker has
     /// acknowledged the message.
     pub fn start_send(&self, d: &MessageDescription, body: Option<&[u8]>) -> MessagingSpan {
-        self.start(d, SpanKind::Producer, &Context::current(), Vec::new(), body, |_| {})
+        self.start(
+            d,
+            SpanKind::Producer,
+            &Context::current(),
+            Vec::new(),
+            body,
+            |_| {},
+        )
     }
 
     /// A `create` span (PRODUCER) for one message of a batch send.
     pub fn start_create(&self, d: &MessageDescription, body: Option<&[u8]>) -> MessagingSpan {
-        self.start(d, SpanKind::Producer, &Context::current(), Vec::new(), body, |_| {})
+        self.start(
+            d,
+            SpanKind::Producer,
+            &Context::current(),
+            Vec::new(),
+            body,
+            |_| {},
+        )
     }
 
     /// The `send` span of a batch (CLIENT) linking every message's `create` span.
@@ -419,7 +433,14 @@ impl Instrumenter {
             .filter(|sc| sc.is_valid())
             .map(|sc| Link::with_context(sc.clone()))
             .collect();
-        self.start(d, SpanKind::Client, &Context::current(), links, None, |_| {})
+        self.start(
+            d,
+            SpanKind::Client,
+            &Context::current(),
+            links,
+            None,
+            |_| {},
+        )
     }
 
     /// A `receive` span (CLIENT) for one poll, linking each received message's
@@ -432,7 +453,14 @@ impl Instrumenter {
             .iter()
             .filter_map(|m| self.message_link(m))
             .collect();
-        self.start(d, SpanKind::Client, &Context::current(), links, None, |_| {})
+        self.start(
+            d,
+            SpanKind::Client,
+            &Context::current(),
+            links,
+            None,
+            |_| {},
+        )
     }
 
     fn message_link(&self, m: &impl Inbound) -> Option<Link> {
@@ -452,7 +480,14 @@ impl Instrumenter {
     /// A settle span (CLIENT: `ack`, `nack`, `commit`, `delete`...), child of the
     /// process span.
     pub fn start_settle(&self, d: &MessageDescription, process: &MessagingSpan) -> MessagingSpan {
-        self.start(d, SpanKind::Client, process.context(), Vec::new(), None, |_| {})
+        self.start(
+            d,
+            SpanKind::Client,
+            process.context(),
+            Vec::new(),
+            None,
+            |_| {},
+        )
     }
 
     /// Injects a span's context into outgoing headers.
@@ -462,7 +497,12 @@ impl Instrumenter {
 
     /// Injects within a header budget (SQS allows 10 attributes): each format whole
     /// or not at all. Returns the number of entries written.
-    pub fn inject_within(&self, span: &MessagingSpan, carrier: &mut dyn Injector, budget: usize) -> usize {
+    pub fn inject_within(
+        &self,
+        span: &MessagingSpan,
+        carrier: &mut dyn Injector,
+        budget: usize,
+    ) -> usize {
         self.inner
             .propagation
             .inject_within(span.context(), carrier, budget)
@@ -551,7 +591,8 @@ impl Instrumenter {
         Fut: Future<Output = HandlerResult>,
     {
         let (span, creation, attempt) = self.start_process(message);
-        let original = forward::original_context(&message.headers()).unwrap_or_else(|| creation.clone());
+        let original =
+            forward::original_context(&message.headers()).unwrap_or_else(|| creation.clone());
         let outcome = run_handler(handler, span.context().clone()).await;
         if let Err(error) = &outcome {
             span.record_error(error);
@@ -584,8 +625,18 @@ impl Instrumenter {
         let mut d = batch.clone();
         d.operation = OperationType::Process;
         d.batch_message_count = Some(messages.len() as u64);
-        let links = messages.iter().filter_map(|m| self.message_link(m)).collect();
-        let batch_span = self.start(&d, SpanKind::Consumer, &Context::current(), links, None, |_| {});
+        let links = messages
+            .iter()
+            .filter_map(|m| self.message_link(m))
+            .collect();
+        let batch_span = self.start(
+            &d,
+            SpanKind::Consumer,
+            &Context::current(),
+            links,
+            None,
+            |_| {},
+        );
 
         let mut outcomes = Vec::with_capacity(messages.len());
         for message in messages {
@@ -598,7 +649,8 @@ impl Instrumenter {
                 Vec::new()
             };
             let attempt = forward::attempt_of(&headers, message.delivery_count());
-            let span = self.start_process_span(message, &headers, batch_span.context(), links, attempt);
+            let span =
+                self.start_process_span(message, &headers, batch_span.context(), links, attempt);
             let outcome = run_handler(handler(message), span.context().clone()).await;
             if let Err(error) = &outcome {
                 span.record_error(error);
@@ -695,7 +747,10 @@ async fn run_handler<Fut>(handler: Fut, cx: Context) -> HandlerResult
 where
     Fut: Future<Output = HandlerResult>,
 {
-    match AssertUnwindSafe(handler.with_context(cx)).catch_unwind().await {
+    match AssertUnwindSafe(handler.with_context(cx))
+        .catch_unwind()
+        .await
+    {
         Ok(outcome) => outcome,
         Err(panic) => {
             let message = panic

@@ -184,7 +184,9 @@ mod tests {
             let _: u32 = "x".parse()?;
             Ok(())
         }
-        let err = parse().err().unwrap_or_else(|| HandlerError::permanent("unexpected"));
+        let err = parse()
+            .err()
+            .unwrap_or_else(|| HandlerError::permanent("unexpected"));
         assert_eq!(err.retryable(), Retryable::Transient);
         assert_eq!(err.error_type(), "ParseIntError");
     }

@@ -24,9 +24,7 @@ use std::sync::Arc;
 
 use opentelemetry::baggage::BaggageExt;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::Context;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 
@@ -119,8 +117,13 @@ impl PropagationBuilder {
     pub fn build(self) -> Propagation {
         let baggage = self.baggage.then(|| Arc::new(BaggagePropagator::new()));
         let mut fields: Vec<String> = Vec::new();
-        let trace_fields = self.trace.iter().flat_map(|p| p.fields().map(str::to_owned).collect::<Vec<_>>());
-        let baggage_fields = baggage.iter().flat_map(|b| b.fields().map(str::to_owned).collect::<Vec<_>>());
+        let trace_fields = self
+            .trace
+            .iter()
+            .flat_map(|p| p.fields().map(str::to_owned).collect::<Vec<_>>());
+        let baggage_fields = baggage
+            .iter()
+            .flat_map(|b| b.fields().map(str::to_owned).collect::<Vec<_>>());
         for f in trace_fields.chain(baggage_fields) {
             if !fields.contains(&f) {
                 fields.push(f);
@@ -173,8 +176,14 @@ impl Propagation {
     pub fn inject_within(&self, cx: &Context, carrier: &mut dyn Injector, budget: usize) -> usize {
         let mut written = 0;
         let mut staged = Staged::default();
-        let trace = self.trace.iter().map(|p| p.as_ref() as &dyn TextMapPropagator);
-        let baggage = self.baggage.iter().map(|b| b.as_ref() as &dyn TextMapPropagator);
+        let trace = self
+            .trace
+            .iter()
+            .map(|p| p.as_ref() as &dyn TextMapPropagator);
+        let baggage = self
+            .baggage
+            .iter()
+            .map(|b| b.as_ref() as &dyn TextMapPropagator);
         for propagator in trace.chain(baggage) {
             staged.0.clear();
             propagator.inject_context(cx, &mut staged);
@@ -242,7 +251,7 @@ impl TextMapPropagator for Propagation {
         }
         if let Some(b) = &self.baggage {
             let found = b.extract_with_context(&Context::new(), extractor);
-            if found.baggage().len() > 0 {
+            if !found.baggage().is_empty() {
                 out = out.with_baggage(found.baggage().iter().map(|(k, (v, m))| {
                     opentelemetry::baggage::KeyValueMetadata::new(k.clone(), v.clone(), m.clone())
                 }));
@@ -386,9 +395,8 @@ impl TextMapPropagator for UnderscorePropagator {
 
     fn fields(&self) -> opentelemetry::propagation::text_map_propagator::FieldIter<'_> {
         static FIELDS: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
-        let fields = FIELDS.get_or_init(|| {
-            [TRACE_ID, SPAN_ID, TRACE_FLAGS, TRACE_STATE].map(str::to_owned)
-        });
+        let fields =
+            FIELDS.get_or_init(|| [TRACE_ID, SPAN_ID, TRACE_FLAGS, TRACE_STATE].map(str::to_owned));
         opentelemetry::propagation::text_map_propagator::FieldIter::new(fields)
     }
 }
@@ -524,7 +532,10 @@ mod tests {
         let mut h = SimpleCarrier::new();
         p.inject(&cx, &mut h);
         let xray = h.get("x-amzn-trace-id").cloned().unwrap_or_default();
-        assert!(xray.starts_with("Root=1-4bf92f35-77b34da6a3ce929d0e0e4736;Parent=00f067aa0ba902b7"), "{xray}");
+        assert!(
+            xray.starts_with("Root=1-4bf92f35-77b34da6a3ce929d0e0e4736;Parent=00f067aa0ba902b7"),
+            "{xray}"
+        );
         assert_eq!(sc(&p.extract(&h)).trace_id(), sc(&cx).trace_id());
         // With only the W3C header present the second format is used.
         let mut only_w3c = SimpleCarrier::new();

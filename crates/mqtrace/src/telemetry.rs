@@ -26,8 +26,8 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{global, Context, KeyValue};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
-    BatchConfig, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData,
-    SpanExporter, SpanProcessor,
+    BatchConfig, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData, SpanExporter,
+    SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 
@@ -242,7 +242,11 @@ impl TelemetryBuilder {
         };
         let mirror = if self.mirror_env && env_endpoint_set() {
             let _entered = runtime.enter();
-            Some(build_exporter(Protocol::from_env()?, None, self.export_timeout)?)
+            Some(build_exporter(
+                Protocol::from_env()?,
+                None,
+                self.export_timeout,
+            )?)
         } else {
             None
         };
@@ -250,8 +254,8 @@ impl TelemetryBuilder {
         if let Some(mirror) = mirror {
             provider = provider.with_batch_exporter(mirror);
         }
-        let mut provider = provider
-            .with_resource(resource(self.service_name, self.resource_attributes));
+        let mut provider =
+            provider.with_resource(resource(self.service_name, self.resource_attributes));
         if let Some(sampler) = self.sampler {
             provider = provider.with_sampler(sampler);
         }
@@ -270,9 +274,12 @@ impl TelemetryBuilder {
 }
 
 fn env_endpoint_set() -> bool {
-    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|e| !e.trim().is_empty()))
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|e| !e.trim().is_empty()))
 }
 
 fn resource(service_name: Option<String>, attributes: Vec<KeyValue>) -> Resource {
@@ -292,7 +299,11 @@ fn resource(service_name: Option<String>, attributes: Vec<KeyValue>) -> Resource
                 .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| "unknown_service".to_owned());
             Resource::builder()
-                .with_attributes(detected.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())))
+                .with_attributes(
+                    detected
+                        .iter()
+                        .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+                )
                 .with_service_name(exe)
                 .build()
         }
@@ -316,7 +327,8 @@ fn build_exporter(
             if let Some(timeout) = timeout {
                 b = b.with_timeout(timeout);
             }
-            b.build().map_err(|e| TelemetryError::Exporter(e.to_string()))
+            b.build()
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))
         }
         #[cfg(feature = "otlp-http")]
         Protocol::HttpProtobuf => {
@@ -328,7 +340,6 @@ fn build_exporter(
                     format!("{e}/v1/traces")
                 }
             });
-            let timeout = timeout;
             // The blocking HTTP client owns a runtime and must not be created on an
             // async thread.
             std::thread::spawn(move || {
@@ -341,7 +352,8 @@ fn build_exporter(
                 if let Some(timeout) = timeout {
                     b = b.with_timeout(timeout);
                 }
-                b.build().map_err(|e| TelemetryError::Exporter(e.to_string()))
+                b.build()
+                    .map_err(|e| TelemetryError::Exporter(e.to_string()))
             })
             .join()
             .map_err(|_| TelemetryError::Exporter("exporter set-up panicked".to_owned()))?
@@ -475,7 +487,10 @@ struct CountingExporter<E> {
 }
 
 impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
-    fn export(&self, batch: Vec<SpanData>) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let n = batch.len() as u64;
         let counters = self.counters.clone();
         let export = self.inner.export(batch);

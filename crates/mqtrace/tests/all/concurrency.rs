@@ -20,7 +20,10 @@ async fn each_task_keeps_its_message_context() {
     let broker = broker_with(&[("orders", None)]);
     let producer = TracedProducer::new(broker.clone(), instrumenter.clone());
     for i in 0..MESSAGES {
-        producer.send("orders", Message::new(i.to_string())).await.unwrap();
+        producer
+            .send("orders", Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     let tracer = h.guard.provider().unwrap().tracer("worker");
     let mismatches = Arc::new(AtomicUsize::new(0));
@@ -51,13 +54,25 @@ async fn each_task_keeps_its_message_context() {
         .await
         .unwrap();
     assert_eq!(stats.settled, MESSAGES as u64);
-    assert_eq!(mismatches.load(Ordering::SeqCst), 0, "handlers saw another message's context");
+    assert_eq!(
+        mismatches.load(Ordering::SeqCst),
+        0,
+        "handlers saw another message's context"
+    );
 
     let forest = h.forest(MESSAGES * 4).await;
     assert_eq!(forest.traces().len(), MESSAGES);
     for trace in forest.traces() {
         let names: Vec<&str> = trace.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["send orders", "process orders", "reserve stock", "charge card"]);
+        assert_eq!(
+            names,
+            [
+                "send orders",
+                "process orders",
+                "reserve stock",
+                "charge card"
+            ]
+        );
         let process = &trace[1];
         for step in &trace[2..] {
             assert_eq!(step.parent_span_id.as_ref(), Some(&process.span_id));

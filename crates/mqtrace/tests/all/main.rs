@@ -1,6 +1,11 @@
 //! Integration tests of the core: spans exported over real OTLP to the in-process
 //! collector, asserted as normalised trees.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, unreachable_pub)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    unreachable_pub
+)]
 
 mod helpers;
 

@@ -4,8 +4,8 @@
 use mqtrace::embedded::{Message, TracedConsumer, TracedProducer};
 use mqtrace::{Conventions, ProcessParenting};
 use mqtrace_testing::TreeOptions;
-use opentelemetry::trace::{Tracer, TracerProvider};
 use opentelemetry::trace::TraceContextExt;
+use opentelemetry::trace::{Tracer, TracerProvider};
 use opentelemetry::Context;
 
 use crate::helpers::{assert_tree, broker_with, Harness};

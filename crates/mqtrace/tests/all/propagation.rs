@@ -66,7 +66,14 @@ async fn xray_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn combined_formats_reach_single_format_consumers() {
-    let all = || Propagation::builder().w3c().xray().underscore().baggage().build();
+    let all = || {
+        Propagation::builder()
+            .w3c()
+            .xray()
+            .underscore()
+            .baggage()
+            .build()
+    };
     for consumer in [
         Propagation::builder().xray().build(),
         Propagation::builder().underscore().build(),
@@ -75,7 +82,14 @@ async fn combined_formats_reach_single_format_consumers() {
         let (keys, tree) = round_trip(all(), consumer).await;
         assert_eq!(
             keys,
-            ["traceparent", "tracestate", "x-amzn-trace-id", "trace_id", "span_id", "trace_flags"]
+            [
+                "traceparent",
+                "tracestate",
+                "x-amzn-trace-id",
+                "trace_id",
+                "span_id",
+                "trace_flags"
+            ]
         );
         assert_tree(&tree, CONNECTED);
     }
@@ -89,22 +103,46 @@ async fn bad_headers_give_a_new_root() {
         ("none", Headers::new()),
         ("malformed", one("traceparent", "00-not-a-trace-01")),
         ("truncated", one("traceparent", &valid[..40])),
-        ("non-UTF-8", one_bytes("traceparent", b"00-4bf92f35\xff\xfe-00f067aa0ba902b7-01")),
-        ("all-zero ids", one("traceparent", "00-00000000000000000000000000000000-0000000000000000-01")),
-        ("oversized", one("traceparent", &format!("{valid}{}", " ".repeat(10_000)))),
+        (
+            "non-UTF-8",
+            one_bytes("traceparent", b"00-4bf92f35\xff\xfe-00f067aa0ba902b7-01"),
+        ),
+        (
+            "all-zero ids",
+            one(
+                "traceparent",
+                "00-00000000000000000000000000000000-0000000000000000-01",
+            ),
+        ),
+        (
+            "oversized",
+            one("traceparent", &format!("{valid}{}", " ".repeat(10_000))),
+        ),
         ("duplicated", {
             let mut h = one("traceparent", valid);
             h.append("traceparent", valid);
             h
         }),
-        ("unknown version ff", one("traceparent", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")),
+        (
+            "unknown version ff",
+            one(
+                "traceparent",
+                "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        ),
     ];
     let h = Harness::start().await;
     let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
     let broker = broker_with(&[("orders", None)]);
     for (_, headers) in &cases {
         broker
-            .publish("orders", Message { headers: headers.clone(), body: Bytes::from_static(b"x") })
+            .publish(
+                "orders",
+                Message {
+                    headers: headers.clone(),
+                    body: Bytes::from_static(b"x"),
+                },
+            )
             .unwrap();
     }
     let stats = TracedConsumer::new(broker, "orders", instrumenter)
@@ -118,7 +156,10 @@ async fn bad_headers_give_a_new_root() {
         assert_eq!(trace.len(), 1, "{case}");
         assert!(trace[0].parent_span_id.is_none(), "{case}: a root");
         assert!(trace[0].links.is_empty(), "{case}: no link");
-        assert_ne!(trace[0].trace_id, "4bf92f3577b34da6a3ce929d0e0e4736", "{case}");
+        assert_ne!(
+            trace[0].trace_id, "4bf92f3577b34da6a3ce929d0e0e4736",
+            "{case}"
+        );
     }
 }
 

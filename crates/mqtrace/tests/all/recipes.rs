@@ -14,7 +14,10 @@ async fn send_process_settle(conventions: Conventions) -> String {
     let instrumenter = h.instrumenter(|b| b.conventions(conventions));
     let broker = broker_with(&[("orders", None)]);
     let producer = TracedProducer::new(broker.clone(), instrumenter.clone());
-    producer.send("orders", Message::new(r#"{"id":1}"#)).await.unwrap();
+    producer
+        .send("orders", Message::new(r#"{"id":1}"#))
+        .await
+        .unwrap();
 
     let tracer = h.guard.provider().unwrap().tracer("handler");
     let consumer = TracedConsumer::new(broker.clone(), "orders", instrumenter).settle_spans(true);
@@ -95,7 +98,9 @@ async fn kafka_names_per_setting() {
         let mut d = kafka(OperationType::Receive).operation_named("poll");
         d.offset = Some(7);
         d.consumer_group = Some("billing".into());
-        instrumenter.start_receive::<mqtrace::embedded::Delivery>(&d, &[]).end();
+        instrumenter
+            .start_receive::<mqtrace::embedded::Delivery>(&d, &[])
+            .end();
     }
     let rendered = h.forest(3).await.render(&TreeOptions::normalised());
     assert_tree(
@@ -172,15 +177,17 @@ async fn hook_and_captured_headers() {
     let instrumenter = h.instrumenter(|b| {
         b.conventions(Conventions::Current)
             .capture_header("x-tenant")
-            .on_start(|view: &mqtrace::MessageView<'_>, attrs: &mut Vec<KeyValue>| {
-                if let Some(body) = view.body {
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
-                        if let Some(id) = v["order_id"].as_i64() {
-                            attrs.push(KeyValue::new("app.order_id", id));
+            .on_start(
+                |view: &mqtrace::MessageView<'_>, attrs: &mut Vec<KeyValue>| {
+                    if let Some(body) = view.body {
+                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+                            if let Some(id) = v["order_id"].as_i64() {
+                                attrs.push(KeyValue::new("app.order_id", id));
+                            }
                         }
                     }
-                }
-            })
+                },
+            )
     });
     let broker = broker_with(&[("orders", None)]);
     let long_tenant = "t".repeat(300);
@@ -196,14 +203,22 @@ async fn hook_and_captured_headers() {
     consumer.run_until_idle(|_| async { Ok(()) }).await.unwrap();
     let spans = h.spans(1).await;
     let process = &spans[0];
-    assert_eq!(process.attr("app.order_id").and_then(|v| match v {
-        mqtrace_testing::AttrValue::Int(i) => Some(*i),
-        _ => None,
-    }), Some(42));
     assert_eq!(
-        process.attr("messaging.header.x-tenant").and_then(|v| v.as_str()),
+        process.attr("app.order_id").and_then(|v| match v {
+            mqtrace_testing::AttrValue::Int(i) => Some(*i),
+            _ => None,
+        }),
+        Some(42)
+    );
+    assert_eq!(
+        process
+            .attr("messaging.header.x-tenant")
+            .and_then(|v| v.as_str()),
         Some(&long_tenant[..mqtrace::MAX_CAPTURED_HEADER_LEN])
     );
     assert!(process.attr("messaging.header.x-secret").is_none());
-    assert!(!process.attributes.keys().any(|k| k.contains("body") && k != "messaging.message.body.size"));
+    assert!(!process
+        .attributes
+        .keys()
+        .any(|k| k.contains("body") && k != "messaging.message.body.size"));
 }

@@ -35,31 +35,48 @@ async fn budget_spent_goes_to_dead_letter_with_metadata() {
     // Not UTF-8, with a NUL: must arrive byte for byte.
     let body = Bytes::from_static(b"\x00\xff order 7 \xfe");
     TracedProducer::new(broker.clone(), instrumenter.clone())
-        .send("orders", Message::new(body.clone()).header("x-tenant", "acme"))
+        .send(
+            "orders",
+            Message::new(body.clone()).header("x-tenant", "acme"),
+        )
         .await
         .unwrap();
     let long = "x".repeat(2 * MAX_ERROR_MESSAGE_LEN);
     let stats = TracedConsumer::new(broker.clone(), "orders", instrumenter)
         .run_until_idle(|_| {
             let long = long.clone();
-            async move { Err(HandlerError::transient(format!("payment down {long}")).with_type("payment_unavailable")) }
+            async move {
+                Err(HandlerError::transient(format!("payment down {long}"))
+                    .with_type("payment_unavailable"))
+            }
         })
         .await
         .unwrap();
-    assert_eq!((stats.settled, stats.retried, stats.dead_lettered), (0, 2, 1));
+    assert_eq!(
+        (stats.settled, stats.retried, stats.dead_lettered),
+        (0, 2, 1)
+    );
     assert_eq!(broker.depth("orders").unwrap(), Default::default());
 
     let dead = broker.drain("orders.dlq").unwrap();
     assert_eq!(dead.len(), 1);
     let dead = &dead[0];
     assert_eq!(dead.body, body, "body byte for byte");
-    assert_eq!(header(dead, "x-tenant").as_deref(), Some("acme"), "user headers kept");
+    assert_eq!(
+        header(dead, "x-tenant").as_deref(),
+        Some("acme"),
+        "user headers kept"
+    );
     assert_eq!(header(dead, ATTEMPT_HEADER).as_deref(), Some("3"));
-    assert_eq!(header(dead, ERROR_TYPE_HEADER).as_deref(), Some("payment_unavailable"));
+    assert_eq!(
+        header(dead, ERROR_TYPE_HEADER).as_deref(),
+        Some("payment_unavailable")
+    );
     let message = header(dead, ERROR_MESSAGE_HEADER).unwrap();
     assert_eq!(message.len(), MAX_ERROR_MESSAGE_LEN);
     assert!(message.starts_with("payment down xxx"));
-    let failed_at = mqtrace::forward::parse_failed_at(&header(dead, FAILED_AT_HEADER).unwrap()).unwrap();
+    let failed_at =
+        mqtrace::forward::parse_failed_at(&header(dead, FAILED_AT_HEADER).unwrap()).unwrap();
     assert!(failed_at.elapsed().unwrap().as_secs() < 60);
 
     let forest = h.forest(7).await;
@@ -78,9 +95,15 @@ async fn budget_spent_goes_to_dead_letter_with_metadata() {
         format!("00-{}-{}-01", dlq_span.trace_id, dlq_span.span_id)
     );
     // Every forward links the original publication and its processing attempt.
-    for forward in spans.iter().filter(|s| s.name.starts_with("send") && s.parent_span_id.is_some()) {
+    for forward in spans
+        .iter()
+        .filter(|s| s.name.starts_with("send") && s.parent_span_id.is_some())
+    {
         assert_eq!(forward.links[0].span_id, root.span_id);
-        assert_eq!(Some(&forward.links[1].span_id), forward.parent_span_id.as_ref());
+        assert_eq!(
+            Some(&forward.links[1].span_id),
+            forward.parent_span_id.as_ref()
+        );
     }
     assert_tree(
         &forest.render(&TreeOptions::only(OUTCOME)),
@@ -131,7 +154,10 @@ async fn transient_then_success_is_one_connected_trace() {
         })
         .await
         .unwrap();
-    assert_eq!((stats.settled, stats.retried, stats.dead_lettered), (1, 1, 0));
+    assert_eq!(
+        (stats.settled, stats.retried, stats.dead_lettered),
+        (1, 1, 0)
+    );
     assert_tree(
         &h.forest(4).await.render(&TreeOptions::only(OUTCOME)),
         r#"
@@ -159,7 +185,8 @@ async fn invalid_json_is_permanent_and_dead_lettered_at_once() {
         .unwrap();
     let stats = TracedConsumer::new(broker.clone(), "orders", instrumenter)
         .run_until_idle(|m| async move {
-            serde_json::from_slice::<serde_json::Value>(&m.body).map_err(HandlerError::permanent)?;
+            serde_json::from_slice::<serde_json::Value>(&m.body)
+                .map_err(HandlerError::permanent)?;
             Ok(())
         })
         .await
@@ -167,11 +194,20 @@ async fn invalid_json_is_permanent_and_dead_lettered_at_once() {
     assert_eq!((stats.retried, stats.dead_lettered), (0, 1));
     let dead = broker.drain("orders.dlq").unwrap();
     assert_eq!(dead[0].body, Bytes::from_static(b"{not json"));
-    assert_eq!(header(&dead[0], ERROR_TYPE_HEADER).as_deref(), Some("serde_json::Error"));
+    assert_eq!(
+        header(&dead[0], ERROR_TYPE_HEADER).as_deref(),
+        Some("serde_json::Error")
+    );
     assert_eq!(header(&dead[0], ATTEMPT_HEADER).as_deref(), Some("1"));
     let spans = h.spans(3).await;
     let process = spans.iter().find(|s| s.name == "process orders").unwrap();
-    assert_eq!(process.attr("mqtrace.error.retryable").map(ToString::to_string).as_deref(), Some("false"));
+    assert_eq!(
+        process
+            .attr("mqtrace.error.retryable")
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("false")
+    );
     assert!(matches!(process.status, SpanStatus::Error(_)));
     assert_eq!(process.events[0].name, "exception");
 }
@@ -189,13 +225,21 @@ async fn permanent_failure_without_dead_letter_queue_is_dropped_and_says_so() {
     assert_eq!(stats.dropped, 1);
     assert_eq!(broker.depth("orders").unwrap(), Default::default());
     let spans = h.spans(1).await;
-    assert_eq!(spans[0].attr("mqtrace.message.disposition").and_then(|v| v.as_str()), Some("dropped"));
+    assert_eq!(
+        spans[0]
+            .attr("mqtrace.message.disposition")
+            .and_then(|v| v.as_str()),
+        Some("dropped")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current).retry_policy(RetryPolicy::attempts(1)));
+    let instrumenter = h.instrumenter(|b| {
+        b.conventions(Conventions::Current)
+            .retry_policy(RetryPolicy::attempts(1))
+    });
     let broker = broker_with(&[("orders", Some("orders.dlq")), ("orders.dlq", None)]);
     broker.publish("orders", Message::new("boom")).unwrap();
     broker.publish("orders", Message::new("fine")).unwrap();
@@ -210,12 +254,27 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
         .unwrap();
     assert_eq!((stats.settled, stats.dead_lettered), (1, 1));
     let dead = broker.drain("orders.dlq").unwrap();
-    assert_eq!(header(&dead[0], ERROR_TYPE_HEADER).as_deref(), Some("panic"));
-    assert_eq!(header(&dead[0], ERROR_MESSAGE_HEADER).as_deref(), Some("handler bug"));
+    assert_eq!(
+        header(&dead[0], ERROR_TYPE_HEADER).as_deref(),
+        Some("panic")
+    );
+    assert_eq!(
+        header(&dead[0], ERROR_MESSAGE_HEADER).as_deref(),
+        Some("handler bug")
+    );
     let spans = h.spans(3).await;
-    let failed = spans.iter().find(|s| s.attr("error.type").is_some()).unwrap();
+    let failed = spans
+        .iter()
+        .find(|s| s.attr("error.type").is_some())
+        .unwrap();
     assert_eq!(failed.status, SpanStatus::Error("handler bug".into()));
-    assert_eq!(failed.attr("mqtrace.error.retryable").map(ToString::to_string).as_deref(), Some("true"));
+    assert_eq!(
+        failed
+            .attr("mqtrace.error.retryable")
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("true")
+    );
 }
 
 /// 200 messages, a third failing transiently at random, a tenth permanently: every
@@ -227,7 +286,10 @@ async fn nothing_is_lost_across_failures() {
     let broker = broker_with(&[("orders", Some("orders.dlq")), ("orders.dlq", None)]);
     let producer = TracedProducer::new(broker.clone(), instrumenter.clone());
     for i in 0..200u32 {
-        producer.send("orders", Message::new(i.to_string())).await.unwrap();
+        producer
+            .send("orders", Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     let rng = Arc::new(std::sync::Mutex::new(fastrand::Rng::with_seed(7)));
     let stats = TracedConsumer::new(broker.clone(), "orders", instrumenter)

@@ -25,12 +25,23 @@ async fn flushes_on_drop(protocol: Protocol) {
         .protocol(protocol)
         .install_global(false)
         // Nothing would be exported for a minute but for the flush on drop.
-        .batch_config(BatchConfigBuilder::default().with_scheduled_delay(Duration::from_secs(60)).build())
+        .batch_config(
+            BatchConfigBuilder::default()
+                .with_scheduled_delay(Duration::from_secs(60))
+                .build(),
+        )
         .build()
         .unwrap();
-    guard.provider().unwrap().tracer("t").start("last words").end();
+    guard
+        .provider()
+        .unwrap()
+        .tracer("t")
+        .start("last words")
+        .end();
     assert!(collector.spans().is_empty());
-    tokio::task::spawn_blocking(move || drop(guard)).await.unwrap();
+    tokio::task::spawn_blocking(move || drop(guard))
+        .await
+        .unwrap();
     let spans = collector.spans();
     assert_eq!(spans.len(), 1, "exported before drop returned");
     assert_eq!(spans[0].name, "last words");
@@ -56,16 +67,26 @@ async fn service_name_defaults_to_the_executable() {
         .build()
         .unwrap();
     guard.provider().unwrap().tracer("t").start("s").end();
-    tokio::task::spawn_blocking(move || drop(guard)).await.unwrap();
+    tokio::task::spawn_blocking(move || drop(guard))
+        .await
+        .unwrap();
     let expected = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| {
-        std::env::current_exe().unwrap().file_stem().unwrap().to_string_lossy().into_owned()
+        std::env::current_exe()
+            .unwrap()
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
     });
     assert_eq!(collector.spans()[0].service, expected);
 }
 
 /// Sends and processes `n` messages with telemetry pointed at `endpoint`; returns
 /// how long the messaging took and the guard's final counts.
-async fn pipeline_against(endpoint: String, n: usize) -> (Duration, mqtrace::telemetry::ExportStats) {
+async fn pipeline_against(
+    endpoint: String,
+    n: usize,
+) -> (Duration, mqtrace::telemetry::ExportStats) {
     let guard = TelemetryBuilder::default()
         .service_name("degraded")
         .endpoint(endpoint)
@@ -81,12 +102,17 @@ async fn pipeline_against(endpoint: String, n: usize) -> (Duration, mqtrace::tel
         )
         .build()
         .unwrap();
-    let instrumenter = Instrumenter::builder().tracer_provider(guard.provider().unwrap()).build();
+    let instrumenter = Instrumenter::builder()
+        .tracer_provider(guard.provider().unwrap())
+        .build();
     let broker = broker_with(&[("orders", None)]);
     let started = Instant::now();
     let producer = TracedProducer::new(broker.clone(), instrumenter.clone());
     for i in 0..n {
-        producer.send("orders", Message::new(i.to_string())).await.unwrap();
+        producer
+            .send("orders", Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     let stats = TracedConsumer::new(broker, "orders", instrumenter)
         .run_until_idle(|_| async { Ok(()) })
@@ -94,14 +120,19 @@ async fn pipeline_against(endpoint: String, n: usize) -> (Duration, mqtrace::tel
         .unwrap();
     let took = started.elapsed();
     assert_eq!(stats.settled, n as u64, "every message processed");
-    let stats = tokio::task::spawn_blocking(move || guard.shutdown()).await.unwrap();
+    let stats = tokio::task::spawn_blocking(move || guard.shutdown())
+        .await
+        .unwrap();
     (took, stats)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_collector_blocks_nothing_and_drops_are_counted() {
     // A port that was free a moment ago: connections are refused.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let (took, stats) = tokio::time::timeout(
         Duration::from_secs(60),
         pipeline_against(format!("http://{closed}"), 2_000),

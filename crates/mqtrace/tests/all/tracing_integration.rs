@@ -21,7 +21,8 @@ async fn validate_order(body: String) -> Result<(), mqtrace::HandlerError> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instrumented_handler_spans_nest_under_process() {
     let h = Harness::start().await;
-    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(h.guard.tracing_layer()));
+    let dispatch =
+        tracing::Dispatch::new(tracing_subscriber::registry().with(h.guard.tracing_layer()));
     let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
     let broker = broker_with(&[("orders", None)]);
     TracedProducer::new(broker.clone(), instrumenter.clone())
@@ -31,7 +32,8 @@ async fn instrumented_handler_spans_nest_under_process() {
     let consumer = TracedConsumer::new(broker, "orders", instrumenter);
     // A tracing span around the consumer loop is the ambient context: it becomes a
     // link of the process span and must not capture the handler's spans.
-    let loop_span = tracing::dispatcher::with_default(&dispatch, || tracing::info_span!("consumer loop"));
+    let loop_span =
+        tracing::dispatcher::with_default(&dispatch, || tracing::info_span!("consumer loop"));
     consumer
         .run_until_idle(|m| validate_order(String::from_utf8_lossy(&m.body).into_owned()))
         .instrument(loop_span)

@@ -41,7 +41,10 @@ impl Harness {
     }
 
     /// An instrumenter exporting to this harness's collector.
-    pub fn instrumenter(&self, configure: impl FnOnce(InstrumenterBuilder) -> InstrumenterBuilder) -> Instrumenter {
+    pub fn instrumenter(
+        &self,
+        configure: impl FnOnce(InstrumenterBuilder) -> InstrumenterBuilder,
+    ) -> Instrumenter {
         let provider = self.guard.provider().expect("telemetry enabled");
         configure(Instrumenter::builder().tracer_provider(provider)).build()
     }
@@ -58,12 +61,11 @@ impl Harness {
             .wait_for_spans(count, Duration::from_secs(10))
             .await;
         // Anything more would arrive with the same flush.
-        assert_eq!(
-            spans.len(),
-            count,
-            "span count: got\n{}",
-            Forest::new(spans.clone()).render(&TreeOptions::normalised())
-        );
+        if spans.len() != count {
+            let got = spans.len();
+            let tree = Forest::new(spans).render(&TreeOptions::normalised());
+            panic!("expected {count} spans, got {got}:\n{tree}");
+        }
         spans
     }
 

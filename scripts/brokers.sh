@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The real brokers of the test suite, on loopback only: RabbitMQ (Debian's package),
+# a Kafka-protocol broker (tansu, built once with cargo and cached) and an SQS
+# emulator (moto, in a cached virtualenv). Installs what is missing, reuses what is
+# there, and writes the endpoints to .mqtrace-test/env for the tests.
+#
+#   scripts/brokers.sh start   install if needed, start, wait until each answers
+#   scripts/brokers.sh stop    stop what start started
+#
+# An endpoint already set in the environment (MQTRACE_TEST_RABBITMQ_URL,
+# MQTRACE_TEST_KAFKA_BOOTSTRAP, MQTRACE_TEST_SQS_ENDPOINT) is used as it is and that
+# broker is not started. Fixed ports, all on 127.0.0.1, overridable:
+#   MQTRACE_RABBITMQ_PORT (31672; Erlang distribution on +20000), MQTRACE_KAFKA_PORT
+#   (39092), MQTRACE_SQS_PORT (39324), MQTRACE_EPMD_PORT (34369).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=${MQTRACE_TEST_STATE:-$ROOT/.mqtrace-test}
+CACHE=${MQTRACE_CACHE:-$HOME/.cache/mqtrace}
+RABBITMQ_PORT=${MQTRACE_RABBITMQ_PORT:-31672}
+KAFKA_PORT=${MQTRACE_KAFKA_PORT:-39092}
+SQS_PORT=${MQTRACE_SQS_PORT:-39324}
+EPMD_PORT=${MQTRACE_EPMD_PORT:-34369}
+TANSU_VERSION=0.6.0
+RABBITMQ_BIN=/usr/lib/rabbitmq/bin
+TANSU=$CACHE/tools/bin/tansu
+MOTO=$CACHE/moto-venv/bin/moto_server
+
+log() { printf 'brokers: %s\n' "$*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # name port seconds
+  local i
+  for ((i = 0; i < $3 * 10; i++)); do
+    port_open "$2" && return 0
+    sleep 0.1
+  done
+  log "$1 did not open port $2 within $3 s; its log is in $STATE"
+  return 1
+}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+install_rabbitmq() {
+  [ -x "$RABBITMQ_BIN/rabbitmq-server" ] && return
+  log "installing rabbitmq-server (Debian package)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq rabbitmq-server >/dev/null
+}
+
+install_tansu() {
+  [ -x "$TANSU" ] && return
+  log "building tansu $TANSU_VERSION once (about 10 minutes on 2 cores; cached in $CACHE/tools)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
+    --root "$CACHE/tools" --quiet
+}
+
+install_moto() {
+  [ -x "$MOTO" ] && return
+  log "installing moto[server] into $CACHE/moto-venv"
+  python3 -m venv "$CACHE/moto-venv"
+  "$CACHE/moto-venv/bin/pip" install --quiet "moto[server]>=5.1,<5.3"
+}
+
+rabbitmq_env() {
+  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=$RABBITMQ_PORT
+  export ERL_EPMD_ADDRESS=127.0.0.1 ERL_EPMD_PORT=$EPMD_PORT
+  export RABBITMQ_NODENAME=mqtrace@localhost HOME=$STATE/rabbitmq
+  export RABBITMQ_MNESIA_BASE=$STATE/rabbitmq/mnesia RABBITMQ_LOG_BASE=$STATE/rabbitmq/log
+  export RABBITMQ_ENABLED_PLUGINS_FILE=$STATE/rabbitmq/enabled_plugins
+  export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+}
+
+start_rabbitmq() {
+  install_rabbitmq
+  mkdir -p "$STATE/rabbitmq"
+  echo '[].' >"$STATE/rabbitmq/enabled_plugins"
+  (
+    rabbitmq_env
+    nohup "$RABBITMQ_BIN/rabbitmq-server" >"$STATE/rabbitmq/server.log" 2>&1 &
+    echo $! >"$STATE/rabbitmq.pid"
+    sleep 2
+    timeout 120 "$RABBITMQ_BIN/rabbitmqctl" -n mqtrace@localhost -q await_startup >/dev/null
+  ) || { log "RabbitMQ did not start; see $STATE/rabbitmq"; return 1; }
+  echo "export MQTRACE_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/%2f" >>"$STATE/env"
+}
+
+start_kafka() {
+  install_tansu
+  env -u OTEL_EXPORTER_OTLP_ENDPOINT nohup "$TANSU" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine memory://tansu/ >"$STATE/tansu.log" 2>&1 &
+  echo $! >"$STATE/tansu.pid"
+  wait_port tansu "$KAFKA_PORT" 60
+  echo "export MQTRACE_TEST_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT" >>"$STATE/env"
+}
+
+start_sqs() {
+  install_moto
+  nohup "$MOTO" -H 127.0.0.1 -p "$SQS_PORT" >"$STATE/moto.log" 2>&1 &
+  echo $! >"$STATE/moto.pid"
+  wait_port moto "$SQS_PORT" 60
+  echo "export MQTRACE_TEST_SQS_ENDPOINT=http://127.0.0.1:$SQS_PORT" >>"$STATE/env"
+}
+
+start() {
+  stop 2>/dev/null || true
+  mkdir -p "$STATE"
+  : >"$STATE/env"
+  local p
+  for p in "$RABBITMQ_PORT" "$KAFKA_PORT" "$SQS_PORT"; do
+    if port_open "$p"; then
+      log "port $p on 127.0.0.1 is taken by something this script did not start; set MQTRACE_*_PORT"
+      return 1
+    fi
+  done
+  if [ -n "${MQTRACE_TEST_RABBITMQ_URL:-}" ]; then
+    echo "export MQTRACE_TEST_RABBITMQ_URL=$MQTRACE_TEST_RABBITMQ_URL" >>"$STATE/env"
+  else start_rabbitmq; fi
+  if [ -n "${MQTRACE_TEST_KAFKA_BOOTSTRAP:-}" ]; then
+    echo "export MQTRACE_TEST_KAFKA_BOOTSTRAP=$MQTRACE_TEST_KAFKA_BOOTSTRAP" >>"$STATE/env"
+  else start_kafka; fi
+  if [ -n "${MQTRACE_TEST_SQS_ENDPOINT:-}" ]; then
+    echo "export MQTRACE_TEST_SQS_ENDPOINT=$MQTRACE_TEST_SQS_ENDPOINT" >>"$STATE/env"
+  else start_sqs; fi
+  log "ready: source $STATE/env"
+  cat "$STATE/env" >&2
+}
+
+stop() {
+  if [ -f "$STATE/rabbitmq.pid" ]; then
+    ( rabbitmq_env; timeout 30 "$RABBITMQ_BIN/rabbitmqctl" -n mqtrace@localhost -q stop >/dev/null 2>&1 ) || true
+  fi
+  local name
+  for name in rabbitmq tansu moto; do
+    if [ -f "$STATE/$name.pid" ]; then
+      kill "$(cat "$STATE/$name.pid")" 2>/dev/null || true
+      rm -f "$STATE/$name.pid"
+    fi
+  done
+  # The Erlang port mapper started for our node, on our port only.
+  if command -v epmd >/dev/null 2>&1; then ERL_EPMD_PORT=$EPMD_PORT epmd -kill >/dev/null 2>&1 || true; fi
+  # Should rabbitmqctl have failed: the node's Erlang VM, by its unique node name.
+  pkill -f -- "beam.*mqtrace@localhost" 2>/dev/null || true
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac

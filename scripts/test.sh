@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every check of the project, from a fresh machine: installs and starts the brokers
+# (scripts/brokers.sh), checks formatting and lints, builds, runs every test of the
+# workspace, and stops what it started.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "test.sh: cargo is needed (https://rustup.rs)" >&2
+  exit 1
+fi
+# A fresh clone in CI reuses the build of earlier runs on the same machine.
+if [ "${CI:-}" = true ]; then
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/mqtrace/target}
+fi
+# Spans of the suite go to the in-process collector only.
+unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_EXPORTER_OTLP_TRACES_ENDPOINT OTEL_SDK_DISABLED
+
+scripts/brokers.sh start
+trap 'scripts/brokers.sh stop' EXIT
+# shellcheck disable=SC1091
+source .mqtrace-test/env
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
+echo "== cargo test"
+cargo test --workspace --all-features
