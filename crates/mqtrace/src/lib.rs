@@ -75,7 +75,7 @@
 //!            "4bf92f3577b34da6a3ce929d0e0e4736");
 //! let disposition = processed.disposition(instrumenter.retry_policy(), false);
 //! delivery.ack();
-//! processed.finish(disposition)?;
+//! assert!(processed.finish(disposition).is_ok());
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]

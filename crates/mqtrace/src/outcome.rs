@@ -51,7 +51,9 @@ type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 ///
 /// It carries the classification, a low-cardinality `error.type`, and the source
 /// error. Any `std::error::Error` converts into a transient `HandlerError` with `?`,
-/// because an unknown failure is worth retrying.
+/// because an unknown failure is worth retrying. Like `anyhow::Error`, it does not
+/// implement `std::error::Error` itself (that would collide with the blanket `From`);
+/// [`HandlerError::source_error`] gives the error inside.
 pub struct HandlerError {
     retryable: Retryable,
     error_type: Cow<'static, str>,
