@@ -222,3 +222,113 @@ async fn hook_and_captured_headers() {
         .keys()
         .any(|k| k.contains("body") && k != "messaging.message.body.size"));
 }
+
+/// Every recipe (create, batch send, receive, process, settle, forward) under each
+/// setting: names, kinds and the operation attributes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_recipe_under_every_setting() {
+    let expected = [
+        (
+            Conventions::Current,
+            r#"
+            trace #1
+            create orders [PRODUCER] messaging.operation.name="create" messaging.operation.type="create"
+            trace #2
+            send orders [CLIENT] messaging.operation.name="send" messaging.operation.type="send"
+                ~> create orders (trace #1)
+            trace #3
+            receive orders [CLIENT] messaging.operation.name="receive" messaging.operation.type="receive"
+                ~> create orders (trace #1) messaging.message.id="1"
+            trace #4
+            process orders [CONSUMER] messaging.operation.name="process" messaging.operation.type="process"
+                ~> create orders (trace #1)
+                send orders.dlq [PRODUCER] messaging.operation.name="send" messaging.operation.type="send"
+                    ~> create orders (trace #1) relationship="original_message"
+                    ~> process orders (this trace) relationship="processing_attempt"
+                ack orders [CLIENT] messaging.operation.name="ack" messaging.operation.type="settle"
+            "#,
+        ),
+        (
+            Conventions::Legacy,
+            r#"
+            trace #1
+            orders create [PRODUCER] messaging.operation="create"
+            trace #2
+            orders publish [CLIENT] messaging.operation="publish"
+                ~> orders create (trace #1)
+            trace #3
+            orders receive [CLIENT] messaging.operation="receive"
+                ~> orders create (trace #1) messaging.message.id="1"
+            trace #4
+            orders process [CONSUMER] messaging.operation="process"
+                ~> orders create (trace #1)
+                orders.dlq publish [PRODUCER] messaging.operation="publish"
+                    ~> orders create (trace #1) relationship="original_message"
+                    ~> orders process (this trace) relationship="processing_attempt"
+                orders settle [CLIENT] messaging.operation="settle"
+            "#,
+        ),
+        (
+            Conventions::Both,
+            r#"
+            trace #1
+            create orders [PRODUCER] messaging.operation="create" messaging.operation.name="create" messaging.operation.type="create"
+            trace #2
+            send orders [CLIENT] messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send"
+                ~> create orders (trace #1)
+            trace #3
+            receive orders [CLIENT] messaging.operation="receive" messaging.operation.name="receive" messaging.operation.type="receive"
+                ~> create orders (trace #1) messaging.message.id="1"
+            trace #4
+            process orders [CONSUMER] messaging.operation="process" messaging.operation.name="process" messaging.operation.type="process"
+                ~> create orders (trace #1)
+                send orders.dlq [PRODUCER] messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send"
+                    ~> create orders (trace #1) relationship="original_message"
+                    ~> process orders (this trace) relationship="processing_attempt"
+                ack orders [CLIENT] messaging.operation="settle" messaging.operation.name="ack" messaging.operation.type="settle"
+            "#,
+        ),
+    ];
+    for (conventions, tree) in expected {
+        let h = Harness::start().await;
+        let instrumenter = h.instrumenter(|b| {
+            b.conventions(conventions)
+                .parenting(mqtrace::ProcessParenting::LinkOnly)
+        });
+        let broker = broker_with(&[("orders", Some("orders.dlq")), ("orders.dlq", None)]);
+        let embedded =
+            |op| MessageDescription::new(MessagingSystem::Embedded, op).destination("orders");
+
+        let create = instrumenter.start_create(&embedded(OperationType::Create), None);
+        let mut message = Message::new("x");
+        instrumenter.inject(&create, &mut HeaderInjector(&mut message.headers));
+        let created = create.span_context();
+        create.end();
+        instrumenter
+            .start_batch_send(&embedded(OperationType::Send), &[created])
+            .end();
+        broker.publish("orders", message).unwrap();
+
+        let delivery = broker.try_receive("orders").unwrap().unwrap();
+        instrumenter
+            .start_receive(
+                &embedded(OperationType::Receive),
+                std::slice::from_ref(&delivery),
+            )
+            .end();
+        drop(delivery); // back to the queue, for the consumer
+        TracedConsumer::new(broker, "orders", instrumenter)
+            .settle_spans(true)
+            .run_until_idle(|_| async { Err(mqtrace::HandlerError::permanent("bad")) })
+            .await
+            .unwrap();
+        let rendered = h.forest(6).await.render(&TreeOptions::only(&[
+            "messaging.operation",
+            "messaging.operation.name",
+            "messaging.operation.type",
+        ]));
+        // Status lines are not what this test is about.
+        let rendered = rendered.replace(r#" ERROR("bad")"#, "");
+        assert_tree(&rendered, tree);
+    }
+}
