@@ -451,7 +451,7 @@ impl Instrumenter {
     {
         let links = messages
             .iter()
-            .filter_map(|m| self.message_link(m))
+            .filter_map(|m| Self::message_link(m, &self.creation_of(m)))
             .collect();
         self.start(
             d,
@@ -463,12 +463,17 @@ impl Instrumenter {
         )
     }
 
-    fn message_link(&self, m: &impl Inbound) -> Option<Link> {
-        let creation = self.extract(&m.headers());
-        let sc = creation.span().span_context().clone();
+    /// The producer's context carried by a message (invalid when there is none).
+    fn creation_of(&self, m: &impl Inbound) -> SpanContext {
+        self.extract(&m.headers()).span().span_context().clone()
+    }
+
+    /// A link to a message's creation context, with its message id.
+    fn message_link(m: &impl Inbound, sc: &SpanContext) -> Option<Link> {
         if !sc.is_valid() {
             return None;
         }
+        let sc = sc.clone();
         let d = m.description();
         let attributes = d
             .message_id
@@ -593,10 +598,7 @@ impl Instrumenter {
         let (span, creation, attempt) = self.start_process(message);
         let original =
             forward::original_context(&message.headers()).unwrap_or_else(|| creation.clone());
-        let outcome = run_handler(handler, span.context().clone()).await;
-        if let Err(error) = &outcome {
-            span.record_error(error);
-        }
+        let outcome = run_in(&span, handler).await;
         Processed {
             span,
             outcome,
@@ -625,9 +627,12 @@ impl Instrumenter {
         let mut d = batch.clone();
         d.operation = OperationType::Process;
         d.batch_message_count = Some(messages.len() as u64);
+        // Each message's context is extracted once, for the batch link and its own span.
+        let creations: Vec<SpanContext> = messages.iter().map(|m| self.creation_of(m)).collect();
         let links = messages
             .iter()
-            .filter_map(|m| self.message_link(m))
+            .zip(&creations)
+            .filter_map(|(m, sc)| Self::message_link(m, sc))
             .collect();
         let batch_span = self.start(
             &d,
@@ -639,10 +644,8 @@ impl Instrumenter {
         );
 
         let mut outcomes = Vec::with_capacity(messages.len());
-        for message in messages {
+        for (message, creation) in messages.iter().zip(creations) {
             let headers = message.headers();
-            let creation = self.extract(&headers);
-            let creation = creation.span().span_context().clone();
             let links = if creation.is_valid() {
                 vec![Link::with_context(creation)]
             } else {
@@ -651,10 +654,7 @@ impl Instrumenter {
             let attempt = forward::attempt_of(&headers, message.delivery_count());
             let span =
                 self.start_process_span(message, &headers, batch_span.context(), links, attempt);
-            let outcome = run_handler(handler(message), span.context().clone()).await;
-            if let Err(error) = &outcome {
-                span.record_error(error);
-            }
+            let outcome = run_in(&span, handler(message)).await;
             span.end();
             outcomes.push(outcome);
         }
@@ -741,6 +741,18 @@ impl Instrumenter {
                 .iter()
                 .any(|f| f.eq_ignore_ascii_case(key))
     }
+}
+
+/// Runs a handler inside a process span and records its failure there.
+async fn run_in<Fut>(span: &MessagingSpan, handler: Fut) -> HandlerResult
+where
+    Fut: Future<Output = HandlerResult>,
+{
+    let outcome = run_handler(handler, span.context().clone()).await;
+    if let Err(error) = &outcome {
+        span.record_error(error);
+    }
+    outcome
 }
 
 async fn run_handler<Fut>(handler: Fut, cx: Context) -> HandlerResult
