@@ -9,7 +9,9 @@
 #
 # An endpoint already set in the environment (MQTRACE_TEST_RABBITMQ_URL,
 # MQTRACE_TEST_KAFKA_BOOTSTRAP, MQTRACE_TEST_SQS_ENDPOINT) is used as it is and that
-# broker is not started. Fixed ports, all on 127.0.0.1, overridable:
+# broker is not started. For the RabbitMQ it starts, the script also writes
+# .mqtrace-test/rabbitmqctl (MQTRACE_TEST_RABBITMQCTL), which the restart tests use.
+# Fixed ports, all on 127.0.0.1, overridable:
 #   MQTRACE_RABBITMQ_PORT (31672; Erlang distribution on +20000), MQTRACE_KAFKA_PORT
 #   (39092), MQTRACE_SQS_PORT (39324), MQTRACE_EPMD_PORT (34369).
 set -euo pipefail
@@ -74,6 +76,8 @@ rabbitmq_env() {
 
 start_rabbitmq() {
   install_rabbitmq
+  # A fresh node each run: queues of earlier runs would pile up.
+  rm -rf "$STATE/rabbitmq"
   mkdir -p "$STATE/rabbitmq"
   echo '[].' >"$STATE/rabbitmq/enabled_plugins"
   (
@@ -84,6 +88,15 @@ start_rabbitmq() {
     timeout 120 "$RABBITMQ_BIN/rabbitmqctl" -n mqtrace@localhost -q await_startup >/dev/null
   ) || { log "RabbitMQ did not start; see $STATE/rabbitmq"; return 1; }
   echo "export MQTRACE_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/%2f" >>"$STATE/env"
+  # The broker-restart tests stop and start the node's application through this.
+  cat >"$STATE/rabbitmqctl" <<CTL
+#!/usr/bin/env bash
+export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=$RABBITMQ_PORT
+export ERL_EPMD_ADDRESS=127.0.0.1 ERL_EPMD_PORT=$EPMD_PORT HOME=$STATE/rabbitmq
+exec "$RABBITMQ_BIN/rabbitmqctl" -n mqtrace@localhost -q "\$@"
+CTL
+  chmod +x "$STATE/rabbitmqctl"
+  echo "export MQTRACE_TEST_RABBITMQCTL=$STATE/rabbitmqctl" >>"$STATE/env"
 }
 
 start_kafka() {

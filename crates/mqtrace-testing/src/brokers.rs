@@ -53,6 +53,27 @@ pub fn rabbitmq_url() -> String {
     url
 }
 
+/// Variable naming a `rabbitmqctl` wrapper bound to the RabbitMQ node under test.
+pub const RABBITMQCTL_ENV: &str = "MQTRACE_TEST_RABBITMQCTL";
+
+/// Runs `rabbitmqctl` against the node under test (e.g. `stop_app`, `start_app`,
+/// `await_startup`), for tests that restart the broker. Fails with instructions when
+/// the node was not started by `scripts/brokers.sh` or the command fails.
+pub fn rabbitmqctl(args: &[&str]) {
+    let ctl = endpoint(RABBITMQCTL_ENV, "Control of the RabbitMQ node");
+    let out = std::process::Command::new(&ctl).args(args).output();
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "`{ctl} {}` failed ({}): {}",
+            args.join(" "),
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => panic!("cannot run {ctl} ({e}): {HOW}"),
+    }
+}
+
 /// The Kafka bootstrap address, checked to accept connections.
 pub fn kafka_bootstrap() -> String {
     let bootstrap = endpoint(KAFKA_ENV, "A Kafka-protocol broker");

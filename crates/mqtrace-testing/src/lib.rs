@@ -12,8 +12,10 @@
 pub mod brokers;
 mod collector;
 mod span;
+mod tree_assert;
 
 pub use collector::Collector;
 pub use span::{
     AttrValue, Forest, Kind, RecordedEvent, RecordedLink, RecordedSpan, SpanStatus, TreeOptions,
 };
+pub use tree_assert::{assert_tree, unindent};

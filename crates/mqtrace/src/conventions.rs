@@ -148,7 +148,10 @@ impl Conventions {
             } else if d.destination.anonymous {
                 Some("(anonymous)")
             } else {
-                d.destination.name.as_deref()
+                d.destination
+                    .legacy_name
+                    .as_deref()
+                    .or(d.destination.name.as_deref())
             };
             match dest {
                 Some(dest) => format!("{dest} {}", d.operation.legacy_name()),
@@ -178,7 +181,13 @@ impl Conventions {
             ));
         }
         let dest = &d.destination;
-        push_str(out, attr::MESSAGING_DESTINATION_NAME, &dest.name);
+        // One value per key: under `Both` the current name wins.
+        let name = if self == Self::Legacy && dest.legacy_name.is_some() {
+            &dest.legacy_name
+        } else {
+            &dest.name
+        };
+        push_str(out, attr::MESSAGING_DESTINATION_NAME, name);
         push_str(out, attr::MESSAGING_DESTINATION_TEMPLATE, &dest.template);
         if dest.temporary {
             out.push(KeyValue::new(attr::MESSAGING_DESTINATION_TEMPORARY, true));
@@ -331,6 +340,18 @@ mod tests {
         temp.destination.temporary = true;
         assert_eq!(Conventions::Current.span_name(&temp), "process");
         assert_eq!(Conventions::Legacy.span_name(&temp), "(temporary) process");
+        let mut rabbit = d.clone();
+        rabbit.destination.name = Some("shop:order.created".into());
+        rabbit.destination.legacy_name = Some("shop".into());
+        assert_eq!(
+            Conventions::Current.span_name(&rabbit),
+            "process shop:order.created"
+        );
+        assert_eq!(Conventions::Legacy.span_name(&rabbit), "shop process");
+        assert_eq!(
+            Conventions::Both.span_name(&rabbit),
+            "process shop:order.created"
+        );
         let mut templated = d;
         templated.destination.template = Some("orders.{region}".into());
         assert_eq!(

@@ -98,6 +98,9 @@ pub struct Destination {
     pub temporary: bool,
     /// The destination has a broker-generated name.
     pub anonymous: bool,
+    /// The name under [`Conventions::Legacy`](crate::Conventions::Legacy), where it
+    /// differs (RabbitMQ: the exchange rather than `{exchange}:{routing key}`).
+    pub legacy_name: Option<String>,
 }
 
 /// Everything an adapter knows about one messaging operation: the system, the

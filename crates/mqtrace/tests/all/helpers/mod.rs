@@ -86,32 +86,4 @@ pub fn broker_with(queues: &[(&str, Option<&str>)]) -> Broker {
     broker
 }
 
-/// Asserts a rendered tree, showing both in full on mismatch.
-#[track_caller]
-pub fn assert_tree(actual: &str, expected: &str) {
-    let expected = unindent(expected);
-    assert!(
-        actual == expected,
-        "trace tree differs\n--- expected\n{expected}\n--- actual\n{actual}"
-    );
-}
-
-/// Removes the common indentation of a raw string literal and its first newline.
-pub fn unindent(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().skip_while(|l| l.trim().is_empty()).collect();
-    let indent = lines
-        .iter()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| l.len() - l.trim_start().len())
-        .min()
-        .unwrap_or(0);
-    let mut out = String::new();
-    for line in lines {
-        out.push_str(line.get(indent..).unwrap_or("").trim_end());
-        out.push('\n');
-    }
-    while out.ends_with("\n\n") {
-        out.pop();
-    }
-    out
-}
+pub use mqtrace_testing::assert_tree;

@@ -1,0 +1,103 @@
+//! OpenTelemetry traces for RabbitMQ through [lapin]: a message published by one
+//! service and consumed, retried or dead-lettered by others is one connected trace.
+//!
+//! - [`TracedPublisher`] publishes inside a `send` span whose context travels in the
+//!   message headers; with publisher confirms the span ends on the confirm.
+//! - [`TracedConsumer`] consumes a queue, runs an async handler inside a `process`
+//!   span, settles each delivery by the handler's outcome (ack, bounded retries,
+//!   dead letters) and reconnects after a broker restart.
+//! - [`BasicPropertiesExt`] and [`DeliveryExt`] inject and extract for code that
+//!   keeps its own lapin calls; [`FieldTableInjector`] and [`FieldTableExtractor`]
+//!   are the carriers under all of them.
+//!
+//! The spans themselves are decided by [`mqtrace::Instrumenter`]: this crate only
+//! describes RabbitMQ's operations and settles messages.
+//!
+//! # Span model
+//!
+//! | operation | span name | kind | parent | links | attributes |
+//! |---|---|---|---|---|---|
+//! | publish | `send {exchange}:{routing key}` | PRODUCER | current span | — | `messaging.system = rabbitmq`, `messaging.destination.name`, `messaging.rabbitmq.destination.routing_key`, `messaging.message.conversation_id` (correlation id), `messaging.message.id`, `messaging.message.body.size`, `server.address`, `server.port` |
+//! | consume | `process {exchange}:{routing key}:{queue}` | CONSUMER | producer (by [`mqtrace::ProcessParenting`]) | producer | as above, plus `messaging.rabbitmq.message.delivery_tag`, [`REDELIVERED`], `mqtrace.message.attempt`, `mqtrace.message.queue_time` (from the `timestamp` property), `mqtrace.message.disposition` |
+//! | retry / dead letter | `send {target}` | PRODUCER | process span | original message, processing attempt | as publish, plus attempt and disposition |
+//! | settle (opt-in) | `ack …` / `nack …` | CLIENT | process span | — | as consume |
+//!
+//! Destination names follow the RabbitMQ conventions: `{exchange}:{routing key}` on
+//! the producer side (whichever is non-empty, or `amq.default`), and
+//! `{exchange}:{routing key}:{queue}` on the consumer side without empty parts and
+//! with a routing key equal to the queue name written once. Under
+//! [`mqtrace::Conventions::Legacy`] the destination is the exchange. Server-named
+//! queues (`amq.gen-…`) are anonymous: their spans are named `process`.
+//!
+//! # Settlement
+//!
+//! | handler outcome | what happens |
+//! |---|---|
+//! | success | ack |
+//! | transient error, attempts left | republished (back to the queue, or [`TracedConsumer::retry_via`]) with `mqtrace-attempt`, confirmed, then ack |
+//! | transient error, budget spent | republished to the dead-letter exchange with `mqtrace-error-type`, `mqtrace-error-message`, `mqtrace-failed-at`, `mqtrace-original-traceparent` and the original bytes, then ack |
+//! | permanent error (e.g. [`Message::json`] on invalid JSON) | nack without requeue: the queue's dead-letter exchange takes it (RabbitMQ adds `x-death`) |
+//!
+//! Nothing is acknowledged before the handler has finished, and a forward is
+//! confirmed before the ack, so a crash duplicates at worst.
+//!
+//! # Customisation
+//!
+//! Everything about the spans (conventions, parenting, propagation formats, header
+//! capture, start hooks, retry budget) is set on the [`mqtrace::Instrumenter`]
+//! handed to the wrappers. The consumer sets prefetch, concurrency, the retry
+//! route, settle spans and reconnection back-off.
+//!
+//! # Cargo features
+//!
+//! - `json` (default): [`TracedPublisher::publish_json`] and [`Message::json`].
+//! - `rustls`: `amqps://` connections.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use mqtrace::{HandlerResult, Instrumenter};
+//! use mqtrace_lapin::{QueueSpec, TracedConsumer};
+//!
+//! # async fn run() -> Result<(), mqtrace_lapin::ConsumeError> {
+//! let queue = QueueSpec::new("billing")
+//!     .bind("shop", "order.*")
+//!     .dead_letter("billing.dlx", "billing.dead");
+//! let consumer = TracedConsumer::new(
+//!     "amqp://guest:guest@127.0.0.1:5672/%2f",
+//!     queue,
+//!     Instrumenter::default(),
+//! );
+//! let stats = consumer
+//!     .run_until(
+//!         |message| async move {
+//!             let order: serde_json::Value = message.json()?;
+//!             tracing::info!(%order, "billing");
+//!             HandlerResult::Ok(())
+//!         },
+//!         async { let _ = tokio::signal::ctrl_c().await; },
+//!     )
+//!     .await?;
+//! println!("{stats:?}");
+//! # Ok(()) }
+//! ```
+//!
+//! [lapin]: https://docs.rs/lapin
+
+#![forbid(unsafe_code)]
+
+mod carrier;
+mod consumer;
+mod describe;
+mod ext;
+mod publisher;
+mod topology;
+
+pub use carrier::{FieldTableExtractor, FieldTableInjector};
+pub use consumer::{ConsumeError, ConsumerStats, Message, TracedConsumer, REDELIVERED};
+pub use describe::{error_type, Server};
+pub use ext::{BasicPropertiesExt, DeliveryExt};
+#[cfg(feature = "json")]
+pub use publisher::PublishJsonError;
+pub use publisher::TracedPublisher;
+pub use topology::{declare_exchange, DeadLetter, QueueSpec};

@@ -1,0 +1,243 @@
+//! Outcomes on a real RabbitMQ: invalid JSON rejected to the dead-letter exchange,
+//! transient failures retried within the budget, and the budget's end.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+use mqtrace::forward::{
+    ATTEMPT_HEADER, ERROR_MESSAGE_HEADER, ERROR_TYPE_HEADER, FAILED_AT_HEADER,
+    ORIGINAL_TRACEPARENT_HEADER,
+};
+use mqtrace::{HandlerError, HandlerResult};
+use mqtrace_lapin::{FieldTableExtractor, QueueSpec, TracedConsumer, TracedPublisher};
+use mqtrace_testing::{SpanStatus, TreeOptions};
+use opentelemetry::propagation::Extractor;
+
+use crate::helpers::{assert_tree, drain, when_count, within, Harness};
+
+const OUTCOME: &[&str] = &[
+    "error.type",
+    "mqtrace.error.retryable",
+    "mqtrace.message.attempt",
+    "mqtrace.message.disposition",
+];
+
+fn header(d: &lapin::message::Delivery, key: &str) -> Option<String> {
+    let headers = d.properties.headers().as_ref()?;
+    FieldTableExtractor(headers).get(key).map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_json_is_rejected_to_the_dead_letter_queue() {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let (_connection, channel) = h.channel().await;
+    let (dlx, dlq) = (h.name("orders.dlx"), h.name("orders.dead"));
+    let queue = QueueSpec::new(h.name("orders")).dead_letter(&dlx, &dlq);
+    queue.declare(&channel).await.unwrap();
+    TracedPublisher::new(channel.clone(), instrumenter.clone())
+        .publish(
+            "".into(),
+            queue.name().into(),
+            BasicPublishOptions::default(),
+            b"{not json",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let stats = within(
+        30,
+        TracedConsumer::new(&h.url, queue.clone(), instrumenter).run_until(
+            move |message| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let _: serde_json::Value = message.json()?;
+                    HandlerResult::Ok(())
+                }
+            },
+            // Long enough for a redelivery to show up, were there one.
+            async { tokio::time::sleep(std::time::Duration::from_millis(500)).await },
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "never redelivered");
+    assert_eq!((stats.dead_lettered, stats.retried), (1, 0));
+    assert!(drain(&channel, queue.name()).await.is_empty());
+    let dead = drain(&channel, &dlq).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].data, b"{not json");
+    // The broker's own record of the rejection.
+    let death = dead[0].properties.headers().as_ref().unwrap();
+    assert!(death.contains_key("x-death"), "{death:?}");
+
+    let spans = h.spans(2).await;
+    let process = spans
+        .iter()
+        .find(|s| s.name.starts_with("process"))
+        .unwrap();
+    assert!(matches!(process.status, SpanStatus::Error(_)));
+    assert_tree(
+        &mqtrace_testing::Forest::new(spans)
+            .render(&TreeOptions::only(OUTCOME))
+            .replace(&h.run, "RUN"),
+        r#"
+        trace #1
+        send orders-RUN [PRODUCER]
+            process orders-RUN [CONSUMER] ERROR("key must be a string at line 1 column 2") error.type="invalid_json" mqtrace.error.retryable=false mqtrace.message.attempt=1 mqtrace.message.disposition="dead_lettered"
+                ~> send orders-RUN (this trace)
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_then_succeed_in_one_trace() {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let (_connection, channel) = h.channel().await;
+    let queue = QueueSpec::new(h.name("payments")).dead_letter(h.name("p.dlx"), h.name("p.dead"));
+    queue.declare(&channel).await.unwrap();
+    TracedPublisher::new(channel.clone(), instrumenter.clone())
+        .publish_json("", queue.name(), &7, BasicProperties::default())
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let stats = within(
+        30,
+        TracedConsumer::new(&h.url, queue.clone(), instrumenter).run_until(
+            move |_| {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n < 2 {
+                        Err(HandlerError::transient("gateway timeout").with_type("timeout"))
+                    } else {
+                        Ok(())
+                    }
+                }
+            },
+            when_count(&calls, 3),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (stats.retried, stats.settled, stats.dead_lettered),
+        (2, 1, 0)
+    );
+    assert!(drain(&channel, queue.name()).await.is_empty());
+    assert_tree(
+        &h.render(6, TreeOptions::only(OUTCOME)).await,
+        r#"
+        trace #1
+        send payments-RUN [PRODUCER]
+            process payments-RUN [CONSUMER] ERROR("gateway timeout") error.type="timeout" mqtrace.error.retryable=true mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
+                ~> send payments-RUN (this trace)
+                send payments-RUN [PRODUCER] mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
+                    ~> send payments-RUN (this trace) relationship="original_message"
+                    ~> process payments-RUN (this trace) relationship="processing_attempt"
+                    process payments-RUN [CONSUMER] ERROR("gateway timeout") error.type="timeout" mqtrace.error.retryable=true mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
+                        ~> send payments-RUN (this trace)
+                        send payments-RUN [PRODUCER] mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
+                            ~> send payments-RUN (this trace) relationship="original_message"
+                            ~> process payments-RUN (this trace) relationship="processing_attempt"
+                            process payments-RUN [CONSUMER] mqtrace.message.attempt=3 mqtrace.message.disposition="settled"
+                                ~> send payments-RUN (this trace)
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_spent_goes_to_the_dead_letter_exchange_with_metadata() {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let (_connection, channel) = h.channel().await;
+    let dlq = h.name("mail.dead");
+    let queue = QueueSpec::new(h.name("mail")).dead_letter(h.name("mail.dlx"), &dlq);
+    queue.declare(&channel).await.unwrap();
+    // Not UTF-8: must arrive byte for byte.
+    let body = b"\x00\xffletter\xfe".to_vec();
+    TracedPublisher::new(channel.clone(), instrumenter.clone())
+        .publish(
+            "".into(),
+            queue.name().into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default().with_headers({
+                let mut t = lapin::types::FieldTable::default();
+                t.insert(
+                    "x-tenant".into(),
+                    lapin::types::AMQPValue::LongString("acme".into()),
+                );
+                t
+            }),
+        )
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let stats = within(
+        30,
+        TracedConsumer::new(&h.url, queue.clone(), instrumenter).run_until(
+            move |_| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { Err(HandlerError::transient("smtp down").with_type("smtp")) }
+            },
+            when_count(&calls, 3),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!((stats.retried, stats.dead_lettered), (2, 1));
+    assert!(drain(&channel, queue.name()).await.is_empty());
+    let dead = drain(&channel, &dlq).await;
+    assert_eq!(dead.len(), 1, "exactly one dead letter");
+    let d = &dead[0];
+    assert_eq!(d.data, body);
+    assert_eq!(header(d, ATTEMPT_HEADER).as_deref(), Some("3"));
+    assert_eq!(header(d, ERROR_TYPE_HEADER).as_deref(), Some("smtp"));
+    assert_eq!(
+        header(d, ERROR_MESSAGE_HEADER).as_deref(),
+        Some("smtp down")
+    );
+    assert!(header(d, FAILED_AT_HEADER).is_some());
+    assert_eq!(header(d, "x-tenant").as_deref(), Some("acme"));
+    assert!(header(d, "traceparent").is_some());
+    let original = header(d, ORIGINAL_TRACEPARENT_HEADER).unwrap();
+
+    let spans = h.spans(7).await;
+    let send = spans.iter().find(|s| s.parent_span_id.is_none()).unwrap();
+    assert!(
+        original.contains(&send.trace_id),
+        "{original} names the first send"
+    );
+    let disposition = |s: &&mqtrace_testing::RecordedSpan| {
+        s.attr("mqtrace.message.disposition")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let mut dead_lettered: Vec<_> = spans
+        .iter()
+        .filter(|s| disposition(s).as_deref() == Some("dead_lettered"))
+        .map(|s| (s.name.replace(&h.run, "RUN"), s.kind))
+        .collect();
+    dead_lettered.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        dead_lettered,
+        [
+            (
+                "process mail-RUN".to_owned(),
+                mqtrace_testing::Kind::Consumer
+            ),
+            (
+                "send mail.dlx-RUN:mail-RUN".to_owned(),
+                mqtrace_testing::Kind::Producer
+            ),
+        ]
+    );
+}

@@ -1,0 +1,136 @@
+//! Shared set-up: collector, telemetry, a RabbitMQ connection, unique names.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
+use lapin::{Channel, Connection, ConnectionProperties};
+use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
+use mqtrace::{Instrumenter, InstrumenterBuilder};
+use mqtrace_testing::{brokers, Forest, RecordedSpan, TreeOptions};
+use opentelemetry_sdk::trace::BatchConfigBuilder;
+
+pub use mqtrace_testing::assert_tree;
+
+pub struct Harness {
+    pub collector: mqtrace_testing::Collector,
+    pub guard: TelemetryGuard,
+    pub url: String,
+    /// Distinguishes this test's queues and exchanges from every other's.
+    pub run: String,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        let url = brokers::rabbitmq_url();
+        let collector = mqtrace_testing::Collector::start().await.unwrap();
+        let guard = TelemetryBuilder::default()
+            .service_name("mqtrace-lapin-test")
+            .endpoint(collector.grpc_endpoint())
+            .install_global(false)
+            .batch_config(
+                BatchConfigBuilder::default()
+                    .with_scheduled_delay(Duration::from_millis(50))
+                    .build(),
+            )
+            .build()
+            .unwrap();
+        let run = format!("{:08x}", fastrand::u32(..));
+        Self {
+            collector,
+            guard,
+            url,
+            run,
+        }
+    }
+
+    /// A name unique to this test run.
+    pub fn name(&self, base: &str) -> String {
+        format!("{base}-{}", self.run)
+    }
+
+    pub fn instrumenter(
+        &self,
+        configure: impl FnOnce(InstrumenterBuilder) -> InstrumenterBuilder,
+    ) -> Instrumenter {
+        configure(Instrumenter::builder().tracer_provider(self.guard.provider().unwrap())).build()
+    }
+
+    /// A channel in confirm mode.
+    pub async fn channel(&self) -> (Connection, Channel) {
+        let connection = Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        (connection, channel)
+    }
+
+    /// Flushes and waits for exactly `count` spans.
+    pub async fn spans(&self, count: usize) -> Vec<RecordedSpan> {
+        let provider = self.guard.provider().unwrap().clone();
+        tokio::task::spawn_blocking(move || provider.force_flush())
+            .await
+            .unwrap()
+            .unwrap();
+        let spans = self
+            .collector
+            .wait_for_spans(count, Duration::from_secs(10))
+            .await;
+        if spans.len() != count {
+            let got = spans.len();
+            let tree = Forest::new(spans).render(&TreeOptions::normalised());
+            panic!("expected {count} spans, got {got}:\n{tree}");
+        }
+        spans
+    }
+
+    /// The exported trees, this run's suffix shown as `RUN` and the port masked.
+    pub async fn render(&self, count: usize, options: TreeOptions) -> String {
+        Forest::new(self.spans(count).await)
+            .render(&options)
+            .replace(&self.run, "RUN")
+    }
+}
+
+/// Tree options for these tests: the broker's port varies with the machine.
+pub fn normalised() -> TreeOptions {
+    let mut o = TreeOptions::normalised();
+    o.mask.push("server.port".into());
+    o
+}
+
+/// Every message waiting in a queue, taken off it (acked).
+pub async fn drain(channel: &Channel, queue: &str) -> Vec<lapin::message::Delivery> {
+    let mut out = Vec::new();
+    while let Some(m) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        out.push(m.delivery);
+    }
+    out
+}
+
+/// Completes once `counter` reaches `n`.
+pub fn when_count(counter: &Arc<AtomicUsize>, n: usize) -> impl Future<Output = ()> + use<> {
+    let counter = Arc::clone(counter);
+    async move {
+        while counter.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Fails the test when `f` takes longer than `secs`.
+pub async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
+}
