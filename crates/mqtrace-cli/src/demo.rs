@@ -29,7 +29,7 @@ const MALFORMED_EVERY: u64 = 7;
 pub(crate) struct DemoArgs {
     /// Orders to publish.
     #[arg(long, short = 'n', default_value_t = 12)]
-    messages: u64,
+    pub(crate) messages: u64,
     /// Chance that one attempt to charge a payment fails transiently (0 to 1).
     #[arg(long, default_value_t = 0.3)]
     fail_rate: f64,
@@ -39,10 +39,11 @@ pub(crate) struct DemoArgs {
     /// Traces to print (0: all).
     #[arg(long, default_value_t = 6)]
     show: usize,
-    /// Where to run: `embedded` (the in-process broker). Kafka, RabbitMQ and SQS URLs
-    /// arrive with their adapters.
+    /// Where to run: `embedded` (the in-process broker), or a RabbitMQ URL
+    /// (`amqp://user:pass@host:port/vhost`). The demo declares its own queues there,
+    /// named for the run, and deletes them afterwards.
     #[arg(long, default_value = "embedded")]
-    broker: String,
+    pub(crate) broker: String,
     /// Leave durations out of the printed trees (for comparing runs).
     #[arg(long)]
     no_timings: bool,
@@ -53,8 +54,14 @@ pub(crate) struct DemoArgs {
 pub(crate) enum DemoError {
     #[error("--fail-rate must be between 0 and 1, not {0}")]
     FailRate(f64),
-    #[error("broker {0:?} is not available in this build: only `embedded` is (Kafka, RabbitMQ and SQS come with their adapters)")]
+    #[error("broker {0:?} is not supported: use `embedded` or an `amqp://` URL")]
     Broker(String),
+    #[error("RabbitMQ: {0}")]
+    Rabbit(#[from] lapin::Error),
+    #[error("RabbitMQ consumer: {0}")]
+    RabbitConsumer(#[from] mqtrace_lapin::ConsumeError),
+    #[error("RabbitMQ: no answer within {0:?}; is the broker up?")]
+    RabbitTimeout(Duration),
     #[error("cannot start the in-process collector: {0}")]
     Collector(#[from] std::io::Error),
     #[error("telemetry: {0}")]
@@ -86,59 +93,159 @@ fn service(name: &str, collector: &Collector) -> Result<TelemetryGuard, DemoErro
         .build()?)
 }
 
+/// The two services of the demo, exporting to the in-process collector.
+pub(crate) struct Services {
+    collector: Collector,
+    producer: TelemetryGuard,
+    worker: TelemetryGuard,
+    /// The worker's `tracing` subscriber: handler spans nest under the process span.
+    dispatch: tracing::Dispatch,
+    bar: ProgressBar,
+}
+
+impl Services {
+    async fn start(messages: u64) -> Result<Self, DemoError> {
+        let collector = Collector::start().await?;
+        let producer = service("order-producer", &collector)?;
+        let worker = service("order-worker", &collector)?;
+        let dispatch =
+            tracing::Dispatch::new(tracing_subscriber::registry().with(worker.tracing_layer()));
+        let bar = ProgressBar::new(messages);
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Ok(Self {
+            collector,
+            producer,
+            worker,
+            dispatch,
+            bar,
+        })
+    }
+
+    pub(crate) fn producer(&self) -> Instrumenter {
+        instrumenter(&self.producer)
+    }
+
+    pub(crate) fn worker(&self) -> Instrumenter {
+        instrumenter(&self.worker)
+    }
+
+    pub(crate) fn bar(&self) -> &ProgressBar {
+        &self.bar
+    }
+
+    /// The worker's handler: parse, charge, reserve, under its `tracing` subscriber.
+    pub(crate) fn handler(&self, args: &DemoArgs) -> OrderHandler {
+        OrderHandler {
+            dispatch: self.dispatch.clone(),
+            fail_rate: args.fail_rate,
+            seed: args.seed,
+        }
+    }
+
+    /// Flushes both services and prints the trees and the summary.
+    async fn report(
+        self,
+        args: &DemoArgs,
+        stats: &ConsumerStats,
+        dead: u64,
+    ) -> Result<(), DemoError> {
+        self.bar.finish_and_clear();
+        let (producer, worker) = (self.producer, self.worker);
+        // Blocking calls, off the async threads.
+        tokio::task::spawn_blocking(move || {
+            producer.shutdown();
+            worker.shutdown();
+        })
+        .await?;
+        print_report(args, &self.collector.spans(), stats, dead);
+        Ok(())
+    }
+}
+
+/// The demo's handler, cheap to clone onto consumer tasks.
+#[derive(Clone)]
+pub(crate) struct OrderHandler {
+    dispatch: tracing::Dispatch,
+    fail_rate: f64,
+    seed: u64,
+}
+
+impl OrderHandler {
+    pub(crate) fn call(
+        &self,
+        body: Vec<u8>,
+        attempt: u32,
+    ) -> impl std::future::Future<Output = HandlerResult> + Send + 'static {
+        handle_order(body, attempt, self.fail_rate, self.seed)
+            .with_subscriber(self.dispatch.clone())
+    }
+}
+
+/// The body of order `order_id`: every `MALFORMED_EVERY`th is cut short.
+pub(crate) fn order_body(order_id: u64) -> Vec<u8> {
+    if order_id.is_multiple_of(MALFORMED_EVERY) {
+        format!("{{\"order_id\": {order_id}, \"amount_cents\": ").into_bytes()
+    } else {
+        serde_json::to_vec(&Order {
+            order_id,
+            amount_cents: 1_000 + order_id * 37 % 9_000,
+        })
+        .unwrap_or_default()
+    }
+}
+
 pub(crate) async fn run(args: DemoArgs) -> Result<(), DemoError> {
     if !(0.0..=1.0).contains(&args.fail_rate) {
         return Err(DemoError::FailRate(args.fail_rate));
     }
-    if args.broker != "embedded" && !args.broker.starts_with("embedded:") {
+    let services = Services::start(args.messages).await?;
+    let (stats, dead) = if args.broker == "embedded" || args.broker.starts_with("embedded:") {
+        run_embedded(&args, &services).await?
+    } else if args.broker.starts_with("amqp://") || args.broker.starts_with("amqps://") {
+        crate::rabbit::run(&args, &services).await?
+    } else {
         return Err(DemoError::Broker(args.broker));
-    }
-    let collector = Collector::start().await?;
-    let producer_telemetry = service("order-producer", &collector)?;
-    let worker_telemetry = service("order-worker", &collector)?;
-    // The worker's handler spans are `tracing` spans: they nest under the process
-    // span through the worker's layer.
-    let dispatch = tracing::Dispatch::new(
-        tracing_subscriber::registry().with(worker_telemetry.tracing_layer()),
-    );
+    };
+    services.report(&args, &stats, dead).await
+}
 
+async fn run_embedded(
+    args: &DemoArgs,
+    services: &Services,
+) -> Result<(ConsumerStats, u64), DemoError> {
     let broker = Broker::new();
     broker.declare_queue(QUEUE, QueueOptions::default().dead_letter(DEAD_LETTERS));
     broker.declare_queue(DEAD_LETTERS, QueueOptions::default());
-
-    let bar = ProgressBar::new(args.messages);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = services.bar();
 
     // The producer service.
     bar.set_message("publishing");
-    let producer = TracedProducer::new(broker.clone(), instrumenter(&producer_telemetry));
+    let producer = TracedProducer::new(broker.clone(), services.producer());
     for order_id in 1..=args.messages {
-        let body = if order_id % MALFORMED_EVERY == 0 {
-            format!("{{\"order_id\": {order_id}, \"amount_cents\": ")
-        } else {
-            serde_json::to_string(&Order {
-                order_id,
-                amount_cents: 1_000 + order_id * 37 % 9_000,
-            })
-            .unwrap_or_default()
-        };
-        producer.send(QUEUE, Message::new(body)).await?;
+        producer
+            .send(QUEUE, Message::new(order_body(order_id)))
+            .await?;
         bar.inc(1);
     }
 
     // The worker service.
     bar.set_position(0);
     bar.set_message("processing");
-    let consumer = TracedConsumer::new(broker.clone(), QUEUE, instrumenter(&worker_telemetry));
+    let consumer = TracedConsumer::new(broker.clone(), QUEUE, services.worker());
+    let handler = services.handler(args);
     let mut stats = ConsumerStats::default();
     while broker.depth(QUEUE)?.ready > 0 {
-        let (fail_rate, seed) = (args.fail_rate, args.seed);
         let disposition = consumer
-            .process_next(|m| handle_order(m, fail_rate, seed))
-            .with_subscriber(dispatch.clone())
+            .process_next(|m: StoredMessage| {
+                let attempt = mqtrace::forward::attempt_of(
+                    &HeaderExtractor(&m.headers),
+                    Some(m.delivery_count),
+                );
+                handler.call(m.body.to_vec(), attempt)
+            })
             .await?;
         match disposition {
             Disposition::Settle => stats.settled += 1,
@@ -150,18 +257,8 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), DemoError> {
             bar.inc(1);
         }
     }
-    bar.finish_and_clear();
     let dead = broker.drain(DEAD_LETTERS)?.len() as u64;
-
-    // Flush both services (blocking calls, off the async threads).
-    tokio::task::spawn_blocking(move || {
-        producer_telemetry.shutdown();
-        worker_telemetry.shutdown();
-    })
-    .await?;
-    let spans = collector.spans();
-    print_report(&args, &spans, &stats, dead);
-    Ok(())
+    Ok((stats, dead))
 }
 
 fn instrumenter(telemetry: &TelemetryGuard) -> Instrumenter {
@@ -174,12 +271,8 @@ fn instrumenter(telemetry: &TelemetryGuard) -> Instrumenter {
 }
 
 /// Parse, then charge (which may fail transiently), then reserve stock.
-async fn handle_order(message: StoredMessage, fail_rate: f64, seed: u64) -> HandlerResult {
-    let attempt = mqtrace::forward::attempt_of(
-        &HeaderExtractor(&message.headers),
-        Some(message.delivery_count),
-    );
-    let order = validate(&message.body)?;
+async fn handle_order(body: Vec<u8>, attempt: u32, fail_rate: f64, seed: u64) -> HandlerResult {
+    let order = validate(&body)?;
     charge(&order, attempt, fail_rate, seed)
         .instrument(tracing::info_span!(
             "charge payment",

@@ -69,10 +69,32 @@ fn default_run_connects_every_message() {
 
 #[test]
 fn unsupported_broker_and_bad_rate_fail_clearly() {
-    let (ok, _, stderr) = demo(&["--broker", "kafka://127.0.0.1:9092"]);
+    let (ok, _, stderr) = demo(&["--broker", "carrier-pigeon://x"]);
     assert!(!ok);
-    assert!(stderr.contains("only `embedded` is"), "{stderr}");
+    assert!(
+        stderr.contains("is not supported: use `embedded`"),
+        "{stderr}"
+    );
     let (ok, _, stderr) = demo(&["--fail-rate", "2"]);
     assert!(!ok);
     assert!(stderr.contains("--fail-rate"), "{stderr}");
+}
+
+/// On a real RabbitMQ the pipeline ends as it does on the embedded broker: the
+/// same seed gives the same retries and dead letters, and every trace is complete.
+#[test]
+fn rabbitmq_run_matches_the_embedded_run() {
+    let url = mqtrace_testing::brokers::rabbitmq_url();
+    let args = ["--messages", "30", "--seed", "11", "--show", "1"];
+    let (ok, embedded, stderr) = demo(&args);
+    assert!(ok, "embedded demo failed: {stderr}");
+    let (ok, rabbit, stderr) = demo(&[&args[..], &["--broker", &url]].concat());
+    assert!(ok, "RabbitMQ demo failed: {stderr}");
+    let summary = |out: &str| out.lines().last().unwrap().to_owned();
+    assert_eq!(summary(&rabbit), summary(&embedded));
+    assert!(
+        summary(&rabbit).ends_with("traces 30 · complete 30"),
+        "{rabbit}"
+    );
+    assert!(rabbit.contains("send mqtrace-demo.orders."), "{rabbit}");
 }

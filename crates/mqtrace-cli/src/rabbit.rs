@@ -1,0 +1,131 @@
+//! `mqtrace demo --broker amqp://…`: the order pipeline on a real RabbitMQ.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use mqtrace::embedded::ConsumerStats;
+use mqtrace::{HandlerResult, Retryable};
+use mqtrace_lapin::{FieldTableExtractor, QueueSpec, Server, TracedConsumer, TracedPublisher};
+
+use crate::demo::{order_body, DemoArgs, DemoError, Services};
+
+const ANSWER: Duration = Duration::from_secs(10);
+
+async fn answer<T>(f: impl std::future::Future<Output = lapin::Result<T>>) -> Result<T, DemoError> {
+    Ok(tokio::time::timeout(ANSWER, f)
+        .await
+        .map_err(|_| DemoError::RabbitTimeout(ANSWER))??)
+}
+
+/// Publishes the orders, consumes them until each is settled or dead-lettered,
+/// counts the dead letters, and removes the run's queues.
+pub(crate) async fn run(
+    args: &DemoArgs,
+    services: &Services,
+) -> Result<(ConsumerStats, u64), DemoError> {
+    let url = args.broker.as_str();
+    let run = format!("{:08x}", fastrand::u32(..));
+    let (queue, dlx, dlq) = (
+        format!("mqtrace-demo.orders.{run}"),
+        format!("mqtrace-demo.orders.dlx.{run}"),
+        format!("mqtrace-demo.orders.dead.{run}"),
+    );
+    let connection = answer(Connection::connect(url, ConnectionProperties::default())).await?;
+    let channel = answer(connection.create_channel()).await?;
+    answer(channel.confirm_select(ConfirmSelectOptions::default())).await?;
+    let spec = QueueSpec::new(&queue).dead_letter(&dlx, &dlq);
+    answer(spec.declare(&channel)).await?;
+
+    let bar = services.bar();
+    bar.set_message("publishing");
+    let publisher =
+        TracedPublisher::new(channel.clone(), services.producer()).server(Server::from_uri(url));
+    for order_id in 1..=args.messages {
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(order_id.to_string().into());
+        answer(publisher.publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &order_body(order_id),
+            properties,
+        ))
+        .await?;
+        bar.inc(1);
+    }
+
+    bar.set_position(0);
+    bar.set_message("processing");
+    let worker = services.worker();
+    let budget = worker.retry_policy().max_attempts();
+    let finished = Arc::new(AtomicU64::new(0));
+    let handler = services.handler(args);
+    let counted = Arc::clone(&finished);
+    let progress = bar.clone();
+    let on_message = move |message: mqtrace_lapin::Message| {
+        let attempt = match message.properties().headers() {
+            Some(h) => mqtrace::forward::attempt_of(&FieldTableExtractor(h), None),
+            None => 1,
+        };
+        let work = handler.call(message.body().to_vec(), attempt);
+        let (counted, progress) = (Arc::clone(&counted), progress.clone());
+        async move {
+            let outcome: HandlerResult = work.await;
+            // Settled, or going to the dead letters: this order is done.
+            let done = match &outcome {
+                Ok(()) => true,
+                Err(e) => e.retryable() == Retryable::Permanent || attempt >= budget,
+            };
+            if done {
+                counted.fetch_add(1, Ordering::SeqCst);
+                progress.inc(1);
+            }
+            outcome
+        }
+    };
+    let all = args.messages;
+    let all_done = async move {
+        while finished.load(Ordering::SeqCst) < all {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let deadline = Duration::from_secs(60 + all / 10);
+    let stats = tokio::time::timeout(
+        deadline,
+        TracedConsumer::new(url, spec, worker)
+            .prefetch(1)
+            .run_until(on_message, all_done),
+    )
+    .await
+    .map_err(|_| DemoError::RabbitTimeout(deadline))??;
+
+    let mut dead = 0;
+    while answer(channel.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true }))
+        .await?
+        .is_some()
+    {
+        dead += 1;
+    }
+    for q in [&queue, &dlq] {
+        answer(channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default())).await?;
+    }
+    answer(channel.exchange_delete(dlx.as_str().into(), ExchangeDeleteOptions::default())).await?;
+    let _ = connection.close(200, "demo done".into()).await;
+    Ok((
+        ConsumerStats {
+            settled: stats.settled,
+            retried: stats.retried,
+            dead_lettered: stats.dead_lettered,
+            dropped: stats.dropped,
+        },
+        dead,
+    ))
+}
