@@ -75,7 +75,8 @@
 //!             tracing::info!(%order, "billing");
 //!             HandlerResult::Ok(())
 //!         },
-//!         async { let _ = tokio::signal::ctrl_c().await; },
+//!         // Stop after an hour; a service would wait for its shutdown signal.
+//!         tokio::time::sleep(std::time::Duration::from_secs(3600)),
 //!     )
 //!     .await?;
 //! println!("{stats:?}");

@@ -33,6 +33,28 @@ use opentelemetry_sdk::Resource;
 
 use crate::propagation::Propagation;
 
+/// `tracing` targets whose spans [`TelemetryGuard::tracing_layer`] does not export:
+/// transports, broker clients and the OpenTelemetry pipeline itself.
+#[cfg(feature = "tracing")]
+pub const QUIET_TARGETS: &[&str] = &[
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tonic",
+    "tower",
+    "reqwest",
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+    "lapin",
+    "amq_protocol",
+    "async_rs",
+    "rdkafka",
+    "aws_smithy_runtime",
+    "aws_sdk_sqs",
+    "lambda_runtime",
+];
+
 /// How spans leave the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -416,15 +438,37 @@ impl TelemetryGuard {
 
     /// A `tracing` layer that sends `tracing` spans to this provider, so
     /// `#[instrument]` spans in handlers become children of the process span.
+    ///
+    /// Spans of the network, broker-client and exporter crates
+    /// ([`QUIET_TARGETS`]) are left out: exported, the exporter's own spans would
+    /// trace the exporter, and client internals would bury the application's
+    /// spans. Add another filter on top to narrow it further.
     #[cfg(feature = "tracing")]
     pub fn tracing_layer<S>(
         &self,
-    ) -> Option<tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>>
+    ) -> Option<
+        tracing_subscriber::filter::Filtered<
+            tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>,
+            tracing_subscriber::filter::Targets,
+            S,
+        >,
+    >
     where
         S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     {
+        use tracing_subscriber::filter::{LevelFilter, Targets};
+        use tracing_subscriber::Layer as _;
         let tracer = self.provider.as_ref()?.tracer("mqtrace-tracing");
-        Some(tracing_opentelemetry::layer().with_tracer(tracer))
+        let filter = QUIET_TARGETS
+            .iter()
+            .fold(Targets::new().with_default(LevelFilter::TRACE), |f, t| {
+                f.with_target(*t, LevelFilter::OFF)
+            });
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(filter),
+        )
     }
 
     /// Flushes and stops exporting; returns the final counts.
