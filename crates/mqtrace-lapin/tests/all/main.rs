@@ -10,4 +10,5 @@
 mod failures;
 mod flows;
 mod helpers;
+mod plain;
 mod restart;
