@@ -144,6 +144,29 @@ impl Collector {
             .clear();
     }
 
+    /// Flushes `provider` (off the async threads), then waits for exactly `count`
+    /// spans: fewer after 10 s, or more, fails the test with the tree received.
+    pub async fn exactly(
+        &self,
+        provider: &opentelemetry_sdk::trace::SdkTracerProvider,
+        count: usize,
+    ) -> Vec<RecordedSpan> {
+        let provider = provider.clone();
+        let flushed = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+        assert!(
+            matches!(flushed, Ok(Ok(()))),
+            "flushing the tracer provider failed: {flushed:?}"
+        );
+        let spans = self.wait_for_spans(count, Duration::from_secs(10)).await;
+        // Anything more would have come with the same flush.
+        if spans.len() != count {
+            let got = spans.len();
+            let tree = crate::Forest::new(spans).render(&crate::TreeOptions::normalised());
+            panic!("expected {count} spans, got {got}:\n{tree}");
+        }
+        spans
+    }
+
     /// Waits until at least `count` spans have arrived or `timeout` passes, and
     /// returns what arrived.
     pub async fn wait_for_spans(&self, count: usize, timeout: Duration) -> Vec<RecordedSpan> {

@@ -68,6 +68,14 @@ impl AttrValue {
             _ => None,
         }
     }
+
+    /// The integer, if it is one.
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Self::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for AttrValue {

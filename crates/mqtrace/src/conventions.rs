@@ -197,27 +197,7 @@ impl Conventions {
         }
 
         let kafka = d.system == MessagingSystem::Kafka;
-        if let Some(partition) = &d.partition {
-            if self.current() {
-                out.push(KeyValue::new(
-                    attr::MESSAGING_DESTINATION_PARTITION_ID,
-                    partition.clone(),
-                ));
-            }
-            if self.legacy() && kafka {
-                if let Ok(p) = partition.parse::<i64>() {
-                    out.push(KeyValue::new(attr::LEGACY_KAFKA_PARTITION, p));
-                }
-            }
-        }
-        if let Some(offset) = d.offset {
-            if self.current() {
-                out.push(KeyValue::new(attr::MESSAGING_KAFKA_OFFSET, offset));
-            }
-            if self.legacy() {
-                out.push(KeyValue::new(attr::LEGACY_KAFKA_OFFSET, offset));
-            }
-        }
+        self.position_attributes(d.system, d.partition.as_deref(), d.offset, out);
         push_str(out, attr::MESSAGING_KAFKA_MESSAGE_KEY, &d.key);
         if d.tombstone {
             out.push(KeyValue::new(attr::MESSAGING_KAFKA_MESSAGE_TOMBSTONE, true));
@@ -280,6 +260,42 @@ impl Conventions {
             out.push(KeyValue::new(attr::SERVER_PORT, i64::from(port)));
         }
         out.extend(d.extra.iter().cloned());
+    }
+}
+
+impl Conventions {
+    /// The partition and offset attributes under this setting: what a producer
+    /// learns only from the broker's acknowledgement (Kafka's delivery report), to
+    /// add to a span that has started.
+    pub fn position_attributes(
+        self,
+        system: MessagingSystem,
+        partition: Option<&str>,
+        offset: Option<i64>,
+        out: &mut Vec<KeyValue>,
+    ) {
+        let kafka = system == MessagingSystem::Kafka;
+        if let Some(partition) = partition {
+            if self.current() {
+                out.push(KeyValue::new(
+                    attr::MESSAGING_DESTINATION_PARTITION_ID,
+                    partition.to_owned(),
+                ));
+            }
+            if self.legacy() && kafka {
+                if let Ok(p) = partition.parse::<i64>() {
+                    out.push(KeyValue::new(attr::LEGACY_KAFKA_PARTITION, p));
+                }
+            }
+        }
+        if let Some(offset) = offset {
+            if self.current() {
+                out.push(KeyValue::new(attr::MESSAGING_KAFKA_OFFSET, offset));
+            }
+            if self.legacy() {
+                out.push(KeyValue::new(attr::LEGACY_KAFKA_OFFSET, offset));
+            }
+        }
     }
 }
 

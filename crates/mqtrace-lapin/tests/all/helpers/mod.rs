@@ -73,21 +73,9 @@ impl Harness {
 
     /// Flushes and waits for exactly `count` spans.
     pub async fn spans(&self, count: usize) -> Vec<RecordedSpan> {
-        let provider = self.guard.provider().unwrap().clone();
-        tokio::task::spawn_blocking(move || provider.force_flush())
+        self.collector
+            .exactly(self.guard.provider().unwrap(), count)
             .await
-            .unwrap()
-            .unwrap();
-        let spans = self
-            .collector
-            .wait_for_spans(count, Duration::from_secs(10))
-            .await;
-        if spans.len() != count {
-            let got = spans.len();
-            let tree = Forest::new(spans).render(&TreeOptions::normalised());
-            panic!("expected {count} spans, got {got}:\n{tree}");
-        }
-        spans
     }
 
     /// The exported trees, this run's suffix shown as `RUN` and the port masked.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use mqtrace::embedded::{Broker, QueueOptions};
 use mqtrace::telemetry::{Protocol, TelemetryBuilder, TelemetryGuard};
 use mqtrace::{Instrumenter, InstrumenterBuilder};
-use mqtrace_testing::{Collector, Forest, RecordedSpan, TreeOptions};
+use mqtrace_testing::{Collector, Forest, RecordedSpan};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 
 pub struct Harness {
@@ -51,22 +51,9 @@ impl Harness {
 
     /// Flushes and waits for exactly `count` spans; fails if a different number came.
     pub async fn spans(&self, count: usize) -> Vec<RecordedSpan> {
-        let provider = self.guard.provider().expect("telemetry enabled").clone();
-        tokio::task::spawn_blocking(move || provider.force_flush())
+        self.collector
+            .exactly(self.guard.provider().expect("telemetry enabled"), count)
             .await
-            .expect("flush task")
-            .expect("flush");
-        let spans = self
-            .collector
-            .wait_for_spans(count, Duration::from_secs(10))
-            .await;
-        // Anything more would arrive with the same flush.
-        if spans.len() != count {
-            let got = spans.len();
-            let tree = Forest::new(spans).render(&TreeOptions::normalised());
-            panic!("expected {count} spans, got {got}:\n{tree}");
-        }
-        spans
     }
 
     pub async fn forest(&self, count: usize) -> Forest {

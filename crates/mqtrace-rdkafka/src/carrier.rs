@@ -1,0 +1,122 @@
+//! OpenTelemetry carriers over Kafka record headers.
+
+use opentelemetry::propagation::{Extractor, Injector};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+
+/// Writes trace headers into a record's [`OwnedHeaders`], keys as given, values as
+/// UTF-8 bytes. rdkafka's headers grow by value, so the injector holds them until
+/// [`OwnedHeadersInjector::into_headers`].
+#[derive(Debug)]
+pub struct OwnedHeadersInjector {
+    headers: Option<OwnedHeaders>,
+}
+
+impl OwnedHeadersInjector {
+    /// Starts from `headers` (the record's own, or [`OwnedHeaders::new`]).
+    pub fn new(headers: OwnedHeaders) -> Self {
+        Self {
+            headers: Some(headers),
+        }
+    }
+
+    /// The headers with everything injected.
+    pub fn into_headers(self) -> OwnedHeaders {
+        self.headers.unwrap_or_default()
+    }
+}
+
+impl Injector for OwnedHeadersInjector {
+    fn set(&mut self, key: &str, value: String) {
+        let headers = self.headers.take().unwrap_or_default();
+        self.headers = Some(headers.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        }));
+    }
+}
+
+/// Reads trace headers from a record's headers (`BorrowedHeaders` of a consumed
+/// message, or `OwnedHeaders`).
+///
+/// Keys match without regard to case. A value that is not UTF-8, a header without
+/// a value, or a key present twice with different values reads as absent, so a
+/// damaged header means "no remote context", never a wrong one.
+#[derive(Debug)]
+pub struct HeadersExtractor<'a, H: ?Sized>(pub &'a H);
+
+impl<'a, H: Headers + ?Sized> HeadersExtractor<'a, H> {
+    /// The value of `key`, borrowed from the headers.
+    pub fn value(&self, key: &str) -> Option<&'a str> {
+        let mut found: Option<Option<&'a [u8]>> = None;
+        for i in 0..self.0.count() {
+            let Some(h) = self.0.try_get(i) else { continue };
+            if !h.key.eq_ignore_ascii_case(key) {
+                continue;
+            }
+            match found {
+                None => found = Some(h.value),
+                Some(prev) if prev == h.value => {}
+                // Two different values for one key: trust neither.
+                Some(_) => return None,
+            }
+        }
+        std::str::from_utf8(found??).ok()
+    }
+
+    /// Every key, in order, repeats included.
+    pub fn names(&self) -> Vec<&'a str> {
+        (0..self.0.count())
+            .filter_map(|i| self.0.try_get(i).map(|h| h.key))
+            .collect()
+    }
+}
+
+impl<H: Headers + ?Sized> Extractor for HeadersExtractor<'_, H> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.value(key)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.names()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, Option<&[u8]>)]) -> OwnedHeaders {
+        pairs.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header { key, value: *value })
+        })
+    }
+
+    #[test]
+    fn inject_then_extract() {
+        let mut i = OwnedHeadersInjector::new(headers(&[("x-tenant", Some(b"acme"))]));
+        i.set("traceparent", "00-abc".into());
+        let h = i.into_headers();
+        let e = HeadersExtractor(&h);
+        assert_eq!(e.get("traceparent"), Some("00-abc"));
+        assert_eq!(e.get("X-Tenant"), Some("acme"));
+        assert_eq!(e.keys(), ["x-tenant", "traceparent"]);
+    }
+
+    #[test]
+    fn damaged_headers_read_as_absent() {
+        let h = headers(&[
+            ("bin", Some(&[0xff, 0xfe])),
+            ("null", None),
+            ("dup", Some(b"a")),
+            ("DUP", Some(b"b")),
+            ("same", Some(b"s")),
+            ("same", Some(b"s")),
+        ]);
+        let e = HeadersExtractor(&h);
+        assert_eq!(e.get("bin"), None);
+        assert_eq!(e.get("null"), None);
+        assert_eq!(e.get("dup"), None);
+        assert_eq!(e.get("same"), Some("s"));
+        assert_eq!(e.get("absent"), None);
+    }
+}

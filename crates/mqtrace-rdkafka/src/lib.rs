@@ -1,0 +1,95 @@
+//! OpenTelemetry traces for Kafka through [rdkafka]: a record produced by one
+//! service and consumed, retried or dead-lettered by others is one connected trace.
+//!
+//! - [`TracedProducer`] sends inside a `send` span whose context travels in the
+//!   record headers; the span ends on the delivery report with partition and offset.
+//! - [`TracedConsumer`] consumes topics, runs an async handler inside a `process`
+//!   span per record, and settles by outcome: commit after success, forward to a
+//!   retry or dead-letter topic and then commit after failure.
+//! - [`FutureRecordExt`] and [`MessageExt`] inject and extract for code that keeps
+//!   its own clients; [`OwnedHeadersInjector`] and [`HeadersExtractor`] are the
+//!   carriers under all of them.
+//!
+//! The spans themselves are decided by [`mqtrace::Instrumenter`]; this crate
+//! describes Kafka's operations and settles records.
+//!
+//! # Span model
+//!
+//! | operation | span name | kind | parent | links | attributes |
+//! |---|---|---|---|---|---|
+//! | send | `send {topic}` | PRODUCER | current span | — | `messaging.system = kafka`, `messaging.destination.name`, `messaging.kafka.message.key` (UTF-8 keys), `messaging.kafka.message.tombstone`, `messaging.message.body.size`, `messaging.client.id`, `server.address`, `server.port`; from the delivery report `messaging.destination.partition.id`, `messaging.kafka.offset` |
+//! | poll (opt-in) | `poll {topic}` | CLIENT | current span | the record's producer | as process, without handler outcome |
+//! | process | `process {topic}` | CONSUMER | producer (by [`mqtrace::ProcessParenting`]) | producer | partition, offset, key, tombstone, `messaging.consumer.group.name`, `mqtrace.message.queue_time` (record timestamp), [`CONSUMER_LAG`], attempt, disposition |
+//! | retry / dead letter | `send {target topic}` | PRODUCER | process span | original message, processing attempt | as send, plus attempt and disposition |
+//! | commit (opt-in) | `commit {topic}` | CLIENT | process span | — | as process |
+//!
+//! Under legacy conventions partition and consumer group are
+//! `messaging.kafka.partition` (int) and `messaging.kafka.consumer.group`.
+//!
+//! # Settlement
+//!
+//! | handler outcome | what happens |
+//! |---|---|
+//! | success | offset committed |
+//! | transient error, attempts left | forwarded to the retry topic (default: the same topic) with `mqtrace-attempt`, then committed |
+//! | permanent error, or budget spent | forwarded to the dead-letter topic with `mqtrace-error-type`, `mqtrace-error-message`, `mqtrace-failed-at`, `mqtrace-original-traceparent`, same key and bytes, then committed |
+//! | forward failed | not committed; the consumer seeks back and handles the record again |
+//!
+//! Records are handled one at a time: per-partition order holds and no offset
+//! passes a record whose handler has not finished.
+//!
+//! # Customisation
+//!
+//! Spans (conventions, parenting, propagation, header capture, start hooks, retry
+//! budget) are set on the [`mqtrace::Instrumenter`]. The consumer sets the retry
+//! and dead-letter topics, poll and commit spans, and the forward timeout.
+//!
+//! # Cargo features
+//!
+//! None of its own. rdkafka is built with its bundled librdkafka (needs a C
+//! compiler, `make` and zlib).
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use mqtrace::{HandlerResult, Instrumenter};
+//! use mqtrace_rdkafka::{TracedConsumer, TracedProducer};
+//! use rdkafka::ClientConfig;
+//!
+//! # async fn run() -> Result<(), rdkafka::error::KafkaError> {
+//! let mut config = ClientConfig::new();
+//! config.set("bootstrap.servers", "127.0.0.1:9092");
+//! let instrumenter = Instrumenter::default();
+//! let producer = TracedProducer::from_config(&config, instrumenter.clone())?;
+//! config.set("group.id", "billing");
+//! let consumer = TracedConsumer::from_config(&config, &["orders"], producer, instrumenter)?
+//!     .dead_letter_topic("orders.dlq");
+//! let stats = consumer
+//!     .run_until(
+//!         |record| async move {
+//!             let order: serde_json::Value = record.json()?;
+//!             tracing::info!(%order, "billing");
+//!             HandlerResult::Ok(())
+//!         },
+//!         tokio::time::sleep(std::time::Duration::from_secs(3600)),
+//!     )
+//!     .await;
+//! println!("{stats:?}");
+//! # Ok(()) }
+//! ```
+//!
+//! [rdkafka]: https://docs.rs/rdkafka
+
+#![forbid(unsafe_code)]
+
+mod carrier;
+mod consumer;
+mod describe;
+mod ext;
+mod producer;
+
+pub use carrier::{HeadersExtractor, OwnedHeadersInjector};
+pub use consumer::{ConsumerStats, LagContext, Record, TracedConsumer, CONSUMER_LAG};
+pub use describe::{error_type, Server};
+pub use ext::{FutureRecordExt, MessageExt};
+pub use producer::TracedProducer;

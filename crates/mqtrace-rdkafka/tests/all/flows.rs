@@ -1,0 +1,255 @@
+//! Produce then consume: span trees under each conventions setting and parenting
+//! mode; records without or with damaged trace headers; consumer lag.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mqtrace::{Conventions, HandlerResult, ProcessParenting};
+use mqtrace_testing::TreeOptions;
+use opentelemetry::trace::{Span as _, Tracer, TracerProvider};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+
+use crate::helpers::{assert_tree, normalised, when_count, within, Harness};
+
+/// Produces one order, consumes it with a handler that makes a child span, and
+/// renders the trace.
+async fn order_flow(
+    conventions: Conventions,
+    parenting: ProcessParenting,
+    commit_spans: bool,
+) -> String {
+    let h = Harness::start().await;
+    let topic = h.name("orders");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b.conventions(conventions).parenting(parenting));
+    let delivery = h
+        .producer(&instrumenter)
+        .send(
+            FutureRecord::to(&topic)
+                .key("order-7")
+                .payload(r#"{"order":7}"#),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!((delivery.partition, delivery.offset), (0, 0));
+
+    let tracer = h.guard.provider().unwrap().tracer("billing");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let handled = Arc::clone(&seen);
+    let stats = within(
+        60,
+        h.consumer(&[&topic], &instrumenter)
+            .commit_spans(commit_spans)
+            .run_until(
+                move |record| {
+                    let tracer = tracer.clone();
+                    let seen = Arc::clone(&handled);
+                    async move {
+                        let order: serde_json::Value = record.json()?;
+                        assert_eq!(order["order"], 7);
+                        tracer.start("charge card").end();
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        HandlerResult::Ok(())
+                    }
+                },
+                when_count(&seen, 1),
+            ),
+    )
+    .await;
+    assert_eq!(stats.settled, 1);
+    h.render(if commit_spans { 4 } else { 3 }, normalised())
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_then_consume_is_one_trace() {
+    assert_tree(
+        &order_flow(Conventions::Current, ProcessParenting::ParentAndLink, true).await,
+        r#"
+        trace #1
+        send orders-RUN [PRODUCER] messaging.client.id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.message.key="order-7" messaging.kafka.offset=0 messaging.message.body.size=11 messaging.operation.name="send" messaging.operation.type="send" messaging.system="kafka" server.address="127.0.0.1" server.port=*
+            process orders-RUN [CONSUMER] messaging.client.id="mqtrace-test" messaging.consumer.group.name="group-RUN" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.message.key="order-7" messaging.kafka.offset=0 messaging.message.body.size=11 messaging.operation.name="process" messaging.operation.type="process" messaging.system="kafka" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* server.address="127.0.0.1" server.port=*
+                ~> send orders-RUN (this trace)
+                charge card [INTERNAL]
+                commit orders-RUN [CLIENT] messaging.client.id="mqtrace-test" messaging.consumer.group.name="group-RUN" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.message.key="order-7" messaging.kafka.offset=0 messaging.message.body.size=11 messaging.operation.name="commit" messaging.operation.type="settle" messaging.system="kafka" server.address="127.0.0.1" server.port=*
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_conventions() {
+    assert_tree(
+        &order_flow(Conventions::Legacy, ProcessParenting::ParentAndLink, false).await,
+        r#"
+        trace #1
+        orders-RUN publish [PRODUCER] messaging.client.id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.kafka.partition=0 messaging.message.body.size=11 messaging.operation="publish" messaging.system="kafka" server.address="127.0.0.1" server.port=*
+            orders-RUN process [CONSUMER] messaging.client.id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.kafka.consumer.group="group-RUN" messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.kafka.partition=0 messaging.message.body.size=11 messaging.operation="process" messaging.system="kafka" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* server.address="127.0.0.1" server.port=*
+                ~> orders-RUN publish (this trace)
+                charge card [INTERNAL]
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dup_conventions() {
+    assert_tree(
+        &order_flow(Conventions::Both, ProcessParenting::ParentAndLink, false).await,
+        r#"
+        trace #1
+        send orders-RUN [PRODUCER] messaging.client.id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.kafka.offset=0 messaging.kafka.partition=0 messaging.message.body.size=11 messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send" messaging.system="kafka" server.address="127.0.0.1" server.port=*
+            process orders-RUN [CONSUMER] messaging.client.id="mqtrace-test" messaging.consumer.group.name="group-RUN" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.consumer.group="group-RUN" messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.kafka.offset=0 messaging.kafka.partition=0 messaging.message.body.size=11 messaging.operation="process" messaging.operation.name="process" messaging.operation.type="process" messaging.system="kafka" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* server.address="127.0.0.1" server.port=*
+                ~> send orders-RUN (this trace)
+                charge card [INTERNAL]
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_only_starts_a_new_trace() {
+    let tree = order_flow(Conventions::Current, ProcessParenting::LinkOnly, false).await;
+    assert_tree(
+        &tree
+            .lines()
+            .map(|l| l.split(" [").next().unwrap_or(l).to_owned() + "\n")
+            .collect::<String>(),
+        r#"
+        trace #1
+        send orders-RUN
+        trace #2
+        process orders-RUN
+            ~> send orders-RUN (trace #1)
+            charge card
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_only_has_no_link() {
+    let tree = order_flow(Conventions::Current, ProcessParenting::ParentOnly, false).await;
+    assert_tree(
+        &tree
+            .lines()
+            .map(|l| l.split(" [").next().unwrap_or(l).to_owned() + "\n")
+            .collect::<String>(),
+        r#"
+        trace #1
+        send orders-RUN
+            process orders-RUN
+                charge card
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_malformed_trace_headers_start_new_roots() {
+    let h = Harness::start().await;
+    let topic = h.name("plain");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    // A producer outside mqtrace: plain rdkafka.
+    let plain: rdkafka::producer::FutureProducer = h.config().create().unwrap();
+    let malformed = OwnedHeaders::new().insert(Header {
+        key: "traceparent",
+        value: Some("00-not-a-trace-01"),
+    });
+    for record in [
+        FutureRecord::<str, str>::to(&topic).payload("no headers"),
+        FutureRecord::to(&topic)
+            .payload("bad header")
+            .headers(malformed),
+    ] {
+        plain.send(record, Duration::from_secs(10)).await.unwrap();
+    }
+    let offsets = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let (handled, recorded) = (Arc::clone(&seen), Arc::clone(&offsets));
+    let stats = within(
+        60,
+        h.consumer(&[&topic], &instrumenter).run_until(
+            move |record| {
+                let (seen, offsets) = (Arc::clone(&handled), Arc::clone(&recorded));
+                async move {
+                    offsets.lock().unwrap().push(record.offset());
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    HandlerResult::Ok(())
+                }
+            },
+            when_count(&seen, 2),
+        ),
+    )
+    .await;
+    assert_eq!(stats.settled, 2);
+    assert_eq!(*offsets.lock().unwrap(), [0, 1]);
+    assert_tree(
+        &h.render(2, TreeOptions::only(&["messaging.kafka.offset"]))
+            .await,
+        r#"
+        trace #1
+        process plain-RUN [CONSUMER] messaging.kafka.offset=0
+        trace #2
+        process plain-RUN [CONSUMER] messaging.kafka.offset=1
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_comes_from_the_statistics() {
+    let h = Harness::start().await;
+    let topic = h.name("lag");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    let producer = h.producer(&instrumenter);
+    for i in 0..5 {
+        producer
+            .send(
+                FutureRecord::<str, str>::to(&topic).payload(&i.to_string()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let mut config = h.consumer_config();
+    config.set("statistics.interval.ms", "100");
+    let consumer = mqtrace_rdkafka::TracedConsumer::from_config(
+        &config,
+        &[&topic],
+        producer,
+        instrumenter.clone(),
+    )
+    .unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let handled = Arc::clone(&seen);
+    within(
+        60,
+        consumer.run_until(
+            move |record| {
+                let seen = Arc::clone(&handled);
+                async move {
+                    // Long enough on the first record for statistics to arrive.
+                    if record.offset() == 0 {
+                        tokio::time::sleep(Duration::from_millis(600)).await;
+                    }
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    HandlerResult::Ok(())
+                }
+            },
+            when_count(&seen, 5),
+        ),
+    )
+    .await;
+    let spans = h.spans(10).await;
+    let mut lags: Vec<(i64, i64)> = spans
+        .iter()
+        .filter(|s| s.name.starts_with("process"))
+        .filter_map(|s| {
+            let offset = s.attr("messaging.kafka.offset")?.as_i64()?;
+            let lag = s.attr(mqtrace_rdkafka::CONSUMER_LAG)?.as_i64()?;
+            Some((offset, lag))
+        })
+        .collect();
+    lags.sort_unstable();
+    assert_eq!(lags, [(1, 3), (2, 2), (3, 1), (4, 0)]);
+}

@@ -1,0 +1,151 @@
+//! Shared set-up: collector, telemetry, Kafka clients, topics unique to a test.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
+use mqtrace::{Instrumenter, InstrumenterBuilder};
+use mqtrace_rdkafka::{TracedConsumer, TracedProducer};
+use mqtrace_testing::{brokers, Forest, RecordedSpan, TreeOptions};
+use opentelemetry_sdk::trace::BatchConfigBuilder;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::ClientConfig;
+
+pub use mqtrace_testing::assert_tree;
+
+pub struct Harness {
+    pub collector: mqtrace_testing::Collector,
+    pub guard: TelemetryGuard,
+    pub bootstrap: String,
+    /// Distinguishes this test's topics and group from every other's.
+    pub run: String,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        let bootstrap = brokers::kafka_bootstrap();
+        let collector = mqtrace_testing::Collector::start().await.unwrap();
+        let guard = TelemetryBuilder::default()
+            .service_name("mqtrace-rdkafka-test")
+            .endpoint(collector.grpc_endpoint())
+            .install_global(false)
+            .batch_config(
+                BatchConfigBuilder::default()
+                    .with_scheduled_delay(Duration::from_millis(50))
+                    .build(),
+            )
+            .build()
+            .unwrap();
+        let run = format!("{:08x}", fastrand::u32(..));
+        Self {
+            collector,
+            guard,
+            bootstrap,
+            run,
+        }
+    }
+
+    /// A name unique to this test run.
+    pub fn name(&self, base: &str) -> String {
+        format!("{base}-{}", self.run)
+    }
+
+    pub fn instrumenter(
+        &self,
+        configure: impl FnOnce(InstrumenterBuilder) -> InstrumenterBuilder,
+    ) -> Instrumenter {
+        configure(Instrumenter::builder().tracer_provider(self.guard.provider().unwrap())).build()
+    }
+
+    pub fn config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap)
+            .set("client.id", "mqtrace-test")
+            .set("message.timeout.ms", "10000");
+        c
+    }
+
+    /// Consumer settings: this run's group, from the earliest offset.
+    pub fn consumer_config(&self) -> ClientConfig {
+        let mut c = self.config();
+        c.set("group.id", self.name("group"))
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500");
+        c
+    }
+
+    /// Creates topics of one partition each (the broker does not auto-create).
+    pub async fn topics(&self, names: &[&str]) {
+        let admin: AdminClient<DefaultClientContext> = self.config().create().unwrap();
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(1)))
+            .collect();
+        let results = admin
+            .create_topics(&topics, &AdminOptions::new())
+            .await
+            .unwrap();
+        for r in results {
+            r.unwrap();
+        }
+    }
+
+    pub fn producer(&self, instrumenter: &Instrumenter) -> TracedProducer {
+        TracedProducer::from_config(&self.config(), instrumenter.clone()).unwrap()
+    }
+
+    pub fn consumer(&self, topics: &[&str], instrumenter: &Instrumenter) -> TracedConsumer {
+        TracedConsumer::from_config(
+            &self.consumer_config(),
+            topics,
+            self.producer(instrumenter),
+            instrumenter.clone(),
+        )
+        .unwrap()
+    }
+
+    /// Flushes and waits for exactly `count` spans.
+    pub async fn spans(&self, count: usize) -> Vec<RecordedSpan> {
+        self.collector
+            .exactly(self.guard.provider().unwrap(), count)
+            .await
+    }
+
+    /// The exported trees, this run's suffix shown as `RUN`.
+    pub async fn render(&self, count: usize, options: TreeOptions) -> String {
+        Forest::new(self.spans(count).await)
+            .render(&options)
+            .replace(&self.run, "RUN")
+    }
+}
+
+/// Tree options for these tests: values that vary with the machine or with
+/// timing are masked or left out.
+pub fn normalised() -> TreeOptions {
+    let mut o = TreeOptions::normalised();
+    o.mask.push("server.port".into());
+    // Present only once librdkafka's statistics have arrived: its own test.
+    o.hide.push(mqtrace_rdkafka::CONSUMER_LAG.into());
+    o
+}
+
+/// Completes once `counter` reaches `n`.
+pub fn when_count(counter: &Arc<AtomicUsize>, n: usize) -> impl Future<Output = ()> + use<> {
+    let counter = Arc::clone(counter);
+    async move {
+        while counter.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Fails the test when `f` takes longer than `secs`.
+pub async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
+}
