@@ -31,13 +31,13 @@ pub const CONSUMER_LAG: &str = "mqtrace.kafka.consumer.lag";
 /// from librdkafka's statistics, so lag costs no request per record.
 #[derive(Debug, Default)]
 pub struct LagContext {
-    high: Mutex<HashMap<(String, i32), i64>>,
+    high: Mutex<HashMap<String, HashMap<i32, i64>>>,
 }
 
 impl LagContext {
     fn lag(&self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
         let high = self.high.lock().ok()?;
-        let hi = *high.get(&(topic.to_owned(), partition))?;
+        let hi = *high.get(topic)?.get(&partition)?;
         Some((hi - offset - 1).max(0))
     }
 }
@@ -48,9 +48,10 @@ impl ClientContext for LagContext {
             return;
         };
         for (name, topic) in statistics.topics {
+            let partitions = high.entry(name).or_default();
             for (p, partition) in topic.partitions {
                 if p >= 0 && partition.hi_offset >= 0 {
-                    high.insert((name.clone(), p), partition.hi_offset);
+                    partitions.insert(p, partition.hi_offset);
                 }
             }
         }
