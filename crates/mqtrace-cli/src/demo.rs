@@ -39,9 +39,10 @@ pub(crate) struct DemoArgs {
     /// Traces to print (0: all).
     #[arg(long, default_value_t = 6)]
     show: usize,
-    /// Where to run: `embedded` (the in-process broker), or a RabbitMQ URL
-    /// (`amqp://user:pass@host:port/vhost`). The demo declares its own queues there,
-    /// named for the run, and deletes them afterwards.
+    /// Where to run: `embedded` (the in-process broker), a RabbitMQ URL
+    /// (`amqp://user:pass@host:port/vhost`) or a Kafka bootstrap address
+    /// (`kafka://host:port`). On a real broker the demo creates its own queues or
+    /// topics, named for the run, and deletes them afterwards.
     #[arg(long, default_value = "embedded")]
     pub(crate) broker: String,
     /// Leave durations out of the printed trees (for comparing runs).
@@ -54,8 +55,16 @@ pub(crate) struct DemoArgs {
 pub(crate) enum DemoError {
     #[error("--fail-rate must be between 0 and 1, not {0}")]
     FailRate(f64),
-    #[error("broker {0:?} is not supported: use `embedded` or an `amqp://` URL")]
+    #[error(
+        "broker {0:?} is not supported: use `embedded`, an `amqp://` URL or `kafka://host:port`"
+    )]
     Broker(String),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("Kafka: cannot create topic {0}: {1}")]
+    KafkaTopic(String, rdkafka::types::RDKafkaErrorCode),
+    #[error("Kafka: no answer within {0:?}; is the broker up?")]
+    KafkaTimeout(Duration),
     #[error("RabbitMQ: {0}")]
     Rabbit(#[from] lapin::Error),
     #[error("RabbitMQ consumer: {0}")]
@@ -206,6 +215,8 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), DemoError> {
         run_embedded(&args, &services).await?
     } else if args.broker.starts_with("amqp://") || args.broker.starts_with("amqps://") {
         crate::rabbit::run(&args, &services).await?
+    } else if args.broker.starts_with("kafka://") {
+        crate::kafka::run(&args, &services).await?
     } else {
         return Err(DemoError::Broker(args.broker));
     };

@@ -2,13 +2,14 @@
 //!
 //! `mqtrace demo` runs an order pipeline (a producer service, a worker service whose
 //! handler makes child spans, transient failures that are retried, bad orders that
-//! end in the dead-letter queue) on the embedded broker or a real RabbitMQ, collects the spans over real
+//! end in the dead-letter queue) on the embedded broker or a real RabbitMQ or Kafka, collects the spans over real
 //! OTLP in-process, and prints them as trees with a summary.
 #![forbid(unsafe_code)]
 // A command-line tool reports its errors on stderr.
 #![allow(clippy::print_stderr)]
 
 mod demo;
+mod kafka;
 mod rabbit;
 
 use std::process::ExitCode;

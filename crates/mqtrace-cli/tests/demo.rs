@@ -98,3 +98,22 @@ fn rabbitmq_run_matches_the_embedded_run() {
     );
     assert!(rabbit.contains("send mqtrace-demo.orders."), "{rabbit}");
 }
+
+/// On a real Kafka-protocol broker too: the same summary as the embedded run.
+#[test]
+fn kafka_run_matches_the_embedded_run() {
+    let bootstrap = mqtrace_testing::brokers::kafka_bootstrap();
+    let args = ["--messages", "30", "--seed", "11", "--show", "1"];
+    let (ok, embedded, stderr) = demo(&args);
+    assert!(ok, "embedded demo failed: {stderr}");
+    let broker = format!("kafka://{bootstrap}");
+    let (ok, kafka, stderr) = demo(&[&args[..], &["--broker", &broker]].concat());
+    assert!(ok, "Kafka demo failed: {stderr}");
+    let summary = |out: &str| out.lines().last().unwrap().to_owned();
+    assert_eq!(summary(&kafka), summary(&embedded));
+    assert!(
+        summary(&kafka).ends_with("traces 30 · complete 30"),
+        "{kafka}"
+    );
+    assert!(kafka.contains("send mqtrace-demo.orders."), "{kafka}");
+}

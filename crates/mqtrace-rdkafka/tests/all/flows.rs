@@ -253,3 +253,52 @@ async fn consumer_lag_comes_from_the_statistics() {
     lags.sort_unstable();
     assert_eq!(lags, [(1, 3), (2, 2), (3, 1), (4, 0)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extension_traits_carry_the_context_through_plain_rdkafka() {
+    use mqtrace::Propagation;
+    use mqtrace_rdkafka::{FutureRecordExt as _, MessageExt as _};
+    use opentelemetry::trace::TraceContextExt as _;
+    use opentelemetry::Context;
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+
+    let h = Harness::start().await;
+    let topic = h.name("plain-ext");
+    h.topics(&[&topic]).await;
+    let tracer = h.guard.provider().unwrap().tracer("app");
+    let propagation = Propagation::default();
+    let producer: rdkafka::producer::FutureProducer = h.config().create().unwrap();
+    let span = tracer.start("publish order");
+    let sent = span.span_context().clone();
+    let cx = Context::current_with_span(span);
+    let record = FutureRecord::<str, str>::to(&topic)
+        .payload("{}")
+        .with_trace_context(&propagation, &cx);
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .unwrap();
+    cx.span().end();
+
+    let consumer: StreamConsumer = h.consumer_config().create().unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let message = within(60, consumer.recv()).await.unwrap();
+    let remote = message.trace_context(&propagation);
+    assert_eq!(remote.span().span_context().trace_id(), sent.trace_id());
+    assert_eq!(remote.span().span_context().span_id(), sent.span_id());
+    // The owned form reads the same.
+    let owned = message.detach();
+    assert_eq!(
+        owned.trace_context(&propagation).span().span_context(),
+        remote.span().span_context()
+    );
+    tracer.start_with_context("handle order", &remote).end();
+    assert_tree(
+        &h.render(2, TreeOptions::only(&[])).await,
+        r#"
+        trace #1
+        publish order [INTERNAL]
+            handle order [INTERNAL]
+        "#,
+    );
+}

@@ -1,0 +1,131 @@
+//! `mqtrace demo --broker kafka://host:port`: the order pipeline on a real Kafka.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mqtrace::embedded::ConsumerStats;
+use mqtrace::{HandlerResult, Retryable};
+use mqtrace_rdkafka::{HeadersExtractor, TracedConsumer, TracedProducer};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::producer::FutureRecord;
+use rdkafka::ClientConfig;
+
+use crate::demo::{order_body, DemoArgs, DemoError, Services};
+
+const ANSWER: Duration = Duration::from_secs(10);
+
+fn config(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
+        .set("client.id", "mqtrace-demo")
+        .set("message.timeout.ms", "10000");
+    c
+}
+
+/// Creates the run's topics, produces the orders, consumes until each is settled
+/// or dead-lettered, counts the dead letters and deletes the topics.
+pub(crate) async fn run(
+    args: &DemoArgs,
+    services: &Services,
+) -> Result<(ConsumerStats, u64), DemoError> {
+    let bootstrap = args
+        .broker
+        .strip_prefix("kafka://")
+        .unwrap_or(&args.broker)
+        .trim_end_matches('/');
+    let run = format!("{:08x}", fastrand::u32(..));
+    let (topic, dead) = (
+        format!("mqtrace-demo.orders.{run}"),
+        format!("mqtrace-demo.orders.dead.{run}"),
+    );
+    let admin: AdminClient<DefaultClientContext> = config(bootstrap).create()?;
+    let options = AdminOptions::new().operation_timeout(Some(ANSWER));
+    let new = [
+        NewTopic::new(&topic, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(&dead, 1, TopicReplication::Fixed(1)),
+    ];
+    let created = tokio::time::timeout(ANSWER, admin.create_topics(&new, &options))
+        .await
+        .map_err(|_| DemoError::KafkaTimeout(ANSWER))??;
+    for result in created {
+        result.map_err(|(name, code)| DemoError::KafkaTopic(name, code))?;
+    }
+
+    let bar = services.bar();
+    bar.set_message("publishing");
+    let producer = TracedProducer::from_config(&config(bootstrap), services.producer())?;
+    for order_id in 1..=args.messages {
+        let key = order_id.to_string();
+        let body = order_body(order_id);
+        producer
+            .send(FutureRecord::to(&topic).key(&key).payload(&body), ANSWER)
+            .await
+            .map_err(|(e, _)| e)?;
+        bar.inc(1);
+    }
+
+    bar.set_position(0);
+    bar.set_message("processing");
+    let worker = services.worker();
+    let budget = worker.retry_policy().max_attempts();
+    let mut consumer_config = config(bootstrap);
+    consumer_config
+        .set("group.id", format!("mqtrace-demo-{run}"))
+        .set("auto.offset.reset", "earliest");
+    let forwarder = TracedProducer::from_config(&config(bootstrap), worker.clone())?;
+    let consumer = TracedConsumer::from_config(&consumer_config, &[&topic], forwarder, worker)?
+        .dead_letter_topic(&dead);
+    let finished = Arc::new(AtomicU64::new(0));
+    let handler = services.handler(args);
+    let (counted, progress) = (Arc::clone(&finished), bar.clone());
+    let on_record = move |record: mqtrace_rdkafka::Record| {
+        let attempt = record.headers().map_or(1, |h| {
+            mqtrace::forward::attempt_of(&HeadersExtractor(h), None)
+        });
+        let work = handler.call(record.payload().unwrap_or_default().to_vec(), attempt);
+        let (counted, progress) = (Arc::clone(&counted), progress.clone());
+        async move {
+            let outcome: HandlerResult = work.await;
+            // Settled, or going to the dead letters: this order is done.
+            let done = match &outcome {
+                Ok(()) => true,
+                Err(e) => e.retryable() == Retryable::Permanent || attempt >= budget,
+            };
+            if done {
+                counted.fetch_add(1, Ordering::SeqCst);
+                progress.inc(1);
+            }
+            outcome
+        }
+    };
+    let all = args.messages;
+    let all_done = async move {
+        while finished.load(Ordering::SeqCst) < all {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let deadline = Duration::from_secs(60 + all / 10);
+    let stats = tokio::time::timeout(deadline, consumer.run_until(on_record, all_done))
+        .await
+        .map_err(|_| DemoError::KafkaTimeout(deadline))?;
+
+    // The dead-letter topic's high watermark is the number of dead letters.
+    let reader: BaseConsumer = config(bootstrap).create()?;
+    let (_, dead_letters) = reader.fetch_watermarks(&dead, 0, ANSWER)?;
+    // Best effort: a broker that cannot delete topics keeps them.
+    let _ = admin
+        .delete_topics(&[topic.as_str(), dead.as_str()], &options)
+        .await;
+    Ok((
+        ConsumerStats {
+            settled: stats.settled,
+            retried: stats.retried,
+            dead_lettered: stats.dead_lettered,
+            dropped: stats.dropped,
+        },
+        u64::try_from(dead_letters).unwrap_or(0),
+    ))
+}
