@@ -119,21 +119,26 @@ async fn produce(raw: &FutureProducer, traced: Option<&TracedProducer>, topic: &
     start.elapsed().as_nanos() as f64 / PRODUCES as f64
 }
 
-/// Nanoseconds per record from the first record received to the last commit.
-async fn consume_raw(bootstrap: &str, topic: &str, n: usize, work: Duration) -> f64 {
+/// Wall and CPU nanoseconds per record, from the first record received to the
+/// last commit (group join and start-up left out).
+async fn consume_raw(bootstrap: &str, topic: &str, n: usize, work: Duration) -> (f64, f64) {
     let consumer: StreamConsumer = consumer_config(bootstrap).create().unwrap();
     consumer.subscribe(&[topic]).unwrap();
     let mut start = None;
     for _ in 0..n {
         let m = consumer.recv().await.unwrap();
-        start.get_or_insert_with(Instant::now);
+        start.get_or_insert_with(|| (Instant::now(), cpu()));
         spin(work);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
             .unwrap();
         consumer.commit(&tpl, CommitMode::Async).unwrap();
     }
-    start.map_or(0.0, |s| s.elapsed().as_nanos() as f64 / n as f64)
+    let (wall, cpu0) = start.unwrap();
+    (
+        wall.elapsed().as_nanos() as f64 / n as f64,
+        (cpu() - cpu0).as_nanos() as f64 / n as f64,
+    )
 }
 
 async fn consume_traced(
@@ -142,7 +147,7 @@ async fn consume_traced(
     n: usize,
     work: Duration,
     instrumenter: &Instrumenter,
-) -> f64 {
+) -> (f64, f64) {
     let forwarder = TracedProducer::from_config(&config(bootstrap), instrumenter.clone()).unwrap();
     let consumer = TracedConsumer::from_config(
         &consumer_config(bootstrap),
@@ -155,16 +160,21 @@ async fn consume_traced(
     // From the first record's handler to the last one's, as the raw loop counts:
     // the final synchronous commit at shutdown waits for every asynchronous
     // commit still queued, which the raw loop never waits for.
-    let span = Arc::new(Mutex::new((None::<Instant>, None::<Instant>)));
+    type Mark = Option<(Instant, Duration)>;
+    let span = Arc::new(Mutex::new((None::<(Instant, Duration)>, Mark::None)));
     let done = Arc::new(Notify::new());
     let (counted, timed, notify) = (Arc::clone(&count), Arc::clone(&span), Arc::clone(&done));
     let stats = consumer
         .run_until(
             move |_| {
-                timed.lock().unwrap().0.get_or_insert_with(Instant::now);
+                timed
+                    .lock()
+                    .unwrap()
+                    .0
+                    .get_or_insert_with(|| (Instant::now(), cpu()));
                 spin(work);
                 if counted.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                    timed.lock().unwrap().1 = Some(Instant::now());
+                    timed.lock().unwrap().1 = Some((Instant::now(), cpu()));
                     notify.notify_one();
                 }
                 async { HandlerResult::Ok(()) }
@@ -174,7 +184,11 @@ async fn consume_traced(
         .await;
     assert_eq!(stats.settled, n as u64);
     let (first, last) = *span.lock().unwrap();
-    (last.unwrap() - first.unwrap()).as_nanos() as f64 / n as f64
+    let ((w0, c0), (w1, c1)) = (first.unwrap(), last.unwrap());
+    (
+        (w1 - w0).as_nanos() as f64 / n as f64,
+        (c1 - c0).as_nanos() as f64 / n as f64,
+    )
 }
 
 fn telemetry(endpoint: String, sampler: Sampler) -> TelemetryGuard {
@@ -225,15 +239,9 @@ async fn main() {
                 samples[0][side].push((wall, (cpu() - c0).as_nanos() as f64 / PRODUCES as f64));
             }
             for (step, n, work) in [(1, CONSUMES, Duration::ZERO), (2, WORKS, WORK)] {
-                for side in 0..2 {
-                    let c0 = cpu();
-                    let wall = if side == 0 {
-                        consume_raw(&bootstrap, &source, n, work).await
-                    } else {
-                        consume_traced(&bootstrap, &source, n, work, &instrumenter).await
-                    };
-                    samples[step][side].push((wall, (cpu() - c0).as_nanos() as f64 / n as f64));
-                }
+                samples[step][0].push(consume_raw(&bootstrap, &source, n, work).await);
+                samples[step][1]
+                    .push(consume_traced(&bootstrap, &source, n, work, &instrumenter).await);
             }
         }
         let steps = [
