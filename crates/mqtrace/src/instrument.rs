@@ -283,13 +283,13 @@ impl InstrumenterBuilder {
     /// Finishes the instrumenter.
     pub fn build(self) -> Instrumenter {
         Instrumenter {
+            propagation: Arc::new(self.propagation),
             inner: Arc::new(Inner {
                 tracer: self
                     .tracer
                     .unwrap_or_else(|| global::tracer_provider().tracer_with_scope(scope())),
                 conventions: self.conventions,
                 parenting: self.parenting,
-                propagation: self.propagation,
                 capture_headers: self.capture_headers,
                 on_start: self.on_start,
                 retry: self.retry,
@@ -302,7 +302,6 @@ struct Inner {
     tracer: BoxedTracer,
     conventions: Conventions,
     parenting: ProcessParenting,
-    propagation: Propagation,
     capture_headers: Vec<String>,
     on_start: Arc<dyn OnStart>,
     retry: RetryPolicy,
@@ -314,6 +313,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Instrumenter {
     inner: Arc<Inner>,
+    // Beside `inner`, so an adapter can swap formats cheaply (`with_propagation`).
+    propagation: Arc<Propagation>,
 }
 
 impl fmt::Debug for Instrumenter {
@@ -321,7 +322,7 @@ impl fmt::Debug for Instrumenter {
         f.debug_struct("Instrumenter")
             .field("conventions", &self.inner.conventions)
             .field("parenting", &self.inner.parenting)
-            .field("propagation", &self.inner.propagation)
+            .field("propagation", &self.propagation)
             .field("retry", &self.inner.retry)
             .finish_non_exhaustive()
     }
@@ -357,7 +358,17 @@ impl Instrumenter {
 
     /// The propagation formats.
     pub fn propagation(&self) -> &Propagation {
-        &self.inner.propagation
+        &self.propagation
+    }
+
+    /// The same instrumenter with other propagation formats: what adapters use
+    /// when a broker carries context in more places than headers (SQS's
+    /// `AWSTraceHeader`).
+    pub fn with_propagation(&self, propagation: Propagation) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            propagation: Arc::new(propagation),
+        }
     }
 
     /// The retry policy.
@@ -374,6 +385,20 @@ impl Instrumenter {
         body: Option<&[u8]>,
         extra: impl FnOnce(&mut Vec<KeyValue>),
     ) -> MessagingSpan {
+        self.start_at(d, kind, parent, links, body, extra, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_at(
+        &self,
+        d: &MessageDescription,
+        kind: SpanKind,
+        parent: &Context,
+        links: Vec<Link>,
+        body: Option<&[u8]>,
+        extra: impl FnOnce(&mut Vec<KeyValue>),
+        start_time: Option<SystemTime>,
+    ) -> MessagingSpan {
         let tracer = &self.inner.tracer;
         let mut attributes = Vec::with_capacity(16);
         self.inner.conventions.attributes(d, &mut attributes);
@@ -385,12 +410,15 @@ impl Instrumenter {
             },
             &mut attributes,
         );
-        let span = tracer
+        let mut builder = tracer
             .span_builder(self.inner.conventions.span_name(d))
             .with_kind(kind)
             .with_attributes(attributes)
-            .with_links(links)
-            .start_with_context(tracer, parent);
+            .with_links(links);
+        if let Some(t) = start_time {
+            builder = builder.with_start_time(t);
+        }
+        let span = builder.start_with_context(tracer, parent);
         MessagingSpan {
             cx: parent.with_span(span),
         }
@@ -463,6 +491,33 @@ impl Instrumenter {
         )
     }
 
+    /// A `receive` span like [`Instrumenter::start_receive`], started at
+    /// `started`: for pulls whose messages (and so the links) are known only once
+    /// the poll has returned, while the span should cover the poll.
+    pub fn start_receive_at<'a, M>(
+        &self,
+        d: &MessageDescription,
+        messages: &'a [M],
+        started: SystemTime,
+    ) -> MessagingSpan
+    where
+        M: Inbound + 'a,
+    {
+        let links = messages
+            .iter()
+            .filter_map(|m| Self::message_link(m, &self.creation_of(m)))
+            .collect();
+        self.start_at(
+            d,
+            SpanKind::Client,
+            &Context::current(),
+            links,
+            None,
+            |_| {},
+            Some(started),
+        )
+    }
+
     /// The producer's context carried by a message (invalid when there is none).
     fn creation_of(&self, m: &impl Inbound) -> SpanContext {
         self.extract(&m.headers()).span().span_context().clone()
@@ -497,7 +552,7 @@ impl Instrumenter {
 
     /// Injects a span's context into outgoing headers.
     pub fn inject(&self, span: &MessagingSpan, carrier: &mut dyn Injector) {
-        self.inner.propagation.inject(span.context(), carrier);
+        self.propagation.inject(span.context(), carrier);
     }
 
     /// Injects within a header budget (SQS allows 10 attributes): each format whole
@@ -508,14 +563,13 @@ impl Instrumenter {
         carrier: &mut dyn Injector,
         budget: usize,
     ) -> usize {
-        self.inner
-            .propagation
+        self.propagation
             .inject_within(span.context(), carrier, budget)
     }
 
     /// Extracts a message's remote context, from an empty context.
     pub fn extract(&self, carrier: &dyn Extractor) -> Context {
-        self.inner.propagation.extract(carrier)
+        self.propagation.extract(carrier)
     }
 
     /// Starts the `process` span (CONSUMER) of a message, per the parenting switch.
@@ -735,7 +789,6 @@ impl Instrumenter {
     pub fn is_managed_header(&self, key: &str) -> bool {
         forward::is_mqtrace_header(key)
             || self
-                .inner
                 .propagation
                 .header_fields()
                 .iter()

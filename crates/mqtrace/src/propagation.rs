@@ -41,6 +41,10 @@ pub const MAX_BAGGAGE_MEMBERS: usize = 64;
 
 type DynPropagator = Arc<dyn TextMapPropagator + Send + Sync>;
 
+/// The header key of the X-Ray format.
+#[cfg(feature = "xray")]
+pub const XRAY_FIELD: &str = "x-amzn-trace-id";
+
 /// An ordered set of trace-context formats plus optional baggage. See the
 /// [module docs](self) for the rules.
 #[derive(Clone)]
@@ -207,6 +211,24 @@ impl Propagation {
         }
         log_inject(cx, &self.fields);
         written
+    }
+
+    /// This set with X-Ray appended as the last format to try, unless it has it:
+    /// extraction falls back to `X-Amzn-Trace-Id` when the others find nothing.
+    #[cfg(feature = "xray")]
+    pub fn with_xray_fallback(&self) -> Propagation {
+        if self
+            .fields
+            .iter()
+            .any(|f| f.eq_ignore_ascii_case(XRAY_FIELD))
+        {
+            return self.clone();
+        }
+        let mut p = self.clone();
+        p.trace
+            .push(Arc::new(opentelemetry_aws::trace::XrayPropagator::new()));
+        p.fields.push(XRAY_FIELD.to_owned());
+        p
     }
 
     /// Every header key this set may write.

@@ -1,0 +1,91 @@
+//! OpenTelemetry traces for AWS SQS through [aws-sdk-sqs]: a message sent by one
+//! service and received, retried or dead-lettered by others is one connected trace.
+//!
+//! - [`TracedSqs`] sends single messages (`send`) and batches (`send_batch`,
+//!   split into requests of 10) with the context in message attributes and in the
+//!   `AWSTraceHeader` system attribute ([`SqsPropagation`]).
+//! - [`TracedConsumer`] polls a queue with long polling, emits `receive` spans,
+//!   processes each message inside a `process` span and settles it by outcome.
+//! - [`MessageAttributesInjector`] and [`MessageAttributesExtractor`] are the
+//!   carriers; SQS's limit of [`MAX_MESSAGE_ATTRIBUTES`] is never exceeded and a
+//!   context is written whole or not at all.
+//!
+//! # Span model
+//!
+//! | operation | span name | kind | parent | links | attributes |
+//! |---|---|---|---|---|---|
+//! | send | `send {queue}` | PRODUCER | current span | — | `messaging.system = aws_sqs`, `messaging.destination.name` (queue name), [`QUEUE_URL`], `messaging.message.body.size`, `server.address`, `server.port`; from the response `messaging.message.id`, [`SEQUENCE_NUMBER`]; [`MESSAGE_GROUP_ID`] for FIFO queues |
+//! | batch entry | `create {queue}` | PRODUCER | current span | — | as send, per entry; refused entries are errors with SQS's code |
+//! | batch request | `send {queue}` | CLIENT | current span | every entry's `create` span | `messaging.batch.message_count` |
+//! | receive | `receive {queue}` | CLIENT | current span | each message's producer, with its message id | `messaging.batch.message_count` |
+//! | process | `process {queue}` | CONSUMER | producer (by [`mqtrace::ProcessParenting`]) | producer | message id, [`RECEIVE_COUNT`], `mqtrace.message.queue_time` (`SentTimestamp`), attempt, disposition |
+//! | dead letter | `send {dead-letter queue}` | PRODUCER | process span | original message, processing attempt | as send |
+//! | delete (opt-in) | `delete {queue}` | CLIENT | process span | — | as process |
+//!
+//! Extraction tries the instrumenter's formats on message attributes first, then
+//! X-Ray on `AWSTraceHeader`.
+//!
+//! # Settlement
+//!
+//! | handler outcome | what happens |
+//! |---|---|
+//! | success | deleted |
+//! | transient error | left for the visibility timeout and the queue's redrive policy; with a dead-letter queue set and the retry budget spent (by receive count), forwarded there and deleted |
+//! | permanent error | forwarded to the dead-letter queue with `mqtrace-error-type`, `mqtrace-attempt`, `mqtrace-error-message`, `mqtrace-failed-at`, `mqtrace-original-traceparent` (as many as fit in the 10 attributes, in that order) and the original body, then deleted; without one, deleted (`dropped` on the span) |
+//!
+//! # Customisation
+//!
+//! Spans (conventions, parenting, formats, header capture, hooks, retry budget) are
+//! set on the [`mqtrace::Instrumenter`]. The producer chooses where the context
+//! goes; the consumer sets the dead-letter queue, long polling, batch size,
+//! visibility timeout, receive and delete spans.
+//!
+//! # Cargo features
+//!
+//! None. aws-sdk-sqs is used with its default HTTPS client on tokio.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use mqtrace::{HandlerResult, Instrumenter};
+//! use mqtrace_aws_sqs::{TracedConsumer, TracedSqs};
+//!
+//! # async fn run(client: aws_sdk_sqs::Client, url: String) {
+//! let instrumenter = Instrumenter::default();
+//! let sqs = TracedSqs::new(client.clone(), instrumenter.clone());
+//! let sent = sqs
+//!     .send(client.send_message().queue_url(&url).message_body(r#"{"order":7}"#))
+//!     .await;
+//! # let _ = sent;
+//! let stats = TracedConsumer::new(client, &url, &instrumenter)
+//!     .run_until(
+//!         |message| async move {
+//!             let order: serde_json::Value = message.json()?;
+//!             tracing::info!(%order, "billing");
+//!             HandlerResult::Ok(())
+//!         },
+//!         tokio::time::sleep(std::time::Duration::from_secs(3600)),
+//!     )
+//!     .await;
+//! println!("{stats:?}");
+//! # }
+//! ```
+//!
+//! [aws-sdk-sqs]: https://docs.rs/aws-sdk-sqs
+
+#![forbid(unsafe_code)]
+
+mod carrier;
+mod consumer;
+mod describe;
+mod producer;
+
+pub use carrier::{
+    MessageAttributes, MessageAttributesExtractor, MessageAttributesInjector,
+    MAX_MESSAGE_ATTRIBUTES,
+};
+pub use consumer::{trace_context, ConsumerStats, Received, TracedConsumer};
+pub use describe::{
+    error_type, queue_name, MESSAGE_GROUP_ID, QUEUE_URL, RECEIVE_COUNT, SEQUENCE_NUMBER,
+};
+pub use producer::{SqsPropagation, TracedSqs, MAX_BATCH_ENTRIES};

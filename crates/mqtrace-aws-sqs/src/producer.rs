@@ -1,0 +1,319 @@
+//! Traced sending: single messages and batches.
+
+use aws_sdk_sqs::error::SdkError;
+use aws_sdk_sqs::operation::send_message::builders::SendMessageFluentBuilder;
+use aws_sdk_sqs::operation::send_message::{SendMessageError, SendMessageOutput};
+use aws_sdk_sqs::operation::send_message_batch::{SendMessageBatchError, SendMessageBatchOutput};
+use aws_sdk_sqs::types::{
+    MessageSystemAttributeNameForSends, MessageSystemAttributeValue, SendMessageBatchRequestEntry,
+};
+use aws_sdk_sqs::Client;
+use mqtrace::{Instrumenter, MessagingSpan, OperationType, Propagation};
+use opentelemetry::trace::{Status, TraceContextExt as _};
+use opentelemetry::{Context, KeyValue};
+
+use crate::carrier::{MessageAttributes, MessageAttributesInjector, MAX_MESSAGE_ATTRIBUTES};
+use crate::describe::{describe, error_type, MESSAGE_GROUP_ID, SEQUENCE_NUMBER};
+
+/// SQS takes at most this many entries per `SendMessageBatch`.
+pub const MAX_BATCH_ENTRIES: usize = 10;
+
+/// Where the producer puts the trace context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SqsPropagation {
+    /// Message attributes, in the instrumenter's formats (W3C by default). They
+    /// count toward SQS's 10 attributes and its billing.
+    MessageAttributes,
+    /// The `AWSTraceHeader` system attribute, in X-Ray format: free, and what AWS
+    /// services (Lambda among them) read.
+    AwsTraceHeader,
+    /// Both (the default): message attributes when they fit, `AWSTraceHeader`
+    /// always.
+    #[default]
+    Both,
+}
+
+impl SqsPropagation {
+    fn attributes(self) -> bool {
+        matches!(self, Self::MessageAttributes | Self::Both)
+    }
+
+    fn trace_header(self) -> bool {
+        matches!(self, Self::AwsTraceHeader | Self::Both)
+    }
+}
+
+/// The X-Ray header value for a context (`Root=…;Parent=…;Sampled=…`).
+pub(crate) fn trace_header(cx: &Context) -> Option<String> {
+    let mut carrier = mqtrace::propagation::SimpleCarrier::new();
+    Propagation::builder()
+        .xray()
+        .build()
+        .inject(cx, &mut carrier);
+    carrier.into_values().next()
+}
+
+/// Sends with `send` spans (PRODUCER) whose context travels with the message.
+#[derive(Debug, Clone)]
+pub struct TracedSqs {
+    client: Client,
+    instrumenter: Instrumenter,
+    propagation: SqsPropagation,
+}
+
+impl TracedSqs {
+    /// Wraps a client. Spans and message-attribute formats come from
+    /// `instrumenter`.
+    pub fn new(client: Client, instrumenter: Instrumenter) -> Self {
+        Self {
+            client,
+            instrumenter,
+            propagation: SqsPropagation::default(),
+        }
+    }
+
+    /// Where the trace context goes (default: [`SqsPropagation::Both`]).
+    pub fn propagation(mut self, propagation: SqsPropagation) -> Self {
+        self.propagation = propagation;
+        self
+    }
+
+    /// The client.
+    pub fn inner(&self) -> &Client {
+        &self.client
+    }
+
+    /// The instrumenter.
+    pub fn instrumenter(&self) -> &Instrumenter {
+        &self.instrumenter
+    }
+
+    /// Adds the span's context to a message's attributes and system attributes:
+    /// message attributes only within what is left of the 10, whole formats only.
+    fn inject(
+        &self,
+        span: &MessagingSpan,
+        attributes: &mut MessageAttributes,
+    ) -> Option<MessageSystemAttributeValue> {
+        if self.propagation.attributes() {
+            let room = MAX_MESSAGE_ATTRIBUTES.saturating_sub(attributes.len());
+            self.instrumenter
+                .inject_within(span, &mut MessageAttributesInjector(attributes), room);
+        }
+        if !self.propagation.trace_header() {
+            return None;
+        }
+        let value = trace_header(span.context())?;
+        MessageSystemAttributeValue::builder()
+            .data_type("String")
+            .string_value(value)
+            .build()
+            .ok()
+    }
+
+    /// Sends a message built with the SDK's fluent builder (`client.send_message()…`)
+    /// inside a `send` span: the context is added to it, the span ends on SQS's
+    /// response and records the message id (and for FIFO queues the group and the
+    /// sequence number). The caller gets the SDK's result unchanged; the
+    /// instrumentation never makes a send fail.
+    pub async fn send(
+        &self,
+        request: SendMessageFluentBuilder,
+    ) -> Result<SendMessageOutput, SdkError<SendMessageError>> {
+        let queue_url = request.get_queue_url().clone().unwrap_or_default();
+        let mut d = describe(OperationType::Send, &queue_url);
+        let body = request.get_message_body().clone().unwrap_or_default();
+        d = d.body_size(body.len());
+        if let Some(group) = request.get_message_group_id() {
+            d.extra.push(KeyValue::new(MESSAGE_GROUP_ID, group.clone()));
+        }
+        let span = self.instrumenter.start_send(&d, Some(body.as_bytes()));
+        let mut attributes = request.get_message_attributes().clone().unwrap_or_default();
+        let trace = self.inject(&span, &mut attributes);
+        let mut request = request.set_message_attributes(Some(attributes));
+        if let Some(trace) = trace {
+            request = request.message_system_attributes(
+                MessageSystemAttributeNameForSends::AwsTraceHeader,
+                trace,
+            );
+        }
+        let result = request.send().await;
+        match &result {
+            Ok(out) => record_sent(&span, out.message_id(), out.sequence_number()),
+            Err(e) => span.record_failure(&error_type(e), e),
+        }
+        span.end();
+        result
+    }
+
+    /// Sends a batch with the conventions' batch shape: a `create` span (PRODUCER)
+    /// per entry, whose context goes into that entry, and a `send` span (CLIENT) per
+    /// request linking them. Above 10 entries the batch is split into requests of
+    /// 10; one result per request, in order. Entries SQS refuses are marked as
+    /// errors on their `create` spans.
+    pub async fn send_batch(
+        &self,
+        queue_url: &str,
+        entries: Vec<SendMessageBatchRequestEntry>,
+    ) -> Vec<Result<SendMessageBatchOutput, SdkError<SendMessageBatchError>>> {
+        let mut results = Vec::with_capacity(entries.len().div_ceil(MAX_BATCH_ENTRIES));
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let chunk: Vec<_> = entries.by_ref().take(MAX_BATCH_ENTRIES).collect();
+            results.push(self.send_chunk(queue_url, chunk).await);
+        }
+        results
+    }
+
+    async fn send_chunk(
+        &self,
+        queue_url: &str,
+        chunk: Vec<SendMessageBatchRequestEntry>,
+    ) -> Result<SendMessageBatchOutput, SdkError<SendMessageBatchError>> {
+        let mut created = Vec::with_capacity(chunk.len());
+        let mut prepared = Vec::with_capacity(chunk.len());
+        for entry in chunk {
+            let mut d =
+                describe(OperationType::Create, queue_url).body_size(entry.message_body().len());
+            if let Some(group) = entry.message_group_id() {
+                d.extra
+                    .push(KeyValue::new(MESSAGE_GROUP_ID, group.to_owned()));
+            }
+            let span = self
+                .instrumenter
+                .start_create(&d, Some(entry.message_body().as_bytes()));
+            let mut attributes = entry.message_attributes().cloned().unwrap_or_default();
+            let trace = self.inject(&span, &mut attributes);
+            let mut system = entry
+                .message_system_attributes()
+                .cloned()
+                .unwrap_or_default();
+            if let Some(trace) = trace {
+                system.insert(MessageSystemAttributeNameForSends::AwsTraceHeader, trace);
+            }
+            let rebuilt = SendMessageBatchRequestEntry::builder()
+                .id(entry.id())
+                .message_body(entry.message_body())
+                .set_delay_seconds(entry.delay_seconds())
+                .set_message_attributes(Some(attributes))
+                .set_message_system_attributes(Some(system))
+                .set_message_deduplication_id(entry.message_deduplication_id().map(str::to_owned))
+                .set_message_group_id(entry.message_group_id().map(str::to_owned))
+                .build();
+            // The builder only fails without id or body, which the entry had.
+            prepared.push(rebuilt.unwrap_or(entry));
+            created.push(span);
+        }
+        let mut d = describe(OperationType::Send, queue_url);
+        d.batch_message_count = Some(prepared.len() as u64);
+        let contexts: Vec<_> = created.iter().map(MessagingSpan::span_context).collect();
+        let batch = self.instrumenter.start_batch_send(&d, &contexts);
+        let ids: Vec<String> = prepared.iter().map(|e| e.id().to_owned()).collect();
+        let result = self
+            .client
+            .send_message_batch()
+            .queue_url(queue_url)
+            .set_entries(Some(prepared))
+            .send()
+            .await;
+        match &result {
+            Ok(out) => {
+                for ok in out.successful() {
+                    if let Some(i) = ids.iter().position(|id| id == ok.id()) {
+                        record_sent(&created[i], Some(ok.message_id()), ok.sequence_number());
+                    }
+                }
+                for failed in out.failed() {
+                    if let Some(i) = ids.iter().position(|id| id == failed.id()) {
+                        created[i].record_failure(
+                            failed.code(),
+                            &EntryRefused(failed.message().unwrap_or(failed.code()).to_owned()),
+                        );
+                    }
+                }
+                if !out.failed().is_empty() {
+                    batch.context().span().set_status(Status::error(format!(
+                        "{} of {} entries refused",
+                        out.failed().len(),
+                        ids.len()
+                    )));
+                }
+            }
+            Err(e) => {
+                batch.record_failure(&error_type(e), e);
+                for span in &created {
+                    span.record_failure(&error_type(e), e);
+                }
+            }
+        }
+        for span in created {
+            span.end();
+        }
+        batch.end();
+        result
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct EntryRefused(String);
+
+fn record_sent(span: &MessagingSpan, message_id: Option<&str>, sequence: Option<&str>) {
+    if let Some(id) = message_id {
+        span.set_attribute(KeyValue::new(
+            mqtrace::conventions::attr::MESSAGING_MESSAGE_ID,
+            id.to_owned(),
+        ));
+    }
+    if let Some(seq) = sequence {
+        span.set_attribute(KeyValue::new(SEQUENCE_NUMBER, seq.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+
+    #[test]
+    fn sent_messages_record_id_and_sequence_number() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+        let d = describe(
+            OperationType::Send,
+            "https://sqs.eu-west-1.amazonaws.com/1/q.fifo",
+        );
+        let span = instrumenter.start_send(&d, None);
+        record_sent(&span, Some("m-1"), Some("18849496460467696128"));
+        span.end();
+        let spans = exporter.get_finished_spans().unwrap_or_default();
+        let attrs: Vec<(String, String)> = spans[0]
+            .attributes
+            .iter()
+            .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+            .collect();
+        assert!(attrs.contains(&("messaging.message.id".into(), "m-1".into())));
+        assert!(attrs.contains(&(SEQUENCE_NUMBER.into(), "18849496460467696128".into())));
+        assert!(attrs.contains(&("messaging.destination.name".into(), "q.fifo".into())));
+    }
+
+    #[test]
+    fn trace_header_is_xray_format() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+        let sc = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap_or(TraceId::INVALID),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap_or(SpanId::INVALID),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        let cx = Context::new().with_remote_span_context(sc);
+        assert_eq!(
+            trace_header(&cx).as_deref(),
+            Some("Root=1-4bf92f35-77b34da6a3ce929d0e0e4736;Parent=00f067aa0ba902b7;Sampled=1")
+        );
+    }
+}

@@ -1,0 +1,219 @@
+//! Outcomes on the SQS emulator: redelivery after the visibility timeout, dead
+//! letters with metadata, and the queue's own redrive policy.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
+use mqtrace::forward::{ATTEMPT_HEADER, ERROR_TYPE_HEADER, FAILED_AT_HEADER};
+use mqtrace::{HandlerError, HandlerResult};
+use mqtrace_aws_sqs::{MessageAttributesExtractor, TracedConsumer, TracedSqs};
+use mqtrace_testing::TreeOptions;
+use opentelemetry::propagation::Extractor;
+
+use crate::helpers::{assert_tree, when_count, within, Harness};
+
+const OUTCOME: &[&str] = &[
+    "error.type",
+    "mqtrace.message.attempt",
+    "mqtrace.message.disposition",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failure_is_redelivered_after_the_visibility_timeout() {
+    let h = Harness::start().await;
+    let url = h
+        .queue(
+            "payments",
+            &[(QueueAttributeName::VisibilityTimeout, "1".into())],
+        )
+        .await;
+    let instrumenter = h.instrumenter(|b| b);
+    TracedSqs::new(h.client.clone(), instrumenter.clone())
+        .send(h.client.send_message().queue_url(&url).message_body("7"))
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let stats = within(
+        30,
+        TracedConsumer::new(h.client.clone(), &url, &instrumenter)
+            .wait_time_seconds(1)
+            .receive_spans(false, false)
+            .run_until(
+                move |_| {
+                    let n = counted.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        if n == 0 {
+                            Err(HandlerError::transient("gateway timeout").with_type("timeout"))
+                        } else {
+                            Ok(())
+                        }
+                    }
+                },
+                when_count(&calls, 2),
+            ),
+    )
+    .await;
+    assert_eq!((stats.retried, stats.settled), (1, 1));
+    assert!(h.drain(&url).await.is_empty());
+    assert_tree(
+        &h.render(3, TreeOptions::only(OUTCOME)).await,
+        r#"
+        trace #1
+        send payments-RUN [PRODUCER]
+            process payments-RUN [CONSUMER] ERROR("gateway timeout") error.type="timeout" mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
+                ~> send payments-RUN (this trace)
+            process payments-RUN [CONSUMER] mqtrace.message.attempt=2 mqtrace.message.disposition="settled"
+                ~> send payments-RUN (this trace)
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failure_goes_to_the_dead_letter_queue_with_metadata() {
+    let h = Harness::start().await;
+    let url = h.queue("orders", &[]).await;
+    let dlq = h.queue("orders-dead", &[]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    let body = "{not json \u{1F4E6}";
+    let tenant = MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value("acme")
+        .build()
+        .unwrap();
+    TracedSqs::new(h.client.clone(), instrumenter.clone())
+        .send(
+            h.client
+                .send_message()
+                .queue_url(&url)
+                .message_body(body)
+                .message_attributes("x-tenant", tenant),
+        )
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let stats = within(
+        30,
+        TracedConsumer::new(h.client.clone(), &url, &instrumenter)
+            .dead_letter_queue(&dlq)
+            .wait_time_seconds(1)
+            .receive_spans(false, false)
+            .run_until(
+                move |m| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let _: serde_json::Value = m.json()?;
+                        HandlerResult::Ok(())
+                    }
+                },
+                when_count(&calls, 1),
+            ),
+    )
+    .await;
+    assert_eq!(stats.dead_lettered, 1);
+    assert!(h.drain(&url).await.is_empty(), "deleted from the source");
+    let dead = h.drain(&dlq).await;
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(d.body(), Some(body));
+    let attrs = d.message_attributes().unwrap();
+    let e = MessageAttributesExtractor(attrs);
+    assert_eq!(e.get(ERROR_TYPE_HEADER), Some("invalid_json"));
+    assert_eq!(e.get(ATTEMPT_HEADER), Some("1"));
+    assert!(e.get(FAILED_AT_HEADER).is_some());
+    assert_eq!(e.get("x-tenant"), Some("acme"));
+    assert!(attrs.len() <= 10);
+    assert!(d
+        .attributes()
+        .and_then(|a| a.get(&MessageSystemAttributeName::AwsTraceHeader))
+        .is_some());
+    assert_tree(
+        &h.render(3, TreeOptions::only(&["mqtrace.message.disposition"]))
+            .await,
+        r#"
+        trace #1
+        send orders-RUN [PRODUCER]
+            process orders-RUN [CONSUMER] ERROR("key must be a string at line 1 column 2") mqtrace.message.disposition="dead_lettered"
+                ~> send orders-RUN (this trace)
+                send orders-dead-RUN [PRODUCER] mqtrace.message.disposition="dead_lettered"
+                    ~> send orders-RUN (this trace) relationship="original_message"
+                    ~> process orders-RUN (this trace) relationship="processing_attempt"
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_policy_moves_a_failing_message_to_the_queues_dlq() {
+    let h = Harness::start().await;
+    let dlq = h.queue("redrive-dead", &[]).await;
+    let dlq_arn = h
+        .client
+        .get_queue_attributes()
+        .queue_url(&dlq)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()[&QueueAttributeName::QueueArn]
+        .clone();
+    let policy = format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"2"}}"#);
+    let url = h
+        .queue(
+            "redrive",
+            &[
+                (QueueAttributeName::RedrivePolicy, policy),
+                (QueueAttributeName::VisibilityTimeout, "1".into()),
+            ],
+        )
+        .await;
+    let instrumenter = h.instrumenter(|b| b);
+    TracedSqs::new(h.client.clone(), instrumenter.clone())
+        .send(
+            h.client
+                .send_message()
+                .queue_url(&url)
+                .message_body("poison"),
+        )
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    // No dead-letter queue on the consumer: transient failures are left to SQS.
+    let consumer = TracedConsumer::new(h.client.clone(), &url, &instrumenter)
+        .wait_time_seconds(1)
+        .receive_spans(false, false);
+    let stats = within(
+        30,
+        consumer.run_until(
+            move |_| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { Err(HandlerError::transient("still down")) }
+            },
+            // Two failed receives, then one more poll for SQS to redrive it.
+            async {
+                when_count(&calls, 2).await;
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+            },
+        ),
+    )
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "maxReceiveCount receives");
+    assert_eq!(
+        (stats.retried, stats.dropped, stats.dead_lettered),
+        (2, 0, 0)
+    );
+    let dead = h.drain(&dlq).await;
+    let left = h.drain(&url).await;
+    println!(
+        "sqs redrive: sent 1, processed 0, dead-lettered {}, waiting {}, lost {}",
+        dead.len(),
+        left.len(),
+        1 - dead.len() - left.len()
+    );
+    assert_eq!(dead.len(), 1, "in the queue's DLQ");
+    assert_eq!(dead[0].body(), Some("poison"));
+}

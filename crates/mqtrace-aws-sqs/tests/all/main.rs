@@ -1,0 +1,13 @@
+//! Integration tests against the SQS emulator started by `scripts/test.sh`,
+//! exporting over OTLP to the in-process collector.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    unreachable_pub
+)]
+
+mod batch;
+mod failures;
+mod flows;
+mod helpers;
