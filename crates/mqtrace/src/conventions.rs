@@ -131,6 +131,9 @@ impl Conventions {
 
     /// The span name for a description.
     pub fn span_name(self, d: &MessageDescription) -> String {
+        if let Some(name) = &d.span_name {
+            return name.clone();
+        }
         if self.current() {
             // Template first; a name only when it is neither temporary nor anonymous.
             let dest = d.destination.template.as_deref().or_else(|| {

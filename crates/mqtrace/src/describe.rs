@@ -145,6 +145,9 @@ pub struct MessageDescription {
     pub server_port: Option<u16>,
     /// Number of messages, for operations on a batch.
     pub batch_message_count: Option<u64>,
+    /// A span name of the system's own, used as it is under every conventions
+    /// setting (Lambda's `{event source} process`). `None`: the conventions' name.
+    pub span_name: Option<String>,
     /// System-specific attributes the conventions have no name for (documented by
     /// each adapter). Emitted as they are under every conventions setting.
     pub extra: Vec<KeyValue>,
@@ -172,6 +175,7 @@ impl MessageDescription {
             server_address: None,
             server_port: None,
             batch_message_count: None,
+            span_name: None,
             extra: Vec::new(),
         }
     }

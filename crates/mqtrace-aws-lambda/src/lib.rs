@@ -1,0 +1,302 @@
+//! OpenTelemetry traces for SQS-triggered AWS Lambda functions on
+//! [lambda_runtime]: each invocation is a SERVER span, each batch a CONSUMER span
+//! linking every record's producer, and each record a CONSUMER span of its own in
+//! which the handler runs. Failed records go into the partial batch response
+//! (`batchItemFailures`) and their spans are errors. Spans are flushed before the
+//! invocation returns, so a frozen or recycled execution environment loses none.
+//!
+//! # Span model
+//!
+//! | span | name | kind | parent | links | attributes |
+//! |---|---|---|---|---|---|
+//! | invocation | the function's name | SERVER | current context | — | `faas.trigger = pubsub`, `faas.invocation_id`, `faas.coldstart`, `cloud.provider = aws`, `cloud.region`, `cloud.account.id`, `cloud.resource_id` |
+//! | batch | `{queue} process`, or `multiple_sources process` | CONSUMER | invocation | every record's producer, with its message id | `messaging.system = aws_sqs`, `messaging.operation.type = process`, `messaging.batch.message_count`, `faas.trigger`, successes and failures; the queue when there is one |
+//! | record | `{queue} process` | CONSUMER | batch | the record's producer | message id, body size, receive count, queue time (`SentTimestamp`), attempt, `faas.trigger` |
+//!
+//! A record's producer context is read from its `messageAttributes` in the
+//! instrumenter's formats first (W3C by default), then from the `AWSTraceHeader`
+//! system attribute (X-Ray), which is what AWS itself propagates. Handler spans,
+//! made with the OpenTelemetry API or with `tracing` through
+//! `tracing-opentelemetry`, are children of the record span.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+//! use lambda_runtime::{service_fn, Error, LambdaEvent};
+//! use mqtrace::{HandlerError, HandlerResult, Instrumenter};
+//! use mqtrace_aws_lambda::TracedSqsHandler;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Error> {
+//!     let telemetry = mqtrace::telemetry::init()?;
+//!     let provider = telemetry.provider().cloned().unwrap_or_default();
+//!     let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+//!     let traced = TracedSqsHandler::new(provider, &instrumenter);
+//!     lambda_runtime::run(service_fn(|event: LambdaEvent<SqsEvent>| {
+//!         let traced = traced.clone();
+//!         async move {
+//!             let response: SqsBatchResponse = traced
+//!                 .handle(event, |record| {
+//!                     let body = record.body.clone().unwrap_or_default();
+//!                     async move {
+//!                         let order: serde_json::Value = serde_json::from_str(&body)
+//!                             .map_err(|e| HandlerError::permanent(e))?;
+//!                         tracing::info!(%order, "billing");
+//!                         HandlerResult::Ok(())
+//!                     }
+//!                 })
+//!                 .await;
+//!             Ok::<_, Error>(response)
+//!         }
+//!     }))
+//!     .await
+//! }
+//! ```
+//!
+//! [lambda_runtime]: https://docs.rs/lambda_runtime
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_lambda_events::event::sqs::{
+    BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage, SqsMessageAttribute,
+};
+use lambda_runtime::LambdaEvent;
+use mqtrace::propagation::XRAY_FIELD;
+use mqtrace::{
+    HandlerResult, Inbound, Instrumenter, MessageDescription, MessagingSystem, OperationType,
+};
+use opentelemetry::propagation::Extractor;
+use opentelemetry::trace::{
+    FutureExt as _, SpanKind, TraceContextExt as _, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+
+/// `faas.trigger`.
+pub const FAAS_TRIGGER: &str = "faas.trigger";
+
+/// Wraps SQS batch handlers of one function. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TracedSqsHandler {
+    provider: SdkTracerProvider,
+    instrumenter: Instrumenter,
+    cold: Arc<AtomicBool>,
+}
+
+impl TracedSqsHandler {
+    /// Spans go to `provider`, which is flushed before each invocation returns;
+    /// batch and record spans follow `instrumenter`'s settings, with X-Ray added
+    /// as the last format to read.
+    pub fn new(provider: SdkTracerProvider, instrumenter: &Instrumenter) -> Self {
+        let propagation = instrumenter.propagation().with_xray_fallback();
+        Self {
+            provider,
+            instrumenter: instrumenter.with_propagation(propagation),
+            cold: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Handles one invocation: runs `handler` on each record inside its span, in
+    /// order, and returns the ids of the records that failed as the partial batch
+    /// response. A failed record without a message id is reported with an empty
+    /// id, which makes Lambda retry the whole batch: nothing is lost.
+    pub async fn handle<F, Fut>(
+        &self,
+        event: LambdaEvent<SqsEvent>,
+        mut handler: F,
+    ) -> SqsBatchResponse
+    where
+        F: FnMut(&SqsMessage) -> Fut,
+        Fut: Future<Output = HandlerResult>,
+    {
+        let LambdaEvent { payload, context } = event;
+        let records: Vec<Record<'_>> = payload.records.iter().map(Record).collect();
+        let invocation = self.start_invocation(&context, &payload);
+        let batch = batch_description(&payload);
+        let outcome = self
+            .instrumenter
+            .process_batch(&batch, &records, |r| handler(r.0))
+            .with_context(invocation.clone())
+            .await;
+        if outcome.failed > 0 {
+            invocation
+                .span()
+                .set_attribute(KeyValue::new("mqtrace.batch.failed", outcome.failed as i64));
+        }
+        invocation.span().end();
+        let failures = payload
+            .records
+            .iter()
+            .zip(&outcome.outcomes)
+            .filter(|(_, o)| o.is_err())
+            .map(|(r, _)| {
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = r.message_id.clone().unwrap_or_default();
+                failure
+            })
+            .collect();
+        self.flush().await;
+        let mut response = SqsBatchResponse::default();
+        response.batch_item_failures = failures;
+        response
+    }
+
+    fn start_invocation(&self, context: &lambda_runtime::Context, event: &SqsEvent) -> Context {
+        let tracer = self.provider.tracer("mqtrace-aws-lambda");
+        let name = if context.env_config.function_name.is_empty() {
+            std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "lambda".to_owned())
+        } else {
+            context.env_config.function_name.clone()
+        };
+        let cold = self.cold.swap(false, Ordering::SeqCst);
+        let mut attributes = vec![
+            KeyValue::new(FAAS_TRIGGER, "pubsub"),
+            KeyValue::new("faas.invocation_id", context.request_id.clone()),
+            KeyValue::new("faas.coldstart", cold),
+            KeyValue::new("cloud.provider", "aws"),
+        ];
+        let region = std::env::var("AWS_REGION")
+            .ok()
+            .or_else(|| event.records.iter().find_map(|r| r.aws_region.clone()));
+        if let Some(region) = region {
+            attributes.push(KeyValue::new("cloud.region", region));
+        }
+        let arn = &context.invoked_function_arn;
+        if let Some(account) = arn.split(':').nth(4).filter(|a| !a.is_empty()) {
+            attributes.push(KeyValue::new("cloud.account.id", account.to_owned()));
+        }
+        if !arn.is_empty() {
+            attributes.push(KeyValue::new("cloud.resource_id", arn.clone()));
+        }
+        let span = tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .with_attributes(attributes)
+            .start_with_context(&tracer, &Context::current());
+        Context::current().with_span(span)
+    }
+
+    async fn flush(&self) {
+        let provider = self.provider.clone();
+        let flushed = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::debug!(target: "mqtrace", ?flushed, "flush before return failed");
+        }
+    }
+}
+
+/// The queue name of an event source ARN (its last `:` field).
+fn queue_of(record: &SqsMessage) -> Option<&str> {
+    record.event_source_arn.as_deref()?.rsplit(':').next()
+}
+
+fn batch_description(event: &SqsEvent) -> MessageDescription {
+    let mut d = MessageDescription::new(MessagingSystem::AwsSqs, OperationType::Process);
+    let mut sources: Vec<&str> = event.records.iter().filter_map(queue_of).collect();
+    sources.dedup();
+    let single = sources
+        .first()
+        .filter(|_| sources.iter().all(|s| s == &sources[0]));
+    match single {
+        Some(queue) => {
+            d.destination.name = Some((*queue).to_owned());
+            d.span_name = Some(format!("{queue} process"));
+        }
+        None => d.span_name = Some("multiple_sources process".to_owned()),
+    }
+    d.extra.push(KeyValue::new(FAAS_TRIGGER, "pubsub"));
+    d
+}
+
+/// One record of the event, for the core.
+struct Record<'a>(&'a SqsMessage);
+
+impl Record<'_> {
+    fn attribute(&self, name: &str) -> Option<&str> {
+        self.0.attributes.get(name).map(String::as_str)
+    }
+}
+
+impl Inbound for Record<'_> {
+    fn description(&self) -> MessageDescription {
+        let r = self.0;
+        let mut d = MessageDescription::new(MessagingSystem::AwsSqs, OperationType::Process)
+            .body_size(r.body.as_deref().map_or(0, str::len));
+        if let Some(queue) = queue_of(r) {
+            d.destination.name = Some(queue.to_owned());
+            d.span_name = Some(format!("{queue} process"));
+        }
+        d.message_id.clone_from(&r.message_id);
+        d.extra.push(KeyValue::new(FAAS_TRIGGER, "pubsub"));
+        d
+    }
+
+    fn headers(&self) -> impl Extractor + '_ {
+        Carriers {
+            attributes: &self.0.message_attributes,
+            trace_header: self.attribute("AWSTraceHeader"),
+        }
+    }
+
+    fn body(&self) -> &[u8] {
+        self.0.body.as_deref().unwrap_or_default().as_bytes()
+    }
+
+    fn broker_timestamp(&self) -> Option<SystemTime> {
+        let ms: u64 = self.attribute("SentTimestamp")?.parse().ok()?;
+        UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+    }
+
+    fn delivery_count(&self) -> Option<u32> {
+        self.attribute("ApproximateReceiveCount")?.parse().ok()
+    }
+}
+
+/// A record's `messageAttributes` (string types, keys without regard to case)
+/// and its `AWSTraceHeader` under the X-Ray format's key.
+struct Carriers<'a> {
+    attributes: &'a HashMap<String, SqsMessageAttribute>,
+    trace_header: Option<&'a str>,
+}
+
+impl Extractor for Carriers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        if key.eq_ignore_ascii_case(XRAY_FIELD) {
+            if let Some(h) = self.trace_header {
+                return Some(h);
+            }
+        }
+        let mut found = None;
+        for (k, v) in self.attributes {
+            if !k.eq_ignore_ascii_case(key) {
+                continue;
+            }
+            let is_string = v
+                .data_type
+                .as_deref()
+                .is_some_and(|t| t.starts_with("String"));
+            let value = v.string_value.as_deref().filter(|_| is_string);
+            match found {
+                None => found = Some(value),
+                Some(prev) if prev == value => {}
+                Some(_) => return None,
+            }
+        }
+        found.flatten()
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        let mut keys: Vec<&str> = self.attributes.keys().map(String::as_str).collect();
+        if self.trace_header.is_some() {
+            keys.push("AWSTraceHeader");
+        }
+        keys
+    }
+}

@@ -1,0 +1,235 @@
+//! Real SQS event JSON through the wrapper: links and parents, partial batch
+//! responses, and spans exported before the invocation returns.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use aws_lambda_events::event::sqs::SqsEvent;
+use lambda_runtime::LambdaEvent;
+use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
+use mqtrace::{HandlerError, HandlerResult, Instrumenter};
+use mqtrace_aws_lambda::TracedSqsHandler;
+use mqtrace_testing::{assert_tree, Collector, Forest, RecordedSpan, TreeOptions};
+use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
+use opentelemetry_sdk::trace::BatchConfigBuilder;
+use tracing::Instrument as _;
+
+/// The W3C producer in the fixtures, and the X-Ray one (`1-5759e988-bd86…`).
+const W3C_A: &str = "0af7651916cd43dd8448eb211c80319c";
+const W3C_B: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const XRAY: &str = "5759e988bd862e3fe1be46a994272793";
+
+struct Run {
+    failures: Vec<String>,
+    /// What the collector had when `handle` returned, before any flush of ours.
+    at_return: Vec<RecordedSpan>,
+}
+
+async fn invoke(fixture: &str) -> Run {
+    let collector = Collector::start().await.unwrap();
+    // A delay far longer than the test: spans arrive only if the wrapper flushes.
+    let guard: TelemetryGuard = TelemetryBuilder::default()
+        .service_name("orders-lambda")
+        .endpoint(collector.grpc_endpoint())
+        .install_global(false)
+        .batch_config(
+            BatchConfigBuilder::default()
+                .with_scheduled_delay(Duration::from_secs(600))
+                .build(),
+        )
+        .build()
+        .unwrap();
+    let provider = guard.provider().unwrap().clone();
+    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let traced = TracedSqsHandler::new(provider.clone(), &instrumenter);
+    let event: SqsEvent = serde_json::from_str(fixture).unwrap();
+    let mut context = lambda_runtime::Context::default();
+    context.request_id = "req-1".into();
+    context.invoked_function_arn =
+        "arn:aws:lambda:eu-west-1:123456789012:function:orders-lambda".into();
+    context.env_config = std::sync::Arc::new(lambda_runtime::Config {
+        function_name: "orders-lambda".into(),
+        ..Default::default()
+    });
+    let tracer = provider.tracer("handler");
+    let response = traced
+        .handle(LambdaEvent::new(event, context), |record| {
+            let fail = record.body.as_deref() == Some("fail");
+            let tracer = tracer.clone();
+            async move {
+                tracer.start("charge").end();
+                if fail {
+                    Err(HandlerError::permanent("declined").with_type("declined"))
+                } else {
+                    HandlerResult::Ok(())
+                }
+            }
+        })
+        .await;
+    // gRPC export finished inside `handle`: the collector has the spans now.
+    let at_return = collector.spans();
+    Run {
+        failures: response
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.clone())
+            .collect(),
+        at_return,
+    }
+}
+
+fn render(spans: &[RecordedSpan]) -> String {
+    Forest::new(spans.to_vec()).render(&TreeOptions::only(&["error.type", "faas.trigger"]))
+}
+
+/// The linked trace ids of each span named `name`.
+/// Sorted, since spans arrive in the order they ended.
+fn link_traces(spans: &[RecordedSpan], name: &str) -> Vec<Vec<String>> {
+    let mut all: Vec<Vec<String>> = spans
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|s| {
+            let mut l: Vec<String> = s.links.iter().map(|l| l.trace_id.clone()).collect();
+            l.sort();
+            l
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_attribute_contexts_are_linked_and_failures_reported() {
+    let run = invoke(include_str!("fixtures/traceparent.json")).await;
+    assert_eq!(run.failures, ["2e1424d4-f796-459a-8184-9c92662be6da"]);
+    // invocation, batch, 2 records, 2 handler spans: all exported before return.
+    assert_eq!(run.at_return.len(), 6, "{}", render(&run.at_return));
+    // The first record has both a traceparent and an AWSTraceHeader: the message
+    // attribute wins. Header keys are read without regard to case.
+    assert_eq!(
+        link_traces(&run.at_return, "orders process"),
+        [
+            vec![W3C_A.to_owned()],
+            vec![W3C_A.to_owned(), W3C_B.to_owned()],
+            vec![W3C_B.to_owned()]
+        ]
+    );
+    let tree = render(&run.at_return);
+    assert!(tree.starts_with("trace #1\norders-lambda [SERVER] faas.trigger=\"pubsub\"\n    orders process [CONSUMER] ERROR(\"1 of 2 messages failed\") faas.trigger=\"pubsub\""), "{tree}");
+    assert!(tree.contains("orders process [CONSUMER] ERROR(\"declined\") error.type=\"declined\" faas.trigger=\"pubsub\""), "{tree}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_trace_header_alone_is_enough() {
+    let run = invoke(include_str!("fixtures/aws_trace_header.json")).await;
+    assert!(run.failures.is_empty());
+    assert_eq!(
+        link_traces(&run.at_return, "orders process"),
+        [vec![XRAY.to_owned()], vec![XRAY.to_owned()]]
+    );
+    let invocation = run
+        .at_return
+        .iter()
+        .find(|s| s.name == "orders-lambda")
+        .unwrap();
+    for (key, value) in [
+        ("faas.invocation_id", "req-1"),
+        ("cloud.provider", "aws"),
+        ("cloud.account.id", "123456789012"),
+        ("cloud.region", "eu-west-1"),
+    ] {
+        assert_eq!(
+            invocation.attr(key).and_then(|v| v.as_str()),
+            Some(value),
+            "{key}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_usable_context_means_no_link() {
+    let run = invoke(include_str!("fixtures/no_context.json")).await;
+    assert_eq!(run.failures, ["19dd0b57-b21e-4ac1-bd88-01bbb068cb78"]);
+    assert_tree(
+        &render(&run.at_return),
+        r#"
+        trace #1
+        orders-lambda [SERVER] faas.trigger="pubsub"
+            orders process [CONSUMER] ERROR("1 of 1 messages failed") faas.trigger="pubsub"
+                orders process [CONSUMER] ERROR("declined") error.type="declined" faas.trigger="pubsub"
+                    charge [INTERNAL]
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_sources_name_the_batch_for_all_of_them() {
+    let run = invoke(include_str!("fixtures/mixed_sources.json")).await;
+    assert_eq!(run.failures, ["a1b2c3d4-0000-4000-8000-000000000002"]);
+    assert_eq!(
+        link_traces(&run.at_return, "multiple_sources process"),
+        [vec![W3C_A.to_owned(), XRAY.to_owned()]]
+    );
+    assert_eq!(
+        link_traces(&run.at_return, "orders process"),
+        [vec![W3C_A.to_owned()]]
+    );
+    assert_eq!(
+        link_traces(&run.at_return, "payments process"),
+        [vec![], vec![XRAY.to_owned()]]
+    );
+    let batch = run
+        .at_return
+        .iter()
+        .find(|s| s.name == "multiple_sources process")
+        .unwrap();
+    assert!(batch.attr("messaging.destination.name").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracing_spans_in_the_handler_nest_under_the_record_span() {
+    use tracing::instrument::WithSubscriber as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    let collector = Collector::start().await.unwrap();
+    let guard = TelemetryBuilder::default()
+        .service_name("orders-lambda")
+        .endpoint(collector.grpc_endpoint())
+        .install_global(false)
+        .build()
+        .unwrap();
+    let provider = guard.provider().unwrap().clone();
+    let dispatch =
+        tracing::Dispatch::new(tracing_subscriber::registry().with(guard.tracing_layer()));
+    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let traced = TracedSqsHandler::new(provider, &instrumenter);
+    let event: SqsEvent =
+        serde_json::from_str(include_str!("fixtures/aws_trace_header.json")).unwrap();
+    let response = traced
+        .handle(
+            LambdaEvent::new(event, lambda_runtime::Context::default()),
+            |_| {
+                async {
+                    async { tokio::task::yield_now().await }
+                        .instrument(tracing::info_span!("reserve stock"))
+                        .await;
+                    HandlerResult::Ok(())
+                }
+                .with_subscriber(dispatch.clone())
+            },
+        )
+        .await;
+    assert!(response.batch_item_failures.is_empty());
+    assert_tree(
+        &Forest::new(collector.spans()).render(&TreeOptions::only(&[])),
+        r#"
+        trace #1
+        lambda [SERVER]
+            orders process [CONSUMER]
+                ~> span not received messaging.message.id="c80e8021-a70a-42c7-a470-796e1186f753"
+                orders process [CONSUMER]
+                    ~> span not received
+                    reserve stock [INTERNAL]
+        "#,
+    );
+}
