@@ -41,7 +41,9 @@ pub(crate) struct DemoArgs {
     show: usize,
     /// Where to run: `embedded` (the in-process broker), a RabbitMQ URL
     /// (`amqp://user:pass@host:port/vhost`) or a Kafka bootstrap address
-    /// (`kafka://host:port`). On a real broker the demo creates its own queues or
+    /// (`kafka://host:port`), or SQS: `sqs://host:port` for an emulator (static test
+    /// credentials), `sqs://` for AWS with the environment's region and
+    /// credentials. On a real broker the demo creates its own queues or
     /// topics, named for the run, and deletes them afterwards.
     #[arg(long, default_value = "embedded")]
     pub(crate) broker: String,
@@ -56,9 +58,11 @@ pub(crate) enum DemoError {
     #[error("--fail-rate must be between 0 and 1, not {0}")]
     FailRate(f64),
     #[error(
-        "broker {0:?} is not supported: use `embedded`, an `amqp://` URL or `kafka://host:port`"
+        "broker {0:?} is not supported: use `embedded`, an `amqp://` URL, `kafka://host:port` or `sqs://host:port`"
     )]
     Broker(String),
+    #[error("SQS: {0}")]
+    Sqs(String),
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("Kafka: cannot create topic {0}: {1}")]
@@ -217,6 +221,8 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), DemoError> {
         crate::rabbit::run(&args, &services).await?
     } else if args.broker.starts_with("kafka://") {
         crate::kafka::run(&args, &services).await?
+    } else if args.broker.starts_with("sqs://") {
+        crate::sqs::run(&args, &services).await?
     } else {
         return Err(DemoError::Broker(args.broker));
     };

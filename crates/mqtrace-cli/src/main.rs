@@ -2,7 +2,7 @@
 //!
 //! `mqtrace demo` runs an order pipeline (a producer service, a worker service whose
 //! handler makes child spans, transient failures that are retried, bad orders that
-//! end in the dead-letter queue) on the embedded broker or a real RabbitMQ or Kafka, collects the spans over real
+//! end in the dead-letter queue) on the embedded broker or a real RabbitMQ, Kafka or SQS, collects the spans over real
 //! OTLP in-process, and prints them as trees with a summary.
 #![forbid(unsafe_code)]
 // A command-line tool reports its errors on stderr.
@@ -11,6 +11,7 @@
 mod demo;
 mod kafka;
 mod rabbit;
+mod sqs;
 
 use std::process::ExitCode;
 

@@ -117,3 +117,18 @@ fn kafka_run_matches_the_embedded_run() {
     );
     assert!(kafka.contains("send mqtrace-demo.orders."), "{kafka}");
 }
+
+/// On the SQS emulator too: retries by redelivery, the same summary.
+#[test]
+fn sqs_run_matches_the_embedded_run() {
+    let endpoint = mqtrace_testing::brokers::sqs_endpoint();
+    let args = ["--messages", "20", "--seed", "11", "--show", "1"];
+    let (ok, embedded, stderr) = demo(&args);
+    assert!(ok, "embedded demo failed: {stderr}");
+    let broker = format!("sqs://{}", endpoint.trim_start_matches("http://"));
+    let (ok, sqs, stderr) = demo(&[&args[..], &["--broker", &broker]].concat());
+    assert!(ok, "SQS demo failed: {stderr}");
+    let summary = |out: &str| out.lines().last().unwrap().to_owned();
+    assert_eq!(summary(&sqs), summary(&embedded));
+    assert!(summary(&sqs).ends_with("traces 20 · complete 20"), "{sqs}");
+}
