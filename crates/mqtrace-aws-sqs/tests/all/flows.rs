@@ -266,3 +266,39 @@ async fn eight_user_attributes_leave_room_for_w3c() {
     assert!(keys.contains(&"traceparent".to_owned()) && keys.contains(&"tracestate".to_owned()));
     assert!(trace_header && linked);
 }
+
+/// Each propagation choice writes where it says, and only there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propagation_choices_write_where_they_say() {
+    use mqtrace_aws_sqs::SqsPropagation;
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    for (mode, attributes, header) in [
+        (SqsPropagation::MessageAttributes, true, false),
+        (SqsPropagation::AwsTraceHeader, false, true),
+        (SqsPropagation::Both, true, true),
+    ] {
+        let url = h.queue(&format!("mode-{mode:?}").to_lowercase(), &[]).await;
+        TracedSqs::new(h.client.clone(), instrumenter.clone())
+            .propagation(mode)
+            .send(h.client.send_message().queue_url(&url).message_body("x"))
+            .await
+            .unwrap();
+        let got = h.drain(&url).await;
+        let m = &got[0];
+        let has_traceparent = m
+            .message_attributes()
+            .is_some_and(|a| a.contains_key("traceparent"));
+        let has_header = m
+            .attributes()
+            .is_some_and(|a| a.contains_key(&MessageSystemAttributeName::AwsTraceHeader));
+        assert_eq!(
+            (has_traceparent, has_header),
+            (attributes, header),
+            "{mode:?}"
+        );
+        // Either way the consumer finds the producer.
+        let cx = mqtrace_aws_sqs::trace_context(m, instrumenter.propagation());
+        assert!(cx.span().span_context().is_valid(), "{mode:?}");
+    }
+}
