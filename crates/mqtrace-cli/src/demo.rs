@@ -1,6 +1,8 @@
 //! `mqtrace demo`: the order pipeline on the embedded broker.
 
 use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -10,7 +12,7 @@ use mqtrace::embedded::{
     TracedProducer,
 };
 use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
-use mqtrace::{Disposition, HandlerError, HandlerResult, Instrumenter};
+use mqtrace::{Disposition, HandlerError, HandlerResult, Instrumenter, Retryable};
 use mqtrace_testing::{Collector, Forest, Kind, RecordedSpan, TreeOptions};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use serde::{Deserialize, Serialize};
@@ -158,6 +160,17 @@ impl Services {
         }
     }
 
+    /// The handler for a run on a real broker, whose worker gives up after
+    /// `budget` attempts.
+    pub(crate) fn finishing(&self, args: &DemoArgs, budget: u32) -> Finishing {
+        Finishing {
+            handler: self.handler(args),
+            budget,
+            done: Arc::new(AtomicU64::new(0)),
+            bar: self.bar.clone(),
+        }
+    }
+
     /// Flushes both services and prints the trees and the summary.
     async fn report(
         self,
@@ -194,6 +207,50 @@ impl OrderHandler {
     ) -> impl std::future::Future<Output = HandlerResult> + Send + 'static {
         handle_order(body, attempt, self.fail_rate, self.seed)
             .with_subscriber(self.dispatch.clone())
+    }
+}
+
+/// The demo handler on a real broker, counting the orders that are done (settled,
+/// or on their way to the dead letters) so the run stops when all of them are.
+#[derive(Clone)]
+pub(crate) struct Finishing {
+    handler: OrderHandler,
+    budget: u32,
+    done: Arc<AtomicU64>,
+    bar: ProgressBar,
+}
+
+impl Finishing {
+    /// Handles one delivery of an order body at `attempt`.
+    pub(crate) fn call(
+        &self,
+        body: Vec<u8>,
+        attempt: u32,
+    ) -> impl std::future::Future<Output = HandlerResult> + Send + 'static {
+        let work = self.handler.call(body, attempt);
+        let (done, bar, budget) = (Arc::clone(&self.done), self.bar.clone(), self.budget);
+        async move {
+            let outcome = work.await;
+            let finished = match &outcome {
+                Ok(()) => true,
+                Err(e) => e.retryable() == Retryable::Permanent || attempt >= budget,
+            };
+            if finished {
+                done.fetch_add(1, Ordering::SeqCst);
+                bar.inc(1);
+            }
+            outcome
+        }
+    }
+
+    /// Completes once `orders` orders are done.
+    pub(crate) fn all_done(&self, orders: u64) -> impl std::future::Future<Output = ()> + 'static {
+        let done = Arc::clone(&self.done);
+        async move {
+            while done.load(Ordering::SeqCst) < orders {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 }
 

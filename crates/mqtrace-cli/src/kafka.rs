@@ -1,11 +1,8 @@
 //! `mqtrace demo --broker kafka://host:port`: the order pipeline on a real Kafka.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use mqtrace::embedded::ConsumerStats;
-use mqtrace::{HandlerResult, Retryable};
 use mqtrace_rdkafka::{HeadersExtractor, TracedConsumer, TracedProducer};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -78,35 +75,15 @@ pub(crate) async fn run(
     let forwarder = TracedProducer::from_config(&config(bootstrap), worker.clone())?;
     let consumer = TracedConsumer::from_config(&consumer_config, &[&topic], forwarder, worker)?
         .dead_letter_topic(&dead);
-    let finished = Arc::new(AtomicU64::new(0));
-    let handler = services.handler(args);
-    let (counted, progress) = (Arc::clone(&finished), bar.clone());
+    let orders = services.finishing(args, budget);
+    let all_done = orders.all_done(args.messages);
     let on_record = move |record: mqtrace_rdkafka::Record| {
         let attempt = record.headers().map_or(1, |h| {
             mqtrace::forward::attempt_of(&HeadersExtractor(h), None)
         });
-        let work = handler.call(record.payload().unwrap_or_default().to_vec(), attempt);
-        let (counted, progress) = (Arc::clone(&counted), progress.clone());
-        async move {
-            let outcome: HandlerResult = work.await;
-            // Settled, or going to the dead letters: this order is done.
-            let done = match &outcome {
-                Ok(()) => true,
-                Err(e) => e.retryable() == Retryable::Permanent || attempt >= budget,
-            };
-            if done {
-                counted.fetch_add(1, Ordering::SeqCst);
-                progress.inc(1);
-            }
-            outcome
-        }
+        orders.call(record.payload().unwrap_or_default().to_vec(), attempt)
     };
     let all = args.messages;
-    let all_done = async move {
-        while finished.load(Ordering::SeqCst) < all {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     let deadline = Duration::from_secs(60 + all / 10);
     let stats = tokio::time::timeout(deadline, consumer.run_until(on_record, all_done))
         .await

@@ -1,7 +1,5 @@
 //! `mqtrace demo --broker amqp://…`: the order pipeline on a real RabbitMQ.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{
@@ -10,7 +8,6 @@ use lapin::options::{
 };
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use mqtrace::embedded::ConsumerStats;
-use mqtrace::{HandlerResult, Retryable};
 use mqtrace_lapin::{FieldTableExtractor, QueueSpec, Server, TracedConsumer, TracedPublisher};
 
 use crate::demo::{order_body, DemoArgs, DemoError, Services};
@@ -66,37 +63,16 @@ pub(crate) async fn run(
     bar.set_message("processing");
     let worker = services.worker();
     let budget = worker.retry_policy().max_attempts();
-    let finished = Arc::new(AtomicU64::new(0));
-    let handler = services.handler(args);
-    let counted = Arc::clone(&finished);
-    let progress = bar.clone();
+    let orders = services.finishing(args, budget);
+    let all_done = orders.all_done(args.messages);
     let on_message = move |message: mqtrace_lapin::Message| {
         let attempt = match message.properties().headers() {
             Some(h) => mqtrace::forward::attempt_of(&FieldTableExtractor(h), None),
             None => 1,
         };
-        let work = handler.call(message.body().to_vec(), attempt);
-        let (counted, progress) = (Arc::clone(&counted), progress.clone());
-        async move {
-            let outcome: HandlerResult = work.await;
-            // Settled, or going to the dead letters: this order is done.
-            let done = match &outcome {
-                Ok(()) => true,
-                Err(e) => e.retryable() == Retryable::Permanent || attempt >= budget,
-            };
-            if done {
-                counted.fetch_add(1, Ordering::SeqCst);
-                progress.inc(1);
-            }
-            outcome
-        }
+        orders.call(message.body().to_vec(), attempt)
     };
     let all = args.messages;
-    let all_done = async move {
-        while finished.load(Ordering::SeqCst) < all {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     let deadline = Duration::from_secs(60 + all / 10);
     let stats = tokio::time::timeout(
         deadline,

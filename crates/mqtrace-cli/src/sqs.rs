@@ -1,14 +1,11 @@
 //! `mqtrace demo --broker sqs://host:port`: the order pipeline on SQS.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::QueueAttributeName;
 use aws_sdk_sqs::Client;
 use mqtrace::embedded::ConsumerStats;
-use mqtrace::{HandlerResult, Retryable};
 use mqtrace_aws_sqs::{TracedConsumer, TracedSqs};
 
 use crate::demo::{order_body, DemoArgs, DemoError, Services};
@@ -82,32 +79,13 @@ pub(crate) async fn run(
         .dead_letter_queue(&dead)
         .wait_time_seconds(1)
         .receive_spans(false, false);
-    let finished = Arc::new(AtomicU64::new(0));
-    let handler = services.handler(args);
-    let (counted, progress) = (Arc::clone(&finished), bar.clone());
+    let orders = services.finishing(args, budget);
+    let all_done = orders.all_done(args.messages);
     let on_message = move |message: mqtrace_aws_sqs::Received| {
         let attempt = message.receive_count().unwrap_or(1);
-        let work = handler.call(message.body().as_bytes().to_vec(), attempt);
-        let (counted, progress) = (Arc::clone(&counted), progress.clone());
-        async move {
-            let outcome: HandlerResult = work.await;
-            let done = match &outcome {
-                Ok(()) => true,
-                Err(e) => e.retryable() == Retryable::Permanent || attempt >= budget,
-            };
-            if done {
-                counted.fetch_add(1, Ordering::SeqCst);
-                progress.inc(1);
-            }
-            outcome
-        }
+        orders.call(message.body().as_bytes().to_vec(), attempt)
     };
     let all = args.messages;
-    let all_done = async move {
-        while finished.load(Ordering::SeqCst) < all {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     let deadline = Duration::from_secs(60 + all);
     let stats = tokio::time::timeout(deadline, consumer.run_until(on_message, all_done))
         .await
