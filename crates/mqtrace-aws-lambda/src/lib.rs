@@ -68,7 +68,7 @@ use aws_lambda_events::event::sqs::{
     BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage, SqsMessageAttribute,
 };
 use lambda_runtime::LambdaEvent;
-use mqtrace::propagation::XRAY_FIELD;
+use mqtrace::propagation::{lookup, XRAY_FIELD};
 use mqtrace::{
     HandlerResult, Inbound, Instrumenter, MessageDescription, MessagingSystem, OperationType,
 };
@@ -273,23 +273,14 @@ impl Extractor for Carriers<'_> {
                 return Some(h);
             }
         }
-        let mut found = None;
-        for (k, v) in self.attributes {
-            if !k.eq_ignore_ascii_case(key) {
-                continue;
-            }
+        let entries = self.attributes.iter().map(|(k, v)| {
             let is_string = v
                 .data_type
                 .as_deref()
                 .is_some_and(|t| t.starts_with("String"));
-            let value = v.string_value.as_deref().filter(|_| is_string);
-            match found {
-                None => found = Some(value),
-                Some(prev) if prev == value => {}
-                Some(_) => return None,
-            }
-        }
-        found.flatten()
+            (k.as_str(), v.string_value.as_deref().filter(|_| is_string))
+        });
+        lookup(entries, key).flatten()
     }
 
     fn keys(&self) -> Vec<&str> {

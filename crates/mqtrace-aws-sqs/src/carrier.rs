@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use aws_sdk_sqs::types::MessageAttributeValue;
+use mqtrace::propagation::lookup;
 use opentelemetry::propagation::{Extractor, Injector};
 
 /// SQS accepts at most this many message attributes per message.
@@ -43,18 +44,7 @@ pub struct MessageAttributesExtractor<'a>(pub &'a MessageAttributes);
 impl<'a> MessageAttributesExtractor<'a> {
     /// The value of `key`, borrowed from the attributes.
     pub fn value(self, key: &str) -> Option<&'a str> {
-        let mut found: Option<&'a MessageAttributeValue> = None;
-        for (k, v) in self.0 {
-            if !k.eq_ignore_ascii_case(key) {
-                continue;
-            }
-            match found {
-                None => found = Some(v),
-                Some(prev) if prev == v => {}
-                Some(_) => return None,
-            }
-        }
-        let v = found?;
+        let v = lookup(self.0.iter().map(|(k, v)| (k.as_str(), v)), key)?;
         v.data_type()
             .starts_with("String")
             .then(|| v.string_value())

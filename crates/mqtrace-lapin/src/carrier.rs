@@ -1,6 +1,7 @@
 //! OpenTelemetry carriers over an AMQP header table.
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use mqtrace::propagation::lookup;
 use opentelemetry::propagation::{Extractor, Injector};
 
 /// Writes trace headers into a [`FieldTable`] as long strings, keys as given.
@@ -45,19 +46,7 @@ fn as_str(value: &AMQPValue) -> Option<&str> {
 impl<'a> FieldTableExtractor<'a> {
     /// The value of `key`, borrowed from the table (see the type's rules).
     pub fn value(self, key: &str) -> Option<&'a str> {
-        let mut found: Option<&'a AMQPValue> = None;
-        for (k, v) in self.0 {
-            if !k.as_str().eq_ignore_ascii_case(key) {
-                continue;
-            }
-            match found {
-                None => found = Some(v),
-                // Two spellings of one header: trust neither unless they agree.
-                Some(prev) if prev == v => {}
-                Some(_) => return None,
-            }
-        }
-        found.and_then(as_str)
+        lookup(self.0.into_iter().map(|(k, v)| (k.as_str(), v)), key).and_then(as_str)
     }
 
     /// Every key, as sent.

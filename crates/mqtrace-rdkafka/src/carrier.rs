@@ -1,5 +1,6 @@
 //! OpenTelemetry carriers over Kafka record headers.
 
+use mqtrace::propagation::lookup;
 use opentelemetry::propagation::{Extractor, Injector};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
@@ -47,20 +48,11 @@ pub struct HeadersExtractor<'a, H: ?Sized>(pub &'a H);
 impl<'a, H: Headers + ?Sized> HeadersExtractor<'a, H> {
     /// The value of `key`, borrowed from the headers.
     pub fn value(&self, key: &str) -> Option<&'a str> {
-        let mut found: Option<Option<&'a [u8]>> = None;
-        for i in 0..self.0.count() {
-            let Some(h) = self.0.try_get(i) else { continue };
-            if !h.key.eq_ignore_ascii_case(key) {
-                continue;
-            }
-            match found {
-                None => found = Some(h.value),
-                Some(prev) if prev == h.value => {}
-                // Two different values for one key: trust neither.
-                Some(_) => return None,
-            }
-        }
-        std::str::from_utf8(found??).ok()
+        let headers = self.0;
+        let entries = (0..headers.count())
+            .filter_map(|i| headers.try_get(i))
+            .map(|h| (h.key, h.value));
+        std::str::from_utf8(lookup(entries, key)??).ok()
     }
 
     /// Every key, in order, repeats included.

@@ -41,6 +41,29 @@ pub const MAX_BAGGAGE_MEMBERS: usize = 64;
 
 type DynPropagator = Arc<dyn TextMapPropagator + Send + Sync>;
 
+/// The value stored under `key` among a carrier's `(key, value)` entries, keys
+/// compared without regard to ASCII case: what every adapter's extractor does. A
+/// key present under several spellings (or several times) counts only when all
+/// its values agree; otherwise it reads as absent, so a damaged header yields no
+/// context rather than a wrong one.
+pub fn lookup<'a, V: PartialEq + Copy>(
+    entries: impl IntoIterator<Item = (&'a str, V)>,
+    key: &str,
+) -> Option<V> {
+    let mut found = None;
+    for (k, v) in entries {
+        if !k.eq_ignore_ascii_case(key) {
+            continue;
+        }
+        match found {
+            None => found = Some(v),
+            Some(prev) if prev == v => {}
+            Some(_) => return None,
+        }
+    }
+    found
+}
+
 /// The header key of the X-Ray format.
 #[cfg(feature = "xray")]
 pub const XRAY_FIELD: &str = "x-amzn-trace-id";
@@ -430,6 +453,21 @@ pub type SimpleCarrier = std::collections::HashMap<String, String>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lookup_ignores_case_and_refuses_disagreement() {
+        let entries = [
+            ("TraceParent", 1),
+            ("x", 2),
+            ("traceparent", 1),
+            ("dup", 3),
+            ("DUP", 4),
+        ];
+        assert_eq!(lookup(entries, "traceparent"), Some(1));
+        assert_eq!(lookup(entries, "X"), Some(2));
+        assert_eq!(lookup(entries, "dup"), None);
+        assert_eq!(lookup(entries, "absent"), None);
+    }
     use opentelemetry::trace::TraceContextExt;
 
     fn remote(flags: u8, state: &str) -> Context {
