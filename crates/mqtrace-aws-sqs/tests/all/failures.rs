@@ -217,3 +217,42 @@ async fn redrive_policy_moves_a_failing_message_to_the_queues_dlq() {
     assert_eq!(dead.len(), 1, "in the queue's DLQ");
     assert_eq!(dead[0].body(), Some("poison"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_spans_when_asked() {
+    let h = Harness::start().await;
+    let url = h.queue("deleted", &[]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    TracedSqs::new(h.client.clone(), instrumenter.clone())
+        .send(h.client.send_message().queue_url(&url).message_body("x"))
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    within(
+        30,
+        TracedConsumer::new(h.client.clone(), &url, &instrumenter)
+            .wait_time_seconds(1)
+            .receive_spans(false, false)
+            .settle_spans(true)
+            .run_until(
+                move |_| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async { HandlerResult::Ok(()) }
+                },
+                when_count(&calls, 1),
+            ),
+    )
+    .await;
+    assert_tree(
+        &h.render(3, TreeOptions::only(&["messaging.operation.type"]))
+            .await,
+        r#"
+        trace #1
+        send deleted-RUN [PRODUCER] messaging.operation.type="send"
+            process deleted-RUN [CONSUMER] messaging.operation.type="process"
+                ~> send deleted-RUN (this trace)
+                delete deleted-RUN [CLIENT] messaging.operation.type="settle"
+        "#,
+    );
+}

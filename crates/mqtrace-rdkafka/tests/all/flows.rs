@@ -302,3 +302,78 @@ async fn extension_traits_carry_the_context_through_plain_rdkafka() {
         "#,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_spans_link_the_record_when_asked() {
+    let h = Harness::start().await;
+    let topic = h.name("polled");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    h.producer(&instrumenter)
+        .send(
+            FutureRecord::<str, str>::to(&topic).payload("x"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let handled = Arc::clone(&seen);
+    within(
+        60,
+        h.consumer(&[&topic], &instrumenter)
+            .poll_spans(true)
+            .run_until(
+                move |_| {
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    async { HandlerResult::Ok(()) }
+                },
+                when_count(&seen, 1),
+            ),
+    )
+    .await;
+    assert_tree(
+        &h.render(3, TreeOptions::only(&["messaging.operation.type"]))
+            .await,
+        r#"
+        trace #1
+        send polled-RUN [PRODUCER] messaging.operation.type="send"
+            process polled-RUN [CONSUMER] messaging.operation.type="process"
+                ~> send polled-RUN (this trace)
+        trace #2
+        poll polled-RUN [CLIENT] messaging.operation.type="receive"
+            ~> send polled-RUN (trace #1)
+        "#,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_delivery_marks_the_send_span_and_returns_rdkafkas_error() {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let mut config = h.config();
+    // The broker does not create topics: this one never becomes deliverable.
+    config.set("message.timeout.ms", "1500");
+    let producer = mqtrace_rdkafka::TracedProducer::from_config(&config, instrumenter).unwrap();
+    let missing = h.name("missing");
+    let result = producer
+        .send(
+            FutureRecord::<str, str>::to(&missing).payload("x"),
+            Duration::from_secs(5),
+        )
+        .await;
+    let (error, _) = result.expect_err("no such topic");
+    let code = error.rdkafka_error_code().map(|c| format!("{c:?}"));
+    let spans = h.spans(1).await;
+    assert!(matches!(
+        spans[0].status,
+        mqtrace_testing::SpanStatus::Error(_)
+    ));
+    assert_eq!(
+        spans[0]
+            .attr("error.type")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned),
+        code,
+        "error.type is the Kafka error code"
+    );
+}
