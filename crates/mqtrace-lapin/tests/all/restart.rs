@@ -12,7 +12,7 @@ use mqtrace_testing::brokers::rabbitmqctl;
 
 use crate::helpers::{drain, within, Harness};
 
-const MESSAGES: u32 = 60;
+const MESSAGES: u32 = 80;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_survives_a_broker_restart_and_loses_nothing() {
