@@ -256,3 +256,46 @@ async fn delete_spans_when_asked() {
         "#,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
+    let h = Harness::start().await;
+    let url = h
+        .queue(
+            "panics",
+            &[(QueueAttributeName::VisibilityTimeout, "1".into())],
+        )
+        .await;
+    let instrumenter = h.instrumenter(|b| b);
+    TracedSqs::new(h.client.clone(), instrumenter.clone())
+        .send(h.client.send_message().queue_url(&url).message_body("x"))
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let stats = within(
+        30,
+        TracedConsumer::new(h.client.clone(), &url, &instrumenter)
+            .wait_time_seconds(1)
+            .receive_spans(false, false)
+            .run_until(
+                move |_| {
+                    let n = counted.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        assert!(n > 0, "first attempt blows up");
+                        HandlerResult::Ok(())
+                    }
+                },
+                when_count(&calls, 2),
+            ),
+    )
+    .await;
+    assert_eq!((stats.retried, stats.settled), (1, 1));
+    assert!(h.drain(&url).await.is_empty());
+    let spans = h.spans(3).await;
+    let panicked = spans
+        .iter()
+        .filter(|s| s.attr("error.type").and_then(|v| v.as_str()) == Some("panic"))
+        .count();
+    assert_eq!(panicked, 1);
+}

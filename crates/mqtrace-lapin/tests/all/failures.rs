@@ -241,3 +241,60 @@ async fn budget_spent_goes_to_the_dead_letter_exchange_with_metadata() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let (_connection, channel) = h.channel().await;
+    let queue = QueueSpec::new(h.name("panics"));
+    queue.declare(&channel).await.unwrap();
+    TracedPublisher::new(channel.clone(), instrumenter.clone())
+        .publish_json("", queue.name(), &1, BasicProperties::default())
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let stats = within(
+        30,
+        TracedConsumer::new(&h.url, queue.clone(), instrumenter).run_until(
+            move |_| {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    assert!(n > 0, "first attempt blows up");
+                    HandlerResult::Ok(())
+                }
+            },
+            when_count(&calls, 2),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!((stats.retried, stats.settled), (1, 1));
+    assert_tree(
+        &h.render(
+            4,
+            TreeOptions::only(&["error.type", "mqtrace.message.disposition"]),
+        )
+        .await
+        .lines()
+        .map(|l| l.split(" ERROR(").next().unwrap_or(l).to_owned() + "\n")
+        .collect::<String>(),
+        r#"
+        trace #1
+        send panics-RUN [PRODUCER]
+            process panics-RUN [CONSUMER]
+                ~> send panics-RUN (this trace)
+                send panics-RUN [PRODUCER] mqtrace.message.disposition="retried"
+                    ~> send panics-RUN (this trace) relationship="original_message"
+                    ~> process panics-RUN (this trace) relationship="processing_attempt"
+                    process panics-RUN [CONSUMER] mqtrace.message.disposition="settled"
+                        ~> send panics-RUN (this trace)
+        "#,
+    );
+    let spans = h.spans(4).await;
+    let panicked = spans
+        .iter()
+        .find(|s| s.attr("error.type").and_then(|v| v.as_str()) == Some("panic"));
+    assert!(panicked.is_some(), "the process span says it panicked");
+}

@@ -214,3 +214,45 @@ async fn permanent_failures_are_dead_lettered_and_nothing_is_lost() {
     dead_keys.sort();
     assert_eq!(dead_keys, ["k0", "k3", "k6", "k9"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
+    let h = Harness::start().await;
+    let topic = h.name("panics");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    let producer = h.producer(&instrumenter);
+    for i in 0..2 {
+        producer
+            .send(
+                FutureRecord::<str, str>::to(&topic).payload(&i.to_string()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let stats = within(
+        60,
+        h.consumer(&[&topic], &instrumenter).run_until(
+            move |_| {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    assert!(n > 0, "the first record's first attempt blows up");
+                    HandlerResult::Ok(())
+                }
+            },
+            // Both records, the first one twice.
+            when_count(&calls, 3),
+        ),
+    )
+    .await;
+    assert_eq!((stats.retried, stats.settled), (1, 2));
+    let spans = h.spans(2 + 3 + 1).await;
+    let panicked = spans
+        .iter()
+        .filter(|s| s.attr("error.type").and_then(|v| v.as_str()) == Some("panic"))
+        .count();
+    assert_eq!(panicked, 1, "the process span says it panicked");
+}

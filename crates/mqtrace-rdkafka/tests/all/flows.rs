@@ -254,7 +254,10 @@ async fn consumer_lag_comes_from_the_statistics() {
     // Present once the statistics have arrived (the first record waits long
     // enough for that), and always the records left behind this one.
     assert!(lags.len() >= 2, "{lags:?}");
-    assert!(lags.iter().all(|&(offset, lag)| lag == 4 - offset), "{lags:?}");
+    assert!(
+        lags.iter().all(|&(offset, lag)| lag == 4 - offset),
+        "{lags:?}"
+    );
     assert_eq!(lags.last(), Some(&(4, 0)));
 }
 
