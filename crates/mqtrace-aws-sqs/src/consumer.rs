@@ -531,7 +531,7 @@ impl TracedConsumer {
             .send_message()
             .queue_url(dlq)
             .message_body(message.body())
-            .set_message_attributes(Some(attributes));
+            .set_message_attributes(Some(attributes).filter(|a| !a.is_empty()));
         if let Some(value) = trace_header {
             if let Ok(v) = MessageSystemAttributeValue::builder()
                 .data_type("String")

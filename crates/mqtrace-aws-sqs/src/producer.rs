@@ -130,7 +130,9 @@ impl TracedSqs {
         let span = self.instrumenter.start_send(&d, Some(body.as_bytes()));
         let mut attributes = request.get_message_attributes().clone().unwrap_or_default();
         let trace = self.inject(&span, &mut attributes);
-        let mut request = request.set_message_attributes(Some(attributes));
+        // An empty map is left out of the request rather than sent.
+        let mut request =
+            request.set_message_attributes(Some(attributes).filter(|a| !a.is_empty()));
         if let Some(trace) = trace {
             request = request.message_system_attributes(
                 MessageSystemAttributeNameForSends::AwsTraceHeader,
@@ -195,8 +197,8 @@ impl TracedSqs {
                 .id(entry.id())
                 .message_body(entry.message_body())
                 .set_delay_seconds(entry.delay_seconds())
-                .set_message_attributes(Some(attributes))
-                .set_message_system_attributes(Some(system))
+                .set_message_attributes(Some(attributes).filter(|a| !a.is_empty()))
+                .set_message_system_attributes(Some(system).filter(|s| !s.is_empty()))
                 .set_message_deduplication_id(entry.message_deduplication_id().map(str::to_owned))
                 .set_message_group_id(entry.message_group_id().map(str::to_owned))
                 .build();

@@ -34,14 +34,17 @@ use opentelemetry_sdk::Resource;
 use crate::propagation::Propagation;
 
 /// `tracing` targets whose spans [`TelemetryGuard::tracing_layer`] does not export:
-/// transports, broker clients and the OpenTelemetry pipeline itself.
+/// transports, broker clients and the OpenTelemetry pipeline itself. Targets match
+/// by prefix, as `tracing-subscriber` does (`hyper` covers `hyper_util`); tower's
+/// entry ends in `::` so that `tower_http` request spans, which are the
+/// application's, still go out.
 #[cfg(feature = "tracing")]
 pub const QUIET_TARGETS: &[&str] = &[
     "h2",
     "hyper",
     "hyper_util",
     "tonic",
-    "tower",
+    "tower::",
     "reqwest",
     "opentelemetry",
     "opentelemetry_sdk",

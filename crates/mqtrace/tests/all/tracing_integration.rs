@@ -55,3 +55,35 @@ async fn instrumented_handler_spans_nest_under_process() {
         ",
     );
 }
+
+/// Transport and exporter spans stay out of the export; the application's,
+/// tower-http's request spans among them, go out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layer_leaves_transport_spans_out() {
+    let h = Harness::start().await;
+    let dispatch =
+        tracing::Dispatch::new(tracing_subscriber::registry().with(h.guard.tracing_layer()));
+    tracing::dispatcher::with_default(&dispatch, || {
+        for span in [
+            tracing::info_span!(target: "h2::proto::connection", "h2 frame"),
+            tracing::info_span!(target: "hyper_util::client", "pool checkout"),
+            tracing::info_span!(target: "tonic::transport", "tonic call"),
+            tracing::info_span!(target: "opentelemetry_otlp::exporter", "export"),
+            tracing::info_span!(target: "lapin::io_loop", "io loop"),
+            tracing::info_span!(target: "tower::buffer", "buffer worker"),
+            tracing::info_span!(target: "tower_http::trace", "GET /orders"),
+            tracing::info_span!(target: "order_service", "charge card"),
+        ] {
+            span.in_scope(|| {});
+        }
+    });
+    assert_tree(
+        &h.forest(2).await.render(&TreeOptions::only(&[])),
+        "
+        trace #1
+        GET /orders [INTERNAL]
+        trace #2
+        charge card [INTERNAL]
+        ",
+    );
+}
