@@ -302,3 +302,19 @@ async fn propagation_choices_write_where_they_say() {
         assert!(cx.span().span_context().is_valid(), "{mode:?}");
     }
 }
+
+/// The consumer's loop can be spawned on tokio (its future is `Send`).
+#[test]
+fn the_consumer_loop_is_send() {
+    fn spawnable<T: Send + 'static>(_: T) {}
+    let consumer = TracedConsumer::new(
+        crate::helpers::client("http://127.0.0.1:1"),
+        "http://127.0.0.1:1/1/q",
+        &mqtrace::Instrumenter::default(),
+    );
+    spawnable(async move {
+        consumer
+            .run_until(|_| async { HandlerResult::Ok(()) }, async {})
+            .await
+    });
+}

@@ -175,3 +175,19 @@ async fn missing_or_malformed_trace_headers_start_new_roots() {
         "#,
     );
 }
+
+/// The consumer's loop can be spawned on tokio (its future is `Send`).
+#[test]
+fn the_consumer_loop_is_send() {
+    fn spawnable<T: Send + 'static>(_: T) {}
+    let consumer = TracedConsumer::new(
+        "amqp://127.0.0.1:1/%2f",
+        QueueSpec::new("q"),
+        mqtrace::Instrumenter::default(),
+    );
+    spawnable(async move {
+        consumer
+            .run_until(|_| async { HandlerResult::Ok(()) }, async {})
+            .await
+    });
+}

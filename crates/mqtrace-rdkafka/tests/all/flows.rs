@@ -384,3 +384,24 @@ async fn a_failed_delivery_marks_the_send_span_and_returns_rdkafkas_error() {
         "error.type is the Kafka error code"
     );
 }
+
+/// The consumer's loop can be spawned on tokio (its future is `Send`).
+#[test]
+fn the_consumer_loop_is_send() {
+    fn spawnable<T: Send + 'static>(_: T) {}
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", "127.0.0.1:1")
+        .set("group.id", "g");
+    let instrumenter = mqtrace::Instrumenter::default();
+    let producer =
+        mqtrace_rdkafka::TracedProducer::from_config(&config, instrumenter.clone()).unwrap();
+    let consumer =
+        mqtrace_rdkafka::TracedConsumer::from_config(&config, &["t"], producer, instrumenter)
+            .unwrap();
+    spawnable(async move {
+        consumer
+            .run_until(|_| async { HandlerResult::Ok(()) }, async {})
+            .await
+    });
+}
