@@ -386,8 +386,8 @@ async fn a_failed_delivery_marks_the_send_span_and_returns_rdkafkas_error() {
 }
 
 /// The consumer's loop can be spawned on tokio (its future is `Send`).
-#[test]
-fn the_consumer_loop_is_send() {
+#[tokio::test]
+async fn the_consumer_loop_is_send() {
     fn spawnable<T: Send + 'static>(_: T) {}
     let mut config = rdkafka::ClientConfig::new();
     config
