@@ -35,6 +35,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_lapin::{QueueSpec, TracedConsumer, TracedPublisher};
+use mqtrace_testing::bench::{cpu_time as cpu, median, spin};
 use opentelemetry_sdk::trace::{BatchConfigBuilder, Sampler};
 
 const PUBLISH_ROUNDS: usize = 40;
@@ -46,13 +47,6 @@ const PREFETCH: u16 = 20;
 
 fn body() -> Vec<u8> {
     vec![b'x'; 100]
-}
-
-fn spin(d: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < d {
-        std::hint::spin_loop();
-    }
 }
 
 async fn channel(url: &str) -> (Connection, Channel) {
@@ -163,32 +157,12 @@ async fn consume_traced(url: &str, spec: &QueueSpec, i: &Instrumenter, work: Dur
     assert_eq!(stats.settled, CONSUMES as u64);
 }
 
-/// CPU time this process has used (user + system), from /proc: the bench runs on
-/// Linux, where the clock tick is 10 ms; runs last seconds, so that is enough.
-fn cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
 /// Wall and CPU nanoseconds per message of `f`.
 async fn measure<F: std::future::Future<Output = ()>>(n: usize, f: F) -> (f64, f64) {
     let (wall, cpu0) = (Instant::now(), cpu());
     f.await;
     let per = |d: Duration| d.as_nanos() as f64 / n as f64;
     (per(wall.elapsed()), per(cpu().saturating_sub(cpu0)))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn telemetry(endpoint: String, sampler: Sampler) -> TelemetryGuard {

@@ -32,6 +32,7 @@ use futures_util::stream::{self, StreamExt as _};
 use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_rdkafka::{TracedConsumer, TracedProducer};
+use mqtrace_testing::bench::{cpu_time as cpu, median, spin};
 use opentelemetry_sdk::trace::{BatchConfigBuilder, Sampler};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -46,30 +47,6 @@ const IN_FLIGHT: usize = 500;
 const CONSUMES: usize = 5_000;
 const WORKS: usize = 2_000;
 const WORK: Duration = Duration::from_micros(50);
-
-fn spin(d: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < d {
-        std::hint::spin_loop();
-    }
-}
-
-/// CPU time this process has used, from /proc (10 ms ticks).
-fn cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();

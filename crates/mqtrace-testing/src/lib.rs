@@ -9,6 +9,7 @@
 //!   instructions when there are none.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod brokers;
 mod collector;
 mod span;
