@@ -92,4 +92,57 @@ mod tests {
         assert_eq!(e.get("dup"), None);
         assert_eq!(e.keys().len(), 4);
     }
+
+    mod arbitrary {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn attribute() -> impl Strategy<Value = MessageAttributeValue> {
+            (
+                prop_oneof![
+                    Just("String"),
+                    Just("String.custom"),
+                    Just("Number"),
+                    Just("Binary")
+                ],
+                proptest::option::of(".{0,64}"),
+            )
+                .prop_map(|(data_type, value)| {
+                    MessageAttributeValue::builder()
+                        .data_type(data_type)
+                        .set_string_value(value)
+                        .build()
+                        .unwrap_or_else(|_| unreachable!("data type is set"))
+                })
+        }
+
+        proptest! {
+            /// Any attributes: no panic, and a value comes back only from a
+            /// `String` attribute the message really has under that key.
+            #[test]
+            fn any_attributes_read_safely(
+                entries in proptest::collection::hash_map("[ -~]{0,40}", attribute(), 0..12),
+                key in "[ -~]{0,40}",
+            ) {
+                let e = MessageAttributesExtractor(&entries);
+                if let Some(got) = e.get(&key) {
+                    let held = entries.iter().any(|(k, v)| {
+                        k.eq_ignore_ascii_case(&key)
+                            && v.data_type().starts_with("String")
+                            && v.string_value() == Some(got)
+                    });
+                    prop_assert!(held);
+                }
+                prop_assert_eq!(e.keys().len(), entries.len());
+            }
+
+            /// Whatever is injected reads back unchanged.
+            #[test]
+            fn injected_values_read_back(key in "[a-z][a-z0-9_-]{0,40}", value in ".{0,300}") {
+                let mut attrs = MessageAttributes::new();
+                MessageAttributesInjector(&mut attrs).set(&key, value.clone());
+                prop_assert_eq!(MessageAttributesExtractor(&attrs).value(&key), Some(value.as_str()));
+            }
+        }
+    }
 }

@@ -130,4 +130,51 @@ mod tests {
         FieldTableInjector(&mut table).set(&"k".repeat(300), "v".into());
         assert!(table.inner().is_empty());
     }
+
+    mod arbitrary {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn value() -> impl Strategy<Value = AMQPValue> {
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64)
+                    .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+                proptest::collection::vec(any::<u8>(), 0..64)
+                    .prop_map(|b| AMQPValue::ByteArray(ByteArray::from(b))),
+                any::<i32>().prop_map(AMQPValue::LongInt),
+                Just(AMQPValue::Void),
+            ]
+        }
+
+        proptest! {
+            /// Any table, any key: no panic, and a value comes back only as UTF-8
+            /// the table really holds under that key (in some spelling).
+            #[test]
+            fn any_table_reads_safely(
+                entries in proptest::collection::vec(("[ -~]{0,40}", value()), 0..12),
+                key in "[ -~]{0,40}",
+            ) {
+                let mut table = FieldTable::default();
+                for (k, v) in entries {
+                    table.insert(k.into(), v);
+                }
+                let e = FieldTableExtractor(&table);
+                if let Some(got) = e.get(&key) {
+                    let held = table.inner().iter().any(|(k, v)| {
+                        k.as_str().eq_ignore_ascii_case(&key) && as_str(v) == Some(got)
+                    });
+                    prop_assert!(held);
+                }
+                prop_assert_eq!(e.keys().len(), table.inner().len());
+            }
+
+            /// Whatever is injected under a valid key reads back unchanged.
+            #[test]
+            fn injected_values_read_back(key in "[a-z][a-z0-9_-]{0,40}", value in ".{0,300}") {
+                let mut table = FieldTable::default();
+                FieldTableInjector(&mut table).set(&key, value.clone());
+                prop_assert_eq!(FieldTableExtractor(&table).value(&key), Some(value.as_str()));
+            }
+        }
+    }
 }

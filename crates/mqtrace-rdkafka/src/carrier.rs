@@ -111,4 +111,43 @@ mod tests {
         assert_eq!(e.get("same"), Some("s"));
         assert_eq!(e.get("absent"), None);
     }
+
+    mod arbitrary {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any headers (any bytes, missing values, repeats): no panic, and a
+            /// value comes back only as UTF-8 the headers really hold.
+            #[test]
+            fn any_headers_read_safely(
+                entries in proptest::collection::vec(
+                    ("[ -~]{0,40}", proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64))),
+                    0..12,
+                ),
+                key in "[ -~]{0,40}",
+            ) {
+                let headers = entries.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                    h.insert(Header { key: k.as_str(), value: v.as_deref() })
+                });
+                let e = HeadersExtractor(&headers);
+                if let Some(got) = e.get(&key) {
+                    let held = entries.iter().any(|(k, v)| {
+                        k.eq_ignore_ascii_case(&key) && v.as_deref() == Some(got.as_bytes())
+                    });
+                    prop_assert!(held);
+                }
+                prop_assert_eq!(e.keys().len(), entries.len());
+            }
+
+            /// Whatever is injected reads back unchanged.
+            #[test]
+            fn injected_values_read_back(key in "[a-z][a-z0-9_-]{0,40}", value in ".{0,300}") {
+                let mut i = OwnedHeadersInjector::new(OwnedHeaders::new());
+                i.set(&key, value.clone());
+                let h = i.into_headers();
+                prop_assert_eq!(HeadersExtractor(&h).value(&key), Some(value.as_str()));
+            }
+        }
+    }
 }
