@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check of the project, from a fresh machine: installs and starts the brokers
-# (scripts/brokers.sh), checks formatting and lints, builds, runs every test of the
-# workspace, and stops what it started.
+# (scripts/brokers.sh), checks formatting, licences and sources (cargo deny, built
+# once and cached), lints, builds, runs every test of the workspace, and stops what
+# it started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -23,6 +24,14 @@ source .mqtrace-test/env
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== cargo deny (licences, bans, sources)"
+CACHE=${MQTRACE_CACHE:-$HOME/.cache/mqtrace}
+DENY=$CACHE/tools/bin/cargo-deny
+if [ ! -x "$DENY" ]; then
+  echo "test.sh: building cargo-deny 0.20.2 once (about 4 minutes; cached in $CACHE/tools)"
+  cargo install cargo-deny --version 0.20.2 --locked --root "$CACHE/tools" --quiet
+fi
+"$DENY" check licenses bans sources
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
 echo "== cargo test"
