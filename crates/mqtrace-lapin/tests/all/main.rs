@@ -11,4 +11,3 @@ mod failures;
 mod flows;
 mod helpers;
 mod plain;
-mod restart;

@@ -1,5 +1,18 @@
 //! RabbitMQ stopped and started again while messages are in flight: the consumer
 //! reconnects and every message is processed or waiting, none lost.
+//!
+//! A test binary of its own: cargo runs test binaries one after another, so the
+//! restart cannot pull the broker from under the other tests.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    unreachable_pub
+)]
+
+#[path = "all/helpers/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod helpers;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -10,7 +23,7 @@ use mqtrace::HandlerResult;
 use mqtrace_lapin::{QueueSpec, TracedConsumer, TracedPublisher};
 use mqtrace_testing::brokers::rabbitmqctl;
 
-use crate::helpers::{drain, within, Harness};
+use helpers::{drain, within, Harness};
 
 const MESSAGES: u32 = 80;
 
