@@ -35,4 +35,5 @@ fi
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
 echo "== cargo test"
-cargo test --workspace --all-features
+# --show-output: the fault tests print their accounting (sent, processed, lost).
+cargo test --workspace --all-features -- --show-output

@@ -27,8 +27,12 @@ use helpers::{drain, within, Harness};
 
 const MESSAGES: u32 = 80;
 
+/// One restart at a time: the tests of this binary run side by side otherwise.
+static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_survives_a_broker_restart_and_loses_nothing() {
+    let _restart = BROKER.lock().await;
     let h = Harness::start().await;
     let instrumenter = h.instrumenter(|b| b);
     let queue = QueueSpec::new(h.name("restart")).dead_letter(h.name("r.dlx"), h.name("r.dead"));
@@ -126,4 +130,90 @@ async fn consumer_survives_a_broker_restart_and_loses_nothing() {
     );
     assert_eq!(lost, 0);
     assert_eq!(dead, 0);
+}
+
+/// The producer side: publishes go on through a restart. The traced publisher
+/// hands lapin's errors back unchanged and marks those `send` spans as errors; the
+/// application reconnects and publishes again. Every message ends on the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_through_a_broker_restart_loses_nothing() {
+    let _restart = BROKER.lock().await;
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let queue = QueueSpec::new(h.name("publish-restart"));
+    let (_connection, channel) = h.channel().await;
+    queue.declare(&channel).await.unwrap();
+    let mut publisher = TracedPublisher::new(channel, instrumenter.clone());
+    let mut failed_attempts = 0u32;
+    let mut restart = None;
+    // Connections opened after the restart, kept open until the test ends.
+    let mut connections = Vec::new();
+    within(120, async {
+        for id in 0..MESSAGES {
+            if id == 20 {
+                // Mid-stream: the broker goes away and comes back while we publish.
+                restart = Some(tokio::task::spawn_blocking(|| {
+                    rabbitmqctl(&["stop_app"]);
+                    std::thread::sleep(Duration::from_secs(1));
+                    rabbitmqctl(&["start_app"]);
+                    rabbitmqctl(&["await_startup"]);
+                }));
+            }
+            loop {
+                let sent = publisher
+                    .publish_json("", queue.name(), &id, BasicProperties::default())
+                    .await;
+                if matches!(&sent, Ok(c) if c.is_ack()) {
+                    break;
+                }
+                failed_attempts += 1;
+                // Reconnect (the broker may still be starting) and try again.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Ok(connection) =
+                    lapin::Connection::connect(&h.url, lapin::ConnectionProperties::default()).await
+                {
+                    if let Ok(channel) = connection.create_channel().await {
+                        let confirms = channel
+                            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                            .await;
+                        if confirms.is_ok() {
+                            publisher = TracedPublisher::new(channel, instrumenter.clone());
+                            connections.push(connection);
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if let Some(r) = restart {
+        r.await.unwrap();
+    }
+    assert!(failed_attempts > 0, "the restart happened while publishing");
+
+    let (_connection, channel) = h.channel().await;
+    let stored: BTreeSet<u32> = drain(&channel, queue.name())
+        .await
+        .iter()
+        .map(|d| serde_json::from_slice(&d.data).unwrap())
+        .collect();
+    let lost = (0..MESSAGES).filter(|id| !stored.contains(id)).count();
+    println!(
+        "rabbitmq restart while publishing: sent {MESSAGES}, failed attempts {failed_attempts}, stored {}, lost {lost}",
+        stored.len()
+    );
+    assert_eq!(lost, 0);
+    // Each failed attempt is an error on its send span.
+    let errors = h
+        .collector
+        .exactly(
+            h.guard.provider().unwrap(),
+            MESSAGES as usize + failed_attempts as usize,
+        )
+        .await
+        .iter()
+        .filter(|s| matches!(s.status, mqtrace_testing::SpanStatus::Error(_)))
+        .count();
+    assert_eq!(errors, failed_attempts as usize);
 }
