@@ -34,6 +34,27 @@ fi
 "$DENY" check licenses bans sources
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
+echo "== cargo fuzz (bounded runs over the committed corpus)"
+FUZZ_SECONDS=${MQTRACE_FUZZ_SECONDS:-15}
+if [ ! -x "$CACHE/tools/bin/cargo-fuzz" ]; then
+  echo "test.sh: building cargo-fuzz 0.13.2 once (about a minute; cached in $CACHE/tools)"
+  cargo install cargo-fuzz --version 0.13.2 --locked --root "$CACHE/tools" --quiet
+fi
+for target in underscore lapin_field_table kafka_headers sqs_attributes; do
+  found=$(mktemp -d)
+  # cargo fuzz needs nightly-only compiler flags; this machine has one stable
+  # toolchain, which accepts them under RUSTC_BOOTSTRAP, for these builds only.
+  # New inputs go to a scratch directory; the committed corpus only seeds.
+  if ! (cd fuzz && RUSTC_BOOTSTRAP=1 PATH="$CACHE/tools/bin:$PATH" cargo fuzz run "$target" \
+    "$found" "corpus/$target" -- -max_total_time="$FUZZ_SECONDS" -print_final_stats=1) \
+    >"$found.log" 2>&1; then
+    tail -n 60 "$found.log" >&2
+    echo "test.sh: fuzz target $target failed (a crash is kept in fuzz/artifacts/$target)" >&2
+    exit 1
+  fi
+  echo "$target: $(grep -E '^(Done|INFO: seed corpus)' "$found.log" | tr '\n' ' ')"
+  rm -rf "$found" "$found.log"
+done
 echo "== cargo test"
 # --show-output: the fault tests print their accounting (sent, processed, lost).
 cargo test --workspace --all-features -- --show-output
