@@ -68,7 +68,7 @@ use aws_lambda_events::event::sqs::{
     BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage, SqsMessageAttribute,
 };
 use lambda_runtime::LambdaEvent;
-use mqtrace::propagation::{lookup, XRAY_FIELD};
+use mqtrace::propagation::{lookup, WithTraceHeader};
 use mqtrace::{
     HandlerResult, Inbound, Instrumenter, MessageDescription, MessagingSystem, OperationType,
 };
@@ -239,8 +239,8 @@ impl Inbound for Record<'_> {
     }
 
     fn headers(&self) -> impl Extractor + '_ {
-        Carriers {
-            attributes: &self.0.message_attributes,
+        WithTraceHeader {
+            inner: Attributes(&self.0.message_attributes),
             trace_header: self.attribute("AWSTraceHeader"),
         }
     }
@@ -259,21 +259,13 @@ impl Inbound for Record<'_> {
     }
 }
 
-/// A record's `messageAttributes` (string types, keys without regard to case)
-/// and its `AWSTraceHeader` under the X-Ray format's key.
-struct Carriers<'a> {
-    attributes: &'a HashMap<String, SqsMessageAttribute>,
-    trace_header: Option<&'a str>,
-}
+/// A record's `messageAttributes`: string types only, keys without regard to case.
+#[derive(Clone, Copy)]
+struct Attributes<'a>(&'a HashMap<String, SqsMessageAttribute>);
 
-impl Extractor for Carriers<'_> {
+impl Extractor for Attributes<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        if key.eq_ignore_ascii_case(XRAY_FIELD) {
-            if let Some(h) = self.trace_header {
-                return Some(h);
-            }
-        }
-        let entries = self.attributes.iter().map(|(k, v)| {
+        let entries = self.0.iter().map(|(k, v)| {
             let is_string = v
                 .data_type
                 .as_deref()
@@ -284,10 +276,6 @@ impl Extractor for Carriers<'_> {
     }
 
     fn keys(&self) -> Vec<&str> {
-        let mut keys: Vec<&str> = self.attributes.keys().map(String::as_str).collect();
-        if self.trace_header.is_some() {
-            keys.push("AWSTraceHeader");
-        }
-        keys
+        self.0.keys().map(String::as_str).collect()
     }
 }

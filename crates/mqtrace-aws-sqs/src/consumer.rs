@@ -8,7 +8,7 @@ use aws_sdk_sqs::types::{
     MessageSystemAttributeValue,
 };
 use aws_sdk_sqs::Client;
-use mqtrace::propagation::{SimpleCarrier, XRAY_FIELD};
+use mqtrace::propagation::{SimpleCarrier, WithTraceHeader, XRAY_FIELD};
 use mqtrace::{
     Disposition, ForwardKind, HandlerError, HandlerResult, Inbound, Instrumenter,
     MessageDescription, OperationType, Processed, Retryable,
@@ -87,44 +87,28 @@ pub fn trace_context(
     message: &Message,
     propagation: &mqtrace::Propagation,
 ) -> opentelemetry::Context {
-    let carriers = Carriers {
-        attributes: message.message_attributes(),
-        trace_header: message
+    let carriers = carriers(
+        message.message_attributes(),
+        message
             .attributes()
             .and_then(|a| a.get(&MessageSystemAttributeName::AwsTraceHeader))
             .map(String::as_str),
-    };
+    );
     propagation.with_xray_fallback().extract(&carriers)
 }
 
+static NO_ATTRIBUTES: std::sync::LazyLock<MessageAttributes> =
+    std::sync::LazyLock::new(MessageAttributes::new);
+
 /// A message's trace carriers: its message attributes, and its `AWSTraceHeader`
-/// under the X-Ray format's key, so extraction tries the attributes' formats first
-/// and X-Ray last.
-struct Carriers<'a> {
+/// under the X-Ray format's key.
+fn carriers<'a>(
     attributes: Option<&'a MessageAttributes>,
     trace_header: Option<&'a str>,
-}
-
-impl Extractor for Carriers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        if key.eq_ignore_ascii_case(XRAY_FIELD) {
-            if let Some(h) = self.trace_header {
-                return Some(h);
-            }
-        }
-        self.attributes
-            .and_then(|a| MessageAttributesExtractor(a).value(key))
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        let mut keys = self
-            .attributes
-            .map(|a| MessageAttributesExtractor(a).names())
-            .unwrap_or_default();
-        if self.trace_header.is_some() {
-            keys.push("AWSTraceHeader");
-        }
-        keys
+) -> WithTraceHeader<'a, MessageAttributesExtractor<'a>> {
+    WithTraceHeader {
+        inner: MessageAttributesExtractor(attributes.unwrap_or(&NO_ATTRIBUTES)),
+        trace_header,
     }
 }
 
@@ -153,12 +137,11 @@ impl Inbound for Incoming<'_> {
     }
 
     fn headers(&self) -> impl Extractor + '_ {
-        Carriers {
-            attributes: self.message.0.message_attributes(),
-            trace_header: self
-                .message
+        carriers(
+            self.message.0.message_attributes(),
+            self.message
                 .system_attribute(&MessageSystemAttributeName::AwsTraceHeader),
-        }
+        )
     }
 
     fn body(&self) -> &[u8] {

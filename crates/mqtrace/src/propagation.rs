@@ -64,6 +64,38 @@ pub fn lookup<'a, V: PartialEq + Copy>(
     found
 }
 
+/// An extractor that answers the X-Ray format's key with a message's
+/// `AWSTraceHeader` system attribute, when it has one, and every other key from
+/// `inner`. This is how SQS and Lambda adapters read both places in one extraction,
+/// with the inner formats first and X-Ray last
+/// ([`Propagation::with_xray_fallback`]).
+#[cfg(feature = "xray")]
+#[derive(Debug, Clone, Copy)]
+pub struct WithTraceHeader<'a, E> {
+    /// The message's other carrier (its attributes).
+    pub inner: E,
+    /// The `AWSTraceHeader` value, if present.
+    pub trace_header: Option<&'a str>,
+}
+
+#[cfg(feature = "xray")]
+impl<E: Extractor> Extractor for WithTraceHeader<'_, E> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match self.trace_header {
+            Some(h) if key.eq_ignore_ascii_case(XRAY_FIELD) => Some(h),
+            _ => self.inner.get(key),
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        let mut keys = self.inner.keys();
+        if self.trace_header.is_some() {
+            keys.push("AWSTraceHeader");
+        }
+        keys
+    }
+}
+
 /// The header key of the X-Ray format.
 #[cfg(feature = "xray")]
 pub const XRAY_FIELD: &str = "x-amzn-trace-id";
