@@ -10,7 +10,9 @@
 # An endpoint already set in the environment (MQTRACE_TEST_RABBITMQ_URL,
 # MQTRACE_TEST_KAFKA_BOOTSTRAP, MQTRACE_TEST_SQS_ENDPOINT) is used as it is and that
 # broker is not started. For the RabbitMQ it starts, the script also writes
-# .mqtrace-test/rabbitmqctl (MQTRACE_TEST_RABBITMQCTL), which the restart tests use.
+# .mqtrace-test/rabbitmqctl (MQTRACE_TEST_RABBITMQCTL), which the restart tests use;
+# the Kafka restart tests get the tansu binary (MQTRACE_TEST_TANSU) and, when moto is
+# started here, its S3 endpoint (MQTRACE_TEST_S3_ENDPOINT) with a bucket for tansu.
 # Fixed ports, all on 127.0.0.1, overridable:
 #   MQTRACE_RABBITMQ_PORT (31672; Erlang distribution on +20000), MQTRACE_KAFKA_PORT
 #   (39092), MQTRACE_SQS_PORT (39324), MQTRACE_EPMD_PORT (34369).
@@ -116,6 +118,14 @@ start_sqs() {
   echo $! >"$STATE/moto.pid"
   wait_port moto "$SQS_PORT" 60
   echo "export MQTRACE_TEST_SQS_ENDPOINT=http://127.0.0.1:$SQS_PORT" >>"$STATE/env"
+  # moto speaks S3 too: the Kafka broker-restart tests run brokers of their own that
+  # keep their log in this bucket, so that a killed broker loses nothing.
+  "$CACHE/moto-venv/bin/python" - "$SQS_PORT" <<'PY'
+import sys, urllib.request
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/mqtrace-kafka", method="PUT")
+urllib.request.urlopen(req, timeout=10).read()
+PY
+  echo "export MQTRACE_TEST_S3_ENDPOINT=http://127.0.0.1:$SQS_PORT" >>"$STATE/env"
 }
 
 start() {
@@ -135,6 +145,9 @@ start() {
   if [ -n "${MQTRACE_TEST_KAFKA_BOOTSTRAP:-}" ]; then
     echo "export MQTRACE_TEST_KAFKA_BOOTSTRAP=$MQTRACE_TEST_KAFKA_BOOTSTRAP" >>"$STATE/env"
   else start_kafka; fi
+  # The broker-restart tests start tansu brokers of their own.
+  install_tansu
+  echo "export MQTRACE_TEST_TANSU=$TANSU" >>"$STATE/env"
   if [ -n "${MQTRACE_TEST_SQS_ENDPOINT:-}" ]; then
     echo "export MQTRACE_TEST_SQS_ENDPOINT=$MQTRACE_TEST_SQS_ENDPOINT" >>"$STATE/env"
   else start_sqs; fi

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,11 +28,16 @@ use crate::producer::{record_delivery, TracedProducer};
 /// `statistics.interval.ms`, 1 s unless set). The conventions have no name for it.
 pub const CONSUMER_LAG: &str = "mqtrace.kafka.consumer.lag";
 
+/// Attempts of the synchronous commit when a consumer stops, half a second apart.
+const FINAL_COMMIT_ATTEMPTS: u32 = 10;
+
 /// The consumer's client context: keeps the high watermark of every partition
-/// from librdkafka's statistics, so lag costs no request per record.
+/// from librdkafka's statistics, so lag costs no request per record, and counts
+/// the commits the cluster reported failed.
 #[derive(Debug, Default)]
 pub struct LagContext {
     high: Mutex<HashMap<String, HashMap<i32, i64>>>,
+    failed_commits: AtomicU64,
 }
 
 impl LagContext {
@@ -58,7 +64,14 @@ impl ClientContext for LagContext {
     }
 }
 
-impl ConsumerContext for LagContext {}
+impl ConsumerContext for LagContext {
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            self.failed_commits.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "mqtrace", error = %e, "commit failed; a later commit covers it, or the records are processed again");
+        }
+    }
+}
 
 /// A consumed record as the handler sees it. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -174,8 +187,9 @@ pub struct ConsumerStats {
     /// Records whose forward failed: not committed, the consumer went back to
     /// them (they are processed again).
     pub rewound: u64,
-    /// Commits the client refused (the record may be processed again after a
-    /// restart; it is never skipped).
+    /// Commits that failed, refused by the client at once or reported failed by
+    /// the cluster, including failed attempts of the final commit. A later commit
+    /// covers the records; without one they are processed again, never skipped.
     pub commit_failures: u64,
 }
 
@@ -295,6 +309,13 @@ impl TracedConsumer {
         S: Future<Output = ()>,
     {
         let mut stats = ConsumerStats::default();
+        let failed_before = self
+            .consumer
+            .context()
+            .failed_commits
+            .load(Ordering::Relaxed);
+        // The position after the last settled record, per partition.
+        let mut positions = HashMap::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let received = tokio::select! {
@@ -303,7 +324,16 @@ impl TracedConsumer {
                 received = self.consumer.recv() => received.map(|m| m.detach()),
             };
             match received {
-                Ok(message) => self.handle(message, &handler, &mut stats).await,
+                Ok(message) => {
+                    let at = (
+                        message.topic().to_owned(),
+                        message.partition(),
+                        message.offset(),
+                    );
+                    if self.handle(message, &handler, &mut stats).await {
+                        positions.insert((at.0, at.1), at.2 + 1);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(target: "mqtrace", error = %e, "Kafka consumer error");
                     // Errors repeat quickly while the cluster is away.
@@ -311,13 +341,49 @@ impl TracedConsumer {
                 }
             }
         }
-        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::debug!(target: "mqtrace", error = %e, "final commit");
-        }
+        self.final_commit(&positions).await;
+        stats.commit_failures += self
+            .consumer
+            .context()
+            .failed_commits
+            .load(Ordering::Relaxed)
+            .saturating_sub(failed_before);
         stats
     }
 
-    async fn handle<H, Fut>(&self, message: OwnedMessage, handler: &H, stats: &mut ConsumerStats)
+    /// Commits, synchronously, the position after the last settled record of each
+    /// partition. Asynchronous commits may have failed while the cluster was away;
+    /// this one is retried for a few seconds (the group coordinator can take that
+    /// long to come back) before giving up, leaving the records to be read again.
+    async fn final_commit(&self, positions: &HashMap<(String, i32), i64>) {
+        if positions.is_empty() {
+            return;
+        }
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), next) in positions {
+            if let Err(e) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+                tracing::warn!(target: "mqtrace", error = %e, topic, "cannot commit this partition's position");
+            }
+        }
+        for attempt in 1..=FINAL_COMMIT_ATTEMPTS {
+            match self.consumer.commit(&offsets, CommitMode::Sync) {
+                Ok(()) => return,
+                Err(e) if attempt == FINAL_COMMIT_ATTEMPTS => {
+                    tracing::warn!(target: "mqtrace", error = %e, "final commit failed; records after the last committed offset are processed again");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    /// Processes and settles one record; true when its offset was committed (or
+    /// the commit was sent).
+    async fn handle<H, Fut>(
+        &self,
+        message: OwnedMessage,
+        handler: &H,
+        stats: &mut ConsumerStats,
+    ) -> bool
     where
         H: Fn(Record) -> Fut,
         Fut: Future<Output = HandlerResult>,
@@ -385,6 +451,7 @@ impl TracedConsumer {
             }
         }
         let _ = processed.finish(disposition);
+        forwarded
     }
 
     fn commit(

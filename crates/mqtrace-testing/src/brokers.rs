@@ -18,7 +18,8 @@ pub const SQS_ENV: &str = "MQTRACE_TEST_SQS_ENDPOINT";
 const HOW: &str = "run the whole suite with `scripts/test.sh`, or start the brokers with \
 `scripts/brokers.sh start` and `source .mqtrace-test/env` before `cargo test`";
 
-fn endpoint(var: &str, what: &str) -> String {
+/// The value of `var`, or a failure naming `what` needs it and how to set it up.
+pub(crate) fn env_or_explain(var: &str, what: &str) -> String {
     match std::env::var(var) {
         Ok(v) if !v.trim().is_empty() => v,
         _ => panic!("{what} is needed by this test but {var} is not set: {HOW}"),
@@ -48,7 +49,7 @@ fn host_port(url: &str) -> &str {
 
 /// The RabbitMQ URL, checked to accept connections.
 pub fn rabbitmq_url() -> String {
-    let url = endpoint(RABBITMQ_ENV, "RabbitMQ");
+    let url = env_or_explain(RABBITMQ_ENV, "RabbitMQ");
     reachable("RabbitMQ", host_port(&url));
     url
 }
@@ -60,7 +61,7 @@ pub const RABBITMQCTL_ENV: &str = "MQTRACE_TEST_RABBITMQCTL";
 /// `await_startup`), for tests that restart the broker. Fails with instructions when
 /// the node was not started by `scripts/brokers.sh` or the command fails.
 pub fn rabbitmqctl(args: &[&str]) {
-    let ctl = endpoint(RABBITMQCTL_ENV, "Control of the RabbitMQ node");
+    let ctl = env_or_explain(RABBITMQCTL_ENV, "Control of the RabbitMQ node");
     let out = std::process::Command::new(&ctl).args(args).output();
     match out {
         Ok(o) if o.status.success() => {}
@@ -76,7 +77,7 @@ pub fn rabbitmqctl(args: &[&str]) {
 
 /// The Kafka bootstrap address, checked to accept connections.
 pub fn kafka_bootstrap() -> String {
-    let bootstrap = endpoint(KAFKA_ENV, "A Kafka-protocol broker");
+    let bootstrap = env_or_explain(KAFKA_ENV, "A Kafka-protocol broker");
     let first = bootstrap.split(',').next().unwrap_or(&bootstrap).to_owned();
     reachable("Kafka", &first);
     bootstrap
@@ -84,7 +85,7 @@ pub fn kafka_bootstrap() -> String {
 
 /// The SQS endpoint URL, checked to accept connections.
 pub fn sqs_endpoint() -> String {
-    let url = endpoint(SQS_ENV, "An SQS endpoint");
+    let url = env_or_explain(SQS_ENV, "An SQS endpoint");
     reachable("SQS", host_port(&url));
     url
 }

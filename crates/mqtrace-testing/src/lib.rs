@@ -7,11 +7,14 @@
 //!   times) to compare with the expected text.
 //! - [`brokers`]: the endpoints of the brokers the test script started, failing with
 //!   instructions when there are none.
+//! - [`faults`]: a proxy that refuses, hangs or forwards connections, and a
+//!   Kafka-protocol broker with durable storage that a test kills and restarts.
 #![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod brokers;
 mod collector;
+pub mod faults;
 mod span;
 mod tree_assert;
 

@@ -7,6 +7,7 @@
     unreachable_pub
 )]
 
+mod broker_restart;
 mod failures;
 mod flows;
 mod helpers;

@@ -26,7 +26,11 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start() -> Self {
-        let bootstrap = brokers::kafka_bootstrap();
+        Self::start_at(brokers::kafka_bootstrap()).await
+    }
+
+    /// Against the broker at `bootstrap` (a test's own broker).
+    pub async fn start_at(bootstrap: String) -> Self {
         let collector = mqtrace_testing::Collector::start().await.unwrap();
         let guard = TelemetryBuilder::default()
             .service_name("mqtrace-rdkafka-test")

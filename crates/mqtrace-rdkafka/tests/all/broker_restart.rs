@@ -1,0 +1,249 @@
+//! The broker killed (SIGKILL) mid-stream and started again, on the consumer side
+//! and on the producer side. Each test runs a tansu broker of its own whose log lives
+//! in S3, so the restarted broker has every record and committed offset; the test
+//! then accounts for every record sent.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mqtrace::HandlerResult;
+use mqtrace_testing::faults::Tansu;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureRecord;
+use rdkafka::Message;
+use tokio::sync::Notify;
+
+use crate::helpers::{when_count, within, Harness};
+
+const RECORDS: usize = 60;
+
+/// Kills the broker, keeps it down for a second, starts it again.
+async fn kill_and_restart(tansu: Arc<Mutex<Option<Tansu>>>) {
+    tokio::task::spawn_blocking(move || {
+        let mut guard = tansu.lock().unwrap();
+        let broker = guard.as_mut().unwrap();
+        broker.kill();
+        std::thread::sleep(Duration::from_secs(1));
+        broker.restart();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_side_broker_killed_and_restarted() {
+    let tansu = Tansu::start();
+    let h = Harness::start_at(tansu.bootstrap()).await;
+    let tansu = Arc::new(Mutex::new(Some(tansu)));
+    let topic = h.name("orders");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    let producer = h.producer(&instrumenter);
+    for i in 0..RECORDS {
+        producer
+            .send(
+                FutureRecord::<str, str>::to(&topic).payload(&i.to_string()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+
+    let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(Notify::new());
+    // Fetch little at a time, so that most records are still on the broker when it
+    // is killed.
+    let mut config = h.consumer_config();
+    config
+        .set("queued.min.messages", "1")
+        .set("fetch.message.max.bytes", "64");
+    let consumer = mqtrace_rdkafka::TracedConsumer::from_config(
+        &config,
+        &[&topic],
+        h.producer(&instrumenter),
+        instrumenter.clone(),
+    )
+    .unwrap();
+    let run = {
+        let (processed, count, stop) = (
+            Arc::clone(&processed),
+            Arc::clone(&count),
+            Arc::clone(&stop),
+        );
+        tokio::spawn(async move {
+            consumer
+                .run_until(
+                    move |record| {
+                        let (processed, count) = (Arc::clone(&processed), Arc::clone(&count));
+                        async move {
+                            let id: usize = record.json()?;
+                            processed.lock().unwrap().push(id);
+                            count.fetch_add(1, Ordering::SeqCst);
+                            // Slow enough for the kill to land mid-stream.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            HandlerResult::Ok(())
+                        }
+                    },
+                    async move { stop.notified().await },
+                )
+                .await
+        })
+    };
+    within(60, when_count(&count, 15)).await;
+    let done_at_kill = count.load(Ordering::SeqCst);
+    kill_and_restart(Arc::clone(&tansu)).await;
+    // Every id at least once: the consumer reconnects on its own.
+    within(120, async {
+        loop {
+            let distinct: BTreeSet<usize> = processed.lock().unwrap().iter().copied().collect();
+            if distinct.len() == RECORDS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    stop.notify_one();
+    let stats = within(30, run).await.unwrap();
+    assert_eq!(stats.settled as usize, processed.lock().unwrap().len());
+    // Records whose commit the group does not hold are waiting: the next consumer
+    // of the group gets them (duplicates allowed). The restarted tansu now and then
+    // loses commits it acknowledged after the restart; they are counted here.
+    let waiting = RECORDS - committed_offset(&h, &topic).await as usize;
+    let again = Arc::new(AtomicUsize::new(0));
+    if waiting > 0 {
+        let (again, processed) = (Arc::clone(&again), Arc::clone(&processed));
+        let next = h.consumer(&[&topic], &instrumenter);
+        let reached = when_count(&again, waiting);
+        within(
+            60,
+            next.run_until(
+                move |record| {
+                    let (processed, again) = (Arc::clone(&processed), Arc::clone(&again));
+                    async move {
+                        processed.lock().unwrap().push(record.json()?);
+                        again.fetch_add(1, Ordering::SeqCst);
+                        HandlerResult::Ok(())
+                    }
+                },
+                reached,
+            ),
+        )
+        .await;
+    }
+    let processed = processed.lock().unwrap().clone();
+    let distinct: BTreeSet<usize> = processed.iter().copied().collect();
+    let lost = (0..RECORDS).filter(|i| !distinct.contains(i)).count();
+    println!(
+        "kafka broker killed under the consumer: sent {RECORDS}, {done_at_kill} done when it was killed; \
+         processed {} ({} duplicates), waiting after the restart {waiting} (then processed by the \
+         group's next consumer), dead-lettered 0, lost {lost}; failed commits reported {}",
+        processed.len(),
+        processed.len() - distinct.len(),
+        stats.commit_failures
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(again.load(Ordering::SeqCst), waiting);
+    assert_eq!(
+        committed_offset(&h, &topic).await,
+        RECORDS as i64,
+        "nothing left waiting"
+    );
+    assert_eq!(stats.dead_lettered, 0);
+}
+
+/// The group's committed offset on the topic's one partition. (tansu's reported
+/// high watermark is not reliable enough to count against; the records are numbered
+/// from offset 0, so the committed offset is the count of settled records.)
+async fn committed_offset(h: &Harness, topic: &str) -> i64 {
+    let consumer: StreamConsumer = h.consumer_config().create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    committed
+        .find_partition(topic, 0)
+        .and_then(|p| p.offset().to_raw())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_side_broker_killed_and_restarted() {
+    let tansu = Tansu::start();
+    let h = Harness::start_at(tansu.bootstrap()).await;
+    let tansu = Arc::new(Mutex::new(Some(tansu)));
+    let topic = h.name("payments");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    let producer = Arc::new(h.producer(&instrumenter));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let send_all = {
+        let (producer, topic, acked, failed) = (
+            Arc::clone(&producer),
+            topic.clone(),
+            Arc::clone(&acked),
+            Arc::clone(&failed),
+        );
+        tokio::spawn(async move {
+            for i in 0..RECORDS {
+                let payload = i.to_string();
+                // A send that fails is an Error span and an error handed back; the
+                // application sends again.
+                while producer
+                    .send(
+                        FutureRecord::<str, str>::to(&topic).payload(&payload),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .is_err()
+                {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                acked.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    within(60, when_count(&acked, 20)).await;
+    kill_and_restart(Arc::clone(&tansu)).await;
+    within(120, send_all).await.unwrap();
+
+    // Read the topic back from the restarted broker.
+    let reader: StreamConsumer = h.consumer_config().create().unwrap();
+    reader.subscribe(&[&topic]).unwrap();
+    let mut stored = Vec::new();
+    within(60, async {
+        while BTreeSet::from_iter(stored.iter().copied()).len() < RECORDS {
+            let m = reader.recv().await.unwrap();
+            let id: usize = std::str::from_utf8(m.payload().unwrap())
+                .unwrap()
+                .parse()
+                .unwrap();
+            stored.push(id);
+        }
+    })
+    .await;
+    let distinct: BTreeSet<usize> = stored.iter().copied().collect();
+    let lost = (0..RECORDS).filter(|i| !distinct.contains(i)).count();
+    println!(
+        "kafka broker killed under the producer: sent {RECORDS}, failed attempts {}, stored {} \
+         ({} duplicates), lost {lost}",
+        failed.load(Ordering::SeqCst),
+        stored.len(),
+        stored.len() - distinct.len()
+    );
+    assert_eq!(lost, 0);
+    // Every failed attempt is an Error span: the spans of this test are the sends.
+    let spans = h.spans(RECORDS + failed.load(Ordering::SeqCst)).await;
+    let errors = spans
+        .iter()
+        .filter(|s| matches!(s.status, mqtrace_testing::SpanStatus::Error(_)))
+        .count();
+    assert_eq!(errors, failed.load(Ordering::SeqCst));
+}

@@ -1,0 +1,234 @@
+//! Faults on demand for the reliability tests: a TCP proxy that can refuse, hang or
+//! forward connections to a real endpoint, and a Kafka-protocol broker of a test's
+//! own, with durable storage, that the test kills and starts again.
+
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What a [`Proxy`] does with connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Passes bytes both ways between the client and the upstream.
+    Forward,
+    /// Nothing listens: connections are refused, as by a stopped server.
+    Refuse,
+    /// Accepts connections and never answers, as a wedged server does.
+    Hang,
+}
+
+/// A loopback TCP proxy in front of `upstream`. Every change of mode drops the
+/// connections open at that moment, as a server going away would.
+#[derive(Debug)]
+pub struct Proxy {
+    addr: SocketAddr,
+    mode: watch::Sender<Mode>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts forwarding to `upstream` from a free port on 127.0.0.1. Needs a tokio
+    /// runtime.
+    pub async fn start(upstream: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (mode, rx) = watch::channel(Mode::Forward);
+        let task = tokio::spawn(serve(Some(listener), addr, upstream, rx));
+        Ok(Self { addr, mode, task })
+    }
+
+    /// `127.0.0.1:port` of the proxy.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Switches mode; connections open now are closed.
+    pub fn set(&self, mode: Mode) {
+        self.mode.send_replace(mode);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    mut listener: Option<TcpListener>,
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    mut rx: watch::Receiver<Mode>,
+) {
+    loop {
+        let mode = *rx.borrow_and_update();
+        if mode == Mode::Refuse {
+            drop(listener.take());
+            if rx.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let current = match listener.take() {
+            Some(l) => l,
+            None => match bind_again(addr).await {
+                Some(l) => l,
+                None => return,
+            },
+        };
+        loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    listener = Some(current);
+                    break;
+                }
+                accepted = current.accept() => {
+                    if let Ok((inbound, _)) = accepted {
+                        tokio::spawn(connection(inbound, upstream, mode, rx.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The port was ours a moment ago; another process could take it in between, so
+/// this retries for a while before giving up.
+async fn bind_again(addr: SocketAddr) -> Option<TcpListener> {
+    for _ in 0..100 {
+        if let Ok(l) = TcpListener::bind(addr).await {
+            return Some(l);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn connection(
+    mut inbound: TcpStream,
+    upstream: SocketAddr,
+    mode: Mode,
+    mut rx: watch::Receiver<Mode>,
+) {
+    let work = async {
+        match mode {
+            Mode::Forward => {
+                if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            }
+            // Holds the connection open, reading nothing and answering nothing.
+            Mode::Hang | Mode::Refuse => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        _ = rx.changed() => {}
+    }
+}
+
+/// A free port on 127.0.0.1 (free when this returns).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Variable naming the tansu binary `scripts/brokers.sh` built.
+pub const TANSU_ENV: &str = "MQTRACE_TEST_TANSU";
+/// Variable holding the S3 endpoint (the SQS emulator also speaks S3) where a
+/// [`Tansu`] keeps its data, in the bucket [`TANSU_BUCKET`].
+pub const S3_ENV: &str = "MQTRACE_TEST_S3_ENDPOINT";
+/// The bucket `scripts/brokers.sh` creates for [`Tansu`] brokers.
+pub const TANSU_BUCKET: &str = "mqtrace-kafka";
+
+/// A Kafka-protocol broker of one test's own: tansu, storing its log in S3 (the SQS
+/// emulator's S3) under a cluster id unique to the test, so that killing the
+/// process loses nothing and a restart finds every record and committed offset.
+#[derive(Debug)]
+pub struct Tansu {
+    binary: PathBuf,
+    s3: String,
+    port: u16,
+    cluster: String,
+    child: Option<Child>,
+}
+
+impl Tansu {
+    /// Starts the broker on a free port and waits until it accepts connections.
+    pub fn start() -> Self {
+        let binary = PathBuf::from(crate::brokers::env_or_explain(
+            TANSU_ENV,
+            "The tansu binary for the broker-restart tests",
+        ));
+        let s3 = crate::brokers::env_or_explain(S3_ENV, "An S3 endpoint for tansu's storage");
+        let port = free_port().unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"));
+        let cluster = format!("restart-{:016x}", fastrand::u64(..));
+        let mut tansu = Self {
+            binary,
+            s3,
+            port,
+            cluster,
+            child: None,
+        };
+        tansu.restart();
+        tansu
+    }
+
+    /// `127.0.0.1:port`, for `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the process (SIGKILL: no orderly shutdown) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the process (again) on the same port and storage and waits until it
+    /// accepts connections.
+    pub fn restart(&mut self) {
+        self.kill();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(&self.binary)
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--cluster-id", &self.cluster])
+            .args(["--storage-engine", &format!("s3://{TANSU_BUCKET}/")])
+            .env("AWS_ENDPOINT", &self.s3)
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while StdStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {addr} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
