@@ -11,3 +11,4 @@ mod batch;
 mod failures;
 mod flows;
 mod helpers;
+mod outage;
