@@ -1,6 +1,7 @@
 //! Faults on demand for the reliability tests: a TCP proxy that can refuse, hang or
 //! forward connections to a real endpoint, and a Kafka-protocol broker of a test's
-//! own, with durable storage, that the test kills and starts again.
+//! own, with durable storage, that the test kills and starts again; and the test
+//! binary run again as a consumer process that the test kills.
 
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::path::PathBuf;
@@ -231,4 +232,100 @@ impl Drop for Tansu {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Variable that turns a test into the child process of a kill test.
+pub const CHILD_ENV: &str = "MQTRACE_TEST_CHILD";
+
+/// The role given to this process by [`ChildProcess::spawn`], if it is one.
+pub fn child_role() -> Option<String> {
+    std::env::var(CHILD_ENV).ok().filter(|v| !v.is_empty())
+}
+
+/// The test binary run again as a child process: only the test `test` (which
+/// sees [`child_role`] and plays the consumer), killed by the parent test with
+/// SIGKILL when it reports the moment to.
+#[derive(Debug)]
+pub struct ChildProcess {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ChildProcess {
+    /// Runs `test` of this test binary in a child process with `role` and the
+    /// extra variables `env`.
+    pub fn spawn(test: &str, role: &str, env: &[(&str, &str)]) -> Self {
+        let exe = std::env::current_exe()
+            .unwrap_or_else(|e| panic!("cannot find the test binary to run again: {e}"));
+        let mut command = Command::new(exe);
+        command
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, role)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the child process: {e}"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        if let Some(stdout) = child.stdout.take() {
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stdout)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Self { child, lines }
+    }
+
+    /// Waits (blocking) for `prefix` in the child's output and returns the rest of
+    /// its line. (Not necessarily at the line's start: the test harness prints the
+    /// test's name first.) Fails the test after `timeout`.
+    pub fn wait_for(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some((_, rest)) = line.split_once(prefix) {
+                        return rest.trim().to_owned();
+                    }
+                }
+                Err(e) => panic!("the child process did not print {prefix:?} ({e})"),
+            }
+        }
+    }
+
+    /// SIGKILL: no destructor, no flush, no goodbye to the broker.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Appends `line` to the file at `path` and syncs it: the record of work a
+/// process did before it was killed.
+pub fn append_synced(path: &str, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{line}")?;
+    f.sync_data()
 }

@@ -12,3 +12,4 @@ mod failures;
 mod flows;
 mod helpers;
 mod outage;
+mod process_kill;

@@ -11,3 +11,4 @@ mod failures;
 mod flows;
 mod helpers;
 mod plain;
+mod process_kill;

@@ -11,4 +11,5 @@ mod broker_restart;
 mod failures;
 mod flows;
 mod helpers;
+mod process_kill;
 mod restart;

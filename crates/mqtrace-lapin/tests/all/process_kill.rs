@@ -1,0 +1,146 @@
+//! The consumer process killed (SIGKILL) after its handler has done a message's
+//! work and before the message is acknowledged. The test binary runs itself again
+//! as the consumer; the handler records each id in a file, synced, and holds on the
+//! chosen message, where the parent kills it. RabbitMQ requeues what the dead
+//! connection had not acknowledged; the next consumer processes it again (a
+//! duplicate), nothing is lost.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use mqtrace::HandlerResult;
+use mqtrace_lapin::{QueueSpec, TracedConsumer, TracedPublisher};
+use mqtrace_testing::faults::{append_synced, child_role, ChildProcess};
+use tokio::sync::Notify;
+
+use crate::helpers::{drain, within, Harness};
+
+const TEST: &str = "process_kill::consumer_killed_between_handler_and_ack";
+const MESSAGES: usize = 20;
+const HOLD_AT: usize = 7;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_killed_between_handler_and_ack() {
+    if child_role().is_some() {
+        return child().await;
+    }
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let queue = QueueSpec::new(h.name("invoices"));
+    let (_connection, channel) = h.channel().await;
+    queue.declare(&channel).await.unwrap();
+    let publisher = TracedPublisher::new(channel.clone(), instrumenter.clone());
+    for id in 0..MESSAGES {
+        let c = publisher
+            .publish_json("", queue.name(), &id, BasicProperties::default())
+            .await
+            .unwrap();
+        assert!(c.is_ack());
+    }
+    let file = std::env::temp_dir().join(format!("mqtrace-kill-{}.txt", h.run));
+    let file = file.to_str().unwrap().to_owned();
+    let env = [
+        ("MQTRACE_KILL_QUEUE", queue.name()),
+        ("MQTRACE_KILL_FILE", file.as_str()),
+    ];
+    let child = ChildProcess::spawn(TEST, "rabbitmq-consumer", &env);
+    let held: usize = tokio::task::spawn_blocking(move || {
+        let held = child.wait_for("HOLDING ", Duration::from_secs(90));
+        child.kill();
+        held
+    })
+    .await
+    .unwrap()
+    .parse()
+    .unwrap();
+    let by_killed = read_ids(&file);
+    let _ = std::fs::remove_file(&file);
+
+    let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
+    let done = Arc::new(Notify::new());
+    let seen: BTreeSet<usize> = by_killed.iter().copied().collect();
+    let (recorder, notifier) = (Arc::clone(&processed), Arc::clone(&done));
+    let stats = within(
+        60,
+        TracedConsumer::new(&h.url, queue.clone(), instrumenter).run_until(
+            move |message| {
+                let (processed, done, seen) =
+                    (Arc::clone(&recorder), Arc::clone(&notifier), seen.clone());
+                async move {
+                    let id: usize = message.json()?;
+                    let mut p = processed.lock().unwrap();
+                    p.push(id);
+                    if p.iter().chain(&seen).collect::<BTreeSet<_>>().len() == MESSAGES {
+                        done.notify_one();
+                    }
+                    HandlerResult::Ok(())
+                }
+            },
+            async move { done.notified().await },
+        ),
+    )
+    .await
+    .unwrap();
+    let after = processed.lock().unwrap().clone();
+    let all: BTreeSet<usize> = by_killed.iter().chain(&after).copied().collect();
+    let lost = (0..MESSAGES).filter(|i| !all.contains(i)).count();
+    let waiting = drain(&channel, queue.name()).await.len();
+    println!(
+        "rabbitmq consumer process killed before acknowledging message {held}: sent {MESSAGES}; \
+         the killed process did {}, the next consumer {} ({} duplicates), waiting {waiting}, \
+         dead-lettered 0, lost {lost}",
+        by_killed.len(),
+        after.len(),
+        by_killed.len() + after.len() - all.len()
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(waiting, 0);
+    assert_eq!(held, HOLD_AT);
+    assert!(
+        by_killed.contains(&held),
+        "the work was done before the kill"
+    );
+    assert!(
+        after.contains(&held),
+        "the unacknowledged message came back"
+    );
+    assert_eq!(stats.settled as usize, after.len());
+}
+
+/// The ids a killed process recorded.
+fn read_ids(path: &str) -> Vec<usize> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+/// The consumer process: records each id, then holds on [`HOLD_AT`] after its work,
+/// before the consumer can acknowledge it, until killed.
+async fn child() {
+    let var = |k: &str| std::env::var(k).unwrap();
+    let (queue, file) = (var("MQTRACE_KILL_QUEUE"), var("MQTRACE_KILL_FILE"));
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let _ = TracedConsumer::new(&h.url, QueueSpec::new(queue), instrumenter)
+        .prefetch(5)
+        .run_until(
+            move |message| {
+                let file = file.clone();
+                async move {
+                    let id: usize = message.json()?;
+                    append_synced(&file, &id.to_string()).unwrap();
+                    if id == HOLD_AT {
+                        println!("HOLDING {id}");
+                        std::future::pending::<()>().await;
+                    }
+                    HandlerResult::Ok(())
+                }
+            },
+            std::future::pending::<()>(),
+        )
+        .await;
+}

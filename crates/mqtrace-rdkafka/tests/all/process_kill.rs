@@ -1,0 +1,155 @@
+//! The consumer process killed (SIGKILL) after its handler has done a record's
+//! work and before the offset is committed. The test binary runs itself again as
+//! the consumer; the handler records each id in a file, synced, and holds on the
+//! chosen record, where the parent kills it. A consumer in the same group then takes
+//! over: the held record is processed again (a duplicate), none is lost.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mqtrace::HandlerResult;
+use mqtrace_rdkafka::TracedConsumer;
+use mqtrace_testing::faults::{append_synced, child_role, ChildProcess};
+use rdkafka::producer::FutureRecord;
+use tokio::sync::Notify;
+
+use crate::helpers::{within, Harness};
+
+const TEST: &str = "process_kill::consumer_killed_between_handler_and_commit";
+const RECORDS: usize = 20;
+const HOLD_AT: usize = 7;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_killed_between_handler_and_commit() {
+    if child_role().is_some() {
+        return child().await;
+    }
+    let h = Harness::start().await;
+    let topic = h.name("invoices");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    let producer = h.producer(&instrumenter);
+    for i in 0..RECORDS {
+        producer
+            .send(
+                FutureRecord::<str, str>::to(&topic).payload(&i.to_string()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let file = std::env::temp_dir().join(format!("mqtrace-kill-{}.txt", h.run));
+    let file = file.to_str().unwrap().to_owned();
+    let group = h.name("group");
+    let env = [
+        ("MQTRACE_KILL_TOPIC", topic.as_str()),
+        ("MQTRACE_KILL_GROUP", group.as_str()),
+        ("MQTRACE_KILL_FILE", file.as_str()),
+    ];
+    let child = ChildProcess::spawn(TEST, "kafka-consumer", &env);
+    let held: usize = tokio::task::spawn_blocking(move || {
+        let held = child.wait_for("HOLDING ", Duration::from_secs(90));
+        child.kill();
+        held
+    })
+    .await
+    .unwrap()
+    .parse()
+    .unwrap();
+    let by_killed: Vec<usize> = read_ids(&file);
+    let _ = std::fs::remove_file(&file);
+
+    // The group's next consumer (same group id as the child's).
+    let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
+    let done = Arc::new(Notify::new());
+    let seen = by_killed.iter().copied().collect::<BTreeSet<_>>();
+    let stats = {
+        let (processed, notifier) = (Arc::clone(&processed), Arc::clone(&done));
+        let consumer = h.consumer(&[&topic], &instrumenter);
+        within(
+            90,
+            consumer.run_until(
+                move |record| {
+                    let (processed, done, seen) =
+                        (Arc::clone(&processed), Arc::clone(&notifier), seen.clone());
+                    async move {
+                        let id: usize = record.json()?;
+                        let mut p = processed.lock().unwrap();
+                        p.push(id);
+                        let all: BTreeSet<usize> = p.iter().chain(&seen).copied().collect();
+                        if all.len() == RECORDS {
+                            done.notify_one();
+                        }
+                        HandlerResult::Ok(())
+                    }
+                },
+                async move { done.notified().await },
+            ),
+        )
+        .await
+    };
+    let after = processed.lock().unwrap().clone();
+    let all: BTreeSet<usize> = by_killed.iter().chain(&after).copied().collect();
+    let lost = (0..RECORDS).filter(|i| !all.contains(i)).count();
+    let duplicates = by_killed.len() + after.len() - all.len();
+    println!(
+        "kafka consumer process killed before committing record {held}: sent {RECORDS}; \
+         the killed process did {}, the next consumer {} ({duplicates} duplicates), waiting 0, \
+         dead-lettered 0, lost {lost}",
+        by_killed.len(),
+        after.len()
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(held, HOLD_AT);
+    assert!(
+        by_killed.contains(&held),
+        "the work was done before the kill"
+    );
+    assert!(after.contains(&held), "the uncommitted record came back");
+    assert_eq!(stats.settled as usize, after.len());
+}
+
+/// The ids a killed process recorded.
+fn read_ids(path: &str) -> Vec<usize> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+/// The consumer process: records each id, then holds on [`HOLD_AT`] after its work,
+/// before the consumer can commit it, until killed.
+async fn child() {
+    let var = |k: &str| std::env::var(k).unwrap();
+    let (topic, group, file) = (
+        var("MQTRACE_KILL_TOPIC"),
+        var("MQTRACE_KILL_GROUP"),
+        var("MQTRACE_KILL_FILE"),
+    );
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let mut config = h.consumer_config();
+    config.set("group.id", &group);
+    let consumer =
+        TracedConsumer::from_config(&config, &[&topic], h.producer(&instrumenter), instrumenter)
+            .unwrap();
+    consumer
+        .run_until(
+            move |record| {
+                let file = file.clone();
+                async move {
+                    let id: usize = record.json()?;
+                    append_synced(&file, &id.to_string()).unwrap();
+                    if id == HOLD_AT {
+                        println!("HOLDING {id}");
+                        std::future::pending::<()>().await;
+                    }
+                    HandlerResult::Ok(())
+                }
+            },
+            std::future::pending::<()>(),
+        )
+        .await;
+}
