@@ -112,6 +112,11 @@ impl Collector {
         format!("http://{}", self.grpc)
     }
 
+    /// Address of the gRPC receiver (to put a [`crate::faults::Proxy`] in front).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+    }
+
     /// `http://127.0.0.1:PORT` of the HTTP receiver (it serves `/v1/traces`).
     pub fn http_endpoint(&self) -> String {
         format!("http://{}", self.http)

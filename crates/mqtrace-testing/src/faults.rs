@@ -329,3 +329,83 @@ pub fn append_synced(path: &str, line: &str) -> std::io::Result<()> {
     writeln!(f, "{line}")?;
     f.sync_data()
 }
+
+/// The collector's states in a collector-fault run, in order: healthy,
+/// unreachable (connections refused), hanging (accepts, never answers), back.
+pub const COLLECTOR_PHASES: [(&str, Mode); 4] = [
+    ("healthy", Mode::Forward),
+    ("unreachable", Mode::Refuse),
+    ("hanging", Mode::Hang),
+    ("back", Mode::Forward),
+];
+
+/// Messages per phase of a collector-fault run: `MQTRACE_FAULT_MESSAGES`, or
+/// `default`. Longer runs give steadier throughput figures.
+pub fn messages_per_phase(default: usize) -> usize {
+    std::env::var("MQTRACE_FAULT_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One phase of a collector-fault run.
+#[derive(Debug, Clone)]
+pub struct PhaseReport {
+    /// Which of [`COLLECTOR_PHASES`].
+    pub name: &'static str,
+    /// Messages sent and processed in the phase.
+    pub messages: usize,
+    /// From the first send to the last message processed.
+    pub elapsed: Duration,
+    /// The telemetry's span counts (ended, exported) at the end of the phase.
+    pub spans_at_end: (u64, u64),
+}
+
+impl PhaseReport {
+    /// Messages per second through the broker.
+    pub fn throughput(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Runs `phase(first_id, n)` (send `n` messages and wait until all are
+/// processed) once per state of [`COLLECTOR_PHASES`], with the proxy in front of
+/// the collector set to that state; `spans` reads the telemetry's (ended,
+/// exported) counts. Prints a line per phase and returns the reports.
+pub async fn collector_fault_run<P, PF>(
+    broker: &str,
+    proxy: &Proxy,
+    messages: usize,
+    mut phase: P,
+    spans: impl Fn() -> (u64, u64),
+) -> Vec<PhaseReport>
+where
+    P: FnMut(usize, usize) -> PF,
+    PF: std::future::Future<Output = ()>,
+{
+    let mut reports: Vec<PhaseReport> = Vec::new();
+    for (i, (name, mode)) in COLLECTOR_PHASES.iter().enumerate() {
+        proxy.set(*mode);
+        let started = Instant::now();
+        phase(i * messages, messages).await;
+        let report = PhaseReport {
+            name,
+            messages,
+            elapsed: started.elapsed(),
+            spans_at_end: spans(),
+        };
+        let healthy = reports.first().unwrap_or(&report).throughput();
+        let before = reports.last().map_or((0, 0), |r| r.spans_at_end);
+        println!(
+            "{broker} collector {name}: {messages} messages in {:.2?} ({:.0}/s, {:.2} of healthy); \
+             spans ended {}, exported {} during the phase",
+            report.elapsed,
+            report.throughput(),
+            report.throughput() / healthy,
+            report.spans_at_end.0 - before.0,
+            report.spans_at_end.1.saturating_sub(before.1),
+        );
+        reports.push(report);
+    }
+    reports
+}

@@ -8,6 +8,7 @@
 )]
 
 mod batch;
+mod collector_faults;
 mod failures;
 mod flows;
 mod helpers;

@@ -7,6 +7,7 @@
     unreachable_pub
 )]
 
+mod collector_faults;
 mod failures;
 mod flows;
 mod helpers;

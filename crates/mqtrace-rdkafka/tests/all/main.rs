@@ -8,6 +8,7 @@
 )]
 
 mod broker_restart;
+mod collector_faults;
 mod failures;
 mod flows;
 mod helpers;
