@@ -21,6 +21,7 @@ use crate::carrier::{
     MAX_MESSAGE_ATTRIBUTES,
 };
 use crate::describe::{describe, error_type, MESSAGE_GROUP_ID, RECEIVE_COUNT, SEQUENCE_NUMBER};
+use crate::producer::{message_size, DEFAULT_MAX_MESSAGE_BYTES};
 
 /// A received message as the handler sees it.
 #[derive(Debug, Clone)]
@@ -204,6 +205,7 @@ pub struct TracedConsumer {
     dead_letter_queue_url: Option<String>,
     wait_time: i32,
     max_messages: i32,
+    max_message_bytes: usize,
     visibility_timeout: Option<i32>,
     receive_spans: bool,
     empty_receive_spans: bool,
@@ -224,6 +226,7 @@ impl TracedConsumer {
             dead_letter_queue_url: None,
             wait_time: 20,
             max_messages: 10,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             visibility_timeout: None,
             receive_spans: true,
             empty_receive_spans: false,
@@ -240,6 +243,14 @@ impl TracedConsumer {
     /// Long-polling wait, 0 to 20 seconds (default 20).
     pub fn wait_time_seconds(mut self, seconds: i32) -> Self {
         self.wait_time = seconds.clamp(0, 20);
+        self
+    }
+
+    /// The size limit of the dead-letter queue (default
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`]): failure metadata and trace context are added
+    /// to a dead-letter copy only as far as they fit within it.
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
         self
     }
 
@@ -494,6 +505,17 @@ impl TracedConsumer {
             .into_iter()
             .partition(|(k, _)| fields.iter().any(|f| f.eq_ignore_ascii_case(k)));
         let mut room = MAX_MESSAGE_ATTRIBUTES.saturating_sub(attributes.len());
+        // Metadata and context go only while the copy stays within the size limit
+        // (if the message itself is within it): a copy too big to send would
+        // leave the message cycling instead of dead-lettered.
+        let mut size = message_size(message.body(), &attributes);
+        let limit = if size <= self.max_message_bytes {
+            self.max_message_bytes
+        } else {
+            usize::MAX
+        };
+        // A string attribute's share of the size.
+        let cost = |k: &str, v: &str| k.len() + "String".len() + v.len();
         let mut injector = MessageAttributesInjector(&mut attributes);
         let mut metadata = metadata;
         metadata.sort_by_key(|(k, _)| metadata_rank(k));
@@ -501,10 +523,15 @@ impl TracedConsumer {
             if room == 0 {
                 break;
             }
+            if size + cost(&k, &v) > limit {
+                continue;
+            }
+            size += cost(&k, &v);
             opentelemetry::propagation::Injector::set(&mut injector, &k, v);
             room -= 1;
         }
-        if trace.len() <= room {
+        let trace_cost: usize = trace.iter().map(|(k, v)| cost(k, v)).sum();
+        if trace.len() <= room && size + trace_cost <= limit {
             for (k, v) in trace {
                 opentelemetry::propagation::Injector::set(&mut injector, &k, v);
             }

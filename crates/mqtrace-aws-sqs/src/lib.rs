@@ -88,4 +88,7 @@ pub use consumer::{trace_context, ConsumerStats, Received, TracedConsumer};
 pub use describe::{
     error_type, queue_name, MESSAGE_GROUP_ID, QUEUE_URL, RECEIVE_COUNT, SEQUENCE_NUMBER,
 };
-pub use producer::{SqsPropagation, TracedSqs, MAX_BATCH_ENTRIES};
+pub use producer::{
+    message_size, SqsPropagation, TracedSqs, CONTEXT_OMITTED, DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_BATCH_ENTRIES,
+};

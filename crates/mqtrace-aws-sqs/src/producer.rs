@@ -18,6 +18,31 @@ use crate::describe::{describe, error_type, MESSAGE_GROUP_ID, SEQUENCE_NUMBER};
 /// SQS takes at most this many entries per `SendMessageBatch`.
 pub const MAX_BATCH_ENTRIES: usize = 10;
 
+/// The message size [`TracedSqs`] keeps within by default: 262,144 bytes (256
+/// KiB). SQS allows up to 1 MiB where a queue's `MaximumMessageSize` says so; set
+/// [`TracedSqs::max_message_bytes`] to your queue's value.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 262_144;
+
+/// `mqtrace.aws_sqs.context_omitted`: on a `send` or `create` span, why the trace
+/// context was not added as message attributes (`message_size`: with them the
+/// message would have gone over the size limit, without them it fits).
+pub const CONTEXT_OMITTED: &str = "mqtrace.aws_sqs.context_omitted";
+
+/// A message's size as SQS counts it: the body, and each message attribute's
+/// name, data type and value. System attributes (`AWSTraceHeader`) do not count.
+pub fn message_size(body: &str, attributes: &MessageAttributes) -> usize {
+    body.len()
+        + attributes
+            .iter()
+            .map(|(name, v)| {
+                name.len()
+                    + v.data_type().len()
+                    + v.string_value().map_or(0, str::len)
+                    + v.binary_value().map_or(0, |b| b.as_ref().len())
+            })
+            .sum::<usize>()
+}
+
 /// Where the producer puts the trace context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SqsPropagation {
@@ -59,6 +84,7 @@ pub struct TracedSqs {
     client: Client,
     instrumenter: Instrumenter,
     propagation: SqsPropagation,
+    max_message_bytes: usize,
 }
 
 impl TracedSqs {
@@ -69,7 +95,18 @@ impl TracedSqs {
             client,
             instrumenter,
             propagation: SqsPropagation::default(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
+    }
+
+    /// The size limit of the queues this producer sends to (default
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`]). When the trace-context attributes would take
+    /// a message that fits over it, they are left out (the span says so with
+    /// [`CONTEXT_OMITTED`]); `AWSTraceHeader`, which does not count, still goes.
+    /// The instrumentation never makes a message too big to send.
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
     }
 
     /// Where the trace context goes (default: [`SqsPropagation::Both`]).
@@ -89,16 +126,28 @@ impl TracedSqs {
     }
 
     /// Adds the span's context to a message's attributes and system attributes:
-    /// message attributes only within what is left of the 10, whole formats only.
+    /// message attributes only within what is left of the 10, whole formats only,
+    /// and only if they do not take the message over the size limit.
     fn inject(
         &self,
         span: &MessagingSpan,
+        body: &str,
         attributes: &mut MessageAttributes,
     ) -> Option<MessageSystemAttributeValue> {
         if self.propagation.attributes() {
             let room = MAX_MESSAGE_ATTRIBUTES.saturating_sub(attributes.len());
-            self.instrumenter
-                .inject_within(span, &mut MessageAttributesInjector(attributes), room);
+            let mut with_context = attributes.clone();
+            self.instrumenter.inject_within(
+                span,
+                &mut MessageAttributesInjector(&mut with_context),
+                room,
+            );
+            let fits = message_size(body, attributes) <= self.max_message_bytes;
+            if fits && message_size(body, &with_context) > self.max_message_bytes {
+                span.set_attribute(KeyValue::new(CONTEXT_OMITTED, "message_size"));
+            } else {
+                *attributes = with_context;
+            }
         }
         if !self.propagation.trace_header() {
             return None;
@@ -129,7 +178,7 @@ impl TracedSqs {
         }
         let span = self.instrumenter.start_send(&d, Some(body.as_bytes()));
         let mut attributes = request.get_message_attributes().clone().unwrap_or_default();
-        let trace = self.inject(&span, &mut attributes);
+        let trace = self.inject(&span, &body, &mut attributes);
         // An empty map is left out of the request rather than sent.
         let mut request =
             request.set_message_attributes(Some(attributes).filter(|a| !a.is_empty()));
@@ -185,7 +234,7 @@ impl TracedSqs {
                 .instrumenter
                 .start_create(&d, Some(entry.message_body().as_bytes()));
             let mut attributes = entry.message_attributes().cloned().unwrap_or_default();
-            let trace = self.inject(&span, &mut attributes);
+            let trace = self.inject(&span, entry.message_body(), &mut attributes);
             let mut system = entry
                 .message_system_attributes()
                 .cloned()

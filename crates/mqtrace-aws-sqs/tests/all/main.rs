@@ -13,4 +13,5 @@ mod failures;
 mod flows;
 mod helpers;
 mod outage;
+mod payloads;
 mod process_kill;
