@@ -11,5 +11,6 @@ mod collector_faults;
 mod failures;
 mod flows;
 mod helpers;
+mod payloads;
 mod plain;
 mod process_kill;

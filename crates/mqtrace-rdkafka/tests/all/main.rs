@@ -12,5 +12,6 @@ mod collector_faults;
 mod failures;
 mod flows;
 mod helpers;
+mod payloads;
 mod process_kill;
 mod restart;
