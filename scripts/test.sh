@@ -40,7 +40,7 @@ if [ ! -x "$CACHE/tools/bin/cargo-fuzz" ]; then
   echo "test.sh: building cargo-fuzz 0.13.2 once (about a minute; cached in $CACHE/tools)"
   cargo install cargo-fuzz --version 0.13.2 --locked --root "$CACHE/tools" --quiet
 fi
-for target in underscore lapin_field_table kafka_headers sqs_attributes; do
+for target in underscore lapin_field_table kafka_headers sqs_attributes lambda_event; do
   found=$(mktemp -d)
   # cargo fuzz needs nightly-only compiler flags; this machine has one stable
   # toolchain, which accepts them under RUSTC_BOOTSTRAP, for these builds only.
