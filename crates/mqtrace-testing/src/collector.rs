@@ -140,6 +140,18 @@ impl Collector {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Every span received so far, removed from the collector (for long runs that
+    /// look at spans as they come).
+    pub fn take(&self) -> Vec<RecordedSpan> {
+        std::mem::take(
+            &mut *self
+                .store
+                .spans
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
     /// Forgets the spans received so far.
     pub fn clear(&self) {
         self.store
