@@ -9,12 +9,16 @@
 //! - [`MessageAttributesInjector`] and [`MessageAttributesExtractor`] are the
 //!   carriers; SQS's limit of [`MAX_MESSAGE_ATTRIBUTES`] is never exceeded and a
 //!   context is written whole or not at all.
+//! - The trace context never makes a message too big: when its attributes would
+//!   take a message that fits over the size limit ([`DEFAULT_MAX_MESSAGE_BYTES`],
+//!   or [`TracedSqs::max_message_bytes`]), they are left out and the span carries
+//!   [`CONTEXT_OMITTED`]; `AWSTraceHeader`, which SQS does not count, still goes.
 //!
 //! # Span model
 //!
 //! | operation | span name | kind | parent | links | attributes |
 //! |---|---|---|---|---|---|
-//! | send | `send {queue}` | PRODUCER | current span | — | `messaging.system = aws_sqs`, `messaging.destination.name` (queue name), [`QUEUE_URL`], `messaging.message.body.size`, `server.address`, `server.port`; from the response `messaging.message.id`, [`SEQUENCE_NUMBER`]; [`MESSAGE_GROUP_ID`] for FIFO queues |
+//! | send | `send {queue}` | PRODUCER | current span | — | `messaging.system = aws_sqs`, `messaging.destination.name` (queue name), [`QUEUE_URL`], `messaging.message.body.size`, `server.address`, `server.port`; from the response `messaging.message.id`, [`SEQUENCE_NUMBER`]; [`MESSAGE_GROUP_ID`] for FIFO queues; [`CONTEXT_OMITTED`] when the context attributes did not fit |
 //! | batch entry | `create {queue}` | PRODUCER | current span | — | as send, per entry; refused entries are errors with SQS's code |
 //! | batch request | `send {queue}` | CLIENT | current span | every entry's `create` span | `messaging.batch.message_count` |
 //! | receive | `receive {queue}` | CLIENT | current span | each message's producer, with its message id | `messaging.batch.message_count` |
@@ -31,7 +35,7 @@
 //! |---|---|
 //! | success | deleted |
 //! | transient error | left for the visibility timeout and the queue's redrive policy; with a dead-letter queue set and the retry budget spent (by receive count), forwarded there and deleted |
-//! | permanent error | forwarded to the dead-letter queue with `mqtrace-error-type`, `mqtrace-attempt`, `mqtrace-error-message`, `mqtrace-failed-at`, `mqtrace-original-traceparent` (as many as fit in the 10 attributes, in that order) and the original body, then deleted; without one, deleted (`dropped` on the span) |
+//! | permanent error | forwarded to the dead-letter queue with `mqtrace-error-type`, `mqtrace-attempt`, `mqtrace-error-message`, `mqtrace-failed-at`, `mqtrace-original-traceparent` (as many as fit in the 10 attributes and the size limit, in that order) and the original body, then deleted; without one, deleted (`dropped` on the span) |
 //!
 //! # Customisation
 //!

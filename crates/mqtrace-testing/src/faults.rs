@@ -409,3 +409,81 @@ where
     }
     reports
 }
+
+/// What a kill test's child printed and recorded before it was killed.
+#[derive(Debug)]
+pub struct Killed {
+    /// The id the child held on when it was killed.
+    pub held: usize,
+    /// Every id the child's handler did the work for, in order.
+    pub done: Vec<usize>,
+}
+
+/// The parent's side of a kill test: runs `test` as a child process with `role`
+/// and `env`, plus [`KILL_FILE_ENV`] naming a fresh file; waits until the child
+/// prints `HOLDING <id>` (see [`record_and_hold`]), kills it with SIGKILL, and
+/// returns the held id and the ids the child recorded. Blocking: call it from
+/// `spawn_blocking` in async tests.
+pub fn run_and_kill_child(test: &str, role: &str, env: &[(&str, String)]) -> Killed {
+    let file = std::env::temp_dir().join(format!("mqtrace-kill-{:016x}.txt", fastrand::u64(..)));
+    let file_name = file.to_string_lossy().into_owned();
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.push((KILL_FILE_ENV, &file_name));
+    let child = ChildProcess::spawn(test, role, &all);
+    let held = child.wait_for("HOLDING ", Duration::from_secs(90));
+    child.kill();
+    let done: Vec<usize> = std::fs::read_to_string(&file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    let _ = std::fs::remove_file(&file);
+    Killed {
+        held: held
+            .parse()
+            .unwrap_or_else(|_| panic!("the child held on {held:?}, not an id")),
+        done,
+    }
+}
+
+/// Variable naming the file where a kill test's child records its work.
+pub const KILL_FILE_ENV: &str = "MQTRACE_KILL_FILE";
+
+/// The child's side of a kill test, in its handler after the work for `id`:
+/// records `id` (synced), and for `hold_at` prints `HOLDING <id>` and never
+/// returns, so that the parent kills the process before the message is settled.
+pub async fn record_and_hold(id: usize, hold_at: usize) {
+    let file = crate::brokers::env_or_explain(KILL_FILE_ENV, "The kill test's record file");
+    if let Err(e) = append_synced(&file, &id.to_string()) {
+        panic!("cannot record id {id} in {file}: {e}");
+    }
+    if id == hold_at {
+        println!("HOLDING {id}");
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Checks a collector-fault run: spans were lost to the outage and counted
+/// (`not_exported`), export resumed once the collector was back (`exported` at the
+/// end above what it was when the hanging phase ended), and no faulty phase fell
+/// under half the healthy throughput. The last is a correctness bound, not a
+/// performance target: an exporter that held up messages would cost a second-long
+/// export timeout per batch.
+pub fn check_collector_run(reports: &[PhaseReport], exported: u64, not_exported: u64) {
+    assert!(not_exported > 0, "the outage cost spans, counted");
+    let before_back = reports.get(2).map_or(0, |r| r.spans_at_end.1);
+    assert!(
+        exported > before_back,
+        "export resumed when the collector came back"
+    );
+    let healthy = reports.first().map_or(0.0, PhaseReport::throughput);
+    for r in reports.iter().skip(1) {
+        assert!(
+            r.throughput() > healthy * 0.5,
+            "{} phase: {:.0}/s against {:.0}/s healthy",
+            r.name,
+            r.throughput(),
+            healthy
+        );
+    }
+}

@@ -7,12 +7,11 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use aws_sdk_sqs::types::QueueAttributeName;
 use mqtrace::HandlerResult;
 use mqtrace_aws_sqs::{TracedConsumer, TracedSqs};
-use mqtrace_testing::faults::{append_synced, child_role, ChildProcess};
+use mqtrace_testing::faults::{child_role, record_and_hold, run_and_kill_child, Killed};
 use tokio::sync::Notify;
 
 use crate::helpers::{within, Harness};
@@ -46,24 +45,13 @@ async fn consumer_killed_between_handler_and_delete() {
             .await
             .unwrap();
     }
-    let file = std::env::temp_dir().join(format!("mqtrace-kill-{}.txt", h.run));
-    let file = file.to_str().unwrap().to_owned();
-    let env = [
-        ("MQTRACE_KILL_QUEUE", url.as_str()),
-        ("MQTRACE_KILL_FILE", file.as_str()),
-    ];
-    let child = ChildProcess::spawn(TEST, "sqs-consumer", &env);
-    let held: usize = tokio::task::spawn_blocking(move || {
-        let held = child.wait_for("HOLDING ", Duration::from_secs(90));
-        child.kill();
-        held
-    })
-    .await
-    .unwrap()
-    .parse()
-    .unwrap();
-    let by_killed = read_ids(&file);
-    let _ = std::fs::remove_file(&file);
+    let env = [("MQTRACE_KILL_QUEUE", url.to_owned())];
+    let Killed {
+        held,
+        done: by_killed,
+    } = tokio::task::spawn_blocking(move || run_and_kill_child(TEST, "sqs-consumer", &env))
+        .await
+        .unwrap();
 
     let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
     let done = Arc::new(Notify::new());
@@ -114,36 +102,20 @@ async fn consumer_killed_between_handler_and_delete() {
     assert_eq!(stats.settled as usize, after.len());
 }
 
-/// The ids a killed process recorded.
-fn read_ids(path: &str) -> Vec<usize> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect()
-}
-
 /// The consumer process: records each id, then holds on [`HOLD_AT`] after its work,
 /// before the consumer can delete it, until killed.
 async fn child() {
     let var = |k: &str| std::env::var(k).unwrap();
-    let (url, file) = (var("MQTRACE_KILL_QUEUE"), var("MQTRACE_KILL_FILE"));
+    let url = var("MQTRACE_KILL_QUEUE");
     let h = Harness::start().await;
     let instrumenter = h.instrumenter(|b| b);
     TracedConsumer::new(h.client.clone(), &url, &instrumenter)
         .wait_time_seconds(1)
         .run_until(
-            move |message| {
-                let file = file.clone();
-                async move {
-                    let id: usize = message.json()?;
-                    append_synced(&file, &id.to_string()).unwrap();
-                    if id == HOLD_AT {
-                        println!("HOLDING {id}");
-                        std::future::pending::<()>().await;
-                    }
-                    HandlerResult::Ok(())
-                }
+            move |message| async move {
+                let id: usize = message.json()?;
+                record_and_hold(id, HOLD_AT).await;
+                HandlerResult::Ok(())
             },
             std::future::pending::<()>(),
         )

@@ -13,7 +13,9 @@ use lapin::BasicProperties;
 use mqtrace::telemetry::TelemetryBuilder;
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_lapin::{QueueSpec, TracedConsumer, TracedPublisher};
-use mqtrace_testing::faults::{collector_fault_run, messages_per_phase, Proxy};
+use mqtrace_testing::faults::{
+    check_collector_run, collector_fault_run, messages_per_phase, Proxy,
+};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use tokio::sync::Notify;
 
@@ -103,7 +105,6 @@ async fn collector_unreachable_then_hanging_then_back() {
     let distinct: BTreeSet<usize> = processed.iter().copied().collect();
     let lost = (0..sent).filter(|i| !distinct.contains(i)).count();
     let waiting = drain(&channel, queue.name()).await.len();
-    let exported_before_back = reports[2].spans_at_end.1;
     let spans = tokio::task::spawn_blocking(move || guard.shutdown())
         .await
         .unwrap();
@@ -117,21 +118,5 @@ async fn collector_unreachable_then_hanging_then_back() {
     );
     assert_eq!(lost, 0);
     assert_eq!(waiting, 0);
-    assert!(spans.not_exported() > 0, "the outage cost spans, counted");
-    assert!(
-        spans.exported > exported_before_back,
-        "export resumed when the collector came back"
-    );
-    // A correctness bound, not the performance target (that is measured with more
-    // messages, see docs/reliability.md): an exporter that held up messages would
-    // cost a second-long export timeout per batch.
-    for r in &reports[1..] {
-        assert!(
-            r.throughput() > reports[0].throughput() * 0.5,
-            "{} phase: {:.0}/s against {:.0}/s healthy",
-            r.name,
-            r.throughput(),
-            reports[0].throughput()
-        );
-    }
+    check_collector_run(&reports, spans.exported, spans.not_exported());
 }

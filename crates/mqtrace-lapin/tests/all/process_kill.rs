@@ -7,12 +7,11 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use lapin::BasicProperties;
 use mqtrace::HandlerResult;
 use mqtrace_lapin::{QueueSpec, TracedConsumer, TracedPublisher};
-use mqtrace_testing::faults::{append_synced, child_role, ChildProcess};
+use mqtrace_testing::faults::{child_role, record_and_hold, run_and_kill_child, Killed};
 use tokio::sync::Notify;
 
 use crate::helpers::{drain, within, Harness};
@@ -39,24 +38,13 @@ async fn consumer_killed_between_handler_and_ack() {
             .unwrap();
         assert!(c.is_ack());
     }
-    let file = std::env::temp_dir().join(format!("mqtrace-kill-{}.txt", h.run));
-    let file = file.to_str().unwrap().to_owned();
-    let env = [
-        ("MQTRACE_KILL_QUEUE", queue.name()),
-        ("MQTRACE_KILL_FILE", file.as_str()),
-    ];
-    let child = ChildProcess::spawn(TEST, "rabbitmq-consumer", &env);
-    let held: usize = tokio::task::spawn_blocking(move || {
-        let held = child.wait_for("HOLDING ", Duration::from_secs(90));
-        child.kill();
-        held
-    })
-    .await
-    .unwrap()
-    .parse()
-    .unwrap();
-    let by_killed = read_ids(&file);
-    let _ = std::fs::remove_file(&file);
+    let env = [("MQTRACE_KILL_QUEUE", queue.name().to_owned())];
+    let Killed {
+        held,
+        done: by_killed,
+    } = tokio::task::spawn_blocking(move || run_and_kill_child(TEST, "rabbitmq-consumer", &env))
+        .await
+        .unwrap();
 
     let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
     let done = Arc::new(Notify::new());
@@ -109,36 +97,20 @@ async fn consumer_killed_between_handler_and_ack() {
     assert_eq!(stats.settled as usize, after.len());
 }
 
-/// The ids a killed process recorded.
-fn read_ids(path: &str) -> Vec<usize> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect()
-}
-
 /// The consumer process: records each id, then holds on [`HOLD_AT`] after its work,
 /// before the consumer can acknowledge it, until killed.
 async fn child() {
     let var = |k: &str| std::env::var(k).unwrap();
-    let (queue, file) = (var("MQTRACE_KILL_QUEUE"), var("MQTRACE_KILL_FILE"));
+    let queue = var("MQTRACE_KILL_QUEUE");
     let h = Harness::start().await;
     let instrumenter = h.instrumenter(|b| b);
     let _ = TracedConsumer::new(&h.url, QueueSpec::new(queue), instrumenter)
         .prefetch(5)
         .run_until(
-            move |message| {
-                let file = file.clone();
-                async move {
-                    let id: usize = message.json()?;
-                    append_synced(&file, &id.to_string()).unwrap();
-                    if id == HOLD_AT {
-                        println!("HOLDING {id}");
-                        std::future::pending::<()>().await;
-                    }
-                    HandlerResult::Ok(())
-                }
+            move |message| async move {
+                let id: usize = message.json()?;
+                record_and_hold(id, HOLD_AT).await;
+                HandlerResult::Ok(())
             },
             std::future::pending::<()>(),
         )

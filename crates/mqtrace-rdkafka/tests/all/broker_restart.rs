@@ -15,7 +15,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::Message;
 use tokio::sync::Notify;
 
-use crate::helpers::{when_count, within, Harness};
+use crate::helpers::{committed_offset, when_count, within, Harness};
 
 const RECORDS: usize = 60;
 
@@ -153,22 +153,6 @@ async fn consumer_side_broker_killed_and_restarted() {
         "nothing left waiting"
     );
     assert_eq!(stats.dead_lettered, 0);
-}
-
-/// The group's committed offset on the topic's one partition. (tansu's reported
-/// high watermark is not reliable enough to count against; the records are numbered
-/// from offset 0, so the committed offset is the count of settled records.)
-async fn committed_offset(h: &Harness, topic: &str) -> i64 {
-    let consumer: StreamConsumer = h.consumer_config().create().unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition(topic, 0);
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    committed
-        .find_partition(topic, 0)
-        .and_then(|p| p.offset().to_raw())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

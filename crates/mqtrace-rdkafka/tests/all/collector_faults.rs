@@ -12,7 +12,9 @@ use std::time::Duration;
 use mqtrace::telemetry::TelemetryBuilder;
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_rdkafka::{TracedConsumer, TracedProducer};
-use mqtrace_testing::faults::{collector_fault_run, messages_per_phase, Proxy};
+use mqtrace_testing::faults::{
+    check_collector_run, collector_fault_run, messages_per_phase, Proxy,
+};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use rdkafka::producer::FutureRecord;
 use tokio::sync::Notify;
@@ -124,7 +126,6 @@ async fn collector_unreachable_then_hanging_then_back() {
     let processed = processed.lock().unwrap().clone();
     let distinct: BTreeSet<usize> = processed.iter().copied().collect();
     let lost = (0..sent).filter(|i| !distinct.contains(i)).count();
-    let exported_before_back = reports[2].spans_at_end.1;
     let spans = tokio::task::spawn_blocking(move || guard.shutdown())
         .await
         .unwrap();
@@ -140,21 +141,5 @@ async fn collector_unreachable_then_hanging_then_back() {
     assert_eq!(lost, 0);
     assert_eq!(stats.settled as usize, sent + 1);
     assert_eq!(stats.commit_failures, 0);
-    assert!(spans.not_exported() > 0, "the outage cost spans, counted");
-    assert!(
-        spans.exported > exported_before_back,
-        "export resumed when the collector came back"
-    );
-    // A correctness bound, not the performance target (that is measured with more
-    // records, see docs/reliability.md): an exporter that held up records would
-    // cost a second-long export timeout per batch.
-    for r in &reports[1..] {
-        assert!(
-            r.throughput() > reports[0].throughput() * 0.5,
-            "{} phase: {:.0}/s against {:.0}/s healthy",
-            r.name,
-            r.throughput(),
-            reports[0].throughput()
-        );
-    }
+    check_collector_run(&reports, spans.exported, spans.not_exported());
 }

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use mqtrace::HandlerResult;
 use mqtrace_rdkafka::TracedConsumer;
-use mqtrace_testing::faults::{append_synced, child_role, ChildProcess};
+use mqtrace_testing::faults::{child_role, record_and_hold, run_and_kill_child, Killed};
 use rdkafka::producer::FutureRecord;
 use tokio::sync::Notify;
 
-use crate::helpers::{within, Harness};
+use crate::helpers::{committed_offset, within, Harness};
 
 const TEST: &str = "process_kill::consumer_killed_between_handler_and_commit";
 const RECORDS: usize = 20;
@@ -39,26 +39,17 @@ async fn consumer_killed_between_handler_and_commit() {
             .await
             .unwrap();
     }
-    let file = std::env::temp_dir().join(format!("mqtrace-kill-{}.txt", h.run));
-    let file = file.to_str().unwrap().to_owned();
     let group = h.name("group");
     let env = [
-        ("MQTRACE_KILL_TOPIC", topic.as_str()),
-        ("MQTRACE_KILL_GROUP", group.as_str()),
-        ("MQTRACE_KILL_FILE", file.as_str()),
+        ("MQTRACE_KILL_TOPIC", topic.to_owned()),
+        ("MQTRACE_KILL_GROUP", group.to_owned()),
     ];
-    let child = ChildProcess::spawn(TEST, "kafka-consumer", &env);
-    let held: usize = tokio::task::spawn_blocking(move || {
-        let held = child.wait_for("HOLDING ", Duration::from_secs(90));
-        child.kill();
-        held
-    })
-    .await
-    .unwrap()
-    .parse()
-    .unwrap();
-    let by_killed: Vec<usize> = read_ids(&file);
-    let _ = std::fs::remove_file(&file);
+    let Killed {
+        held,
+        done: by_killed,
+    } = tokio::task::spawn_blocking(move || run_and_kill_child(TEST, "kafka-consumer", &env))
+        .await
+        .unwrap();
 
     // The group's next consumer (same group id as the child's).
     let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
@@ -93,14 +84,16 @@ async fn consumer_killed_between_handler_and_commit() {
     let all: BTreeSet<usize> = by_killed.iter().chain(&after).copied().collect();
     let lost = (0..RECORDS).filter(|i| !all.contains(i)).count();
     let duplicates = by_killed.len() + after.len() - all.len();
+    let waiting = RECORDS - committed_offset(&h, &topic).await as usize;
     println!(
         "kafka consumer process killed before committing record {held}: sent {RECORDS}; \
-         the killed process did {}, the next consumer {} ({duplicates} duplicates), waiting 0, \
+         the killed process did {}, the next consumer {} ({duplicates} duplicates), waiting {waiting}, \
          dead-lettered 0, lost {lost}",
         by_killed.len(),
         after.len()
     );
     assert_eq!(lost, 0);
+    assert_eq!(waiting, 0);
     assert_eq!(held, HOLD_AT);
     assert!(
         by_killed.contains(&held),
@@ -110,24 +103,11 @@ async fn consumer_killed_between_handler_and_commit() {
     assert_eq!(stats.settled as usize, after.len());
 }
 
-/// The ids a killed process recorded.
-fn read_ids(path: &str) -> Vec<usize> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect()
-}
-
 /// The consumer process: records each id, then holds on [`HOLD_AT`] after its work,
 /// before the consumer can commit it, until killed.
 async fn child() {
     let var = |k: &str| std::env::var(k).unwrap();
-    let (topic, group, file) = (
-        var("MQTRACE_KILL_TOPIC"),
-        var("MQTRACE_KILL_GROUP"),
-        var("MQTRACE_KILL_FILE"),
-    );
+    let (topic, group) = (var("MQTRACE_KILL_TOPIC"), var("MQTRACE_KILL_GROUP"));
     let h = Harness::start().await;
     let instrumenter = h.instrumenter(|b| b);
     let mut config = h.consumer_config();
@@ -137,17 +117,10 @@ async fn child() {
             .unwrap();
     consumer
         .run_until(
-            move |record| {
-                let file = file.clone();
-                async move {
-                    let id: usize = record.json()?;
-                    append_synced(&file, &id.to_string()).unwrap();
-                    if id == HOLD_AT {
-                        println!("HOLDING {id}");
-                        std::future::pending::<()>().await;
-                    }
-                    HandlerResult::Ok(())
-                }
+            move |record| async move {
+                let id: usize = record.json()?;
+                record_and_hold(id, HOLD_AT).await;
+                HandlerResult::Ok(())
             },
             std::future::pending::<()>(),
         )

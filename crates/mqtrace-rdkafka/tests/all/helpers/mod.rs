@@ -12,6 +12,7 @@ use mqtrace_testing::{brokers, Forest, RecordedSpan, TreeOptions};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::ClientConfig;
 
 pub use mqtrace_testing::assert_tree;
@@ -152,4 +153,20 @@ pub async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), f)
         .await
         .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
+}
+
+/// The group's committed offset on the topic's one partition. (tansu's reported
+/// high watermark is not reliable enough to count against; the records are numbered
+/// from offset 0, so the committed offset is the count of settled records.)
+pub async fn committed_offset(h: &Harness, topic: &str) -> i64 {
+    let consumer: StreamConsumer = h.consumer_config().create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    committed
+        .find_partition(topic, 0)
+        .and_then(|p| p.offset().to_raw())
+        .unwrap_or(0)
 }
