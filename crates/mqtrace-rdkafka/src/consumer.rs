@@ -352,18 +352,30 @@ impl TracedConsumer {
     }
 
     /// Commits, synchronously, the position after the last settled record of each
-    /// partition. Asynchronous commits may have failed while the cluster was away;
+    /// partition still assigned. Asynchronous commits may have failed while the cluster was away;
     /// this one is retried for a few seconds (the group coordinator can take that
     /// long to come back) before giving up, leaving the records to be read again.
     async fn final_commit(&self, positions: &HashMap<(String, i32), i64>) {
         if positions.is_empty() {
             return;
         }
+        // Only partitions still assigned: one that moved to another member in a
+        // rebalance has its progress committed there, and this position is older.
+        let assigned = self.consumer.assignment().ok();
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), next) in positions {
+            let ours = assigned
+                .as_ref()
+                .is_none_or(|a| a.find_partition(topic, *partition).is_some());
+            if !ours {
+                continue;
+            }
             if let Err(e) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
                 tracing::warn!(target: "mqtrace", error = %e, topic, "cannot commit this partition's position");
             }
+        }
+        if offsets.count() == 0 {
+            return;
         }
         for attempt in 1..=FINAL_COMMIT_ATTEMPTS {
             match self.consumer.commit(&offsets, CommitMode::Sync) {
