@@ -20,10 +20,9 @@ use crate::helpers::{committed_offset, when_count, within, Harness};
 const RECORDS: usize = 60;
 
 /// Kills the broker, keeps it down for a second, starts it again.
-async fn kill_and_restart(tansu: Arc<Mutex<Option<Tansu>>>) {
+async fn kill_and_restart(tansu: Arc<Mutex<Tansu>>) {
     tokio::task::spawn_blocking(move || {
-        let mut guard = tansu.lock().unwrap();
-        let broker = guard.as_mut().unwrap();
+        let mut broker = tansu.lock().unwrap();
         broker.kill();
         std::thread::sleep(Duration::from_secs(1));
         broker.restart();
@@ -36,7 +35,7 @@ async fn kill_and_restart(tansu: Arc<Mutex<Option<Tansu>>>) {
 async fn consumer_side_broker_killed_and_restarted() {
     let tansu = Tansu::start();
     let h = Harness::start_at(tansu.bootstrap()).await;
-    let tansu = Arc::new(Mutex::new(Some(tansu)));
+    let tansu = Arc::new(Mutex::new(tansu));
     let topic = h.name("orders");
     h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);
@@ -159,7 +158,7 @@ async fn consumer_side_broker_killed_and_restarted() {
 async fn producer_side_broker_killed_and_restarted() {
     let tansu = Tansu::start();
     let h = Harness::start_at(tansu.bootstrap()).await;
-    let tansu = Arc::new(Mutex::new(Some(tansu)));
+    let tansu = Arc::new(Mutex::new(tansu));
     let topic = h.name("payments");
     h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);
