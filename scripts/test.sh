@@ -58,3 +58,5 @@ done
 echo "== cargo test"
 # --show-output: the fault tests print their accounting (sent, processed, lost).
 cargo test --workspace --all-features -- --show-output
+echo "== the collector-fault measurement, one short round (the figures: scripts/collector-faults.sh)"
+"${CARGO_TARGET_DIR:-target}/debug/examples/soak" rabbitmq --collector-faults --rounds 1 --per-phase 200

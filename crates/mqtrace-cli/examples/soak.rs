@@ -12,6 +12,15 @@
 //! ```text
 //! cargo run --release -p mqtrace-cli --example soak -- rabbitmq --minutes 10 --rate 100
 //! ```
+//!
+//! With `--collector-faults` it measures instead what an OTLP collector's faults cost
+//! the messages: rounds of four phases (collector healthy, unreachable, hanging,
+//! back; see `mqtrace_testing::faults::COLLECTOR_PHASES`), each sending
+//! `--per-phase` messages as fast as the broker takes them and waiting until all are
+//! processed, with the collector in a process of its own behind a proxy that plays
+//! the fault. No handler fails in this mode. It prints each phase's throughput
+//! relative to its round's healthy phase, then the median per phase
+//! (`scripts/collector-faults.sh`).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::collections::{BTreeSet, HashMap};
@@ -26,6 +35,8 @@ use mqtrace_testing::{Collector, Kind};
 use opentelemetry::trace::TraceContextExt as _;
 use tokio::sync::Notify;
 
+#[path = "soak/faults.rs"]
+mod faults;
 #[path = "soak/kafka.rs"]
 mod kafka;
 #[path = "soak/rabbit.rs"]
@@ -52,9 +63,22 @@ struct Args {
     /// Also append the report line to this file.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Measure the collector's faults instead of soaking (see the example's docs).
+    #[arg(long)]
+    collector_faults: bool,
+    /// With `--collector-faults`: messages per phase.
+    #[arg(long, default_value_t = 3000)]
+    per_phase: usize,
+    /// With `--collector-faults`: rounds of the four phases.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// With `--collector-faults`: run the collector in this process, on the same
+    /// runtime as the consumer, as the fault tests do.
+    #[arg(long)]
+    in_process_collector: bool,
 }
 
-/// One message in a hundred fails permanently.
+/// In the soak, one message in a hundred fails permanently.
 fn fails(id: usize) -> bool {
     id % 100 == 99
 }
@@ -68,6 +92,12 @@ struct Seen {
     handler_micros: Mutex<HashMap<String, u64>>,
     /// Handler calls, successful or not.
     calls: AtomicUsize,
+    /// Whether one message in a hundred fails (the soak) or none (collector faults).
+    failures: bool,
+    /// When each id was sent, for the ids whose latency is measured.
+    sent_at: Mutex<HashMap<usize, Instant>>,
+    /// From the send to the handler, for those ids, in the order handled.
+    latencies: Mutex<Vec<Duration>>,
 }
 
 impl Seen {
@@ -80,7 +110,10 @@ impl Seen {
             .span_id()
             .to_string();
         let id = id?;
-        let result = if fails(id) {
+        if let Some(sent) = lock(&self.sent_at).remove(&id) {
+            lock(&self.latencies).push(sent.elapsed());
+        }
+        let result = if self.failures && fails(id) {
             Err(HandlerError::permanent("soak: one in a hundred fails").with_type("soak"))
         } else {
             lock(&self.processed).insert(id);
@@ -118,7 +151,13 @@ fn env(var: &str) -> Result<String, String> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), String> {
+    if std::env::var_os(faults::SERVE_COLLECTOR_ENV).is_some() {
+        return faults::serve_collector().await;
+    }
     let args = Args::parse();
+    if args.collector_faults {
+        return faults::run(&args).await;
+    }
     let collector = Collector::start().await.map_err(|e| e.to_string())?;
     let guard = TelemetryBuilder::default()
         .service_name("mqtrace-soak")
@@ -129,17 +168,14 @@ async fn main() -> Result<(), String> {
     let provider = guard.provider().ok_or("telemetry is off")?.clone();
     let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
     let run = format!("{:08x}", fastrand::u32(..));
-    let seen = Arc::new(Seen::default());
+    let seen = Arc::new(Seen {
+        failures: true,
+        ..Seen::default()
+    });
     let stop = Arc::new(Notify::new());
     let duration = Duration::from_secs_f64(args.minutes * 60.0);
 
-    let mut broker = match args.broker {
-        Broker::Rabbitmq => {
-            Under::Rabbit(rabbit::Soak::start(&run, &instrumenter, &seen, &stop).await?)
-        }
-        Broker::Kafka => Under::Kafka(kafka::Soak::start(&run, &instrumenter, &seen, &stop).await?),
-        Broker::Sqs => Under::Sqs(sqs::Soak::start(&run, &instrumenter, &seen, &stop).await?),
-    };
+    let mut broker = Under::start(args.broker, &run, &instrumenter, &seen, &stop).await?;
 
     // The overheads, from the spans as they arrive.
     let overheads = Arc::new(Mutex::new(Vec::<(u64, bool)>::new()));
@@ -276,6 +312,22 @@ enum Under {
 }
 
 impl Under {
+    async fn start(
+        broker: Broker,
+        run: &str,
+        instrumenter: &Instrumenter,
+        seen: &Arc<Seen>,
+        stop: &Arc<Notify>,
+    ) -> Result<Self, String> {
+        Ok(match broker {
+            Broker::Rabbitmq => {
+                Self::Rabbit(rabbit::Soak::start(run, instrumenter, seen, stop).await?)
+            }
+            Broker::Kafka => Self::Kafka(kafka::Soak::start(run, instrumenter, seen, stop).await?),
+            Broker::Sqs => Self::Sqs(sqs::Soak::start(run, instrumenter, seen, stop).await?),
+        })
+    }
+
     async fn send(&self, id: usize) -> Result<(), String> {
         match self {
             Self::Rabbit(b) => b.send(id).await,
