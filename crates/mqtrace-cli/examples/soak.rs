@@ -159,14 +159,7 @@ async fn main() -> Result<(), String> {
         return faults::run(&args).await;
     }
     let collector = Collector::start().await.map_err(|e| e.to_string())?;
-    let guard = TelemetryBuilder::default()
-        .service_name("mqtrace-soak")
-        .endpoint(collector.grpc_endpoint())
-        .install_global(false)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let provider = guard.provider().ok_or("telemetry is off")?.clone();
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let (guard, instrumenter) = telemetry("mqtrace-soak", collector.grpc_endpoint())?;
     let run = format!("{:08x}", fastrand::u32(..));
     let seen = Arc::new(Seen {
         failures: true,
@@ -274,6 +267,20 @@ async fn main() -> Result<(), String> {
         return Err(format!("{lost} messages lost"));
     }
     Ok(())
+}
+
+/// Telemetry with the library's defaults, exporting to `endpoint`, and an
+/// instrumenter on it.
+fn telemetry(service: &str, endpoint: String) -> Result<(TelemetryGuard, Instrumenter), String> {
+    let guard = TelemetryBuilder::default()
+        .service_name(service)
+        .endpoint(endpoint)
+        .install_global(false)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let provider = guard.provider().ok_or("telemetry is off")?;
+    let instrumenter = Instrumenter::builder().tracer_provider(provider).build();
+    Ok((guard, instrumenter))
 }
 
 fn percentile(samples: &[u64], p: f64) -> u64 {

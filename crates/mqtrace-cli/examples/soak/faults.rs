@@ -10,14 +10,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mqtrace::telemetry::TelemetryBuilder;
-use mqtrace::Instrumenter;
 use mqtrace_testing::bench::median;
 use mqtrace_testing::faults::{collector_fault_run, Mode, PhaseReport, Proxy};
 use mqtrace_testing::Collector;
 use tokio::sync::Notify;
 
-use crate::{lock, Args, Seen, Under};
+use crate::{lock, telemetry, Args, Seen, Under};
 
 /// Set in the child process that serves as the collector.
 pub(crate) const SERVE_COLLECTOR_ENV: &str = "MQTRACE_SOAK_SERVE_COLLECTOR";
@@ -118,14 +116,10 @@ pub(crate) async fn run(args: &Args) -> Result<(), String> {
     };
     let proxy = Proxy::start(sink.addr()).await.map_err(|e| e.to_string())?;
     // The library's defaults but for the endpoint: what an application gets.
-    let guard = TelemetryBuilder::default()
-        .service_name("mqtrace-collector-faults")
-        .endpoint(format!("http://{}", proxy.addr()))
-        .install_global(false)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let provider = guard.provider().ok_or("telemetry is off")?.clone();
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let (guard, instrumenter) = telemetry(
+        "mqtrace-collector-faults",
+        format!("http://{}", proxy.addr()),
+    )?;
     let run = format!("{:08x}", fastrand::u32(..));
     let seen = Arc::new(Seen::default());
     let stop = Arc::new(Notify::new());
