@@ -28,8 +28,11 @@ use crate::producer::{record_delivery, TracedProducer};
 /// `statistics.interval.ms`, 1 s unless set). The conventions have no name for it.
 pub const CONSUMER_LAG: &str = "mqtrace.kafka.consumer.lag";
 
-/// Attempts of the synchronous commit when a consumer stops, half a second apart.
+/// Attempts of the final commit when a consumer stops.
 const FINAL_COMMIT_ATTEMPTS: u32 = 10;
+
+/// How long one attempt of the final commit waits for the cluster's answer.
+const FINAL_COMMIT_WAIT: Duration = Duration::from_millis(500);
 
 /// The consumer's client context: keeps the high watermark of every partition
 /// from librdkafka's statistics, so lag costs no request per record, and counts
@@ -38,6 +41,26 @@ const FINAL_COMMIT_ATTEMPTS: u32 = 10;
 pub struct LagContext {
     high: Mutex<HashMap<String, HashMap<i32, i64>>>,
     failed_commits: AtomicU64,
+    /// The final commit while it waits for the cluster's answer.
+    final_commit: Mutex<Option<FinalCommit>>,
+}
+
+/// The offsets of a consumer's final commit, and whether the cluster stored them.
+#[derive(Debug)]
+struct FinalCommit {
+    offsets: Vec<(String, i32, i64)>,
+    stored: Option<bool>,
+}
+
+impl FinalCommit {
+    /// Whether a commit of `committed` was one of these offsets exactly.
+    fn answered_by(&self, committed: &TopicPartitionList) -> bool {
+        self.offsets.iter().all(|(topic, partition, next)| {
+            committed
+                .find_partition(topic, *partition)
+                .is_some_and(|e| e.offset() == Offset::Offset(*next))
+        })
+    }
 }
 
 impl LagContext {
@@ -65,10 +88,15 @@ impl ClientContext for LagContext {
 }
 
 impl ConsumerContext for LagContext {
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = &result {
             self.failed_commits.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(target: "mqtrace", error = %e, "commit failed; a later commit covers it, or the records are processed again");
+        }
+        if let Ok(mut pending) = self.final_commit.lock() {
+            if let Some(f) = pending.as_mut().filter(|f| f.answered_by(offsets)) {
+                f.stored = Some(result.is_ok());
+            }
         }
     }
 }
@@ -351,10 +379,13 @@ impl TracedConsumer {
         stats
     }
 
-    /// Commits, synchronously, the position after the last settled record of each
-    /// partition still assigned. Asynchronous commits may have failed while the cluster was away;
-    /// this one is retried for a few seconds (the group coordinator can take that
-    /// long to come back) before giving up, leaving the records to be read again.
+    /// Commits the position after the last settled record of each partition still
+    /// assigned, and waits for the cluster's answer. Asynchronous commits may have
+    /// failed while the cluster was away; this one is tried again for a few seconds
+    /// (the group coordinator can take that long to come back) before giving up,
+    /// leaving the records to be read again. It never blocks a thread: the answer
+    /// arrives through the consumer's events, which are served meanwhile, and so are
+    /// the rebalances a returning group may need before it accepts a commit.
     async fn final_commit(&self, positions: &HashMap<(String, i32), i64>) {
         if positions.is_empty() {
             return;
@@ -363,6 +394,7 @@ impl TracedConsumer {
         // rebalance has its progress committed there, and this position is older.
         let assigned = self.consumer.assignment().ok();
         let mut offsets = TopicPartitionList::new();
+        let mut listed = Vec::new();
         for ((topic, partition), next) in positions {
             let ours = assigned
                 .as_ref()
@@ -370,22 +402,69 @@ impl TracedConsumer {
             if !ours {
                 continue;
             }
-            if let Err(e) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
-                tracing::warn!(target: "mqtrace", error = %e, topic, "cannot commit this partition's position");
+            match offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+                Ok(()) => listed.push((topic.clone(), *partition, *next)),
+                Err(e) => {
+                    tracing::warn!(target: "mqtrace", error = %e, topic, "cannot commit this partition's position");
+                }
             }
         }
-        if offsets.count() == 0 {
+        if listed.is_empty() {
             return;
         }
-        for attempt in 1..=FINAL_COMMIT_ATTEMPTS {
-            match self.consumer.commit(&offsets, CommitMode::Sync) {
-                Ok(()) => return,
-                Err(e) if attempt == FINAL_COMMIT_ATTEMPTS => {
-                    tracing::warn!(target: "mqtrace", error = %e, "final commit failed; records after the last committed offset are processed again");
+        let context = self.consumer.context();
+        let set = |f: Option<FinalCommit>| {
+            if let Ok(mut pending) = context.final_commit.lock() {
+                *pending = f;
+            }
+        };
+        let stored = || {
+            context
+                .final_commit
+                .lock()
+                .ok()
+                .and_then(|f| f.as_ref().and_then(|f| f.stored))
+        };
+        let mut last_error = String::from("no answer from the cluster");
+        for _ in 0..FINAL_COMMIT_ATTEMPTS {
+            set(Some(FinalCommit {
+                offsets: listed.clone(),
+                stored: None,
+            }));
+            if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
+                last_error = e.to_string();
+                tokio::time::sleep(FINAL_COMMIT_WAIT).await;
+                continue;
+            }
+            let deadline = tokio::time::Instant::now() + FINAL_COMMIT_WAIT;
+            let answer = loop {
+                if let Some(answer) = stored() {
+                    break Some(answer);
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                if tokio::time::Instant::now() >= deadline {
+                    break None;
+                }
+                // Serves the consumer's events, a little at a time (the commit's answer
+                // is one of them, and `recv` returns only with a record). A record
+                // received here is not handled: its offset is not committed, and the
+                // group reads it again.
+                let slice = deadline.min(tokio::time::Instant::now() + Duration::from_millis(20));
+                let _ = tokio::time::timeout_at(slice, self.consumer.recv()).await;
+            };
+            match answer {
+                Some(true) => {
+                    set(None);
+                    return;
+                }
+                Some(false) => {
+                    last_error = String::from("the cluster refused it");
+                    tokio::time::sleep(FINAL_COMMIT_WAIT).await;
+                }
+                None => last_error = String::from("no answer from the cluster"),
             }
         }
+        set(None);
+        tracing::warn!(target: "mqtrace", error = %last_error, "final commit failed; records after the last committed offset are processed again");
     }
 
     /// Processes and settles one record; true when its offset was committed (or

@@ -157,6 +157,8 @@ pub struct Tansu {
     binary: PathBuf,
     s3: String,
     port: u16,
+    /// What the broker tells clients to connect to, when not its own address.
+    advertised: Option<SocketAddr>,
     cluster: String,
     child: Option<Child>,
 }
@@ -164,17 +166,30 @@ pub struct Tansu {
 impl Tansu {
     /// Starts the broker on a free port and waits until it accepts connections.
     pub fn start() -> Self {
+        let port = free_port().unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"));
+        Self::start_on(port, None)
+    }
+
+    /// Starts the broker on `port`, telling clients to connect to `advertised`
+    /// instead (a [`Proxy`] in front of it, so that every connection of a client,
+    /// the group coordinator's included, goes through the proxy), and waits until
+    /// it accepts connections.
+    pub fn start_behind(port: u16, advertised: SocketAddr) -> Self {
+        Self::start_on(port, Some(advertised))
+    }
+
+    fn start_on(port: u16, advertised: Option<SocketAddr>) -> Self {
         let binary = PathBuf::from(crate::brokers::env_or_explain(
             TANSU_ENV,
             "The tansu binary for the broker-restart tests",
         ));
         let s3 = crate::brokers::env_or_explain(S3_ENV, "An S3 endpoint for tansu's storage");
-        let port = free_port().unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"));
         let cluster = format!("restart-{:016x}", fastrand::u64(..));
         let mut tansu = Self {
             binary,
             s3,
             port,
+            advertised,
             cluster,
             child: None,
         };
@@ -182,9 +197,11 @@ impl Tansu {
         tansu
     }
 
-    /// `127.0.0.1:port`, for `bootstrap.servers`.
+    /// `host:port` for `bootstrap.servers`: the advertised address when there is
+    /// one, the broker's own otherwise.
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.advertised
+            .map_or_else(|| format!("127.0.0.1:{}", self.port), |a| a.to_string())
     }
 
     /// Kills the process (SIGKILL: no orderly shutdown) and waits for it to exit.
@@ -200,9 +217,12 @@ impl Tansu {
     pub fn restart(&mut self) {
         self.kill();
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = self
+            .advertised
+            .map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
         let child = Command::new(&self.binary)
             .args(["broker", "--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
+            .args(["--advertised-listener-url", &advertised])
             .args(["--cluster-id", &self.cluster])
             .args(["--storage-engine", &format!("s3://{TANSU_BUCKET}/")])
             .env("AWS_ENDPOINT", &self.s3)

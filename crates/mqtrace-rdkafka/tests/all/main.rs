@@ -9,6 +9,7 @@
 
 mod broker_restart;
 mod collector_faults;
+mod commit_outage;
 mod failures;
 mod flows;
 mod helpers;
