@@ -329,7 +329,8 @@ impl TracedConsumer {
     }
 
     /// Consumes until `shutdown` completes. A record being handled when it does is
-    /// finished and settled first; then the offsets are committed synchronously.
+    /// finished and settled first; then the offsets are committed once more, waiting
+    /// (for up to five seconds) for the cluster's answer.
     pub async fn run_until<H, Fut, S>(&self, handler: H, shutdown: S) -> ConsumerStats
     where
         H: Fn(Record) -> Fut,

@@ -39,7 +39,8 @@
 //! passes a record whose handler has not finished. Commits during the run are
 //! asynchronous (a failed one is covered by the next); when the consumer stops it
 //! commits the position after the last settled record of each partition it still
-//! holds synchronously, retrying for up to five seconds (a restarted cluster's group
+//! holds and waits for the cluster's answer, serving the consumer's events
+//! meanwhile, trying again for up to five seconds (a restarted cluster's group
 //! coordinator can take that long). Failed commits, refused at once or reported
 //! by the cluster, are counted in `ConsumerStats::commit_failures`.
 //!
