@@ -88,6 +88,9 @@ pub(crate) async fn run(
     let stats = tokio::time::timeout(deadline, consumer.run_until(on_record, all_done))
         .await
         .map_err(|_| DemoError::KafkaTimeout(deadline))?;
+    // Closed before its topics are deleted: librdkafka 2.12 can crash (a freed
+    // metadata cache entry) when a live consumer's subscribed topic goes away.
+    drop(consumer);
 
     // The dead-letter topic's high watermark is the number of dead letters.
     let reader: BaseConsumer = config(bootstrap).create()?;

@@ -438,6 +438,7 @@ impl TracedConsumer {
                 continue;
             }
             let deadline = tokio::time::Instant::now() + FINAL_COMMIT_WAIT;
+            let mut events = self.consumer.stream();
             let answer = loop {
                 if let Some(answer) = stored() {
                     break Some(answer);
@@ -445,12 +446,13 @@ impl TracedConsumer {
                 if tokio::time::Instant::now() >= deadline {
                     break None;
                 }
-                // Serves the consumer's events, a little at a time (the commit's answer
-                // is one of them, and `recv` returns only with a record). A record
+                // Serves the consumer's events, a little at a time: the commit's
+                // answer is one of them, and the stream yields only records. A record
                 // received here is not handled: its offset is not committed, and the
                 // group reads it again.
                 let slice = deadline.min(tokio::time::Instant::now() + Duration::from_millis(20));
-                let _ = tokio::time::timeout_at(slice, self.consumer.recv()).await;
+                let _ = tokio::time::timeout_at(slice, futures_util::StreamExt::next(&mut events))
+                    .await;
             };
             match answer {
                 Some(true) => {
