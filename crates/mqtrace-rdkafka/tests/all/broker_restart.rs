@@ -15,7 +15,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::Message;
 use tokio::sync::Notify;
 
-use crate::helpers::{committed_offset, when_count, within, Harness};
+use crate::helpers::{committed_offset, send_numbered, when_count, within, Harness};
 
 const RECORDS: usize = 60;
 
@@ -40,15 +40,7 @@ async fn consumer_side_broker_killed_and_restarted() {
     h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);
     let producer = h.producer(&instrumenter);
-    for i in 0..RECORDS {
-        producer
-            .send(
-                FutureRecord::<str, str>::to(&topic).payload(&i.to_string()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    send_numbered(&producer, &topic, RECORDS).await;
 
     let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
     let count = Arc::new(AtomicUsize::new(0));

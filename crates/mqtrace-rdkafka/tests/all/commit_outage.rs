@@ -14,10 +14,9 @@ use std::time::Duration;
 
 use mqtrace::HandlerResult;
 use mqtrace_testing::faults::{free_port, Mode, Proxy, Tansu};
-use rdkafka::producer::FutureRecord;
 use tokio::sync::{watch, Notify};
 
-use crate::helpers::{committed_offset, when_count, within, Harness};
+use crate::helpers::{committed_offset, send_numbered, when_count, within, Harness};
 
 const RECORDS: usize = 20;
 
@@ -36,15 +35,7 @@ async fn consumer_stopped_while_the_cluster_is_away_commits_and_stops() {
     h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);
     let producer = h.producer(&instrumenter);
-    for i in 0..RECORDS {
-        producer
-            .send(
-                FutureRecord::<str, str>::to(&topic).payload(&i.to_string()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    send_numbered(&producer, &topic, RECORDS).await;
 
     // The handler holds the first record until the test lets it go; by then the
     // consumer has fetched the rest.

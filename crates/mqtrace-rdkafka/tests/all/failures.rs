@@ -19,7 +19,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::helpers::{assert_tree, when_count, within, Harness};
+use crate::helpers::{assert_tree, send_numbered, when_count, within, Harness};
 
 const OUTCOME: &[&str] = &[
     "error.type",
@@ -222,15 +222,7 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
     h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);
     let producer = h.producer(&instrumenter);
-    for i in 0..2 {
-        producer
-            .send(
-                FutureRecord::<str, str>::to(&topic).payload(&i.to_string()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    send_numbered(&producer, &topic, 2).await;
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&calls);
     let stats = within(

@@ -11,7 +11,7 @@ use opentelemetry::trace::{Span as _, Tracer, TracerProvider};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
-use crate::helpers::{assert_tree, normalised, when_count, within, Harness};
+use crate::helpers::{assert_tree, normalised, send_numbered, when_count, within, Harness};
 
 /// Produces one order, consumes it with a handler that makes a child span, and
 /// renders the trace.
@@ -202,15 +202,7 @@ async fn consumer_lag_comes_from_the_statistics() {
     h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);
     let producer = h.producer(&instrumenter);
-    for i in 0..5 {
-        producer
-            .send(
-                FutureRecord::<str, str>::to(&topic).payload(&i.to_string()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    send_numbered(&producer, &topic, 5).await;
     let mut config = h.consumer_config();
     config.set("statistics.interval.ms", "100");
     let consumer = mqtrace_rdkafka::TracedConsumer::from_config(

@@ -6,15 +6,13 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use mqtrace::HandlerResult;
 use mqtrace_rdkafka::TracedConsumer;
 use mqtrace_testing::faults::{child_role, record_and_hold, run_and_kill_child, Killed};
-use rdkafka::producer::FutureRecord;
 use tokio::sync::Notify;
 
-use crate::helpers::{committed_offset, within, Harness};
+use crate::helpers::{committed_offset, send_numbered, within, Harness};
 
 const TEST: &str = "process_kill::consumer_killed_between_handler_and_commit";
 const RECORDS: usize = 20;
@@ -30,15 +28,7 @@ async fn consumer_killed_between_handler_and_commit() {
     h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);
     let producer = h.producer(&instrumenter);
-    for i in 0..RECORDS {
-        producer
-            .send(
-                FutureRecord::<str, str>::to(&topic).payload(&i.to_string()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    send_numbered(&producer, &topic, RECORDS).await;
     let group = h.name("group");
     let env = [
         ("MQTRACE_KILL_TOPIC", topic.to_owned()),

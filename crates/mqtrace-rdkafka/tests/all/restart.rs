@@ -4,14 +4,12 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use mqtrace::HandlerResult;
-use rdkafka::producer::FutureRecord;
 
 use tokio::sync::Notify;
 
-use crate::helpers::{within, Harness};
+use crate::helpers::{send_numbered, within, Harness};
 
 const RECORDS: usize = 30;
 
@@ -22,15 +20,7 @@ async fn restarted_consumer_resumes_from_the_committed_offset() {
     h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);
     let producer = h.producer(&instrumenter);
-    for i in 0..RECORDS {
-        producer
-            .send(
-                FutureRecord::<str, str>::to(&topic).payload(&i.to_string()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    send_numbered(&producer, &topic, RECORDS).await;
     let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
     let consume = |stop_after: usize| {
         let processed = Arc::clone(&processed);

@@ -13,6 +13,7 @@ use opentelemetry_sdk::trace::BatchConfigBuilder;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureRecord;
 use rdkafka::ClientConfig;
 
 pub use mqtrace_testing::assert_tree;
@@ -153,6 +154,20 @@ pub async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), f)
         .await
         .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
+}
+
+/// Sends the records `0`, `1`, … `n - 1` (their number as text) to `topic`, each
+/// awaited to its delivery report.
+pub async fn send_numbered(producer: &TracedProducer, topic: &str, n: usize) {
+    for i in 0..n {
+        producer
+            .send(
+                FutureRecord::<str, str>::to(topic).payload(&i.to_string()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
 }
 
 /// The group's committed offset on the topic's one partition. (tansu's reported
