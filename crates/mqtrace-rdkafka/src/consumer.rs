@@ -48,17 +48,17 @@ pub struct LagContext {
 /// The offsets of a consumer's final commit, and whether the cluster stored them.
 #[derive(Debug)]
 struct FinalCommit {
-    offsets: Vec<(String, i32, i64)>,
+    offsets: TopicPartitionList,
     stored: Option<bool>,
 }
 
 impl FinalCommit {
     /// Whether a commit of `committed` was one of these offsets exactly.
     fn answered_by(&self, committed: &TopicPartitionList) -> bool {
-        self.offsets.iter().all(|(topic, partition, next)| {
+        self.offsets.elements().iter().all(|ours| {
             committed
-                .find_partition(topic, *partition)
-                .is_some_and(|e| e.offset() == Offset::Offset(*next))
+                .find_partition(ours.topic(), ours.partition())
+                .is_some_and(|e| e.offset() == ours.offset())
         })
     }
 }
@@ -395,7 +395,6 @@ impl TracedConsumer {
         // rebalance has its progress committed there, and this position is older.
         let assigned = self.consumer.assignment().ok();
         let mut offsets = TopicPartitionList::new();
-        let mut listed = Vec::new();
         for ((topic, partition), next) in positions {
             let ours = assigned
                 .as_ref()
@@ -403,14 +402,11 @@ impl TracedConsumer {
             if !ours {
                 continue;
             }
-            match offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
-                Ok(()) => listed.push((topic.clone(), *partition, *next)),
-                Err(e) => {
-                    tracing::warn!(target: "mqtrace", error = %e, topic, "cannot commit this partition's position");
-                }
+            if let Err(e) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+                tracing::warn!(target: "mqtrace", error = %e, topic, "cannot commit this partition's position");
             }
         }
-        if listed.is_empty() {
+        if offsets.count() == 0 {
             return;
         }
         let context = self.consumer.context();
@@ -429,7 +425,7 @@ impl TracedConsumer {
         let mut last_error = String::from("no answer from the cluster");
         for _ in 0..FINAL_COMMIT_ATTEMPTS {
             set(Some(FinalCommit {
-                offsets: listed.clone(),
+                offsets: offsets.clone(),
                 stored: None,
             }));
             if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
