@@ -430,6 +430,49 @@ where
     reports
 }
 
+/// The deliveries of numbered messages a fault test's handler saw: every one, in
+/// order, and a count of the distinct ids to wait on (a redelivery is no progress).
+/// Recording is a set insertion, cheap enough for a timed handler.
+#[derive(Debug, Default)]
+pub struct Deliveries {
+    seen: std::sync::Mutex<(Vec<usize>, std::collections::BTreeSet<usize>)>,
+    distinct: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Deliveries {
+    /// Records a delivery of `id`.
+    pub fn record(&self, id: usize) {
+        let (all, distinct) = &mut *self.lock();
+        all.push(id);
+        if distinct.insert(id) {
+            self.distinct
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The number of distinct ids delivered so far, as a counter to wait on.
+    pub fn distinct(&self) -> &std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        &self.distinct
+    }
+
+    /// Every delivery, in order.
+    pub fn all(&self) -> Vec<usize> {
+        self.lock().0.clone()
+    }
+
+    /// How many of `ids` were never delivered.
+    pub fn lost(&self, ids: std::ops::Range<usize>) -> usize {
+        let seen = self.lock();
+        ids.filter(|i| !seen.1.contains(i)).count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<usize>, std::collections::BTreeSet<usize>)> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// What a kill test's child printed and recorded before it was killed.
 #[derive(Debug)]
 pub struct Killed {

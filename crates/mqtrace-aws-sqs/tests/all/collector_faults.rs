@@ -4,9 +4,7 @@
 //! processed and deleted; the spans that could not be exported are counted;
 //! export resumes when the collector is back.
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
@@ -14,7 +12,7 @@ use mqtrace::telemetry::TelemetryBuilder;
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_aws_sqs::{TracedConsumer, TracedSqs};
 use mqtrace_testing::faults::{
-    check_collector_run, collector_fault_run, messages_per_phase, Proxy,
+    check_collector_run, collector_fault_run, messages_per_phase, Deliveries, Proxy,
 };
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use tokio::sync::Notify;
@@ -44,31 +42,19 @@ async fn collector_unreachable_then_hanging_then_back() {
     let url = h.queue("clicks", &[]).await;
     let producer = TracedSqs::new(h.client.clone(), instrumenter.clone());
 
-    // Every delivery, and the distinct ids (a set: no scan in the timed handler).
-    let processed = Arc::new(Mutex::new((Vec::<usize>::new(), BTreeSet::<usize>::new())));
-    let count = Arc::new(AtomicUsize::new(0));
+    let deliveries = Arc::new(Deliveries::default());
     let stop = Arc::new(Notify::new());
     let consumer = {
-        let (processed, count, stop) = (
-            Arc::clone(&processed),
-            Arc::clone(&count),
-            Arc::clone(&stop),
-        );
+        let (deliveries, stop) = (Arc::clone(&deliveries), Arc::clone(&stop));
         let consumer =
             TracedConsumer::new(h.client.clone(), &url, &instrumenter).wait_time_seconds(1);
         tokio::spawn(async move {
             consumer
                 .run_until(
                     move |message| {
-                        let (processed, count) = (Arc::clone(&processed), Arc::clone(&count));
+                        let deliveries = Arc::clone(&deliveries);
                         async move {
-                            let id: usize = message.json()?;
-                            // Counts ids, not deliveries: a redelivery is no progress.
-                            let (all, distinct) = &mut *processed.lock().unwrap();
-                            all.push(id);
-                            if distinct.insert(id) {
-                                count.fetch_add(1, Ordering::SeqCst);
-                            }
+                            deliveries.record(message.json()?);
                             HandlerResult::Ok(())
                         }
                     },
@@ -84,7 +70,7 @@ async fn collector_unreachable_then_hanging_then_back() {
         &proxy,
         per_phase,
         |first, n| {
-            let (producer, url, count) = (&producer, &url, Arc::clone(&count));
+            let (producer, url, deliveries) = (&producer, &url, Arc::clone(&deliveries));
             async move {
                 let entries = (first..first + n)
                     .map(|id| {
@@ -100,7 +86,7 @@ async fn collector_unreachable_then_hanging_then_back() {
                 for r in results {
                     assert!(r.unwrap().failed.is_empty());
                 }
-                within(60, when_count(&count, first + n)).await;
+                within(60, when_count(deliveries.distinct(), first + n)).await;
             }
         },
         || {
@@ -113,8 +99,8 @@ async fn collector_unreachable_then_hanging_then_back() {
     let stats = within(30, consumer).await.unwrap();
 
     let sent = per_phase * reports.len();
-    let (processed, distinct) = processed.lock().unwrap().clone();
-    let lost = (0..sent).filter(|i| !distinct.contains(i)).count();
+    let processed = deliveries.all();
+    let lost = deliveries.lost(0..sent);
     let waiting = h.drain(&url).await.len();
     let spans = tokio::task::spawn_blocking(move || guard.shutdown())
         .await

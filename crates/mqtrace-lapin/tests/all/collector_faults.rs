@@ -4,9 +4,7 @@
 //! processed; the spans that could not be exported are counted; export resumes
 //! when the collector is back.
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::BasicProperties;
@@ -14,7 +12,7 @@ use mqtrace::telemetry::TelemetryBuilder;
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_lapin::{QueueSpec, TracedConsumer, TracedPublisher};
 use mqtrace_testing::faults::{
-    check_collector_run, collector_fault_run, messages_per_phase, Proxy,
+    check_collector_run, collector_fault_run, messages_per_phase, Deliveries, Proxy,
 };
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use tokio::sync::Notify;
@@ -46,30 +44,18 @@ async fn collector_unreachable_then_hanging_then_back() {
     queue.declare(&channel).await.unwrap();
     let publisher = TracedPublisher::new(channel.clone(), instrumenter.clone());
 
-    // Every delivery, and the distinct ids (a set: no scan in the timed handler).
-    let processed = Arc::new(Mutex::new((Vec::<usize>::new(), BTreeSet::<usize>::new())));
-    let count = Arc::new(AtomicUsize::new(0));
+    let deliveries = Arc::new(Deliveries::default());
     let stop = Arc::new(Notify::new());
     let consumer = {
-        let (processed, count, stop) = (
-            Arc::clone(&processed),
-            Arc::clone(&count),
-            Arc::clone(&stop),
-        );
+        let (deliveries, stop) = (Arc::clone(&deliveries), Arc::clone(&stop));
         let consumer = TracedConsumer::new(&h.url, queue.clone(), instrumenter.clone());
         tokio::spawn(async move {
             consumer
                 .run_until(
                     move |message| {
-                        let (processed, count) = (Arc::clone(&processed), Arc::clone(&count));
+                        let deliveries = Arc::clone(&deliveries);
                         async move {
-                            let id: usize = message.json()?;
-                            // Counts ids, not deliveries: a redelivery is no progress.
-                            let (all, distinct) = &mut *processed.lock().unwrap();
-                            all.push(id);
-                            if distinct.insert(id) {
-                                count.fetch_add(1, Ordering::SeqCst);
-                            }
+                            deliveries.record(message.json()?);
                             HandlerResult::Ok(())
                         }
                     },
@@ -85,7 +71,7 @@ async fn collector_unreachable_then_hanging_then_back() {
         &proxy,
         per_phase,
         |first, n| {
-            let (publisher, queue, count) = (&publisher, &queue, Arc::clone(&count));
+            let (publisher, queue, deliveries) = (&publisher, &queue, Arc::clone(&deliveries));
             async move {
                 for id in first..first + n {
                     let c = publisher
@@ -94,7 +80,7 @@ async fn collector_unreachable_then_hanging_then_back() {
                         .unwrap();
                     assert!(c.is_ack());
                 }
-                within(60, when_count(&count, first + n)).await;
+                within(60, when_count(deliveries.distinct(), first + n)).await;
             }
         },
         || {
@@ -107,8 +93,8 @@ async fn collector_unreachable_then_hanging_then_back() {
     within(30, consumer).await.unwrap().unwrap();
 
     let sent = per_phase * reports.len();
-    let (processed, distinct) = processed.lock().unwrap().clone();
-    let lost = (0..sent).filter(|i| !distinct.contains(i)).count();
+    let processed = deliveries.all();
+    let lost = deliveries.lost(0..sent);
     let waiting = drain(&channel, queue.name()).await.len();
     let spans = tokio::task::spawn_blocking(move || guard.shutdown())
         .await

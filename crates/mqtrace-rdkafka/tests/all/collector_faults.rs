@@ -4,16 +4,15 @@
 //! processed; the spans that could not be exported are counted; export resumes
 //! when the collector is back.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mqtrace::telemetry::TelemetryBuilder;
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_rdkafka::{TracedConsumer, TracedProducer};
 use mqtrace_testing::faults::{
-    check_collector_run, collector_fault_run, messages_per_phase, Proxy,
+    check_collector_run, collector_fault_run, messages_per_phase, Deliveries, Proxy,
 };
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use rdkafka::producer::FutureRecord;
@@ -49,14 +48,13 @@ async fn collector_unreachable_then_hanging_then_back() {
     h.topics(&[&topic]).await;
     let producer = TracedProducer::from_config(&h.config(), instrumenter.clone()).unwrap();
 
-    // Every delivery, and the distinct ids (a set: no scan in the timed handler).
-    let processed = Arc::new(Mutex::new((Vec::<usize>::new(), BTreeSet::<usize>::new())));
-    let count = Arc::new(AtomicUsize::new(0));
+    let deliveries = Arc::new(Deliveries::default());
+    let warmed = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(Notify::new());
     let consumer = {
-        let (processed, count, stop) = (
-            Arc::clone(&processed),
-            Arc::clone(&count),
+        let (deliveries, warmed, stop) = (
+            Arc::clone(&deliveries),
+            Arc::clone(&warmed),
             Arc::clone(&stop),
         );
         let consumer = TracedConsumer::from_config(
@@ -70,18 +68,13 @@ async fn collector_unreachable_then_hanging_then_back() {
             consumer
                 .run_until(
                     move |record| {
-                        let (processed, count) = (Arc::clone(&processed), Arc::clone(&count));
+                        let (deliveries, warmed) = (Arc::clone(&deliveries), Arc::clone(&warmed));
                         async move {
                             let id: usize = record.json()?;
-                            // Counts ids, not deliveries: a redelivery is no progress.
                             if id == WARM_UP {
-                                count.fetch_add(1, Ordering::SeqCst);
+                                warmed.fetch_add(1, Ordering::SeqCst);
                             } else {
-                                let (all, distinct) = &mut *processed.lock().unwrap();
-                                all.push(id);
-                                if distinct.insert(id) {
-                                    count.fetch_add(1, Ordering::SeqCst);
-                                }
+                                deliveries.record(id);
                             }
                             HandlerResult::Ok(())
                         }
@@ -105,7 +98,7 @@ async fn collector_unreachable_then_hanging_then_back() {
         }
     };
     send(WARM_UP).await;
-    within(60, when_count(&count, 1)).await;
+    within(60, when_count(&warmed, 1)).await;
 
     let per_phase = messages_per_phase(300);
     let reports = collector_fault_run(
@@ -113,11 +106,11 @@ async fn collector_unreachable_then_hanging_then_back() {
         &proxy,
         per_phase,
         |first, n| {
-            let (send, count) = (&send, Arc::clone(&count));
+            let (send, deliveries) = (&send, Arc::clone(&deliveries));
             async move {
                 // Sent side by side, as a producer does, not one delivery at a time.
                 futures_util::future::join_all((first..first + n).map(send)).await;
-                within(60, when_count(&count, 1 + first + n)).await;
+                within(60, when_count(deliveries.distinct(), first + n)).await;
             }
         },
         || {
@@ -130,8 +123,8 @@ async fn collector_unreachable_then_hanging_then_back() {
     let stats = within(30, consumer).await.unwrap();
 
     let sent = per_phase * reports.len();
-    let (processed, distinct) = processed.lock().unwrap().clone();
-    let lost = (0..sent).filter(|i| !distinct.contains(i)).count();
+    let processed = deliveries.all();
+    let lost = deliveries.lost(0..sent);
     let spans = tokio::task::spawn_blocking(move || guard.shutdown())
         .await
         .unwrap();
