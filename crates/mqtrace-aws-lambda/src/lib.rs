@@ -69,8 +69,10 @@ use aws_lambda_events::event::sqs::{
 };
 use lambda_runtime::LambdaEvent;
 use mqtrace::propagation::{lookup, WithTraceHeader};
+use mqtrace::settle::{Forward, Routes, Settlement, Settler};
 use mqtrace::{
-    HandlerResult, Inbound, Instrumenter, MessageDescription, MessagingSystem, OperationType,
+    ForwardKind, HandlerResult, Inbound, Instrumenter, MessageDescription, MessagingSystem,
+    OperationType,
 };
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::{
@@ -120,22 +122,29 @@ impl TracedSqsHandler {
         let records: Vec<Record<'_>> = payload.records.iter().map(Record).collect();
         let invocation = self.start_invocation(&context, &payload);
         let batch = batch_description(&payload);
-        let outcome = self
+        // Each record ends through the core's lifecycle: a failure is left to SQS
+        // (listed in the partial batch response), whatever its kind, for the
+        // queue's redrive policy to decide.
+        let settled = self
             .instrumenter
-            .process_batch(&batch, &records, |r| handler(r.0))
+            .process_batch_settled(&batch, &records, |r, _| handler(r.0), || RecordSettler)
             .with_context(invocation.clone())
             .await;
-        if outcome.failed > 0 {
+        let failed = settled
+            .iter()
+            .filter(|s| s.settlement != Settlement::Ack)
+            .count();
+        if failed > 0 {
             invocation
                 .span()
-                .set_attribute(KeyValue::new("mqtrace.batch.failed", outcome.failed as i64));
+                .set_attribute(KeyValue::new("mqtrace.batch.failed", failed as i64));
         }
         invocation.span().end();
         let failures = payload
             .records
             .iter()
-            .zip(&outcome.outcomes)
-            .filter(|(_, o)| o.is_err())
+            .zip(&settled)
+            .filter(|(_, s)| s.settlement != Settlement::Ack)
             .map(|(r, _)| {
                 let mut failure = BatchItemFailure::default();
                 failure.item_identifier = r.message_id.clone().unwrap_or_default();
@@ -189,6 +198,40 @@ impl TracedSqsHandler {
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::debug!(target: "mqtrace", ?flushed, "flush before return failed");
         }
+    }
+}
+
+/// A record's settlement: Lambda deletes the records the response does not list,
+/// and leaves those it lists to SQS.
+struct RecordSettler;
+
+impl Settler for RecordSettler {
+    type Error = std::convert::Infallible;
+
+    fn routes(&self) -> Routes<'_> {
+        Routes::broker_retries().leave_undeliverable(true)
+    }
+
+    fn describe_forward(&self, _: ForwardKind, target: &str) -> MessageDescription {
+        MessageDescription::new(MessagingSystem::AwsSqs, OperationType::Send).destination(target)
+    }
+
+    fn forward(&self, _: Forward<'_>) -> impl Future<Output = bool> + Send {
+        // No forward route is declared: never called.
+        std::future::ready(false)
+    }
+
+    fn settle_name(&self, _: Settlement) -> Option<&'static str> {
+        // The response settles the batch at once; no call per record.
+        None
+    }
+
+    fn settle(self, _: Settlement) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    fn error_type(error: &Self::Error) -> String {
+        match *error {}
     }
 }
 

@@ -1,11 +1,17 @@
 //! OpenTelemetry traces for AWS SQS through [aws-sdk-sqs]: a message sent by one
 //! service and received, retried or dead-lettered by others is one connected trace.
 //!
+//! - [`MessageTracer`] instruments a receive loop of your own (the front door): it
+//!   runs your handler for the SDK's `Message` inside the full `process` span and
+//!   settles it (delete, leave for the visibility timeout, dead-letter queue) the
+//!   same way the full consumer does; [`SendMessageExt::send_traced`] sends through
+//!   the plain client's `send_message()` inside a `send` span.
 //! - [`TracedSqs`] sends single messages (`send`) and batches (`send_batch`,
 //!   split into requests of 10) with the context in message attributes and in the
 //!   `AWSTraceHeader` system attribute ([`SqsPropagation`]).
 //! - [`TracedConsumer`] polls a queue with long polling, emits `receive` spans,
-//!   processes each message inside a `process` span and settles it by outcome.
+//!   processes each message inside a `process` span and settles it by outcome: a
+//!   receive loop over [`MessageTracer`].
 //! - [`MessageAttributesInjector`] and [`MessageAttributesExtractor`] are the
 //!   carriers; SQS's limit of [`MAX_MESSAGE_ATTRIBUTES`] is never exceeded and a
 //!   context is written whole or not at all.
@@ -50,6 +56,9 @@
 //!
 //! # Examples
 //!
+//! Your own loop: [`MessageTracer`]'s docs, and `examples/sqs-own-loop`. The full
+//! consumer:
+//!
 //! ```no_run
 //! use mqtrace::{HandlerResult, Instrumenter};
 //! use mqtrace_aws_sqs::{TracedConsumer, TracedSqs};
@@ -82,17 +91,20 @@
 mod carrier;
 mod consumer;
 mod describe;
+mod process;
 mod producer;
 
 pub use carrier::{
     MessageAttributes, MessageAttributesExtractor, MessageAttributesInjector,
     MAX_MESSAGE_ATTRIBUTES,
 };
-pub use consumer::{trace_context, ConsumerStats, Received, TracedConsumer};
+pub use consumer::{trace_context, Received, TracedConsumer};
 pub use describe::{
     error_type, queue_name, MESSAGE_GROUP_ID, QUEUE_URL, RECEIVE_COUNT, SEQUENCE_NUMBER,
 };
+pub use mqtrace::settle::ConsumerStats;
+pub use process::MessageTracer;
 pub use producer::{
-    message_size, SqsPropagation, TracedSqs, CONTEXT_OMITTED, DEFAULT_MAX_MESSAGE_BYTES,
-    MAX_BATCH_ENTRIES,
+    message_size, SendMessageExt, SqsPropagation, TracedSqs, CONTEXT_OMITTED,
+    DEFAULT_MAX_MESSAGE_BYTES, MAX_BATCH_ENTRIES,
 };

@@ -28,6 +28,90 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 262_144;
 /// message would have gone over the size limit, without them it fits).
 pub const CONTEXT_OMITTED: &str = "mqtrace.aws_sqs.context_omitted";
 
+// === impl Sender ===
+
+impl Sender {
+    pub(crate) fn new(instrumenter: Instrumenter) -> Self {
+        Self {
+            instrumenter,
+            propagation: SqsPropagation::default(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+
+    /// Adds the span's context to a message's attributes and system attributes:
+    /// message attributes only within what is left of the 10, whole formats only,
+    /// and only if they do not take the message over the size limit.
+    pub(crate) fn inject(
+        &self,
+        span: &MessagingSpan,
+        body: &str,
+        attributes: &mut MessageAttributes,
+    ) -> Option<MessageSystemAttributeValue> {
+        if self.propagation.attributes() {
+            let room = MAX_MESSAGE_ATTRIBUTES.saturating_sub(attributes.len());
+            let mut with_context = attributes.clone();
+            self.instrumenter.inject_within(
+                span,
+                &mut MessageAttributesInjector(&mut with_context),
+                room,
+            );
+            let fits = message_size(body, attributes) <= self.max_message_bytes;
+            if fits && message_size(body, &with_context) > self.max_message_bytes {
+                span.set_attribute(KeyValue::new(CONTEXT_OMITTED, "message_size"));
+            } else {
+                *attributes = with_context;
+            }
+        }
+        if !self.propagation.trace_header() {
+            return None;
+        }
+        let value = trace_header(span.context())?;
+        MessageSystemAttributeValue::builder()
+            .data_type("String")
+            .string_value(value)
+            .build()
+            .ok()
+    }
+
+    /// Sends a message built with the SDK's fluent builder (`client.send_message()…`)
+    /// inside a `send` span: the context is added to it, the span ends on SQS's
+    /// response and records the message id (and for FIFO queues the group and the
+    /// sequence number). The caller gets the SDK's result unchanged; the
+    /// instrumentation never makes a send fail.
+    pub(crate) async fn send(
+        &self,
+        request: SendMessageFluentBuilder,
+    ) -> Result<SendMessageOutput, SdkError<SendMessageError>> {
+        let queue_url = request.get_queue_url().clone().unwrap_or_default();
+        let mut d = describe(OperationType::Send, &queue_url);
+        let body = request.get_message_body().clone().unwrap_or_default();
+        d = d.body_size(body.len());
+        if let Some(group) = request.get_message_group_id() {
+            d.extra.push(KeyValue::new(MESSAGE_GROUP_ID, group.clone()));
+        }
+        let span = self.instrumenter.start_send(&d, Some(body.as_bytes()));
+        let mut attributes = request.get_message_attributes().clone().unwrap_or_default();
+        let trace = self.inject(&span, &body, &mut attributes);
+        // An empty map is left out of the request rather than sent.
+        let mut request =
+            request.set_message_attributes(Some(attributes).filter(|a| !a.is_empty()));
+        if let Some(trace) = trace {
+            request = request.message_system_attributes(
+                MessageSystemAttributeNameForSends::AwsTraceHeader,
+                trace,
+            );
+        }
+        let result = request.send().await;
+        match &result {
+            Ok(out) => record_sent(&span, out.message_id(), out.sequence_number()),
+            Err(e) => span.record_failure(&error_type(e), e),
+        }
+        span.end();
+        result
+    }
+}
+
 /// A message's size as SQS counts it: the body, and each message attribute's
 /// name, data type and value. System attributes (`AWSTraceHeader`) do not count.
 pub fn message_size(body: &str, attributes: &MessageAttributes) -> usize {
@@ -82,6 +166,12 @@ pub(crate) fn trace_header(cx: &Context) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct TracedSqs {
     client: Client,
+    sender: Sender,
+}
+
+/// What a traced send needs besides the client.
+#[derive(Debug, Clone)]
+pub(crate) struct Sender {
     instrumenter: Instrumenter,
     propagation: SqsPropagation,
     max_message_bytes: usize,
@@ -93,9 +183,7 @@ impl TracedSqs {
     pub fn new(client: Client, instrumenter: Instrumenter) -> Self {
         Self {
             client,
-            instrumenter,
-            propagation: SqsPropagation::default(),
-            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            sender: Sender::new(instrumenter),
         }
     }
 
@@ -105,13 +193,13 @@ impl TracedSqs {
     /// [`CONTEXT_OMITTED`]); `AWSTraceHeader`, which does not count, still goes.
     /// The instrumentation never makes a message too big to send.
     pub fn max_message_bytes(mut self, bytes: usize) -> Self {
-        self.max_message_bytes = bytes;
+        self.sender.max_message_bytes = bytes;
         self
     }
 
     /// Where the trace context goes (default: [`SqsPropagation::Both`]).
     pub fn propagation(mut self, propagation: SqsPropagation) -> Self {
-        self.propagation = propagation;
+        self.sender.propagation = propagation;
         self
     }
 
@@ -122,42 +210,7 @@ impl TracedSqs {
 
     /// The instrumenter.
     pub fn instrumenter(&self) -> &Instrumenter {
-        &self.instrumenter
-    }
-
-    /// Adds the span's context to a message's attributes and system attributes:
-    /// message attributes only within what is left of the 10, whole formats only,
-    /// and only if they do not take the message over the size limit.
-    fn inject(
-        &self,
-        span: &MessagingSpan,
-        body: &str,
-        attributes: &mut MessageAttributes,
-    ) -> Option<MessageSystemAttributeValue> {
-        if self.propagation.attributes() {
-            let room = MAX_MESSAGE_ATTRIBUTES.saturating_sub(attributes.len());
-            let mut with_context = attributes.clone();
-            self.instrumenter.inject_within(
-                span,
-                &mut MessageAttributesInjector(&mut with_context),
-                room,
-            );
-            let fits = message_size(body, attributes) <= self.max_message_bytes;
-            if fits && message_size(body, &with_context) > self.max_message_bytes {
-                span.set_attribute(KeyValue::new(CONTEXT_OMITTED, "message_size"));
-            } else {
-                *attributes = with_context;
-            }
-        }
-        if !self.propagation.trace_header() {
-            return None;
-        }
-        let value = trace_header(span.context())?;
-        MessageSystemAttributeValue::builder()
-            .data_type("String")
-            .string_value(value)
-            .build()
-            .ok()
+        &self.sender.instrumenter
     }
 
     /// Sends a message built with the SDK's fluent builder (`client.send_message()…`)
@@ -169,32 +222,7 @@ impl TracedSqs {
         &self,
         request: SendMessageFluentBuilder,
     ) -> Result<SendMessageOutput, SdkError<SendMessageError>> {
-        let queue_url = request.get_queue_url().clone().unwrap_or_default();
-        let mut d = describe(OperationType::Send, &queue_url);
-        let body = request.get_message_body().clone().unwrap_or_default();
-        d = d.body_size(body.len());
-        if let Some(group) = request.get_message_group_id() {
-            d.extra.push(KeyValue::new(MESSAGE_GROUP_ID, group.clone()));
-        }
-        let span = self.instrumenter.start_send(&d, Some(body.as_bytes()));
-        let mut attributes = request.get_message_attributes().clone().unwrap_or_default();
-        let trace = self.inject(&span, &body, &mut attributes);
-        // An empty map is left out of the request rather than sent.
-        let mut request =
-            request.set_message_attributes(Some(attributes).filter(|a| !a.is_empty()));
-        if let Some(trace) = trace {
-            request = request.message_system_attributes(
-                MessageSystemAttributeNameForSends::AwsTraceHeader,
-                trace,
-            );
-        }
-        let result = request.send().await;
-        match &result {
-            Ok(out) => record_sent(&span, out.message_id(), out.sequence_number()),
-            Err(e) => span.record_failure(&error_type(e), e),
-        }
-        span.end();
-        result
+        self.sender.send(request).await
     }
 
     /// Sends a batch with the conventions' batch shape: a `create` span (PRODUCER)
@@ -231,10 +259,13 @@ impl TracedSqs {
                     .push(KeyValue::new(MESSAGE_GROUP_ID, group.to_owned()));
             }
             let span = self
+                .sender
                 .instrumenter
                 .start_create(&d, Some(entry.message_body().as_bytes()));
             let mut attributes = entry.message_attributes().cloned().unwrap_or_default();
-            let trace = self.inject(&span, entry.message_body(), &mut attributes);
+            let trace = self
+                .sender
+                .inject(&span, entry.message_body(), &mut attributes);
             let mut system = entry
                 .message_system_attributes()
                 .cloned()
@@ -258,7 +289,7 @@ impl TracedSqs {
         let mut d = describe(OperationType::Send, queue_url);
         d.batch_message_count = Some(prepared.len() as u64);
         let contexts: Vec<_> = created.iter().map(MessagingSpan::span_context).collect();
-        let batch = self.instrumenter.start_batch_send(&d, &contexts);
+        let batch = self.sender.instrumenter.start_batch_send(&d, &contexts);
         let ids: Vec<String> = prepared.iter().map(|e| e.id().to_owned()).collect();
         let result = self
             .client
@@ -366,5 +397,49 @@ mod tests {
             trace_header(&cx).as_deref(),
             Some("Root=1-4bf92f35-77b34da6a3ce929d0e0e4736;Parent=00f067aa0ba902b7;Sampled=1")
         );
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for aws_sdk_sqs::operation::send_message::builders::SendMessageFluentBuilder {}
+}
+
+/// Sends through the plain aws-sdk-sqs client inside a `send` span (PRODUCER), as
+/// [`TracedSqs::send`] does, with its defaults: the context in message attributes
+/// and in `AWSTraceHeader` ([`SqsPropagation::Both`]), never taking the message
+/// over [`DEFAULT_MAX_MESSAGE_BYTES`].
+///
+/// ```no_run
+/// # async fn run(client: aws_sdk_sqs::Client, url: String) {
+/// use mqtrace::Instrumenter;
+/// use mqtrace_aws_sqs::SendMessageExt as _;
+///
+/// let instrumenter = Instrumenter::default();
+/// let sent = client
+///     .send_message()
+///     .queue_url(&url)
+///     .message_body(r#"{"order":7}"#)
+///     .send_traced(&instrumenter)
+///     .await;
+/// # let _ = sent;
+/// # }
+/// ```
+pub trait SendMessageExt: sealed::Sealed {
+    /// `send` inside a `send` span; the SDK's result comes back unchanged.
+    fn send_traced(
+        self,
+        instrumenter: &Instrumenter,
+    ) -> impl std::future::Future<Output = Result<SendMessageOutput, SdkError<SendMessageError>>> + Send;
+}
+
+impl SendMessageExt for SendMessageFluentBuilder {
+    fn send_traced(
+        self,
+        instrumenter: &Instrumenter,
+    ) -> impl std::future::Future<Output = Result<SendMessageOutput, SdkError<SendMessageError>>> + Send
+    {
+        let sender = Sender::new(instrumenter.clone());
+        async move { sender.send(self).await }
     }
 }

@@ -8,8 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mqtrace::embedded::{
-    Broker, ConsumerStats, HeaderExtractor, Message, QueueOptions, StoredMessage, TracedConsumer,
-    TracedProducer,
+    Broker, ConsumerStats, Message, QueueOptions, StoredMessage, TracedConsumer, TracedProducer,
 };
 use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{Disposition, HandlerError, HandlerResult, Instrumenter, Retryable};
@@ -313,13 +312,7 @@ async fn run_embedded(
     let mut stats = ConsumerStats::default();
     while broker.depth(QUEUE)?.ready > 0 {
         let disposition = consumer
-            .process_next(|m: StoredMessage| {
-                let attempt = mqtrace::forward::attempt_of(
-                    &HeaderExtractor(&m.headers),
-                    Some(m.delivery_count),
-                );
-                handler.call(m.body.to_vec(), attempt)
-            })
+            .process_next(|m: StoredMessage| handler.call(m.body.to_vec(), m.attempt))
             .await?;
         match disposition {
             Disposition::Settle => stats.settled += 1,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use mqtrace::embedded::ConsumerStats;
-use mqtrace_rdkafka::{HeadersExtractor, TracedConsumer, TracedProducer};
+use mqtrace_rdkafka::{TracedConsumer, TracedProducer};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
@@ -78,10 +78,10 @@ pub(crate) async fn run(
     let orders = services.finishing(args, budget);
     let all_done = orders.all_done(args.messages);
     let on_record = move |record: mqtrace_rdkafka::Record| {
-        let attempt = record.headers().map_or(1, |h| {
-            mqtrace::forward::attempt_of(&HeadersExtractor(h), None)
-        });
-        orders.call(record.payload().unwrap_or_default().to_vec(), attempt)
+        orders.call(
+            record.payload().unwrap_or_default().to_vec(),
+            record.attempt(),
+        )
     };
     let all = args.messages;
     let deadline = Duration::from_secs(60 + all / 10);
@@ -99,13 +99,5 @@ pub(crate) async fn run(
     let _ = admin
         .delete_topics(&[topic.as_str(), dead.as_str()], &options)
         .await;
-    Ok((
-        ConsumerStats {
-            settled: stats.settled,
-            retried: stats.retried,
-            dead_lettered: stats.dead_lettered,
-            dropped: stats.dropped,
-        },
-        u64::try_from(dead_letters).unwrap_or(0),
-    ))
+    Ok((stats, u64::try_from(dead_letters).unwrap_or(0)))
 }

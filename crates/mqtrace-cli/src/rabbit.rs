@@ -8,7 +8,7 @@ use lapin::options::{
 };
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use mqtrace::embedded::ConsumerStats;
-use mqtrace_lapin::{FieldTableExtractor, QueueSpec, Server, TracedConsumer, TracedPublisher};
+use mqtrace_lapin::{QueueSpec, Server, TracedConsumer, TracedPublisher};
 
 use crate::demo::{order_body, DemoArgs, DemoError, Services};
 
@@ -66,11 +66,7 @@ pub(crate) async fn run(
     let orders = services.finishing(args, budget);
     let all_done = orders.all_done(args.messages);
     let on_message = move |message: mqtrace_lapin::Message| {
-        let attempt = match message.properties().headers() {
-            Some(h) => mqtrace::forward::attempt_of(&FieldTableExtractor(h), None),
-            None => 1,
-        };
-        orders.call(message.body().to_vec(), attempt)
+        orders.call(message.body().to_vec(), message.attempt())
     };
     let all = args.messages;
     let deadline = Duration::from_secs(60 + all / 10);
@@ -95,13 +91,5 @@ pub(crate) async fn run(
     }
     answer(channel.exchange_delete(dlx.as_str().into(), ExchangeDeleteOptions::default())).await?;
     let _ = connection.close(200, "demo done".into()).await;
-    Ok((
-        ConsumerStats {
-            settled: stats.settled,
-            retried: stats.retried,
-            dead_lettered: stats.dead_lettered,
-            dropped: stats.dropped,
-        },
-        dead,
-    ))
+    Ok((stats, dead))
 }

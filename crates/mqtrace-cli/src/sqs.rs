@@ -82,8 +82,7 @@ pub(crate) async fn run(
     let orders = services.finishing(args, budget);
     let all_done = orders.all_done(args.messages);
     let on_message = move |message: mqtrace_aws_sqs::Received| {
-        let attempt = message.receive_count().unwrap_or(1);
-        orders.call(message.body().as_bytes().to_vec(), attempt)
+        orders.call(message.body().as_bytes().to_vec(), message.attempt())
     };
     let all = args.messages;
     let deadline = Duration::from_secs(60 + all);
@@ -119,14 +118,5 @@ pub(crate) async fn run(
     for url in [&queue, &dead] {
         let _ = client.delete_queue().queue_url(url).send().await;
     }
-    Ok((
-        ConsumerStats {
-            // SQS leaves a failed attempt on the queue; it counts as a retry.
-            settled: stats.settled,
-            retried: stats.retried,
-            dead_lettered: stats.dead_lettered,
-            dropped: stats.dropped,
-        },
-        dead_letters,
-    ))
+    Ok((stats, dead_letters))
 }

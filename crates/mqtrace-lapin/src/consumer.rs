@@ -1,38 +1,31 @@
 //! Traced consuming: process spans, settlement by outcome, reconnection.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::protocol::AMQPErrorKind;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind};
-use mqtrace::{
-    Disposition, ForwardKind, HandlerError, HandlerResult, Inbound, Instrumenter,
-    MessageDescription, OperationType, Processed, Retryable,
-};
-use opentelemetry::propagation::Extractor;
-use opentelemetry::KeyValue;
+use mqtrace::settle::{ConsumerCounters, ConsumerStats, Settled};
+#[cfg(feature = "json")]
+use mqtrace::HandlerError;
+use mqtrace::{HandlerResult, Instrumenter};
 use tokio::task::JoinSet;
 
-use crate::carrier::{FieldTableExtractor, FieldTableInjector};
-use crate::describe::{delivery_description, error_type, publish_description, Server};
-use crate::publisher::record_confirmation;
+use crate::carrier::FieldTableExtractor;
+use crate::describe::Server;
+use crate::process::{DeliveryTracer, Parts};
 use crate::topology::{short, QueueSpec};
-
-/// `mqtrace.rabbitmq.redelivered`: the delivery's `redelivered` flag. The
-/// conventions have no name for it.
-pub const REDELIVERED: &str = "mqtrace.rabbitmq.redelivered";
 
 /// A delivered message as the handler sees it. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Message(Arc<MessageInner>);
+pub struct Message {
+    inner: Arc<MessageInner>,
+    attempt: u32,
+}
 
 #[derive(Debug)]
 struct MessageInner {
@@ -47,39 +40,45 @@ struct MessageInner {
 // === impl Message ===
 
 impl Message {
+    /// Which delivery attempt this is (1 = first), counting mqtrace's retries and
+    /// the broker's redeliveries.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
     /// The body.
     pub fn body(&self) -> &[u8] {
-        &self.0.body
+        &self.inner.body
     }
 
     /// The exchange it was published to (empty for the default exchange).
     pub fn exchange(&self) -> &str {
-        &self.0.exchange
+        &self.inner.exchange
     }
 
     /// Its routing key.
     pub fn routing_key(&self) -> &str {
-        &self.0.routing_key
+        &self.inner.routing_key
     }
 
     /// Whether the broker delivered it before.
     pub fn redelivered(&self) -> bool {
-        self.0.redelivered
+        self.inner.redelivered
     }
 
     /// The delivery tag on the consumer's channel.
     pub fn delivery_tag(&self) -> u64 {
-        self.0.delivery_tag
+        self.inner.delivery_tag
     }
 
     /// Its properties, headers included.
     pub fn properties(&self) -> &BasicProperties {
-        &self.0.properties
+        &self.inner.properties
     }
 
     /// A header's value when it is a UTF-8 string (see [`FieldTableExtractor`]).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.0
+        self.inner
             .properties
             .headers()
             .as_ref()
@@ -91,132 +90,8 @@ impl Message {
     /// rejected to the dead-letter exchange instead of being redelivered.
     #[cfg(feature = "json")]
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        serde_json::from_slice(&self.0.body)
+        serde_json::from_slice(&self.inner.body)
             .map_err(|e| HandlerError::permanent(e).with_type("invalid_json"))
-    }
-}
-
-/// A message together with where it was consumed, for the core.
-struct Incoming<'a> {
-    message: &'a Message,
-    queue: &'a str,
-    server: Option<&'a Server>,
-}
-
-impl Inbound for Incoming<'_> {
-    fn description(&self) -> MessageDescription {
-        let m = &self.message.0;
-        let mut d = delivery_description(
-            &m.exchange,
-            &m.routing_key,
-            self.queue,
-            &m.properties,
-            m.body.len(),
-            self.server,
-        );
-        d.delivery_tag = Some(m.delivery_tag);
-        d.extra.push(KeyValue::new(REDELIVERED, m.redelivered));
-        d
-    }
-
-    fn headers(&self) -> impl Extractor + '_ {
-        HeadersOf(self.message.0.properties.headers().as_ref())
-    }
-
-    fn body(&self) -> &[u8] {
-        &self.message.0.body
-    }
-
-    fn broker_timestamp(&self) -> Option<SystemTime> {
-        let secs = (*self.message.0.properties.timestamp())?;
-        UNIX_EPOCH.checked_add(Duration::from_secs(secs))
-    }
-
-    fn delivery_count(&self) -> Option<u32> {
-        // Quorum queues count earlier deliveries; classic queues only flag them.
-        let counted = self
-            .message
-            .0
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-delivery-count"))
-            .and_then(|v| match v {
-                AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
-                AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
-                AMQPValue::LongUInt(n) => Some(*n),
-                _ => None,
-            });
-        Some(match counted {
-            Some(n) => n.saturating_add(1),
-            None if self.message.0.redelivered => 2,
-            None => 1,
-        })
-    }
-}
-
-/// Headers that may be absent.
-struct HeadersOf<'a>(Option<&'a FieldTable>);
-
-impl Extractor for HeadersOf<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.and_then(|h| FieldTableExtractor(h).value(key))
-    }
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .map(|h| FieldTableExtractor(h).names())
-            .unwrap_or_default()
-    }
-}
-
-/// What a consumer did, counted over its whole run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ConsumerStats {
-    /// Handled successfully and acknowledged.
-    pub settled: u64,
-    /// Republished for another attempt, then acknowledged.
-    pub retried: u64,
-    /// Sent to the dead-letter exchange: rejected (permanent failures) or
-    /// republished with failure metadata (retry budget spent).
-    pub dead_lettered: u64,
-    /// Permanent failures rejected from a queue without a dead-letter exchange.
-    pub dropped: u64,
-    /// Returned to the queue because forwarding failed.
-    pub requeued: u64,
-    /// Acks or nacks that did not reach the broker (the connection was gone); the
-    /// broker redelivers those messages.
-    pub settle_failures: u64,
-    /// Connections established (1 plus reconnections).
-    pub connections: u64,
-}
-
-#[derive(Debug, Default)]
-struct Counters([AtomicU64; 7]);
-
-impl Counters {
-    fn add(&self, i: usize) {
-        self.0[i].fetch_add(1, Ordering::Relaxed);
-    }
-    fn count(&self, d: Disposition, requeued: bool) {
-        self.add(match (d, requeued) {
-            (_, true) => 4,
-            (Disposition::Settle, _) => 0,
-            (Disposition::Retry, _) => 1,
-            (Disposition::DeadLetter, _) => 2,
-            (Disposition::Drop, _) => 3,
-        });
-    }
-    fn snapshot(&self) -> ConsumerStats {
-        let n = |i: usize| self.0[i].load(Ordering::Relaxed);
-        ConsumerStats {
-            settled: n(0),
-            retried: n(1),
-            dead_lettered: n(2),
-            dropped: n(3),
-            requeued: n(4),
-            settle_failures: n(5),
-            connections: n(6),
-        }
     }
 }
 
@@ -254,14 +129,11 @@ pub enum ConsumeError {
 pub struct TracedConsumer {
     uri: String,
     queue: QueueSpec,
-    instrumenter: Instrumenter,
+    tracer: DeliveryTracer,
     prefetch: u16,
     concurrency: usize,
     consumer_tag: String,
-    retry_via: Option<(String, String)>,
-    settle_spans: bool,
     backoff: (Duration, Duration),
-    server: Option<Server>,
 }
 
 // === impl TracedConsumer ===
@@ -273,15 +145,12 @@ impl TracedConsumer {
     pub fn new(uri: impl Into<String>, queue: QueueSpec, instrumenter: Instrumenter) -> Self {
         let uri = uri.into();
         Self {
-            server: Server::from_uri(&uri),
+            tracer: DeliveryTracer::new(instrumenter, &queue).server(Server::from_uri(&uri)),
             uri,
             queue,
-            instrumenter,
             prefetch: 10,
             concurrency: 1,
             consumer_tag: String::new(),
-            retry_via: None,
-            settle_spans: false,
             backoff: (Duration::from_millis(100), Duration::from_secs(5)),
         }
     }
@@ -311,13 +180,14 @@ impl TracedConsumer {
         exchange: impl Into<String>,
         routing_key: impl Into<String>,
     ) -> Self {
-        self.retry_via = Some((exchange.into(), routing_key.into()));
+        self.tracer = self.tracer.retry_via(exchange, routing_key);
         self
     }
 
-    /// Emit an `ack` / `nack` span (CLIENT) per settlement (default: off).
+    /// Emit an `ack` / `nack` span (CLIENT) per settlement (default: the
+    /// instrumenter's setting, off unless set).
     pub fn settle_spans(mut self, on: bool) -> Self {
-        self.settle_spans = on;
+        self.tracer = self.tracer.settle_spans(on);
         self
     }
 
@@ -344,7 +214,7 @@ impl TracedConsumer {
             return Err(ConsumeError::Uri(redact(&self.uri)));
         }
         let this = Arc::new(self.clone());
-        let counters = Arc::new(Counters::default());
+        let counters = ConsumerCounters::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut wait = self.backoff.0;
         loop {
@@ -372,7 +242,7 @@ impl TracedConsumer {
     async fn session<H, Fut, S>(
         self: &Arc<Self>,
         handler: &H,
-        counters: &Arc<Counters>,
+        counters: &ConsumerCounters,
         mut shutdown: std::pin::Pin<&mut S>,
     ) -> lapin::Result<SessionEnd>
     where
@@ -397,7 +267,7 @@ impl TracedConsumer {
                 FieldTable::default(),
             )
             .await?;
-        counters.add(6);
+        counters.connection();
         let mut consumed = false;
         let mut tasks = JoinSet::new();
         let shutdown_asked = loop {
@@ -415,9 +285,9 @@ impl TracedConsumer {
                         let this = Arc::clone(self);
                         let channel = channel.clone();
                         let handler = handler.clone();
-                        let counters = Arc::clone(counters);
+                        let counters = counters.clone();
                         tasks.spawn(async move {
-                            this.handle(&channel, delivery, handler, &counters).await
+                            counters.record(&this.handle(&channel, delivery, handler).await);
                         });
                     }
                     Some(Err(e)) => {
@@ -448,8 +318,7 @@ impl TracedConsumer {
         channel: &Channel,
         delivery: lapin::message::Delivery,
         handler: H,
-        counters: &Counters,
-    ) -> Disposition
+    ) -> Settled
     where
         H: Fn(Message) -> Fut,
         Fut: Future<Output = HandlerResult>,
@@ -464,183 +333,42 @@ impl TracedConsumer {
             acker,
             ..
         } = delivery;
-        let message = Message(Arc::new(MessageInner {
+        let inner = Arc::new(MessageInner {
             exchange: exchange.to_string(),
             routing_key: routing_key.to_string(),
             redelivered,
             delivery_tag,
             properties,
             body: data,
-        }));
-        let incoming = Incoming {
-            message: &message,
-            queue: self.queue.name(),
-            server: self.server.as_ref(),
-        };
-        let instrumenter = &self.instrumenter;
-        let processed = instrumenter
-            .process(&incoming, handler(message.clone()))
-            .await;
-        let dead_letter = self.queue.dead_letter_of();
-        let mut disposition =
-            processed.disposition(instrumenter.retry_policy(), dead_letter.is_some());
-        let permanent =
-            matches!(processed.outcome(), Err(e) if e.retryable() == Retryable::Permanent);
-        let mut requeued = false;
-        let settlement = match (disposition, dead_letter) {
-            (Disposition::Settle, _) => Settlement::Ack,
-            (Disposition::Retry, _) => {
-                let (exchange, routing_key) = match &self.retry_via {
-                    Some((e, k)) => (e.as_str(), k.as_str()),
-                    None => ("", self.queue.name()),
-                };
-                let forwarded = self
-                    .forward(
-                        channel,
-                        &processed,
-                        &message,
-                        ForwardKind::Retry,
-                        exchange,
-                        routing_key,
-                    )
-                    .await;
-                if forwarded {
-                    Settlement::Ack
-                } else {
-                    requeued = true;
-                    Settlement::Requeue
-                }
-            }
-            // The broker's dead-lettering moves it; no copy needed.
-            (Disposition::DeadLetter, _) if permanent => Settlement::Reject,
-            (Disposition::DeadLetter, Some(dl)) => {
-                let forwarded = self
-                    .forward(
-                        channel,
-                        &processed,
-                        &message,
-                        ForwardKind::DeadLetter,
-                        &dl.exchange,
-                        message.routing_key(),
-                    )
-                    .await;
-                // Should the republish fail, rejecting still dead-letters it
-                // (without mqtrace's metadata).
-                if forwarded {
-                    Settlement::Ack
-                } else {
-                    Settlement::Reject
-                }
-            }
-            (Disposition::DeadLetter | Disposition::Drop, _) => Settlement::Reject,
-        };
-        if requeued {
-            disposition = Disposition::Retry;
-        }
-        let settle_span = self.settle_spans.then(|| {
-            let d = incoming
-                .description()
-                .for_operation(OperationType::Settle, Some(settlement.name()));
-            instrumenter.start_settle(&d, processed.span())
         });
-        let result = match settlement {
-            Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
-            Settlement::Reject | Settlement::Requeue => {
-                acker
-                    .nack(BasicNackOptions {
-                        requeue: settlement == Settlement::Requeue,
-                        ..BasicNackOptions::default()
-                    })
-                    .await
-            }
+        let parts = Parts {
+            exchange: &inner.exchange,
+            routing_key: &inner.routing_key,
+            redelivered,
+            delivery_tag,
+            properties: &inner.properties,
+            body: &inner.body,
         };
-        if let Err(e) = &result {
-            counters.add(5);
-            tracing::warn!(target: "mqtrace", error = %e, delivery_tag, "settlement failed; the broker will redeliver");
-            if let Some(span) = &settle_span {
-                span.record_failure(&error_type(e), e);
-            }
-        }
-        if let Some(span) = settle_span {
-            span.end();
-        }
-        counters.count(disposition, requeued);
-        let _ = processed.finish(disposition);
-        disposition
-    }
-
-    /// Republishes the message's original bytes with the forward span's headers;
-    /// true once the broker has confirmed it.
-    async fn forward(
-        &self,
-        channel: &Channel,
-        processed: &Processed,
-        message: &Message,
-        kind: ForwardKind,
-        exchange: &str,
-        routing_key: &str,
-    ) -> bool {
-        let original = message.properties();
-        let mut headers = FieldTable::default();
-        if let Some(h) = original.headers() {
-            for (k, v) in h {
-                if !self.instrumenter.is_managed_header(k.as_str()) {
-                    headers.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        let d = publish_description(
-            exchange,
-            routing_key,
-            original,
-            message.body().len(),
-            self.server.as_ref(),
-        );
-        let span = self.instrumenter.start_forward(
-            processed,
-            kind,
-            &d,
-            &mut FieldTableInjector(&mut headers),
-        );
-        let properties = original.clone().with_headers(headers);
-        let result = async {
-            channel
-                .basic_publish(
-                    short(exchange)?,
-                    short(routing_key)?,
-                    BasicPublishOptions::default(),
-                    message.body(),
-                    properties,
-                )
-                .await?
-                .await
-        }
-        .await;
-        record_confirmation(&span, &result);
-        span.end();
-        matches!(result, Ok(lapin::Confirmation::Ack(None)))
+        let incoming = self.tracer.incoming(parts);
+        let processed = self
+            .tracer
+            .instrumenter()
+            .process_with(&incoming, |attempt| {
+                handler(Message {
+                    inner: Arc::clone(&inner),
+                    attempt: attempt.number(),
+                })
+            })
+            .await;
+        self.tracer
+            .settle_parts(processed, parts, acker, channel)
+            .await
     }
 }
 
 enum SessionEnd {
     Shutdown,
     Lost { consumed: bool },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Settlement {
-    Ack,
-    Reject,
-    Requeue,
-}
-
-impl Settlement {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Ack => "ack",
-            Self::Reject | Self::Requeue => "nack",
-        }
-    }
 }
 
 /// A refusal no reconnection can cure: a soft AMQP error during set-up.

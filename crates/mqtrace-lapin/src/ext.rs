@@ -1,16 +1,82 @@
 //! Extension traits for code that keeps its own lapin calls.
 
+use std::future::Future;
+
 use lapin::message::Delivery;
-use lapin::BasicProperties;
-use mqtrace::Propagation;
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation};
+use mqtrace::{Instrumenter, Propagation};
 use opentelemetry::Context;
 
 use crate::carrier::{FieldTableExtractor, FieldTableInjector};
+use crate::publisher::publish_in_span;
 
 mod sealed {
     pub trait Sealed {}
     impl Sealed for lapin::BasicProperties {}
     impl Sealed for lapin::message::Delivery {}
+    impl Sealed for lapin::Channel {}
+}
+
+/// Publishes through a plain lapin [`Channel`] inside a `send` span (PRODUCER),
+/// as [`crate::TracedPublisher`] does: the span's context goes into the headers,
+/// the `timestamp` property is set unless given, and the span ends on the
+/// publisher confirm (in confirm mode) with a nack or return marked as an error.
+///
+/// ```no_run
+/// # async fn run(channel: lapin::Channel) -> Result<(), lapin::Error> {
+/// use lapin::options::BasicPublishOptions;
+/// use lapin::BasicProperties;
+/// use mqtrace::Instrumenter;
+/// use mqtrace_lapin::ChannelExt as _;
+///
+/// let instrumenter = Instrumenter::default();
+/// channel
+///     .publish_traced(
+///         &instrumenter,
+///         "shop".into(),
+///         "order.created".into(),
+///         BasicPublishOptions::default(),
+///         br#"{"id":7}"#,
+///         BasicProperties::default(),
+///     )
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub trait ChannelExt: sealed::Sealed {
+    /// `basic_publish` inside a `send` span; lapin's answer comes back unchanged.
+    fn publish_traced(
+        &self,
+        instrumenter: &Instrumenter,
+        exchange: ShortString,
+        routing_key: ShortString,
+        options: BasicPublishOptions,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> impl Future<Output = lapin::Result<Confirmation>> + Send;
+}
+
+impl ChannelExt for Channel {
+    fn publish_traced(
+        &self,
+        instrumenter: &Instrumenter,
+        exchange: ShortString,
+        routing_key: ShortString,
+        options: BasicPublishOptions,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> impl Future<Output = lapin::Result<Confirmation>> + Send {
+        publish_in_span(
+            self,
+            instrumenter,
+            None,
+            (exchange, routing_key),
+            options,
+            payload,
+            properties,
+        )
+    }
 }
 
 /// Adds a trace context to the properties of a message about to be published.

@@ -1,17 +1,23 @@
 //! OpenTelemetry traces for RabbitMQ through [lapin]: a message published by one
 //! service and consumed, retried or dead-lettered by others is one connected trace.
 //!
+//! - [`DeliveryTracer`] instruments a consumer loop of your own (the front door):
+//!   it runs your handler for a lapin `Delivery` inside the full `process` span and
+//!   settles it (ack, bounded retries, dead letters) the same way the full consumer
+//!   does; [`ChannelExt::publish_traced`] publishes through a plain channel inside a
+//!   `send` span.
 //! - [`TracedPublisher`] publishes inside a `send` span whose context travels in the
 //!   message headers; with publisher confirms the span ends on the confirm.
 //! - [`TracedConsumer`] consumes a queue, runs an async handler inside a `process`
-//!   span, settles each delivery by the handler's outcome (ack, bounded retries,
-//!   dead letters) and reconnects after a broker restart.
+//!   span, settles each delivery by the handler's outcome and reconnects after a
+//!   broker restart: a receive loop over [`DeliveryTracer`].
 //! - [`BasicPropertiesExt`] and [`DeliveryExt`] inject and extract for code that
 //!   keeps its own lapin calls; [`FieldTableInjector`] and [`FieldTableExtractor`]
 //!   are the carriers under all of them.
 //!
-//! The spans themselves are decided by [`mqtrace::Instrumenter`]: this crate only
-//! describes RabbitMQ's operations and settles messages.
+//! The spans and the settlement decisions are [`mqtrace::Instrumenter`]'s (see
+//! [`mqtrace::settle`]): this crate only describes RabbitMQ's operations and carries
+//! out the settlements.
 //!
 //! # Span model
 //!
@@ -55,6 +61,9 @@
 //!
 //! # Examples
 //!
+//! Your own loop: [`DeliveryTracer`]'s docs, and `examples/rabbitmq-own-loop`. The
+//! full consumer:
+//!
 //! ```no_run
 //! use mqtrace::{HandlerResult, Instrumenter};
 //! use mqtrace_lapin::{QueueSpec, TracedConsumer};
@@ -91,13 +100,16 @@ mod carrier;
 mod consumer;
 mod describe;
 mod ext;
+mod process;
 mod publisher;
 mod topology;
 
 pub use carrier::{FieldTableExtractor, FieldTableInjector};
-pub use consumer::{ConsumeError, ConsumerStats, Message, TracedConsumer, REDELIVERED};
+pub use consumer::{ConsumeError, Message, TracedConsumer};
 pub use describe::{error_type, Server};
-pub use ext::{BasicPropertiesExt, DeliveryExt};
+pub use ext::{BasicPropertiesExt, ChannelExt, DeliveryExt};
+pub use mqtrace::settle::ConsumerStats;
+pub use process::{DeliveryTracer, REDELIVERED};
 #[cfg(feature = "json")]
 pub use publisher::PublishJsonError;
 pub use publisher::TracedPublisher;

@@ -65,25 +65,16 @@ impl TracedPublisher {
         payload: &[u8],
         properties: BasicProperties,
     ) -> lapin::Result<Confirmation> {
-        let d = publish_description(
-            exchange.as_str(),
-            routing_key.as_str(),
-            &properties,
-            payload.len(),
+        publish_in_span(
+            &self.channel,
+            &self.instrumenter,
             self.server.as_ref(),
-        );
-        let span = self.instrumenter.start_send(&d, Some(payload));
-        let properties = prepare(&self.instrumenter, &span, properties);
-        let result = async {
-            self.channel
-                .basic_publish(exchange, routing_key, options, payload, properties)
-                .await?
-                .await
-        }
-        .await;
-        record_confirmation(&span, &result);
-        span.end();
-        result
+            (exchange, routing_key),
+            options,
+            payload,
+            properties,
+        )
+        .await
     }
 
     /// Publishes a value as JSON: `content_type` is `application/json` and delivery
@@ -128,6 +119,38 @@ pub enum PublishJsonError {
     /// The broker or the connection failed.
     #[error(transparent)]
     Broker(lapin::Error),
+}
+
+/// Publishes inside a `send` span that ends on the broker's answer: what
+/// [`TracedPublisher`] and [`crate::ChannelExt`] share.
+pub(crate) async fn publish_in_span(
+    channel: &Channel,
+    instrumenter: &Instrumenter,
+    server: Option<&Server>,
+    (exchange, routing_key): (ShortString, ShortString),
+    options: BasicPublishOptions,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> lapin::Result<Confirmation> {
+    let d = publish_description(
+        exchange.as_str(),
+        routing_key.as_str(),
+        &properties,
+        payload.len(),
+        server,
+    );
+    let span = instrumenter.start_send(&d, Some(payload));
+    let properties = prepare(instrumenter, &span, properties);
+    let result = async {
+        channel
+            .basic_publish(exchange, routing_key, options, payload, properties)
+            .await?
+            .await
+    }
+    .await;
+    record_confirmation(&span, &result);
+    span.end();
+    result
 }
 
 /// Injects the span's context into the headers and stamps the publish time.

@@ -4,29 +4,20 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use mqtrace::{
-    Disposition, ForwardKind, HandlerResult, Inbound, Instrumenter, MessageDescription,
-    OperationType, Processed,
-};
-use opentelemetry::propagation::Extractor;
-use opentelemetry::KeyValue;
+use mqtrace::settle::{ConsumerCounters, ConsumerStats};
+use mqtrace::{HandlerResult, Instrumenter};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::FutureRecord;
+use rdkafka::message::{Message as _, OwnedHeaders, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
-use crate::carrier::{HeadersExtractor, OwnedHeadersInjector};
-use crate::describe::{error_type, key_attribute, ClientInfo};
-use crate::producer::{record_delivery, TracedProducer};
-
-/// `mqtrace.kafka.consumer.lag`: records behind the partition's high watermark when
-/// this one was processed, from librdkafka's statistics (refreshed every
-/// `statistics.interval.ms`, 1 s unless set). The conventions have no name for it.
-pub const CONSUMER_LAG: &str = "mqtrace.kafka.consumer.lag";
+use crate::carrier::HeadersExtractor;
+use crate::describe::ClientInfo;
+use crate::process::RecordTracer;
+use crate::producer::TracedProducer;
 
 /// Attempts of the final commit when a consumer stops.
 const FINAL_COMMIT_ATTEMPTS: u32 = 10;
@@ -103,51 +94,59 @@ impl ConsumerContext for LagContext {
 
 /// A consumed record as the handler sees it. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Record(Arc<OwnedMessage>);
+pub struct Record {
+    inner: Arc<OwnedMessage>,
+    attempt: u32,
+}
 
 // === impl Record ===
 
 impl Record {
+    /// Which delivery attempt this is (1 = first), counting mqtrace's retries.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
     /// The topic.
     pub fn topic(&self) -> &str {
-        self.0.topic()
+        self.inner.topic()
     }
 
     /// The partition.
     pub fn partition(&self) -> i32 {
-        self.0.partition()
+        self.inner.partition()
     }
 
     /// The offset.
     pub fn offset(&self) -> i64 {
-        self.0.offset()
+        self.inner.offset()
     }
 
     /// The key, if any.
     pub fn key(&self) -> Option<&[u8]> {
-        self.0.key()
+        self.inner.key()
     }
 
     /// The payload; `None` for a tombstone.
     pub fn payload(&self) -> Option<&[u8]> {
-        self.0.payload()
+        self.inner.payload()
     }
 
     /// The headers, if any.
     pub fn headers(&self) -> Option<&OwnedHeaders> {
-        self.0.headers()
+        self.inner.headers()
     }
 
     /// A header's value when it is UTF-8 (see [`HeadersExtractor`]).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.0
+        self.inner
             .headers()
             .and_then(|h| HeadersExtractor(h).value(name))
     }
 
     /// The record's timestamp, in milliseconds since the epoch.
     pub fn timestamp_millis(&self) -> Option<i64> {
-        self.0.timestamp().to_millis()
+        self.inner.timestamp().to_millis()
     }
 
     /// The payload decoded as JSON. Invalid JSON (or a tombstone) is a permanent
@@ -160,65 +159,6 @@ impl Record {
         serde_json::from_slice(payload)
             .map_err(|e| mqtrace::HandlerError::permanent(e).with_type("invalid_json"))
     }
-}
-
-/// A record together with the consumer that received it, for the core.
-struct Incoming<'a> {
-    record: &'a Record,
-    info: &'a ClientInfo,
-    lag: Option<i64>,
-}
-
-static NO_HEADERS: std::sync::LazyLock<OwnedHeaders> = std::sync::LazyLock::new(OwnedHeaders::new);
-
-impl Inbound for Incoming<'_> {
-    fn description(&self) -> MessageDescription {
-        let r = &self.record;
-        let mut d = self.info.describe(OperationType::Process, r.topic());
-        d.partition = Some(r.partition().to_string());
-        d.offset = Some(r.offset());
-        d.key = key_attribute(r.key());
-        d.tombstone = r.payload().is_none();
-        d.body_size = Some(r.payload().map_or(0, |p| p.len() as u64));
-        d.consumer_group.clone_from(&self.info.group);
-        if let Some(lag) = self.lag {
-            d.extra.push(KeyValue::new(CONSUMER_LAG, lag));
-        }
-        d
-    }
-
-    fn headers(&self) -> impl Extractor + '_ {
-        HeadersExtractor(self.record.headers().unwrap_or(&NO_HEADERS))
-    }
-
-    fn body(&self) -> &[u8] {
-        self.record.payload().unwrap_or_default()
-    }
-
-    fn broker_timestamp(&self) -> Option<SystemTime> {
-        let ms = u64::try_from(self.record.timestamp_millis()?).ok()?;
-        UNIX_EPOCH.checked_add(Duration::from_millis(ms))
-    }
-}
-
-/// What a consumer did, counted over its run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ConsumerStats {
-    /// Handled successfully and committed.
-    pub settled: u64,
-    /// Forwarded to the retry topic, then committed.
-    pub retried: u64,
-    /// Forwarded to the dead-letter topic, then committed.
-    pub dead_lettered: u64,
-    /// Permanent failures committed without a copy (no dead-letter topic set).
-    pub dropped: u64,
-    /// Records whose forward failed: not committed, the consumer went back to
-    /// them (they are processed again).
-    pub rewound: u64,
-    /// Commits that failed, refused by the client at once or reported failed by
-    /// the cluster, including failed attempts of the final commit. A later commit
-    /// covers the records; without one they are processed again, never skipped.
-    pub commit_failures: u64,
 }
 
 /// Consumes topics of a Kafka cluster: each record is processed inside a `process`
@@ -238,22 +178,13 @@ pub struct ConsumerStats {
 /// it again, so the partition waits rather than lose it.
 pub struct TracedConsumer {
     consumer: StreamConsumer<LagContext>,
-    forwarder: TracedProducer,
-    instrumenter: Instrumenter,
-    info: ClientInfo,
-    retry_topic: Option<String>,
-    dead_letter_topic: Option<String>,
-    poll_spans: bool,
-    commit_spans: bool,
-    forward_timeout: Duration,
+    tracer: RecordTracer,
 }
 
 impl std::fmt::Debug for TracedConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TracedConsumer")
-            .field("info", &self.info)
-            .field("retry_topic", &self.retry_topic)
-            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("tracer", &self.tracer)
             .finish_non_exhaustive()
     }
 }
@@ -280,46 +211,43 @@ impl TracedConsumer {
         consumer.subscribe(topics)?;
         Ok(Self {
             consumer,
-            forwarder,
-            instrumenter,
-            info: ClientInfo::from_config(&config),
-            retry_topic: None,
-            dead_letter_topic: None,
-            poll_spans: false,
-            commit_spans: false,
-            forward_timeout: Duration::from_secs(30),
+            tracer: RecordTracer::with_forwarder(
+                instrumenter,
+                forwarder,
+                ClientInfo::from_config(&config),
+            ),
         })
     }
 
     /// Retries go to this topic (default: the record's own topic). Subscribe to
     /// it too, or run a consumer for it.
     pub fn retry_topic(mut self, topic: impl Into<String>) -> Self {
-        self.retry_topic = Some(topic.into());
+        self.tracer = self.tracer.retry_topic(topic);
         self
     }
 
     /// Permanent failures and spent budgets go to this topic.
     pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
-        self.dead_letter_topic = Some(topic.into());
+        self.tracer = self.tracer.dead_letter_topic(topic);
         self
     }
 
     /// Emit a `poll` span (CLIENT) per received record, linking it (default: off).
-    pub fn poll_spans(mut self, on: bool) -> Self {
-        self.poll_spans = on;
+    pub fn receive_spans(mut self, on: bool) -> Self {
+        self.tracer = self.tracer.receive_spans(on);
         self
     }
 
     /// Emit a `commit` span (CLIENT) per commit, child of the process span
-    /// (default: off).
-    pub fn commit_spans(mut self, on: bool) -> Self {
-        self.commit_spans = on;
+    /// (default: the instrumenter's setting, off unless set).
+    pub fn settle_spans(mut self, on: bool) -> Self {
+        self.tracer = self.tracer.settle_spans(on);
         self
     }
 
     /// How long a forward may wait in the producer's queue (default 30 s).
     pub fn forward_timeout(mut self, timeout: Duration) -> Self {
-        self.forward_timeout = timeout;
+        self.tracer = self.tracer.forward_timeout(timeout);
         self
     }
 
@@ -337,7 +265,7 @@ impl TracedConsumer {
         Fut: Future<Output = HandlerResult>,
         S: Future<Output = ()>,
     {
-        let mut stats = ConsumerStats::default();
+        let counters = ConsumerCounters::new();
         let failed_before = self
             .consumer
             .context()
@@ -359,7 +287,9 @@ impl TracedConsumer {
                         message.partition(),
                         message.offset(),
                     );
-                    if self.handle(message, &handler, &mut stats).await {
+                    let settled = self.handle(message, &handler).await;
+                    counters.record(&settled);
+                    if settled.is_done() {
                         positions.insert((at.0, at.1), at.2 + 1);
                     }
                 }
@@ -371,13 +301,14 @@ impl TracedConsumer {
             }
         }
         self.final_commit(&positions).await;
-        stats.commit_failures += self
-            .consumer
-            .context()
-            .failed_commits
-            .load(Ordering::Relaxed)
-            .saturating_sub(failed_before);
-        stats
+        counters.settle_failures(
+            self.consumer
+                .context()
+                .failed_commits
+                .load(Ordering::Relaxed)
+                .saturating_sub(failed_before),
+        );
+        counters.snapshot()
     }
 
     /// Commits the position after the last settled record of each partition still
@@ -466,156 +397,26 @@ impl TracedConsumer {
         tracing::warn!(target: "mqtrace", error = %last_error, "final commit failed; records after the last committed offset are processed again");
     }
 
-    /// Processes and settles one record; true when its offset was committed (or
-    /// the commit was sent).
-    async fn handle<H, Fut>(
-        &self,
-        message: OwnedMessage,
-        handler: &H,
-        stats: &mut ConsumerStats,
-    ) -> bool
+    /// Processes and settles one record.
+    async fn handle<H, Fut>(&self, message: OwnedMessage, handler: &H) -> mqtrace::Settled
     where
         H: Fn(Record) -> Fut,
         Fut: Future<Output = HandlerResult>,
     {
-        let record = Record(Arc::new(message));
+        let inner = Arc::new(message);
         let lag = self
             .consumer
             .context()
-            .lag(record.topic(), record.partition(), record.offset());
-        let incoming = Incoming {
-            record: &record,
-            info: &self.info,
-            lag,
-        };
-        let instrumenter = &self.instrumenter;
-        if self.poll_spans {
-            let d = self
-                .info
-                .describe(OperationType::Receive, record.topic())
-                .operation_named("poll");
-            instrumenter
-                .start_receive(&d, std::slice::from_ref(&incoming))
-                .end();
-        }
-        let processed = instrumenter
-            .process(&incoming, handler(record.clone()))
+            .lag(inner.topic(), inner.partition(), inner.offset());
+        let processed = self
+            .tracer
+            .process_lagging(&*inner, lag, |attempt| {
+                handler(Record {
+                    inner: Arc::clone(&inner),
+                    attempt: attempt.number(),
+                })
+            })
             .await;
-        let has_dead_letter = self.dead_letter_topic.is_some();
-        let mut disposition = processed.disposition(instrumenter.retry_policy(), has_dead_letter);
-        let target = match disposition {
-            Disposition::Retry => Some((
-                ForwardKind::Retry,
-                self.retry_topic.as_deref().unwrap_or(record.topic()),
-            )),
-            Disposition::DeadLetter => self
-                .dead_letter_topic
-                .as_deref()
-                .map(|t| (ForwardKind::DeadLetter, t)),
-            Disposition::Settle | Disposition::Drop => None,
-        };
-        let forwarded = match target {
-            Some((kind, topic)) => self.forward(&processed, &record, kind, topic).await,
-            None => true,
-        };
-        if forwarded {
-            self.commit(&record, &incoming, &processed, stats);
-            match disposition {
-                Disposition::Settle => stats.settled += 1,
-                Disposition::Retry => stats.retried += 1,
-                Disposition::DeadLetter => stats.dead_lettered += 1,
-                Disposition::Drop => stats.dropped += 1,
-            }
-        } else {
-            // Not committed: read it again rather than lose it.
-            disposition = Disposition::Retry;
-            stats.rewound += 1;
-            let seek = self.consumer.seek(
-                record.topic(),
-                record.partition(),
-                Offset::Offset(record.offset()),
-                Duration::from_secs(5),
-            );
-            if let Err(e) = seek {
-                tracing::warn!(target: "mqtrace", error = %e, "cannot seek back to a record whose forward failed; it is redelivered after a restart or rebalance");
-            }
-        }
-        let _ = processed.finish(disposition);
-        forwarded
-    }
-
-    fn commit(
-        &self,
-        record: &Record,
-        incoming: &Incoming<'_>,
-        processed: &Processed,
-        stats: &mut ConsumerStats,
-    ) {
-        let span = self.commit_spans.then(|| {
-            let d = incoming
-                .description()
-                .for_operation(OperationType::Settle, Some("commit"));
-            self.instrumenter.start_settle(&d, processed.span())
-        });
-        let mut offsets = TopicPartitionList::new();
-        let result = offsets
-            .add_partition_offset(
-                record.topic(),
-                record.partition(),
-                Offset::Offset(record.offset() + 1),
-            )
-            .and_then(|()| self.consumer.commit(&offsets, CommitMode::Async));
-        if let Err(e) = &result {
-            stats.commit_failures += 1;
-            tracing::warn!(target: "mqtrace", error = %e, "commit failed; the record may be processed again");
-            if let Some(span) = &span {
-                span.record_failure(&error_type(e), e);
-            }
-        }
-        if let Some(span) = span {
-            span.end();
-        }
-    }
-
-    /// Produces the record's key and original bytes to `topic` with the forward
-    /// span's headers; true once delivered.
-    async fn forward(
-        &self,
-        processed: &Processed,
-        record: &Record,
-        kind: ForwardKind,
-        topic: &str,
-    ) -> bool {
-        let mut headers = OwnedHeaders::new();
-        if let Some(original) = record.headers() {
-            for h in original.iter() {
-                if !self.instrumenter.is_managed_header(h.key) {
-                    headers = headers.insert(Header {
-                        key: h.key,
-                        value: h.value,
-                    });
-                }
-            }
-        }
-        let mut outgoing: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
-        outgoing.key = record.key();
-        outgoing.payload = record.payload();
-        let d = self.forwarder.describe(&outgoing);
-        let mut injector = OwnedHeadersInjector::new(headers);
-        let span = self
-            .instrumenter
-            .start_forward(processed, kind, &d, &mut injector);
-        outgoing.headers = Some(injector.into_headers());
-        let result = self
-            .forwarder
-            .inner()
-            .send(outgoing, self.forward_timeout)
-            .await;
-        record_delivery(&self.instrumenter, &span, &result);
-        span.end();
-        if let Err((e, _)) = &result {
-            tracing::warn!(target: "mqtrace", error = %e, topic, "forward failed");
-        }
-        result.is_ok()
+        self.tracer.settle(processed, &*inner, &self.consumer).await
     }
 }

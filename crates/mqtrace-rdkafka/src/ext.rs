@@ -1,14 +1,21 @@
 //! Extension traits for code that keeps its own rdkafka clients.
 
-use mqtrace::Propagation;
+use std::future::Future;
+
+use mqtrace::{Instrumenter, Propagation};
 use opentelemetry::Context;
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage, ToBytes};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
 
 use crate::carrier::{HeadersExtractor, OwnedHeadersInjector};
+use crate::describe::ClientInfo;
+use crate::producer::send_in_span;
 
 mod sealed {
     pub trait Sealed {}
+    impl Sealed for rdkafka::producer::FutureProducer {}
     impl<K: ?Sized, P: ?Sized> Sealed for rdkafka::producer::FutureRecord<'_, K, P>
     where
         K: rdkafka::message::ToBytes,
@@ -92,5 +99,59 @@ impl MessageExt for OwnedMessage {
             Some(h) => propagation.extract(&HeadersExtractor(h)),
             None => Context::new(),
         }
+    }
+}
+
+/// Sends through a plain rdkafka [`FutureProducer`] inside a `send` span
+/// (PRODUCER), as [`crate::TracedProducer`] does: the span's context goes into the
+/// record's headers, and the span ends on the delivery report with the partition
+/// and offset, or the error.
+///
+/// ```no_run
+/// # async fn run(producer: rdkafka::producer::FutureProducer) {
+/// use mqtrace::Instrumenter;
+/// use mqtrace_rdkafka::FutureProducerExt as _;
+/// use rdkafka::producer::FutureRecord;
+/// use std::time::Duration;
+///
+/// let instrumenter = Instrumenter::default();
+/// let record = FutureRecord::<str, str>::to("orders").key("order-7").payload("{}");
+/// let delivered = producer.send_traced(&instrumenter, record, Duration::from_secs(5)).await;
+/// # let _ = delivered;
+/// # }
+/// ```
+pub trait FutureProducerExt: sealed::Sealed {
+    /// `send` inside a `send` span; rdkafka's result comes back unchanged.
+    fn send_traced<K, P>(
+        &self,
+        instrumenter: &Instrumenter,
+        record: FutureRecord<'_, K, P>,
+        queue_timeout: impl Into<Timeout> + Send,
+    ) -> impl Future<Output = OwnedDeliveryResult> + Send
+    where
+        K: ToBytes + ?Sized + Sync,
+        P: ToBytes + ?Sized + Sync;
+}
+
+impl FutureProducerExt for FutureProducer {
+    async fn send_traced<K, P>(
+        &self,
+        instrumenter: &Instrumenter,
+        record: FutureRecord<'_, K, P>,
+        queue_timeout: impl Into<Timeout> + Send,
+    ) -> OwnedDeliveryResult
+    where
+        K: ToBytes + ?Sized + Sync,
+        P: ToBytes + ?Sized + Sync,
+    {
+        // Its configuration is not known here: no client id or server address.
+        send_in_span(
+            self,
+            instrumenter,
+            &ClientInfo::default(),
+            record,
+            queue_timeout.into(),
+        )
+        .await
     }
 }

@@ -1,27 +1,34 @@
 //! OpenTelemetry traces for Kafka through [rdkafka]: a record produced by one
 //! service and consumed, retried or dead-lettered by others is one connected trace.
 //!
+//! - [`RecordTracer`] instruments a consumer loop of your own (the front door): it
+//!   runs your handler for an rdkafka `BorrowedMessage` or `OwnedMessage` inside the
+//!   full `process` span and settles it (commit, retry and dead-letter topics) the
+//!   same way the full consumer does; [`FutureProducerExt::send_traced`] sends
+//!   through a plain `FutureProducer` inside a `send` span.
 //! - [`TracedProducer`] sends inside a `send` span whose context travels in the
 //!   record headers; the span ends on the delivery report with partition and offset.
 //! - [`TracedConsumer`] consumes topics, runs an async handler inside a `process`
 //!   span per record, and settles by outcome: commit after success, forward to a
-//!   retry or dead-letter topic and then commit after failure.
+//!   retry or dead-letter topic and then commit after failure: a receive loop over
+//!   [`RecordTracer`].
 //! - [`FutureRecordExt`] and [`MessageExt`] inject and extract for code that keeps
 //!   its own clients; [`OwnedHeadersInjector`] and [`HeadersExtractor`] are the
 //!   carriers under all of them.
 //!
-//! The spans themselves are decided by [`mqtrace::Instrumenter`]; this crate
-//! describes Kafka's operations and settles records.
+//! The spans and the settlement decisions are [`mqtrace::Instrumenter`]'s (see
+//! [`mqtrace::settle`]); this crate describes Kafka's operations and carries out the
+//! settlements.
 //!
 //! # Span model
 //!
 //! | operation | span name | kind | parent | links | attributes |
 //! |---|---|---|---|---|---|
 //! | send | `send {topic}` | PRODUCER | current span | — | `messaging.system = kafka`, `messaging.destination.name`, `messaging.kafka.message.key` (UTF-8 keys), `messaging.kafka.message.tombstone`, `messaging.message.body.size`, `messaging.client.id`, `server.address`, `server.port`; from the delivery report `messaging.destination.partition.id`, `messaging.kafka.offset` |
-//! | poll (opt-in) | `poll {topic}` | CLIENT | current span | the record's producer | as process, without handler outcome |
+//! | poll (opt-in, `receive_spans`) | `poll {topic}` | CLIENT | current span | the record's producer | as process, without handler outcome |
 //! | process | `process {topic}` | CONSUMER | producer (by [`mqtrace::ProcessParenting`]) | producer | partition, offset, key, tombstone, `messaging.consumer.group.name`, `mqtrace.message.queue_time` (record timestamp), [`CONSUMER_LAG`], attempt, disposition |
 //! | retry / dead letter | `send {target topic}` | PRODUCER | process span | original message, processing attempt | as send, plus attempt and disposition |
-//! | commit (opt-in) | `commit {topic}` | CLIENT | process span | — | as process |
+//! | commit (opt-in, `settle_spans`) | `commit {topic}` | CLIENT | process span | — | as process |
 //!
 //! Under legacy conventions partition and consumer group are
 //! `messaging.kafka.partition` (int) and `messaging.kafka.consumer.group`.
@@ -33,7 +40,7 @@
 //! | success | offset committed |
 //! | transient error, attempts left | forwarded to the retry topic (default: the same topic) with `mqtrace-attempt`, then committed |
 //! | permanent error, or budget spent | forwarded to the dead-letter topic with `mqtrace-error-type`, `mqtrace-error-message`, `mqtrace-failed-at`, `mqtrace-original-traceparent`, same key and bytes, then committed |
-//! | forward failed | not committed; the consumer seeks back and handles the record again |
+//! | forward failed | not committed; the consumer seeks back (asynchronously, never blocking) and handles the record again |
 //!
 //! Records are handled one at a time: per-partition order holds and no offset
 //! passes a record whose handler has not finished. Commits during the run are
@@ -42,13 +49,14 @@
 //! holds and waits for the cluster's answer, serving the consumer's events
 //! meanwhile, trying again for up to five seconds (a restarted cluster's group
 //! coordinator can take that long). Failed commits, refused at once or reported
-//! by the cluster, are counted in `ConsumerStats::commit_failures`.
+//! by the cluster, are counted in `ConsumerStats::settle_failures`.
 //!
 //! # Customisation
 //!
 //! Spans (conventions, parenting, propagation, header capture, start hooks, retry
-//! budget) are set on the [`mqtrace::Instrumenter`]. The consumer sets the retry
-//! and dead-letter topics, poll and commit spans, and the forward timeout.
+//! budget) are set on the [`mqtrace::Instrumenter`]. The consumer (and
+//! [`RecordTracer`]) sets the retry and dead-letter topics, receive (`poll`) and
+//! settle (`commit`) spans, and the forward timeout.
 //!
 //! # Cargo features
 //!
@@ -56,6 +64,9 @@
 //! compiler, `make` and zlib).
 //!
 //! # Examples
+//!
+//! Your own loop: [`RecordTracer`]'s docs, and `examples/kafka-own-loop`. The full
+//! consumer:
 //!
 //! ```no_run
 //! use mqtrace::{HandlerResult, Instrumenter};
@@ -92,10 +103,13 @@ mod carrier;
 mod consumer;
 mod describe;
 mod ext;
+mod process;
 mod producer;
 
 pub use carrier::{HeadersExtractor, OwnedHeadersInjector};
-pub use consumer::{ConsumerStats, LagContext, Record, TracedConsumer, CONSUMER_LAG};
+pub use consumer::{LagContext, Record, TracedConsumer};
 pub use describe::{error_type, Server};
-pub use ext::{FutureRecordExt, MessageExt};
+pub use ext::{FutureProducerExt, FutureRecordExt, MessageExt};
+pub use mqtrace::settle::ConsumerStats;
+pub use process::{RecordTracer, CONSUMER_LAG};
 pub use producer::TracedProducer;

@@ -67,23 +67,21 @@ impl TracedProducer {
     /// The span's context is added to the record's headers.
     pub async fn send<K, P>(
         &self,
-        mut record: FutureRecord<'_, K, P>,
+        record: FutureRecord<'_, K, P>,
         queue_timeout: impl Into<Timeout>,
     ) -> OwnedDeliveryResult
     where
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
     {
-        let d = self.describe(&record);
-        let payload = record.payload.map(ToBytes::to_bytes);
-        let span = self.instrumenter.start_send(&d, payload);
-        let mut injector = OwnedHeadersInjector::new(record.headers.take().unwrap_or_default());
-        self.instrumenter.inject(&span, &mut injector);
-        record.headers = Some(injector.into_headers());
-        let result = self.producer.send(record, queue_timeout).await;
-        record_delivery(&self.instrumenter, &span, &result);
-        span.end();
-        result
+        send_in_span(
+            &self.producer,
+            &self.instrumenter,
+            &self.info,
+            record,
+            queue_timeout.into(),
+        )
+        .await
     }
 
     pub(crate) fn describe<K, P>(&self, record: &FutureRecord<'_, K, P>) -> MessageDescription
@@ -91,13 +89,46 @@ impl TracedProducer {
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
     {
-        let mut d = self.info.describe(OperationType::Send, record.topic);
-        d.key = key_attribute(record.key.map(ToBytes::to_bytes));
-        d.tombstone = record.payload.is_none();
-        d.body_size = Some(record.payload.map_or(0, |p| p.to_bytes().len() as u64));
-        d.partition = record.partition.map(|p| p.to_string());
-        d
+        describe_send(&self.info, record)
     }
+}
+
+fn describe_send<K, P>(info: &ClientInfo, record: &FutureRecord<'_, K, P>) -> MessageDescription
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    let mut d = info.describe(OperationType::Send, record.topic);
+    d.key = key_attribute(record.key.map(ToBytes::to_bytes));
+    d.tombstone = record.payload.is_none();
+    d.body_size = Some(record.payload.map_or(0, |p| p.to_bytes().len() as u64));
+    d.partition = record.partition.map(|p| p.to_string());
+    d
+}
+
+/// Sends inside a `send` span that ends on the delivery report: what
+/// [`TracedProducer`] and [`crate::FutureProducerExt`] share.
+pub(crate) async fn send_in_span<K, P>(
+    producer: &FutureProducer,
+    instrumenter: &Instrumenter,
+    info: &ClientInfo,
+    mut record: FutureRecord<'_, K, P>,
+    queue_timeout: Timeout,
+) -> OwnedDeliveryResult
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    let d = describe_send(info, &record);
+    let payload = record.payload.map(ToBytes::to_bytes);
+    let span = instrumenter.start_send(&d, payload);
+    let mut injector = OwnedHeadersInjector::new(record.headers.take().unwrap_or_default());
+    instrumenter.inject(&span, &mut injector);
+    record.headers = Some(injector.into_headers());
+    let result = producer.send(record, queue_timeout).await;
+    record_delivery(instrumenter, &span, &result);
+    span.end();
+    result
 }
 
 /// Records the delivery report on a send span.

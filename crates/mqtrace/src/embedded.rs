@@ -44,8 +44,9 @@ use tokio::sync::Notify;
 use crate::conventions::attr;
 use crate::describe::{MessageDescription, MessagingSystem, OperationType};
 use crate::forward::{Disposition, ForwardKind};
-use crate::instrument::{Inbound, Instrumenter, Processed};
+use crate::instrument::{Inbound, Instrumenter};
 use crate::outcome::HandlerResult;
+use crate::settle::{ConsumerCounters, Forward, Routes, Settled, Settlement, Settler};
 
 /// Message headers: an ordered list of byte values under string keys, which may
 /// repeat (as Kafka's do).
@@ -176,6 +177,9 @@ pub struct StoredMessage {
     pub published_at: SystemTime,
     /// Deliveries so far, this one included.
     pub delivery_count: u32,
+    /// The attempt as mqtrace counts it (forwarded retries included), on the
+    /// message handed to a [`TracedConsumer`]'s handler; 0 in the queue.
+    pub attempt: u32,
 }
 
 /// Options of a queue.
@@ -272,6 +276,7 @@ impl Broker {
             body: message.body,
             published_at: SystemTime::now(),
             delivery_count: 0,
+            attempt: 0,
         });
         drop(state);
         self.shared.notify.notify_waiters();
@@ -344,7 +349,7 @@ impl Broker {
             .and_then(|q| q.options.dead_letter.clone())
     }
 
-    fn settle(&self, queue: &str, tag: u64, action: Settlement) {
+    fn settle(&self, queue: &str, tag: u64, action: Action) {
         let mut state = self.state();
         let Some(q) = state.queues.get_mut(queue) else {
             return;
@@ -354,9 +359,9 @@ impl Broker {
         };
         let dead_letter = q.options.dead_letter.clone();
         match action {
-            Settlement::Ack => {}
-            Settlement::Requeue => q.ready.push_back(message),
-            Settlement::Reject => {
+            Action::Ack => {}
+            Action::Requeue => q.ready.push_back(message),
+            Action::Reject => {
                 if let Some(dlq) = dead_letter.and_then(|d| state.queues.get_mut(&d)) {
                     dlq.ready.push_back(message);
                 }
@@ -368,7 +373,7 @@ impl Broker {
 }
 
 #[derive(Clone, Copy)]
-enum Settlement {
+enum Action {
     Ack,
     Requeue,
     Reject,
@@ -401,7 +406,7 @@ impl Delivery {
     /// Done with it: removes it from the queue.
     pub fn ack(mut self) {
         self.settled = true;
-        self.broker.settle(&self.queue, self.tag, Settlement::Ack);
+        self.broker.settle(&self.queue, self.tag, Action::Ack);
     }
 
     /// Rejects it: back to the queue when `requeue`, otherwise to the queue's
@@ -409,9 +414,9 @@ impl Delivery {
     pub fn nack(mut self, requeue: bool) {
         self.settled = true;
         let action = if requeue {
-            Settlement::Requeue
+            Action::Requeue
         } else {
-            Settlement::Reject
+            Action::Reject
         };
         self.broker.settle(&self.queue, self.tag, action);
     }
@@ -420,8 +425,7 @@ impl Delivery {
 impl Drop for Delivery {
     fn drop(&mut self) {
         if !self.settled {
-            self.broker
-                .settle(&self.queue, self.tag, Settlement::Requeue);
+            self.broker.settle(&self.queue, self.tag, Action::Requeue);
         }
     }
 }
@@ -495,29 +499,7 @@ impl TracedProducer {
     }
 }
 
-/// What a consumer did with the messages it processed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ConsumerStats {
-    /// Handled successfully and acknowledged.
-    pub settled: u64,
-    /// Forwarded for another attempt.
-    pub retried: u64,
-    /// Forwarded to the dead-letter queue.
-    pub dead_lettered: u64,
-    /// Permanent failures removed because the queue has no dead-letter queue.
-    pub dropped: u64,
-}
-
-impl ConsumerStats {
-    fn count(&mut self, disposition: Disposition) {
-        match disposition {
-            Disposition::Settle => self.settled += 1,
-            Disposition::Retry => self.retried += 1,
-            Disposition::DeadLetter => self.dead_lettered += 1,
-            Disposition::Drop => self.dropped += 1,
-        }
-    }
-}
+pub use crate::settle::ConsumerStats;
 
 /// Consumes a queue: each message is processed inside a `process` span and settled
 /// by its outcome (behaviour of every mqtrace consumer):
@@ -536,7 +518,6 @@ pub struct TracedConsumer {
     queue: String,
     retry_queue: Option<String>,
     instrumenter: Instrumenter,
-    settle_spans: bool,
 }
 
 impl TracedConsumer {
@@ -547,7 +528,6 @@ impl TracedConsumer {
             queue: queue.into(),
             retry_queue: None,
             instrumenter,
-            settle_spans: false,
         }
     }
 
@@ -557,9 +537,10 @@ impl TracedConsumer {
         self
     }
 
-    /// Emit an `ack`/`nack` span (CLIENT) per settlement (default: off).
+    /// Emit an `ack`/`nack` span (CLIENT) per settlement (default: the
+    /// instrumenter's setting, off unless set).
     pub fn settle_spans(mut self, on: bool) -> Self {
-        self.settle_spans = on;
+        self.instrumenter = self.instrumenter.with_settle_spans(on);
         self
     }
 
@@ -570,7 +551,7 @@ impl TracedConsumer {
         Fut: Future<Output = HandlerResult>,
     {
         let delivery = self.broker.receive(&self.queue).await?;
-        Ok(self.handle(delivery, handler).await)
+        Ok(self.handle(delivery, handler).await.disposition)
     }
 
     /// Processes messages one at a time until the queue is empty (retries included).
@@ -579,11 +560,11 @@ impl TracedConsumer {
         H: Fn(StoredMessage) -> Fut,
         Fut: Future<Output = HandlerResult>,
     {
-        let mut stats = ConsumerStats::default();
+        let counters = ConsumerCounters::new();
         while let Some(delivery) = self.broker.try_receive(&self.queue)? {
-            stats.count(self.handle(delivery, &handler).await);
+            counters.record(&self.handle(delivery, &handler).await);
         }
-        Ok(stats)
+        Ok(counters.snapshot())
     }
 
     /// Processes up to `concurrency` messages at once on tokio tasks until the queue
@@ -597,7 +578,7 @@ impl TracedConsumer {
         H: Fn(StoredMessage) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
-        let mut stats = ConsumerStats::default();
+        let counters = ConsumerCounters::new();
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             while tasks.len() < concurrency.max(1) {
@@ -609,7 +590,7 @@ impl TracedConsumer {
                 tasks.spawn(async move { this.handle(delivery, handler).await });
             }
             match tasks.join_next().await {
-                Some(Ok(disposition)) => stats.count(disposition),
+                Some(Ok(settled)) => counters.record(&settled),
                 // A task can only fail by panicking outside the handler (the handler's
                 // own panics are caught); its delivery went back to the queue on drop.
                 Some(Err(e)) => {
@@ -618,94 +599,100 @@ impl TracedConsumer {
                 None => break,
             }
         }
-        Ok(stats)
+        Ok(counters.snapshot())
     }
 
-    async fn handle<H, Fut>(&self, delivery: Delivery, handler: H) -> Disposition
+    async fn handle<H, Fut>(&self, delivery: Delivery, handler: H) -> Settled
     where
         H: FnOnce(StoredMessage) -> Fut,
         Fut: Future<Output = HandlerResult>,
     {
         let instrumenter = &self.instrumenter;
         let processed = instrumenter
-            .process(&delivery, handler(delivery.message().clone()))
+            .process_with(&delivery, |attempt| {
+                let mut message = delivery.message().clone();
+                message.attempt = attempt.number();
+                handler(message)
+            })
             .await;
-        let dead_letter = self.broker.dead_letter_of(&self.queue);
-        let mut disposition =
-            processed.disposition(instrumenter.retry_policy(), dead_letter.is_some());
-        let target = match disposition {
-            Disposition::Retry => Some((
-                ForwardKind::Retry,
-                self.retry_queue
-                    .clone()
-                    .unwrap_or_else(|| self.queue.clone()),
-            )),
-            Disposition::DeadLetter => dead_letter.map(|q| (ForwardKind::DeadLetter, q)),
-            Disposition::Settle | Disposition::Drop => None,
+        let settler = EmbeddedSettler {
+            dead_letter: self.broker.dead_letter_of(&self.queue),
+            retry: self.retry_queue.as_deref().unwrap_or(&self.queue),
+            delivery,
         };
-        let settle_name = match disposition {
-            Disposition::Drop => "nack",
-            _ => "ack",
-        };
-        let forwarded = match target {
-            Some((kind, queue)) => self.forward(&processed, &delivery, kind, &queue),
-            None => true,
-        };
-        let settle_span = self.settle_spans.then(|| {
-            let d = delivery.description().for_operation(
-                OperationType::Settle,
-                Some(if forwarded { settle_name } else { "nack" }),
-            );
-            instrumenter.start_settle(&d, processed.span())
-        });
-        if !forwarded {
-            // The forward failed: keep the message where it is for another try.
-            disposition = Disposition::Retry;
-            delivery.nack(true);
-        } else if disposition == Disposition::Drop {
-            delivery.nack(false);
-        } else {
-            delivery.ack();
-        }
-        if let Some(span) = settle_span {
-            span.end();
-        }
-        // The handler's error is already on the span.
-        let _ = processed.finish(disposition);
-        disposition
+        instrumenter.settle(processed, settler).await
+    }
+}
+
+/// The embedded broker's operations on one delivery, for the core's lifecycle.
+struct EmbeddedSettler<'a> {
+    delivery: Delivery,
+    retry: &'a str,
+    dead_letter: Option<String>,
+}
+
+impl Settler for EmbeddedSettler<'_> {
+    type Error = std::convert::Infallible;
+
+    fn routes(&self) -> Routes<'_> {
+        Routes::forward_retries(self.retry).dead_letter(self.dead_letter.as_deref())
     }
 
-    fn forward(
-        &self,
-        processed: &Processed,
-        delivery: &Delivery,
-        kind: ForwardKind,
-        queue: &str,
-    ) -> bool {
-        let original = delivery.message();
+    fn describe_forward(&self, _: ForwardKind, target: &str) -> MessageDescription {
+        send_description(target, self.delivery.message.body.len())
+    }
+
+    fn forward(&self, forward: Forward<'_>) -> impl Future<Output = bool> + Send {
+        let original = self.delivery.message();
         let mut headers = Headers::new();
         for (k, v) in original.headers.iter() {
-            if !self.instrumenter.is_managed_header(k) {
+            if !forward.replaces(k) {
                 headers.append(k, Bytes::copy_from_slice(v));
             }
         }
-        let d = send_description(queue, original.body.len());
-        let span =
-            self.instrumenter
-                .start_forward(processed, kind, &d, &mut HeaderInjector(&mut headers));
-        let result = self.broker.publish(
-            queue,
+        for (k, v) in forward.headers {
+            headers.insert(k, v);
+        }
+        let result = self.delivery.broker.publish(
+            forward.target,
             Message {
                 headers,
                 body: original.body.clone(),
             },
         );
         match &result {
-            Ok(id) => span.set_attribute(KeyValue::new(attr::MESSAGING_MESSAGE_ID, id.to_string())),
-            Err(e) => span.record_failure("unknown_queue", e),
+            Ok(id) => forward
+                .span
+                .set_attribute(KeyValue::new(attr::MESSAGING_MESSAGE_ID, id.to_string())),
+            Err(e) => forward.span.record_failure("unknown_queue", e),
         }
-        span.end();
-        result.is_ok()
+        std::future::ready(result.is_ok())
+    }
+
+    fn settle_name(&self, settlement: Settlement) -> Option<&'static str> {
+        match settlement {
+            Settlement::Ack => Some("ack"),
+            Settlement::Redeliver | Settlement::Reject => Some("nack"),
+            Settlement::Leave => None,
+        }
+    }
+
+    fn settle(
+        self,
+        settlement: Settlement,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        match settlement {
+            Settlement::Ack => self.delivery.ack(),
+            Settlement::Redeliver => self.delivery.nack(true),
+            Settlement::Reject => self.delivery.nack(false),
+            // Dropped unsettled, a delivery goes back to its queue.
+            Settlement::Leave => drop(self.delivery),
+        }
+        std::future::ready(Ok(()))
+    }
+
+    fn error_type(error: &Self::Error) -> String {
+        match *error {}
     }
 }
 

@@ -17,13 +17,10 @@
 use std::str::FromStr;
 use std::time::SystemTime;
 
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanContext, TraceContextExt};
-use opentelemetry::Context;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::SpanContext;
 
-use crate::instrument::{truncate, Processed};
-use crate::outcome::{HandlerResult, Retryable};
+use crate::outcome::{truncate, HandlerError, HandlerResult, Retryable};
 
 /// Attempts made so far.
 pub const ATTEMPT_HEADER: &str = "mqtrace-attempt";
@@ -137,10 +134,7 @@ pub fn attempt_of(headers: &dyn Extractor, delivery_count: Option<u32>) -> u32 {
 /// The original creation context carried by a forwarded message.
 pub fn original_context(headers: &dyn Extractor) -> Option<SpanContext> {
     let traceparent = headers.get(ORIGINAL_TRACEPARENT_HEADER)?;
-    let carrier = OneHeader(traceparent);
-    let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &carrier);
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then_some(sc)
+    crate::w3c::TraceContextFormat::parse(&OneHeader(traceparent))
 }
 
 struct OneHeader<'a>(&'a str);
@@ -163,16 +157,19 @@ fn traceparent(sc: &SpanContext) -> String {
     )
 }
 
-pub(crate) fn write_headers(processed: &Processed, kind: ForwardKind, carrier: &mut dyn Injector) {
-    carrier.set(ATTEMPT_HEADER, processed.attempt().to_string());
-    if processed.original_context().is_valid() {
-        carrier.set(
-            ORIGINAL_TRACEPARENT_HEADER,
-            traceparent(processed.original_context()),
-        );
+pub(crate) fn write_headers(
+    attempt: u32,
+    original: &SpanContext,
+    error: Option<&HandlerError>,
+    kind: ForwardKind,
+    carrier: &mut dyn Injector,
+) {
+    carrier.set(ATTEMPT_HEADER, attempt.to_string());
+    if original.is_valid() {
+        carrier.set(ORIGINAL_TRACEPARENT_HEADER, traceparent(original));
     }
     if kind == ForwardKind::DeadLetter {
-        if let Err(error) = processed.outcome() {
+        if let Some(error) = error {
             carrier.set(ERROR_TYPE_HEADER, error.error_type().to_owned());
             let message = error.to_string();
             carrier.set(

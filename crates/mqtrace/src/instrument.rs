@@ -17,7 +17,7 @@ use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use crate::conventions::{attr, Conventions};
 use crate::describe::{MessageDescription, OperationType};
 use crate::forward::{self, Disposition, ForwardKind, RetryPolicy};
-use crate::outcome::{HandlerError, HandlerResult};
+use crate::outcome::{truncate, HandlerError, HandlerResult};
 use crate::propagation::Propagation;
 
 /// Longest captured header value; longer values are cut at a character boundary.
@@ -36,6 +36,40 @@ pub enum ProcessParenting {
     LinkOnly,
     /// The producer's context is the parent, with no link.
     ParentOnly,
+}
+
+/// What the core knows about a delivery when its handler starts: handed to the
+/// handler by [`Instrumenter::process_with`] and carried by each adapter's message
+/// type, so no handler re-reads mqtrace's headers.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    number: u32,
+    max: u32,
+    context: Context,
+}
+
+impl Attempt {
+    /// Which delivery attempt this is (1 = first), counting forwarded retries and
+    /// the broker's redeliveries.
+    pub fn number(&self) -> u32 {
+        self.number
+    }
+
+    /// The retry budget: attempts before the message is dead-lettered.
+    pub fn max_attempts(&self) -> u32 {
+        self.max
+    }
+
+    /// Whether a transient failure now dead-letters the message.
+    pub fn is_last(&self) -> bool {
+        self.number >= self.max
+    }
+
+    /// The context with the process span active (also the current context while
+    /// the handler runs).
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
 }
 
 /// A message as the core needs to see it. Adapters implement this for their delivery
@@ -145,6 +179,7 @@ pub struct Processed {
     attempt: u32,
     creation: SpanContext,
     original: SpanContext,
+    description: MessageDescription,
 }
 
 impl Processed {
@@ -174,9 +209,26 @@ impl Processed {
         &self.original
     }
 
+    /// The message's description, as on its process span: what settle spans
+    /// describe too.
+    pub fn description(&self) -> &MessageDescription {
+        &self.description
+    }
+
+    /// Whether the handler failed with a permanent error.
+    pub fn is_permanent_failure(&self) -> bool {
+        matches!(&self.outcome, Err(e) if e.retryable() == crate::outcome::Retryable::Permanent)
+    }
+
     /// What should happen to the message, by the policy's rules.
     pub fn disposition(&self, policy: &RetryPolicy, has_dead_letter: bool) -> Disposition {
         forward::decide(policy, self.attempt, &self.outcome, has_dead_letter)
+    }
+
+    /// Ends the span without a disposition (the caller settles by its own rules).
+    fn end_unsettled(self) -> HandlerResult {
+        self.span.end();
+        self.outcome
     }
 
     /// Records the disposition on the span and ends it. Returns the handler's result.
@@ -208,6 +260,7 @@ pub struct InstrumenterBuilder {
     capture_headers: Vec<String>,
     on_start: Arc<dyn OnStart>,
     retry: RetryPolicy,
+    settle_spans: bool,
 }
 
 impl fmt::Debug for InstrumenterBuilder {
@@ -218,6 +271,7 @@ impl fmt::Debug for InstrumenterBuilder {
             .field("propagation", &self.propagation)
             .field("capture_headers", &self.capture_headers)
             .field("retry", &self.retry)
+            .field("settle_spans", &self.settle_spans)
             .finish_non_exhaustive()
     }
 }
@@ -280,10 +334,19 @@ impl InstrumenterBuilder {
         self
     }
 
+    /// Settle spans (CLIENT: `ack`, `nack`, `commit`, `delete`), children of the
+    /// process span, for every settlement made through
+    /// [`Instrumenter::settle`] (default: off).
+    pub fn settle_spans(mut self, on: bool) -> Self {
+        self.settle_spans = on;
+        self
+    }
+
     /// Finishes the instrumenter.
     pub fn build(self) -> Instrumenter {
         Instrumenter {
             propagation: Arc::new(self.propagation),
+            settle_spans: self.settle_spans,
             inner: Arc::new(Inner {
                 tracer: self
                     .tracer
@@ -315,6 +378,7 @@ pub struct Instrumenter {
     inner: Arc<Inner>,
     // Beside `inner`, so an adapter can swap formats cheaply (`with_propagation`).
     propagation: Arc<Propagation>,
+    settle_spans: bool,
 }
 
 impl fmt::Debug for Instrumenter {
@@ -324,6 +388,7 @@ impl fmt::Debug for Instrumenter {
             .field("parenting", &self.inner.parenting)
             .field("propagation", &self.propagation)
             .field("retry", &self.inner.retry)
+            .field("settle_spans", &self.settle_spans)
             .finish_non_exhaustive()
     }
 }
@@ -348,6 +413,7 @@ impl Instrumenter {
             capture_headers: Vec::new(),
             on_start: Arc::new(()),
             retry: RetryPolicy::default(),
+            settle_spans: false,
         }
     }
 
@@ -368,7 +434,21 @@ impl Instrumenter {
         Self {
             inner: Arc::clone(&self.inner),
             propagation: Arc::new(propagation),
+            settle_spans: self.settle_spans,
         }
+    }
+
+    /// The same instrumenter with settle spans on or off (see
+    /// [`InstrumenterBuilder::settle_spans`]).
+    pub fn with_settle_spans(&self, on: bool) -> Self {
+        Self {
+            settle_spans: on,
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn settle_spans_on(&self) -> bool {
+        self.settle_spans
     }
 
     /// The retry policy.
@@ -576,6 +656,14 @@ impl Instrumenter {
     /// [`Instrumenter::process`] does this and runs the handler; use this directly
     /// only when the handler cannot be handed over.
     pub fn start_process<M: Inbound>(&self, message: &M) -> (MessagingSpan, SpanContext, u32) {
+        let (span, creation, attempt, _) = self.begin_process(message);
+        (span, creation, attempt)
+    }
+
+    fn begin_process<M: Inbound>(
+        &self,
+        message: &M,
+    ) -> (MessagingSpan, SpanContext, u32, MessageDescription) {
         let headers = message.headers();
         let remote = self.extract(&headers);
         let creation = remote.span().span_context().clone();
@@ -597,8 +685,8 @@ impl Instrumenter {
             links.push(Link::with_context(ambient_sc));
         }
         let attempt = forward::attempt_of(&headers, message.delivery_count());
-        let span = self.start_process_span(message, &headers, &parent, links, attempt);
-        (span, creation, attempt)
+        let (span, d) = self.start_process_span(message, &headers, &parent, links, attempt);
+        (span, creation, attempt, d)
     }
 
     fn start_process_span<M: Inbound>(
@@ -608,9 +696,9 @@ impl Instrumenter {
         parent: &Context,
         links: Vec<Link>,
         attempt: u32,
-    ) -> MessagingSpan {
+    ) -> (MessagingSpan, MessageDescription) {
         let d = message.description();
-        self.start(
+        let span = self.start(
             &d,
             SpanKind::Consumer,
             parent,
@@ -634,7 +722,8 @@ impl Instrumenter {
                     }
                 }
             },
-        )
+        );
+        (span, d)
     }
 
     /// Processes one message: extracts its context, starts the `process` span, runs
@@ -649,9 +738,26 @@ impl Instrumenter {
         M: Inbound,
         Fut: Future<Output = HandlerResult>,
     {
-        let (span, creation, attempt) = self.start_process(message);
+        self.process_with(message, |_| handler).await
+    }
+
+    /// [`Instrumenter::process`] for a handler that wants to know the delivery's
+    /// [`Attempt`] (its number, the budget, the process span's context): the
+    /// handler is called with it once the span has started.
+    pub async fn process_with<M, F, Fut>(&self, message: &M, handler: F) -> Processed
+    where
+        M: Inbound,
+        F: FnOnce(Attempt) -> Fut,
+        Fut: Future<Output = HandlerResult>,
+    {
+        let (span, creation, attempt, description) = self.begin_process(message);
         let original =
             forward::original_context(&message.headers()).unwrap_or_else(|| creation.clone());
+        let handler = handler(Attempt {
+            number: attempt,
+            max: self.inner.retry.max_attempts(),
+            context: span.context().clone(),
+        });
         let outcome = run_in(&span, handler).await;
         Processed {
             span,
@@ -659,6 +765,7 @@ impl Instrumenter {
             attempt,
             creation,
             original,
+            description,
         }
     }
 
@@ -677,6 +784,64 @@ impl Instrumenter {
         M: Inbound,
         F: FnMut(&M) -> Fut,
         Fut: Future<Output = HandlerResult>,
+    {
+        let (outcomes, failed) = self
+            .run_batch(
+                batch,
+                messages,
+                |m, _| handler(m),
+                |processed| std::future::ready(processed.end_unsettled()),
+            )
+            .await;
+        BatchProcessed {
+            succeeded: outcomes.len() - failed,
+            outcomes,
+            failed,
+        }
+    }
+
+    /// [`Instrumenter::process_batch`] where each message is settled through the
+    /// core's lifecycle ([`Instrumenter::settle`]) as soon as its handler is done,
+    /// with a settler from `settler_for`: what a batch consumer whose broker
+    /// settles per message uses (Lambda's partial batch response). The handler is
+    /// told each message's [`Attempt`].
+    pub async fn process_batch_settled<M, F, Fut, S, G>(
+        &self,
+        batch: &MessageDescription,
+        messages: &[M],
+        handler: F,
+        mut settler_for: G,
+    ) -> Vec<crate::settle::Settled>
+    where
+        M: Inbound,
+        F: FnMut(&M, Attempt) -> Fut,
+        Fut: Future<Output = HandlerResult>,
+        S: crate::settle::Settler,
+        G: FnMut() -> S,
+    {
+        let (settled, _) = self
+            .run_batch(batch, messages, handler, |processed| {
+                self.settle(processed, settler_for())
+            })
+            .await;
+        settled
+    }
+
+    /// The batch span and one process span per message, each handed to `finish`
+    /// once its handler is done; returns what `finish` made and how many failed.
+    async fn run_batch<M, F, Fut, E, EFut, T>(
+        &self,
+        batch: &MessageDescription,
+        messages: &[M],
+        mut handler: F,
+        mut finish: E,
+    ) -> (Vec<T>, usize)
+    where
+        M: Inbound,
+        F: FnMut(&M, Attempt) -> Fut,
+        Fut: Future<Output = HandlerResult>,
+        E: FnMut(Processed) -> EFut,
+        EFut: Future<Output = T>,
     {
         let mut d = batch.clone();
         d.operation = OperationType::Process;
@@ -697,37 +862,51 @@ impl Instrumenter {
             |_| {},
         );
 
-        let mut outcomes = Vec::with_capacity(messages.len());
+        let mut out = Vec::with_capacity(messages.len());
+        let mut failed = 0;
         for (message, creation) in messages.iter().zip(creations) {
             let headers = message.headers();
             let links = if creation.is_valid() {
-                vec![Link::with_context(creation)]
+                vec![Link::with_context(creation.clone())]
             } else {
                 Vec::new()
             };
             let attempt = forward::attempt_of(&headers, message.delivery_count());
-            let span =
+            let (span, description) =
                 self.start_process_span(message, &headers, batch_span.context(), links, attempt);
-            let outcome = run_in(&span, handler(message)).await;
-            span.end();
-            outcomes.push(outcome);
+            let original = forward::original_context(&headers).unwrap_or_else(|| creation.clone());
+            let told = Attempt {
+                number: attempt,
+                max: self.inner.retry.max_attempts(),
+                context: span.context().clone(),
+            };
+            let outcome = run_in(&span, handler(message, told)).await;
+            if outcome.is_err() {
+                failed += 1;
+            }
+            let processed = Processed {
+                span,
+                outcome,
+                attempt,
+                creation,
+                original,
+                description,
+            };
+            out.push(finish(processed).await);
         }
-        let failed = outcomes.iter().filter(|o| o.is_err()).count();
-        let succeeded = outcomes.len() - failed;
-        batch_span.set_attribute(KeyValue::new(attr::BATCH_SUCCEEDED, succeeded as i64));
+        batch_span.set_attribute(KeyValue::new(
+            attr::BATCH_SUCCEEDED,
+            (out.len() - failed) as i64,
+        ));
         batch_span.set_attribute(KeyValue::new(attr::BATCH_FAILED, failed as i64));
         if failed > 0 {
             batch_span.cx.span().set_status(Status::error(format!(
                 "{failed} of {} messages failed",
-                outcomes.len()
+                out.len()
             )));
         }
         batch_span.end();
-        BatchProcessed {
-            outcomes,
-            succeeded,
-            failed,
-        }
+        (out, failed)
     }
 
     /// Starts the span that forwards a failed message to a retry or dead-letter
@@ -780,7 +959,13 @@ impl Instrumenter {
             },
         );
         self.inject(&span, carrier);
-        forward::write_headers(processed, kind, carrier);
+        forward::write_headers(
+            processed.attempt,
+            &processed.original,
+            processed.outcome.as_ref().err(),
+            kind,
+            carrier,
+        );
         span
     }
 
@@ -826,16 +1011,4 @@ where
             Err(HandlerError::transient(message).with_type("panic"))
         }
     }
-}
-
-/// Cuts a string to at most `max` bytes at a character boundary.
-pub(crate) fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }

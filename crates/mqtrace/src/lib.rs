@@ -7,8 +7,11 @@
 //! `mqtrace-aws-lambda`) builds on, and it has no broker client dependency. It also
 //! carries an [embedded in-memory broker](embedded) with the same traced surface.
 //!
-//! Adapters *describe* (a [`MessageDescription`], a header carrier, settlement); the
-//! [`Instrumenter`] *decides*: span name, kind, parent, links, attributes, status.
+//! Adapters *describe* (a [`MessageDescription`], a header carrier, a
+//! [`Settler`] for the broker's settlement calls); the [`Instrumenter`] *decides*:
+//! span name, kind, parent, links, attributes, status, and what happens to a
+//! message after its handler ([`Instrumenter::settle`], one lifecycle for every
+//! broker: see [`settle`]).
 //!
 //! # Span model
 //!
@@ -70,10 +73,17 @@
 //!
 //! let instrumenter = Instrumenter::default();
 //! let delivery = broker.try_receive("orders")?.ok_or("empty")?;
-//! let processed = instrumenter.process(&delivery, async { Ok(()) }).await;
+//! let processed = instrumenter
+//!     .process_with(&delivery, |attempt| async move {
+//!         assert_eq!(attempt.number(), 1);
+//!         Ok(())
+//!     })
+//!     .await;
 //! assert_eq!(processed.creation_context().trace_id().to_string(),
 //!            "4bf92f3577b34da6a3ce929d0e0e4736");
+//! // Settling by hand; adapters hand the core a `Settler` instead.
 //! let disposition = processed.disposition(instrumenter.retry_policy(), false);
+//! assert_eq!(disposition, Disposition::Settle);
 //! delivery.ack();
 //! assert!(processed.finish(disposition).is_ok());
 //! # Ok(()) }
@@ -87,15 +97,18 @@ pub mod forward;
 mod instrument;
 pub mod outcome;
 pub mod propagation;
+pub mod settle;
 #[cfg(any(feature = "otlp-grpc", feature = "otlp-http"))]
 pub mod telemetry;
+mod w3c;
 
 pub use conventions::Conventions;
 pub use describe::{Destination, MessageDescription, MessagingSystem, OperationType};
 pub use forward::{Disposition, ForwardKind, RetryPolicy};
 pub use instrument::{
-    BatchProcessed, Inbound, Instrumenter, InstrumenterBuilder, MessageView, MessagingSpan,
-    OnStart, ProcessParenting, Processed, MAX_CAPTURED_HEADER_LEN,
+    Attempt, BatchProcessed, Inbound, Instrumenter, InstrumenterBuilder, MessageView,
+    MessagingSpan, OnStart, ProcessParenting, Processed, MAX_CAPTURED_HEADER_LEN,
 };
-pub use outcome::{Classify, HandlerError, HandlerResult, Retryable};
+pub use outcome::{Classify, HandlerError, HandlerResult, ResultExt, Retryable};
 pub use propagation::{Propagation, PropagationBuilder, UnderscorePropagator};
+pub use settle::{ConsumerCounters, ConsumerStats, Routes, Settled, Settlement, Settler};

@@ -173,8 +173,57 @@ where
     }
 }
 
+/// Classifies the error of any result whose error boxes (`std` errors,
+/// `Box<dyn Error + Send + Sync>`, `anyhow::Error`, `eyre::Report`...), for `?` in
+/// a handler. `?` alone already converts `std` errors as transient; a boxed error
+/// cannot convert on its own (it is not a `std::error::Error`), so say what it is:
+///
+/// ```
+/// use mqtrace::{HandlerResult, ResultExt as _};
+///
+/// fn load() -> Result<u32, Box<dyn std::error::Error + Send + Sync>> {
+///     Err("connection reset".into())
+/// }
+///
+/// fn handler() -> HandlerResult {
+///     let _ = load().transient()?;
+///     Ok(())
+/// }
+/// let error = handler().unwrap_err();
+/// assert_eq!(error.error_type(), "_OTHER");
+/// assert_eq!(error.to_string(), "connection reset");
+/// ```
+pub trait ResultExt<T> {
+    /// A failure that may go away.
+    fn transient(self) -> Result<T, HandlerError>;
+    /// A failure that retrying cannot fix.
+    fn permanent(self) -> Result<T, HandlerError>;
+}
+
+impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
+    fn transient(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::transient)
+    }
+
+    fn permanent(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::permanent)
+    }
+}
+
 /// What a handler returns.
 pub type HandlerResult = Result<(), HandlerError>;
+
+/// Cuts a string to at most `max` bytes at a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 
 #[cfg(test)]
 mod tests {
@@ -199,6 +248,23 @@ mod tests {
         assert_eq!(err.retryable(), Retryable::Permanent);
         assert_eq!(err.error_type(), "_OTHER");
         assert_eq!(err.with_type("invalid_order").error_type(), "invalid_order");
+    }
+
+    #[test]
+    fn boxed_errors_are_transient() {
+        fn boxed() -> Result<(), BoxError> {
+            Err("connection reset".into())
+        }
+        fn handler() -> HandlerResult {
+            boxed().transient()?;
+            Ok(())
+        }
+        let err = handler()
+            .err()
+            .unwrap_or_else(|| HandlerError::permanent("unexpected"));
+        assert_eq!(err.retryable(), Retryable::Transient);
+        assert_eq!(err.error_type(), "_OTHER");
+        assert_eq!(err.to_string(), "connection reset");
     }
 
     #[test]

@@ -26,7 +26,8 @@ use opentelemetry::baggage::BaggageExt;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::Context;
-use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+
+pub use crate::w3c::{BaggageFormat, TraceContextFormat};
 
 /// Longest header value any propagator is shown. Longer values are treated as absent.
 pub const MAX_HEADER_VALUE_LEN: usize = 8192;
@@ -105,7 +106,7 @@ pub const XRAY_FIELD: &str = "x-amzn-trace-id";
 #[derive(Clone)]
 pub struct Propagation {
     trace: Vec<DynPropagator>,
-    baggage: Option<Arc<BaggagePropagator>>,
+    baggage: Option<Arc<BaggageFormat>>,
     fields: Vec<String>,
 }
 
@@ -145,7 +146,7 @@ impl fmt::Debug for PropagationBuilder {
 impl PropagationBuilder {
     /// W3C trace context (`traceparent`, `tracestate`).
     pub fn w3c(self) -> Self {
-        self.format(TraceContextPropagator::new())
+        self.format(TraceContextFormat)
     }
 
     /// AWS X-Ray (`X-Amzn-Trace-Id`; SQS adapters map it to `AWSTraceHeader`).
@@ -174,7 +175,7 @@ impl PropagationBuilder {
 
     /// Finishes the set.
     pub fn build(self) -> Propagation {
-        let baggage = self.baggage.then(|| Arc::new(BaggagePropagator::new()));
+        let baggage = self.baggage.then(|| Arc::new(BaggageFormat));
         let mut fields: Vec<String> = Vec::new();
         let trace_fields = self
             .trace

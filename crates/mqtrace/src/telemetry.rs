@@ -474,10 +474,60 @@ impl TelemetryGuard {
         )
     }
 
-    /// Flushes and stops exporting; returns the final counts.
+    /// Flushes and stops exporting; returns the final counts. Blocks the calling
+    /// thread for up to the shutdown timeout: from async code, use
+    /// [`TelemetryGuard::shutdown_async`].
     pub fn shutdown(mut self) -> ExportStats {
         self.stop();
         self.stats()
+    }
+
+    /// [`TelemetryGuard::shutdown`] on tokio's blocking pool, so no runtime thread
+    /// waits for the collector.
+    pub async fn shutdown_async(self) -> ExportStats {
+        let counters = Arc::clone(&self.counters);
+        match tokio::task::spawn_blocking(move || self.shutdown()).await {
+            Ok(stats) => stats,
+            // The shutdown itself panicked: the counts so far are all there is.
+            Err(_) => ExportStats {
+                ended: counters.ended.load(Ordering::Relaxed),
+                exported: counters.exported.load(Ordering::Relaxed),
+                failed: counters.failed.load(Ordering::Relaxed),
+            },
+        }
+    }
+
+    /// Stops exporting when the guard is dropped. On a thread of a multi-threaded
+    /// tokio runtime the wait is announced to tokio (`block_in_place`), which moves
+    /// the thread's other tasks elsewhere; on a current-thread runtime it runs on a
+    /// thread of its own, joined, since nothing else could run meanwhile anyway.
+    fn stop_on_drop(&mut self) {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| self.stop()),
+            Ok(_) => {
+                let (provider, runtime, timeout) = (
+                    self.provider.take(),
+                    self.runtime.take(),
+                    self.shutdown_timeout,
+                );
+                let stopped = std::thread::Builder::new()
+                    .name("mqtrace-telemetry-shutdown".into())
+                    .spawn(move || {
+                        let mut guard = TelemetryGuard {
+                            provider,
+                            runtime,
+                            counters: Arc::default(),
+                            shutdown_timeout: timeout,
+                        };
+                        guard.stop();
+                    });
+                if let Ok(handle) = stopped {
+                    let _ = handle.join();
+                }
+            }
+            Err(_) => self.stop(),
+        }
     }
 
     fn stop(&mut self) {
@@ -494,7 +544,9 @@ impl TelemetryGuard {
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        self.stop();
+        if self.provider.is_some() || self.runtime.is_some() {
+            self.stop_on_drop();
+        }
     }
 }
 

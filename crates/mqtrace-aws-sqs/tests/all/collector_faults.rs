@@ -115,6 +115,6 @@ async fn collector_unreachable_then_hanging_then_back() {
     );
     assert_eq!(lost, 0);
     assert_eq!(waiting, 0);
-    assert_eq!(stats.delete_failures, 0);
+    assert_eq!(stats.settle_failures, 0);
     check_collector_run(&reports, spans.exported, spans.not_exported());
 }

@@ -13,5 +13,6 @@ mod failures;
 mod flows;
 mod helpers;
 mod outage;
+mod own_loop;
 mod payloads;
 mod process_kill;

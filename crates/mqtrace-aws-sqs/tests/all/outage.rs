@@ -135,14 +135,14 @@ async fn consumer_side_endpoint_down_and_back() {
         processed.len(),
         processed.len() - distinct.len(),
         stats.receive_failures,
-        stats.delete_failures
+        stats.settle_failures
     );
     assert_eq!(lost, 0);
     assert_eq!(waiting, 0);
     // (The SDK's own retries absorb part of the outage; what they do not is
     // counted here.)
     assert!(
-        stats.receive_failures + stats.delete_failures > 0,
+        stats.receive_failures + stats.settle_failures > 0,
         "the outage was seen by the consumer"
     );
     assert_eq!(stats.settled as usize, processed.len());

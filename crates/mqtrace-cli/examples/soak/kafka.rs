@@ -83,7 +83,7 @@ impl Soak {
                 .await;
             format!(
                 "settled {}, dead-lettered {}, commit failures {}",
-                s.settled, s.dead_lettered, s.commit_failures
+                s.settled, s.dead_lettered, s.settle_failures
             )
         });
         Ok(Self {

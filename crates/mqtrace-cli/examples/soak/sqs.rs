@@ -64,7 +64,7 @@ impl Soak {
                 .await;
             format!(
                 "settled {}, dead-lettered {}, delete failures {}",
-                s.settled, s.dead_lettered, s.delete_failures
+                s.settled, s.dead_lettered, s.settle_failures
             )
         });
         Ok(Self {

@@ -11,6 +11,7 @@ mod collector_faults;
 mod failures;
 mod flows;
 mod helpers;
+mod own_loop;
 mod payloads;
 mod plain;
 mod process_kill;

@@ -134,7 +134,7 @@ async fn consumer_side_broker_killed_and_restarted() {
          group's next consumer), dead-lettered 0, lost {lost}; failed commits reported {}",
         processed.len(),
         processed.len() - distinct.len(),
-        stats.commit_failures
+        stats.settle_failures
     );
     assert_eq!(lost, 0);
     assert_eq!(again.load(Ordering::SeqCst), waiting);

@@ -132,13 +132,13 @@ async fn collector_unreachable_then_hanging_then_back() {
         "kafka collector faults: sent {sent}, processed {}, commit failures {}, \
          dead-lettered 0, lost {lost}; spans ended {}, exported {}, dropped (counted) {}",
         processed.len(),
-        stats.commit_failures,
+        stats.settle_failures,
         spans.ended,
         spans.exported,
         spans.not_exported()
     );
     assert_eq!(lost, 0);
     assert_eq!(stats.settled as usize, sent + 1);
-    assert_eq!(stats.commit_failures, 0);
+    assert_eq!(stats.settle_failures, 0);
     check_collector_run(&reports, spans.exported, spans.not_exported());
 }

@@ -107,7 +107,7 @@ async fn consumer_stopped_while_the_cluster_is_away_commits_and_stops() {
         "kafka commits during an outage: sent {RECORDS}, processed {}, failed commits reported {}, \
          committed offset after the final commit {committed}, waiting {}, lost 0",
         stats.settled,
-        stats.commit_failures,
+        stats.settle_failures,
         RECORDS as i64 - committed
     );
     assert_eq!(stats.settled as usize, RECORDS);

@@ -42,7 +42,7 @@ async fn order_flow(
     let stats = within(
         60,
         h.consumer(&[&topic], &instrumenter)
-            .commit_spans(commit_spans)
+            .settle_spans(commit_spans)
             .run_until(
                 move |record| {
                     let tracer = tracer.clone();
@@ -320,7 +320,7 @@ async fn poll_spans_link_the_record_when_asked() {
     within(
         60,
         h.consumer(&[&topic], &instrumenter)
-            .poll_spans(true)
+            .receive_spans(true)
             .run_until(
                 move |_| {
                     handled.fetch_add(1, Ordering::SeqCst);

@@ -13,6 +13,7 @@ mod commit_outage;
 mod failures;
 mod flows;
 mod helpers;
+mod own_loop;
 mod payloads;
 mod process_kill;
 mod restart;

@@ -1,0 +1,407 @@
+//! Instrumenting a receive loop of one's own: process spans and settlement for
+//! aws-sdk-sqs's own [`Message`].
+
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_sqs::config::http::HttpResponse;
+use aws_sdk_sqs::error::SdkError;
+use aws_sdk_sqs::operation::delete_message::DeleteMessageError;
+use aws_sdk_sqs::types::{
+    Message, MessageSystemAttributeName, MessageSystemAttributeNameForSends,
+    MessageSystemAttributeValue,
+};
+use aws_sdk_sqs::Client;
+use mqtrace::propagation::{WithTraceHeader, XRAY_FIELD};
+use mqtrace::settle::{Forward, Routes, Settled, Settlement, Settler};
+use mqtrace::{
+    Attempt, ForwardKind, HandlerResult, Inbound, Instrumenter, MessageDescription, OperationType,
+    Processed,
+};
+use opentelemetry::propagation::{Extractor, Injector as _};
+use opentelemetry::KeyValue;
+
+use crate::carrier::{
+    MessageAttributes, MessageAttributesExtractor, MessageAttributesInjector,
+    MAX_MESSAGE_ATTRIBUTES,
+};
+use crate::describe::{describe, error_type, MESSAGE_GROUP_ID, RECEIVE_COUNT, SEQUENCE_NUMBER};
+use crate::producer::{message_size, DEFAULT_MAX_MESSAGE_BYTES};
+
+/// Traces messages of one queue for a receive loop of your own: runs the handler
+/// inside the message's `process` span and settles it the way
+/// [`crate::TracedConsumer`] does (it is built on this): deleted after success;
+/// a transient failure left for the visibility timeout and the queue's redrive
+/// policy; a permanent failure, or a spent budget, forwarded to the dead-letter
+/// queue (when one is set) and deleted.
+///
+/// Receive with `message_attribute_names("All")` and the `AWSTraceHeader`,
+/// `ApproximateReceiveCount` and `SentTimestamp` system attributes (or `All`), so
+/// the context, the attempt and the queue time are there to read.
+///
+/// ```no_run
+/// # async fn run(client: aws_sdk_sqs::Client, url: String) -> Result<(), aws_sdk_sqs::Error> {
+/// use aws_sdk_sqs::types::MessageSystemAttributeName;
+/// use mqtrace::{HandlerError, Instrumenter};
+/// use mqtrace_aws_sqs::MessageTracer;
+///
+/// let tracer = MessageTracer::new(client.clone(), &url, &Instrumenter::default());
+/// loop {
+///     let out = client
+///         .receive_message()
+///         .queue_url(&url)
+///         .wait_time_seconds(20)
+///         .message_attribute_names("All")
+///         .message_system_attribute_names(MessageSystemAttributeName::All)
+///         .send()
+///         .await?;
+///     for message in out.messages() {
+///         let processed = tracer
+///             .process(message, |attempt| async move {
+///                 let order: serde_json::Value = serde_json::from_str(message.body().unwrap_or_default())
+///                     .map_err(HandlerError::permanent)?;
+///                 tracing::info!(%order, attempt = attempt.number(), "billing");
+///                 Ok(())
+///             })
+///             .await;
+///         tracer.settle(processed, message).await;
+///     }
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct MessageTracer {
+    client: Client,
+    queue_url: String,
+    instrumenter: Instrumenter,
+    dead_letter_queue_url: Option<String>,
+    max_message_bytes: usize,
+}
+
+// === impl MessageTracer ===
+
+impl MessageTracer {
+    /// Traces messages of the queue at `queue_url`; `client` deletes them and
+    /// forwards dead letters. Extraction uses the instrumenter's formats on the
+    /// message attributes, then X-Ray on `AWSTraceHeader`.
+    pub fn new(client: Client, queue_url: impl Into<String>, instrumenter: &Instrumenter) -> Self {
+        let propagation = instrumenter.propagation().with_xray_fallback();
+        Self {
+            client,
+            queue_url: queue_url.into(),
+            instrumenter: instrumenter.with_propagation(propagation),
+            dead_letter_queue_url: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+
+    /// Permanent failures and spent retry budgets go to this queue.
+    pub fn dead_letter_queue(mut self, queue_url: impl Into<String>) -> Self {
+        self.dead_letter_queue_url = Some(queue_url.into());
+        self
+    }
+
+    /// The size limit of the dead-letter queue (default
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`]): failure metadata and trace context are added
+    /// to a dead-letter copy only as far as they fit within it.
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
+    /// A `delete` span (CLIENT) per deletion, child of the process span (default:
+    /// the instrumenter's setting).
+    pub fn settle_spans(mut self, on: bool) -> Self {
+        self.instrumenter = self.instrumenter.with_settle_spans(on);
+        self
+    }
+
+    /// The instrumenter (with X-Ray as the last format read).
+    pub fn instrumenter(&self) -> &Instrumenter {
+        &self.instrumenter
+    }
+
+    /// The queue's URL.
+    pub fn queue_url(&self) -> &str {
+        &self.queue_url
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) fn incoming<'a>(&'a self, message: &'a Message) -> Incoming<'a> {
+        Incoming {
+            message,
+            queue_url: &self.queue_url,
+        }
+    }
+
+    /// Runs `handler` inside the message's `process` span (CONSUMER; message id,
+    /// receive count, queue time from `SentTimestamp`, the attempt, the error
+    /// status). The handler is told the [`Attempt`]. The span stays open in the
+    /// [`Processed`] until [`MessageTracer::settle`].
+    pub async fn process<F, Fut>(&self, message: &Message, handler: F) -> Processed
+    where
+        F: FnOnce(Attempt) -> Fut,
+        Fut: Future<Output = HandlerResult>,
+    {
+        self.instrumenter
+            .process_with(&self.incoming(message), handler)
+            .await
+    }
+
+    /// Settles a processed message (delete, leave, or forward to the dead-letter
+    /// queue and delete) and ends the process span with the disposition.
+    pub async fn settle(&self, processed: Processed, message: &Message) -> Settled {
+        let settler = SqsSettler {
+            tracer: self,
+            message,
+        };
+        self.instrumenter.settle(processed, settler).await
+    }
+}
+
+static NO_ATTRIBUTES: std::sync::LazyLock<MessageAttributes> =
+    std::sync::LazyLock::new(MessageAttributes::new);
+
+/// A message's trace carriers: its message attributes, and its `AWSTraceHeader`
+/// under the X-Ray format's key.
+pub(crate) fn carriers<'a>(
+    attributes: Option<&'a MessageAttributes>,
+    trace_header: Option<&'a str>,
+) -> WithTraceHeader<'a, MessageAttributesExtractor<'a>> {
+    WithTraceHeader {
+        inner: MessageAttributesExtractor(attributes.unwrap_or(&NO_ATTRIBUTES)),
+        trace_header,
+    }
+}
+
+pub(crate) fn system_attribute<'a>(
+    message: &'a Message,
+    name: &MessageSystemAttributeName,
+) -> Option<&'a str> {
+    message.attributes()?.get(name).map(String::as_str)
+}
+
+pub(crate) fn receive_count(message: &Message) -> Option<u32> {
+    system_attribute(
+        message,
+        &MessageSystemAttributeName::ApproximateReceiveCount,
+    )?
+    .parse()
+    .ok()
+}
+
+/// A message with the queue it came from, for the core.
+pub(crate) struct Incoming<'a> {
+    message: &'a Message,
+    queue_url: &'a str,
+}
+
+impl Inbound for Incoming<'_> {
+    fn description(&self) -> MessageDescription {
+        let m = self.message;
+        let mut d = describe(OperationType::Process, self.queue_url)
+            .body_size(m.body().unwrap_or_default().len());
+        d.message_id = m.message_id().map(str::to_owned);
+        if let Some(count) = receive_count(m) {
+            d.extra.push(KeyValue::new(RECEIVE_COUNT, i64::from(count)));
+        }
+        if let Some(group) = system_attribute(m, &MessageSystemAttributeName::MessageGroupId) {
+            d.extra
+                .push(KeyValue::new(MESSAGE_GROUP_ID, group.to_owned()));
+        }
+        if let Some(seq) = system_attribute(m, &MessageSystemAttributeName::SequenceNumber) {
+            d.extra.push(KeyValue::new(SEQUENCE_NUMBER, seq.to_owned()));
+        }
+        d
+    }
+
+    fn headers(&self) -> impl Extractor + '_ {
+        carriers(
+            self.message.message_attributes(),
+            system_attribute(self.message, &MessageSystemAttributeName::AwsTraceHeader),
+        )
+    }
+
+    fn body(&self) -> &[u8] {
+        self.message.body().unwrap_or_default().as_bytes()
+    }
+
+    fn broker_timestamp(&self) -> Option<SystemTime> {
+        let ms: u64 = system_attribute(self.message, &MessageSystemAttributeName::SentTimestamp)?
+            .parse()
+            .ok()?;
+        UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+    }
+
+    fn delivery_count(&self) -> Option<u32> {
+        receive_count(self.message)
+    }
+}
+
+/// SQS's operations on one message, for the core's lifecycle.
+struct SqsSettler<'a> {
+    tracer: &'a MessageTracer,
+    message: &'a Message,
+}
+
+impl Settler for SqsSettler<'_> {
+    type Error = SdkError<DeleteMessageError, HttpResponse>;
+
+    fn routes(&self) -> Routes<'_> {
+        // SQS redelivers after the visibility timeout; its redrive policy moves a
+        // message on after `maxReceiveCount` receives.
+        Routes::broker_retries().dead_letter(self.tracer.dead_letter_queue_url.as_deref())
+    }
+
+    fn describe_forward(&self, _: ForwardKind, target: &str) -> MessageDescription {
+        describe(OperationType::Send, target)
+            .body_size(self.message.body().unwrap_or_default().len())
+    }
+
+    /// Sends the original body with the user's attributes, then as much of
+    /// mqtrace's metadata and the trace context as the 10 attributes and the size
+    /// limit allow (trace context whole or not at all), and `AWSTraceHeader`.
+    fn forward(&self, mut forward: Forward<'_>) -> impl Future<Output = bool> + Send {
+        let message = self.message;
+        let body = message.body().unwrap_or_default();
+        let mut attributes = MessageAttributes::new();
+        if let Some(original) = message.message_attributes() {
+            for (k, v) in original {
+                if !forward.replaces(k) {
+                    attributes.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let mut staged = std::mem::take(&mut forward.headers);
+        let trace_header = staged
+            .remove(XRAY_FIELD)
+            .or_else(|| staged.remove("X-Amzn-Trace-Id"));
+        let (trace, mut metadata): (Vec<_>, Vec<_>) = staged
+            .into_iter()
+            .partition(|(k, _)| forward.is_trace_context(k));
+        let mut room = MAX_MESSAGE_ATTRIBUTES.saturating_sub(attributes.len());
+        // Metadata and context go only while the copy stays within the size limit
+        // (if the message itself is within it): a copy too big to send would
+        // leave the message cycling instead of dead-lettered.
+        let mut size = message_size(body, &attributes);
+        let limit = if size <= self.tracer.max_message_bytes {
+            self.tracer.max_message_bytes
+        } else {
+            usize::MAX
+        };
+        // A string attribute's share of the size.
+        let cost = |k: &str, v: &str| k.len() + "String".len() + v.len();
+        let mut injector = MessageAttributesInjector(&mut attributes);
+        metadata.sort_by_key(|(k, _)| metadata_rank(k));
+        for (k, v) in metadata {
+            if room == 0 {
+                break;
+            }
+            if size + cost(&k, &v) > limit {
+                continue;
+            }
+            size += cost(&k, &v);
+            injector.set(&k, v);
+            room -= 1;
+        }
+        let trace_cost: usize = trace.iter().map(|(k, v)| cost(k, v)).sum();
+        if trace.len() <= room && size + trace_cost <= limit {
+            for (k, v) in trace {
+                injector.set(&k, v);
+            }
+        }
+        let mut request = self
+            .tracer
+            .client
+            .send_message()
+            .queue_url(forward.target)
+            .message_body(body)
+            .set_message_attributes(Some(attributes).filter(|a| !a.is_empty()));
+        if let Some(value) = trace_header {
+            if let Ok(v) = MessageSystemAttributeValue::builder()
+                .data_type("String")
+                .string_value(value)
+                .build()
+            {
+                request = request.message_system_attributes(
+                    MessageSystemAttributeNameForSends::AwsTraceHeader,
+                    v,
+                );
+            }
+        }
+        if let Some(group) = system_attribute(message, &MessageSystemAttributeName::MessageGroupId)
+        {
+            request = request
+                .message_group_id(group)
+                .message_deduplication_id(message.message_id().unwrap_or_default());
+        }
+        let span = forward.span;
+        async move {
+            let result = request.send().await;
+            match &result {
+                Ok(out) => {
+                    if let Some(id) = out.message_id() {
+                        span.set_attribute(KeyValue::new(
+                            mqtrace::conventions::attr::MESSAGING_MESSAGE_ID,
+                            id.to_owned(),
+                        ));
+                    }
+                }
+                Err(e) => span.record_failure(&error_type(e), e),
+            }
+            result.is_ok()
+        }
+    }
+
+    fn settle_name(&self, settlement: Settlement) -> Option<&'static str> {
+        match settlement {
+            Settlement::Ack | Settlement::Reject => Some("delete"),
+            Settlement::Redeliver | Settlement::Leave => None,
+        }
+    }
+
+    fn settle(
+        self,
+        settlement: Settlement,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let request = matches!(settlement, Settlement::Ack | Settlement::Reject).then(|| {
+            self.tracer
+                .client
+                .delete_message()
+                .queue_url(&self.tracer.queue_url)
+                .set_receipt_handle(self.message.receipt_handle().map(str::to_owned))
+        });
+        async move {
+            match request {
+                Some(request) => request.send().await.map(drop),
+                // Left visible again after its timeout, for another try.
+                None => Ok(()),
+            }
+        }
+    }
+
+    fn error_type(error: &Self::Error) -> String {
+        error_type(error)
+    }
+}
+
+/// Which metadata to keep first when attributes run short.
+fn metadata_rank(key: &str) -> usize {
+    use mqtrace::forward::{
+        ATTEMPT_HEADER, ERROR_MESSAGE_HEADER, ERROR_TYPE_HEADER, FAILED_AT_HEADER,
+        ORIGINAL_TRACEPARENT_HEADER,
+    };
+    [
+        ERROR_TYPE_HEADER,
+        ATTEMPT_HEADER,
+        ERROR_MESSAGE_HEADER,
+        FAILED_AT_HEADER,
+        ORIGINAL_TRACEPARENT_HEADER,
+    ]
+    .iter()
+    .position(|h| h.eq_ignore_ascii_case(key))
+    .unwrap_or(usize::MAX)
+}

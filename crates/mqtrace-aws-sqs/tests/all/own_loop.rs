@@ -1,0 +1,102 @@
+//! Instrumenting one's own SQS receive loop: the SDK's messages processed and
+//! settled through `MessageTracer`, sent through `SendMessageExt::send_traced`.
+
+use aws_sdk_sqs::types::MessageSystemAttributeName;
+use mqtrace::{Disposition, HandlerError, Settlement};
+use mqtrace_aws_sqs::{MessageTracer, SendMessageExt as _};
+use mqtrace_testing::TreeOptions;
+
+use crate::helpers::{assert_tree, within, Harness};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_loop_gets_process_and_delete_spans_and_the_core_decides() {
+    let h = Harness::start().await;
+    let queue = h.queue("own", &[]).await;
+    let dead = h.queue("own-dead", &[]).await;
+    let instrumenter = h.instrumenter(|b| b.settle_spans(true));
+    for body in [r#"{"ok":true}"#, "{not json"] {
+        h.client
+            .send_message()
+            .queue_url(&queue)
+            .message_body(body)
+            .send_traced(&instrumenter)
+            .await
+            .unwrap();
+    }
+
+    let tracer =
+        MessageTracer::new(h.client.clone(), &queue, &instrumenter).dead_letter_queue(&dead);
+    let mut settled = Vec::new();
+    while settled.len() < 2 {
+        let out = within(
+            30,
+            h.client
+                .receive_message()
+                .queue_url(&queue)
+                .max_number_of_messages(1)
+                .wait_time_seconds(1)
+                .message_attribute_names("All")
+                .message_system_attribute_names(MessageSystemAttributeName::All)
+                .send(),
+        )
+        .await
+        .unwrap();
+        for message in out.messages() {
+            let processed = tracer
+                .process(message, |attempt| {
+                    assert_eq!(attempt.number(), 1);
+                    async {
+                        let _: serde_json::Value = serde_json::from_str(
+                            message.body().unwrap_or_default(),
+                        )
+                        .map_err(|e| HandlerError::permanent(e).with_type("invalid_json"))?;
+                        Ok(())
+                    }
+                })
+                .await;
+            settled.push(tracer.settle(processed, message).await);
+        }
+    }
+    let what: Vec<_> = settled
+        .iter()
+        .map(|s| (s.disposition, s.settlement))
+        .collect();
+    assert_eq!(
+        what,
+        [
+            (Disposition::Settle, Settlement::Ack),
+            (Disposition::DeadLetter, Settlement::Ack),
+        ]
+    );
+    assert!(h.drain(&queue).await.is_empty(), "both deleted");
+    let dead_letters = h.drain(&dead).await;
+    assert_eq!(dead_letters.len(), 1);
+    assert_eq!(dead_letters[0].body(), Some("{not json"));
+
+    assert_tree(
+        &h.render(
+            7,
+            TreeOptions::only(&[
+                "error.type",
+                "messaging.operation.name",
+                "mqtrace.message.disposition",
+            ]),
+        )
+        .await,
+        r#"
+        trace #1
+        send own-RUN [PRODUCER] messaging.operation.name="send"
+            process own-RUN [CONSUMER] messaging.operation.name="process" mqtrace.message.disposition="settled"
+                ~> send own-RUN (this trace)
+                delete own-RUN [CLIENT] messaging.operation.name="delete"
+        trace #2
+        send own-RUN [PRODUCER] messaging.operation.name="send"
+            process own-RUN [CONSUMER] ERROR("key must be a string at line 1 column 2") error.type="invalid_json" messaging.operation.name="process" mqtrace.message.disposition="dead_lettered"
+                ~> send own-RUN (this trace)
+                send own-dead-RUN [PRODUCER] messaging.operation.name="send" mqtrace.message.disposition="dead_lettered"
+                    ~> send own-RUN (this trace) relationship="original_message"
+                    ~> process own-RUN (this trace) relationship="processing_attempt"
+                delete own-RUN [CLIENT] messaging.operation.name="delete"
+        "#,
+    );
+}

@@ -1,0 +1,101 @@
+//! Instrumenting one's own rdkafka loop: a plain `StreamConsumer`'s borrowed
+//! records processed and settled through `RecordTracer`, a plain `FutureProducer`
+//! sending through `FutureProducerExt::send_traced`.
+
+use std::time::Duration;
+
+use mqtrace::{Disposition, HandlerError, Settlement};
+use mqtrace_rdkafka::{FutureProducerExt as _, RecordTracer};
+use mqtrace_testing::TreeOptions;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::helpers::{assert_tree, committed_offset, within, Harness};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_loop_gets_process_and_commit_spans_and_the_core_decides() {
+    let h = Harness::start().await;
+    let (topic, dead) = (h.name("own"), h.name("own.dlq"));
+    h.topics(&[&topic, &dead]).await;
+    let instrumenter = h.instrumenter(|b| b.settle_spans(true));
+    let producer: FutureProducer = h.config().create().unwrap();
+    for body in [r#"{"ok":true}"#, "{not json"] {
+        producer
+            .send_traced(
+                &instrumenter,
+                FutureRecord::<str, str>::to(&topic).key("k").payload(body),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+
+    let mut config = h.consumer_config();
+    config.set("enable.auto.commit", "false");
+    let consumer: StreamConsumer = config.create().unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let tracer = RecordTracer::new(instrumenter, producer)
+        .config(&config)
+        .dead_letter_topic(&dead);
+    let mut settled = Vec::new();
+    for _ in 0..2 {
+        let record = within(30, consumer.recv()).await.unwrap();
+        let processed = tracer
+            .process(&record, |attempt| {
+                assert_eq!(attempt.number(), 1);
+                async {
+                    let _: serde_json::Value =
+                        serde_json::from_slice(record.payload().unwrap_or_default())
+                            .map_err(|e| HandlerError::permanent(e).with_type("invalid_json"))?;
+                    Ok(())
+                }
+            })
+            .await;
+        settled.push(tracer.settle(processed, &record, &consumer).await);
+    }
+    let what: Vec<_> = settled
+        .iter()
+        .map(|s| (s.disposition, s.settlement))
+        .collect();
+    assert_eq!(
+        what,
+        [
+            (Disposition::Settle, Settlement::Ack),
+            (Disposition::DeadLetter, Settlement::Ack),
+        ]
+    );
+    // Committed synchronously before the check: the asynchronous commits of the
+    // loop may still be on their way.
+    consumer
+        .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .unwrap();
+    assert_eq!(committed_offset(&h, &topic).await, 2);
+
+    assert_tree(
+        &h.render(
+            7,
+            TreeOptions::only(&[
+                "error.type",
+                "messaging.operation.name",
+                "mqtrace.message.disposition",
+            ]),
+        )
+        .await,
+        r#"
+        trace #1
+        send own-RUN [PRODUCER] messaging.operation.name="send"
+            process own-RUN [CONSUMER] messaging.operation.name="process" mqtrace.message.disposition="settled"
+                ~> send own-RUN (this trace)
+                commit own-RUN [CLIENT] messaging.operation.name="commit"
+        trace #2
+        send own-RUN [PRODUCER] messaging.operation.name="send"
+            process own-RUN [CONSUMER] ERROR("key must be a string at line 1 column 2") error.type="invalid_json" messaging.operation.name="process" mqtrace.message.disposition="dead_lettered"
+                ~> send own-RUN (this trace)
+                send own.dlq-RUN [PRODUCER] messaging.operation.name="send" mqtrace.message.disposition="dead_lettered"
+                    ~> send own-RUN (this trace) relationship="original_message"
+                    ~> process own-RUN (this trace) relationship="processing_attempt"
+                commit own-RUN [CLIENT] messaging.operation.name="commit"
+        "#,
+    );
+}

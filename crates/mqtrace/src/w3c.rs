@@ -1,0 +1,278 @@
+//! W3C Trace Context (`traceparent`, `tracestate`) and W3C Baggage, on the
+//! OpenTelemetry API alone.
+//!
+//! opentelemetry-rust ships these propagators only inside its SDK's trace
+//! pipeline; the core stays on the API (see `docs/adr/0003-w3c-propagators-in-core.md`).
+//! They behave as the SDK's do, byte for byte on inject and value for value on
+//! extract: the tests compare the two on arbitrary input.
+
+use std::str::FromStr;
+
+use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
+use opentelemetry::propagation::text_map_propagator::FieldIter;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use opentelemetry::Context;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+const BAGGAGE: &str = "baggage";
+/// Versions above this one are invalid; version 0 has exactly four fields.
+const HIGHEST_VERSION: u8 = 254;
+/// W3C Baggage: at most this many bytes and members are read.
+const BAGGAGE_MAX_LEN: usize = 8192;
+const BAGGAGE_MAX_MEMBERS: usize = 64;
+/// Characters escaped in baggage names and values.
+const ESCAPED: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b';').add(b',').add(b'=');
+
+static TRACE_FIELDS: std::sync::LazyLock<[String; 2]> =
+    std::sync::LazyLock::new(|| [TRACEPARENT.to_owned(), TRACESTATE.to_owned()]);
+static BAGGAGE_FIELDS: std::sync::LazyLock<[String; 1]> =
+    std::sync::LazyLock::new(|| [BAGGAGE.to_owned()]);
+
+/// W3C Trace Context: `traceparent` and `tracestate`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TraceContextFormat;
+
+impl TraceContextFormat {
+    /// The remote span context in `traceparent` (and `tracestate`), if valid.
+    pub fn parse(extractor: &dyn Extractor) -> Option<SpanContext> {
+        let header = extractor.get(TRACEPARENT).unwrap_or("").trim();
+        let fields: Vec<&str> = header.split_terminator('-').collect();
+        let [version, trace_id, span_id, flags, ..] = fields[..] else {
+            return None;
+        };
+        let version = u8::from_str_radix(version, 16).ok()?;
+        if version > HIGHEST_VERSION || (version == 0 && fields.len() != 4) {
+            return None;
+        }
+        // Ids and flags are lower-case hexadecimal.
+        let lower = |s: &str| !s.bytes().any(|b| b.is_ascii_uppercase());
+        if !(lower(trace_id) && lower(span_id) && lower(flags)) {
+            return None;
+        }
+        let trace_id = TraceId::from_hex(trace_id).ok()?;
+        let span_id = SpanId::from_hex(span_id).ok()?;
+        let flags = TraceFlags::new(u8::from_str_radix(flags, 16).ok()?) & TraceFlags::SAMPLED;
+        let state = extractor
+            .get(TRACESTATE)
+            .and_then(|s| TraceState::from_str(s).ok())
+            .unwrap_or_default();
+        let sc = SpanContext::new(trace_id, span_id, flags, true, state);
+        sc.is_valid().then_some(sc)
+    }
+
+    /// `traceparent` for a span context.
+    pub fn traceparent(sc: &SpanContext) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags() & TraceFlags::SAMPLED
+        )
+    }
+}
+
+impl TextMapPropagator for TraceContextFormat {
+    fn inject_context(&self, cx: &Context, injector: &mut dyn Injector) {
+        let span = cx.span();
+        let sc = span.span_context();
+        if sc.is_valid() {
+            injector.set(TRACEPARENT, Self::traceparent(sc));
+            injector.set(TRACESTATE, sc.trace_state().header());
+        }
+    }
+
+    fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+        match Self::parse(extractor) {
+            Some(sc) => cx.with_remote_span_context(sc),
+            None => cx.clone(),
+        }
+    }
+
+    fn fields(&self) -> FieldIter<'_> {
+        FieldIter::new(&TRACE_FIELDS[..])
+    }
+}
+
+/// W3C Baggage: the `baggage` header.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BaggageFormat;
+
+impl TextMapPropagator for BaggageFormat {
+    fn inject_context(&self, cx: &Context, injector: &mut dyn Injector) {
+        let baggage = cx.baggage();
+        if baggage.is_empty() {
+            return;
+        }
+        let mut header = String::new();
+        for (i, (name, (value, metadata))) in baggage.iter().enumerate() {
+            if i > 0 {
+                header.push(',');
+            }
+            header.extend(utf8_percent_encode(name.as_str().trim(), ESCAPED));
+            header.push('=');
+            header.extend(utf8_percent_encode(value.as_str().trim(), ESCAPED));
+            let metadata = metadata.as_str().trim();
+            if !metadata.is_empty() {
+                header.push(';');
+                header.push_str(metadata);
+            }
+        }
+        injector.set(BAGGAGE, header);
+    }
+
+    fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+        let Some(header) = extractor.get(BAGGAGE) else {
+            return cx.clone();
+        };
+        if header.len() > BAGGAGE_MAX_LEN {
+            return cx.clone();
+        }
+        let members = header
+            .split(',')
+            .take(BAGGAGE_MAX_MEMBERS)
+            .filter_map(baggage_member);
+        cx.with_baggage(members)
+    }
+
+    fn fields(&self) -> FieldIter<'_> {
+        FieldIter::new(&BAGGAGE_FIELDS[..])
+    }
+}
+
+/// One `name=value;properties` member, decoded; `None` when malformed.
+fn baggage_member(member: &str) -> Option<KeyValueMetadata> {
+    let mut parts = member.split(';');
+    let mut pair = parts.next()?.split('=');
+    let (name, value) = (pair.next()?, pair.next()?);
+    let name = percent_decode_str(name).decode_utf8().ok()?;
+    let value = percent_decode_str(value).decode_utf8().ok()?;
+    // The properties, each decoded (those that are not UTF-8 left out) and
+    // trimmed, joined again without the separator before the first.
+    let properties = parts
+        .filter_map(|p| percent_decode_str(p).decode_utf8().ok())
+        .map(|p| p.trim().to_owned())
+        .collect::<Vec<String>>()
+        .join(";");
+    Some(KeyValueMetadata::new(
+        name.trim().to_owned(),
+        value.trim().to_owned(),
+        properties.as_str(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::propagation::SimpleCarrier;
+    use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+    use proptest::prelude::*;
+
+    fn carrier(pairs: &[(&str, &str)]) -> SimpleCarrier {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn same_extraction(c: &SimpleCarrier) {
+        let ours = TraceContextFormat.extract(c);
+        let sdk = TraceContextPropagator::new().extract(c);
+        assert_eq!(
+            ours.span().span_context(),
+            sdk.span().span_context(),
+            "{c:?}"
+        );
+        let ours = BaggageFormat.extract(c);
+        let sdk = BaggagePropagator::new().extract(c);
+        let list = |cx: &Context| {
+            let mut v: Vec<String> = cx
+                .baggage()
+                .iter()
+                .map(|(k, (v, m))| format!("{k}={v};{}", m.as_str()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(list(&ours), list(&sdk), "{c:?}");
+    }
+
+    #[test]
+    fn known_headers_read_as_the_sdk_reads_them() {
+        for tp in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-09",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 ",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "",
+            "garbage",
+        ] {
+            for ts in ["", "vendor=abc,other=x", "bad state!"] {
+                same_extraction(&carrier(&[
+                    ("traceparent", tp),
+                    ("tracestate", ts),
+                    ("baggage", "user=ada%20l,tier=gold;ttl=60;x,=novalue,broken"),
+                ]));
+            }
+        }
+    }
+
+    #[test]
+    fn injection_writes_what_the_sdk_writes() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let input = carrier(&[("traceparent", tp), ("tracestate", "vendor=abc")]);
+        let cx = TraceContextPropagator::new()
+            .extract(&input)
+            .with_baggage(vec![
+                KeyValueMetadata::new("user", "ada l", ""),
+                KeyValueMetadata::new("tier", "gold=1", "ttl=60"),
+            ]);
+        let (mut ours, mut sdk) = (SimpleCarrier::new(), SimpleCarrier::new());
+        TraceContextFormat.inject_context(&cx, &mut ours);
+        BaggageFormat.inject_context(&cx, &mut ours);
+        TraceContextPropagator::new().inject_context(&cx, &mut sdk);
+        BaggagePropagator::new().inject_context(&cx, &mut sdk);
+        assert_eq!(ours, sdk);
+        assert_eq!(ours["traceparent"], tp);
+        // Nothing for a context without a span or baggage.
+        let mut empty = SimpleCarrier::new();
+        TraceContextFormat.inject_context(&Context::new(), &mut empty);
+        BaggageFormat.inject_context(&Context::new(), &mut empty);
+        assert!(empty.is_empty());
+    }
+
+    proptest! {
+        /// Any header values: both read them the same.
+        #[test]
+        fn arbitrary_headers_read_as_the_sdk_reads_them(
+            tp in "(0[0-9a-f]|[0-9a-fA-F]{0,3})-[0-9a-fA-F]{0,34}-[0-9a-fA-F]{0,18}-[0-9a-fA-F]{0,3}(-[a-z]{0,3})?",
+            ts in "[ -~]{0,40}",
+            baggage in "[ -~]{0,80}",
+        ) {
+            same_extraction(&carrier(&[("traceparent", &tp), ("tracestate", &ts), ("baggage", &baggage)]));
+        }
+
+        /// Any baggage: both write the same header.
+        #[test]
+        fn arbitrary_baggage_is_written_as_the_sdk_writes_it(
+            entries in proptest::collection::vec(("[a-z][a-z0-9]{0,8}", "[ -~]{0,12}", "[a-z=;]{0,8}"), 1..6),
+        ) {
+            let cx = Context::new().with_baggage(
+                entries.iter().map(|(k, v, m)| KeyValueMetadata::new(k.clone(), v.clone(), m.as_str())),
+            );
+            let (mut ours, mut sdk) = (SimpleCarrier::new(), SimpleCarrier::new());
+            BaggageFormat.inject_context(&cx, &mut ours);
+            BaggagePropagator::new().inject_context(&cx, &mut sdk);
+            prop_assert_eq!(ours, sdk);
+        }
+    }
+}
