@@ -38,7 +38,10 @@ fn handler() -> &'static (tokio::runtime::Runtime, TracedSqsHandler) {
             .expect("a runtime");
         let provider = SdkTracerProvider::builder().build();
         let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
-        (runtime, TracedSqsHandler::new(provider, &instrumenter))
+        let flush = move || {
+            let _ = provider.force_flush();
+        };
+        (runtime, TracedSqsHandler::new(&instrumenter, flush))
     })
 }
 

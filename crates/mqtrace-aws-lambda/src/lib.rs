@@ -29,10 +29,9 @@
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), Error> {
-//!     let telemetry = mqtrace::telemetry::init()?;
-//!     let provider = telemetry.provider().cloned().unwrap_or_default();
-//!     let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
-//!     let traced = TracedSqsHandler::new(provider, &instrumenter);
+//!     let telemetry = mqtrace_telemetry::init()?;
+//!     let instrumenter = Instrumenter::default();
+//!     let traced = TracedSqsHandler::new(&instrumenter, telemetry.flusher());
 //!     lambda_runtime::run(service_fn(|event: LambdaEvent<SqsEvent>| {
 //!         let traced = traced.clone();
 //!         async move {
@@ -75,31 +74,39 @@ use mqtrace::{
     OperationType,
 };
 use opentelemetry::propagation::Extractor;
-use opentelemetry::trace::{
-    FutureExt as _, SpanKind, TraceContextExt as _, Tracer as _, TracerProvider as _,
-};
+use opentelemetry::trace::{FutureExt as _, SpanBuilder, SpanKind, TraceContextExt as _};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::trace::SdkTracerProvider;
 
 /// `faas.trigger`.
 pub const FAAS_TRIGGER: &str = "faas.trigger";
 
 /// Wraps SQS batch handlers of one function. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TracedSqsHandler {
-    provider: SdkTracerProvider,
+    flush: Arc<dyn Fn() + Send + Sync>,
     instrumenter: Instrumenter,
     cold: Arc<AtomicBool>,
 }
 
+impl std::fmt::Debug for TracedSqsHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TracedSqsHandler")
+            .field("instrumenter", &self.instrumenter)
+            .finish_non_exhaustive()
+    }
+}
+
 impl TracedSqsHandler {
-    /// Spans go to `provider`, which is flushed before each invocation returns;
-    /// batch and record spans follow `instrumenter`'s settings, with X-Ray added
-    /// as the last format to read.
-    pub fn new(provider: SdkTracerProvider, instrumenter: &Instrumenter) -> Self {
+    /// Spans follow `instrumenter`'s settings (and go to its provider), with
+    /// X-Ray added as the last format to read. `flush` exports what is pending; it
+    /// runs on tokio's blocking pool before each invocation returns, so a frozen
+    /// execution environment loses nothing
+    /// (`mqtrace_telemetry::TelemetryGuard::flusher`, or a closure calling the
+    /// provider's `force_flush`).
+    pub fn new(instrumenter: &Instrumenter, flush: impl Fn() + Send + Sync + 'static) -> Self {
         let propagation = instrumenter.propagation().with_xray_fallback();
         Self {
-            provider,
+            flush: Arc::new(flush),
             instrumenter: instrumenter.with_propagation(propagation),
             cold: Arc::new(AtomicBool::new(true)),
         }
@@ -158,7 +165,6 @@ impl TracedSqsHandler {
     }
 
     fn start_invocation(&self, context: &lambda_runtime::Context, event: &SqsEvent) -> Context {
-        let tracer = self.provider.tracer("mqtrace-aws-lambda");
         let name = if context.env_config.function_name.is_empty() {
             std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "lambda".to_owned())
         } else {
@@ -184,19 +190,19 @@ impl TracedSqsHandler {
         if !arn.is_empty() {
             attributes.push(KeyValue::new("cloud.resource_id", arn.clone()));
         }
-        let span = tracer
-            .span_builder(name)
+        let builder = SpanBuilder::from_name(name)
             .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
-            .start_with_context(&tracer, &Context::current());
-        Context::current().with_span(span)
+            .with_attributes(attributes);
+        self.instrumenter
+            .start_span(builder, &Context::current())
+            .context()
+            .clone()
     }
 
     async fn flush(&self) {
-        let provider = self.provider.clone();
-        let flushed = tokio::task::spawn_blocking(move || provider.force_flush()).await;
-        if !matches!(flushed, Ok(Ok(()))) {
-            tracing::debug!(target: "mqtrace", ?flushed, "flush before return failed");
+        let flush = Arc::clone(&self.flush);
+        if let Err(e) = tokio::task::spawn_blocking(move || flush()).await {
+            tracing::debug!(target: "mqtrace", error = %e, "flush before return failed");
         }
     }
 }
@@ -322,3 +328,8 @@ impl Extractor for Attributes<'_> {
         self.0.keys().map(String::as_str).collect()
     }
 }
+
+/// `tracing` targets of lambda_runtime itself, whose spans a `tracing` to
+/// OpenTelemetry bridge should leave out: give them to
+/// `mqtrace_telemetry::TelemetryBuilder::quiet_targets`.
+pub const CLIENT_TARGETS: &[&str] = &["lambda_runtime"];

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use aws_lambda_events::event::sqs::SqsEvent;
 use lambda_runtime::LambdaEvent;
-use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{HandlerError, HandlerResult, Instrumenter};
 use mqtrace_aws_lambda::TracedSqsHandler;
+use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::{assert_tree, Collector, Forest, RecordedSpan, TreeOptions};
 use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
@@ -41,7 +41,7 @@ async fn invoke(fixture: &str) -> Run {
         .unwrap();
     let provider = guard.provider().unwrap().clone();
     let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
-    let traced = TracedSqsHandler::new(provider.clone(), &instrumenter);
+    let traced = TracedSqsHandler::new(&instrumenter, guard.flusher());
     let event: SqsEvent = serde_json::from_str(fixture).unwrap();
     let mut context = lambda_runtime::Context::default();
     context.request_id = "req-1".into();
@@ -202,7 +202,7 @@ async fn tracing_spans_in_the_handler_nest_under_the_record_span() {
     let dispatch =
         tracing::Dispatch::new(tracing_subscriber::registry().with(guard.tracing_layer()));
     let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
-    let traced = TracedSqsHandler::new(provider, &instrumenter);
+    let traced = TracedSqsHandler::new(&instrumenter, guard.flusher());
     let event: SqsEvent =
         serde_json::from_str(include_str!("fixtures/aws_trace_header.json")).unwrap();
     let response = traced

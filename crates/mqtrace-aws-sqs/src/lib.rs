@@ -108,3 +108,8 @@ pub use producer::{
     message_size, SendMessageExt, SqsPropagation, TracedSqs, CONTEXT_OMITTED,
     DEFAULT_MAX_MESSAGE_BYTES, MAX_BATCH_ENTRIES,
 };
+
+/// `tracing` targets of aws-sdk-sqs itself, whose spans a `tracing` to OpenTelemetry
+/// bridge should leave out (they would bury the application's): give them to
+/// `mqtrace_telemetry::TelemetryBuilder::quiet_targets`.
+pub const CLIENT_TARGETS: &[&str] = &["aws_smithy_runtime", "aws_sdk_sqs"];

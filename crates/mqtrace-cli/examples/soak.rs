@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{HandlerError, HandlerResult, Instrumenter};
+use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::{Collector, Kind};
 use opentelemetry::trace::TraceContextExt as _;
 use tokio::sync::Notify;

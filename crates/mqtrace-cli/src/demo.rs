@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mqtrace::embedded::{
     Broker, ConsumerStats, Message, QueueOptions, StoredMessage, TracedConsumer, TracedProducer,
 };
-use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{Disposition, HandlerError, HandlerResult, Instrumenter, Retryable};
+use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::{Collector, Forest, Kind, RecordedSpan, TreeOptions};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use serde::{Deserialize, Serialize};
@@ -79,7 +79,7 @@ pub(crate) enum DemoError {
     #[error("cannot start the in-process collector: {0}")]
     Collector(#[from] std::io::Error),
     #[error("telemetry: {0}")]
-    Telemetry(#[from] mqtrace::telemetry::TelemetryError),
+    Telemetry(#[from] mqtrace_telemetry::TelemetryError),
     #[error("broker: {0}")]
     Embedded(#[from] mqtrace::embedded::BrokerError),
     #[error("flush task failed: {0}")]
@@ -95,6 +95,9 @@ struct Order {
 fn service(name: &str, collector: &Collector) -> Result<TelemetryGuard, DemoError> {
     Ok(TelemetryBuilder::default()
         .service_name(name)
+        .quiet_targets(mqtrace_lapin::CLIENT_TARGETS)
+        .quiet_targets(mqtrace_rdkafka::CLIENT_TARGETS)
+        .quiet_targets(mqtrace_aws_sqs::CLIENT_TARGETS)
         .endpoint(collector.grpc_endpoint())
         .install_global(false)
         .mirror_to_env_endpoint(true)

@@ -63,8 +63,8 @@ fn default_run_connects_every_message() {
     assert!(retried > 0 && dead > 0, "{summary}");
     assert_eq!(traces, sent);
     assert_eq!(complete, traces, "{summary}");
-    assert!(stdout.contains(r#"relationship="original_message""#));
-    assert!(stdout.contains(r#"relationship="processing_attempt""#));
+    assert!(stdout.contains(r#"mqtrace.link.relationship="original_message""#));
+    assert!(stdout.contains(r#"mqtrace.link.relationship="processing_attempt""#));
 }
 
 #[test]

@@ -32,9 +32,9 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_lapin::{QueueSpec, TracedConsumer, TracedPublisher};
+use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::bench::{cpu_time as cpu, median, spin};
 use opentelemetry_sdk::trace::{BatchConfigBuilder, Sampler};
 

@@ -114,3 +114,8 @@ pub use process::{DeliveryTracer, REDELIVERED};
 pub use publisher::PublishJsonError;
 pub use publisher::TracedPublisher;
 pub use topology::{declare_exchange, DeadLetter, QueueSpec};
+
+/// `tracing` targets of lapin itself, whose spans a `tracing` to OpenTelemetry
+/// bridge should leave out (they would bury the application's): give them to
+/// `mqtrace_telemetry::TelemetryBuilder::quiet_targets`.
+pub const CLIENT_TARGETS: &[&str] = &["lapin", "amq_protocol", "async_rs"];

@@ -29,9 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt as _};
-use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_rdkafka::{TracedConsumer, TracedProducer};
+use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::bench::{cpu_time as cpu, median, spin};
 use opentelemetry_sdk::trace::{BatchConfigBuilder, Sampler};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

@@ -113,3 +113,8 @@ pub use ext::{FutureProducerExt, FutureRecordExt, MessageExt};
 pub use mqtrace::settle::ConsumerStats;
 pub use process::{RecordTracer, CONSUMER_LAG};
 pub use producer::TracedProducer;
+
+/// `tracing` targets of rdkafka itself, whose spans a `tracing` to OpenTelemetry
+/// bridge should leave out (they would bury the application's): give them to
+/// `mqtrace_telemetry::TelemetryBuilder::quiet_targets`.
+pub const CLIENT_TARGETS: &[&str] = &["rdkafka"];

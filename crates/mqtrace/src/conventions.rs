@@ -67,7 +67,7 @@ pub mod attr {
     pub const BATCH_FAILED: &str = "mqtrace.batch.failed_count";
     /// Link attribute that says what a forwarding span's link points to:
     /// `original_message` or `processing_attempt`.
-    pub const RELATIONSHIP: &str = "relationship";
+    pub const RELATIONSHIP: &str = "mqtrace.link.relationship";
     /// Prefix of captured (allow-listed) headers.
     pub const HEADER_PREFIX: &str = "messaging.header.";
 }

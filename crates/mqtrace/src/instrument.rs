@@ -10,7 +10,8 @@ use futures_util::FutureExt as _;
 use opentelemetry::global::{self, BoxedTracer};
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{
-    FutureExt as _, Link, SpanContext, SpanKind, Status, TraceContextExt, Tracer, TracerProvider,
+    FutureExt as _, Link, Span as _, SpanBuilder, SpanContext, SpanKind, Status, TraceContextExt,
+    Tracer, TracerProvider,
 };
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
 
@@ -276,10 +277,17 @@ impl fmt::Debug for InstrumenterBuilder {
     }
 }
 
-fn scope() -> InstrumentationScope {
+/// The instrumentation scope of every span mqtrace makes: `mqtrace`, with the
+/// core's version. Adapters and the telemetry set-up use it too, so a backend sees
+/// one library.
+pub fn instrumentation_scope() -> InstrumentationScope {
     InstrumentationScope::builder("mqtrace")
         .with_version(env!("CARGO_PKG_VERSION"))
         .build()
+}
+
+fn scope() -> InstrumentationScope {
+    instrumentation_scope()
 }
 
 impl InstrumenterBuilder {
@@ -348,9 +356,10 @@ impl InstrumenterBuilder {
             propagation: Arc::new(self.propagation),
             settle_spans: self.settle_spans,
             inner: Arc::new(Inner {
-                tracer: self
-                    .tracer
-                    .unwrap_or_else(|| global::tracer_provider().tracer_with_scope(scope())),
+                tracer: match self.tracer {
+                    Some(tracer) => TracerSource::Given(tracer),
+                    None => TracerSource::Global(std::sync::OnceLock::new()),
+                },
                 conventions: self.conventions,
                 parenting: self.parenting,
                 capture_headers: self.capture_headers,
@@ -361,8 +370,18 @@ impl InstrumenterBuilder {
     }
 }
 
+/// Where spans go: a provider given to the builder, or the global provider, looked
+/// up when spans start until it answers with real spans. An instrumenter built
+/// before the application installs its provider (a `static`, a field set up
+/// early) then exports once the provider is there, instead of holding the no-op
+/// tracer it saw at build time.
+enum TracerSource {
+    Given(BoxedTracer),
+    Global(std::sync::OnceLock<BoxedTracer>),
+}
+
 struct Inner {
-    tracer: BoxedTracer,
+    tracer: TracerSource,
     conventions: Conventions,
     parenting: ProcessParenting,
     capture_headers: Vec<String>,
@@ -414,6 +433,31 @@ impl Instrumenter {
             on_start: Arc::new(()),
             retry: RetryPolicy::default(),
             settle_spans: false,
+        }
+    }
+
+    /// Starts a span of the adapter's own making (a Lambda invocation, say) with
+    /// the tracer every mqtrace span comes from (scope [`instrumentation_scope`]),
+    /// as a child of `parent`.
+    pub fn start_span(&self, builder: SpanBuilder, parent: &Context) -> MessagingSpan {
+        let span = match &self.inner.tracer {
+            TracerSource::Given(tracer) => builder.start_with_context(tracer, parent),
+            TracerSource::Global(cached) => match cached.get() {
+                Some(tracer) => builder.start_with_context(tracer, parent),
+                None => {
+                    let tracer = global::tracer_provider().tracer_with_scope(scope());
+                    let span = builder.start_with_context(&tracer, parent);
+                    // A provider that makes real spans (valid ids, sampled or not)
+                    // has been installed: keep its tracer from now on.
+                    if span.span_context().is_valid() {
+                        let _ = cached.set(tracer);
+                    }
+                    span
+                }
+            },
+        };
+        MessagingSpan {
+            cx: parent.with_span(span),
         }
     }
 
@@ -479,7 +523,6 @@ impl Instrumenter {
         extra: impl FnOnce(&mut Vec<KeyValue>),
         start_time: Option<SystemTime>,
     ) -> MessagingSpan {
-        let tracer = &self.inner.tracer;
         let mut attributes = Vec::with_capacity(16);
         self.inner.conventions.attributes(d, &mut attributes);
         extra(&mut attributes);
@@ -490,18 +533,14 @@ impl Instrumenter {
             },
             &mut attributes,
         );
-        let mut builder = tracer
-            .span_builder(self.inner.conventions.span_name(d))
+        let mut builder = SpanBuilder::from_name(self.inner.conventions.span_name(d))
             .with_kind(kind)
             .with_attributes(attributes)
             .with_links(links);
         if let Some(t) = start_time {
             builder = builder.with_start_time(t);
         }
-        let span = builder.start_with_context(tracer, parent);
-        MessagingSpan {
-            cx: parent.with_span(span),
-        }
+        self.start_span(builder, parent)
     }
 
     /// A `send` span (PRODUCER), child of the current context. Inject its context
@@ -913,8 +952,8 @@ impl Instrumenter {
     /// destination, and writes the forwarded message's headers.
     ///
     /// The span is a PRODUCER child of the failed process span, linking the
-    /// message's original creation context (`relationship = original_message`) and
-    /// the processing attempt (`relationship = processing_attempt`). The headers get
+    /// message's original creation context (`mqtrace.link.relationship = original_message`) and
+    /// the processing attempt (`mqtrace.link.relationship = processing_attempt`). The headers get
     /// a fresh trace context, the attempt counter, the original `traceparent`, and
     /// for dead letters the error type, a truncated error message and the time of
     /// failure. Copy the other headers and the body from the original unchanged,

@@ -4,8 +4,9 @@
 //! others shows up as one connected trace, with spans that follow the messaging
 //! semantic conventions (v1.44, or the legacy names, or both). This crate is the core
 //! that every broker adapter (`mqtrace-rdkafka`, `mqtrace-lapin`, `mqtrace-aws-sqs`,
-//! `mqtrace-aws-lambda`) builds on, and it has no broker client dependency. It also
-//! carries an [embedded in-memory broker](embedded) with the same traced surface.
+//! `mqtrace-aws-lambda`) builds on, and it has no broker client dependency and no
+//! OpenTelemetry SDK dependency. It also carries an embedded in-memory broker
+//! (`mqtrace::embedded`, the `embedded` feature) with the same traced surface.
 //!
 //! Adapters *describe* (a [`MessageDescription`], a header carrier, a
 //! [`Settler`] for the broker's settlement calls); the [`Instrumenter`] *decides*:
@@ -25,7 +26,7 @@
 //! | process a batch | `process {destination}` | CONSUMER | current context | each message's creation context, with its message id |
 //! | process one message of a batch | `process {destination}` | CONSUMER | the batch span | the message's creation context |
 //! | settle | `ack {destination}`, `commit ...`, `delete ...` | CLIENT | the process span | — |
-//! | forward to retry / dead letter | `send {retry or DLQ}` | PRODUCER | the failed process span | original creation (`relationship=original_message`), processing attempt (`relationship=processing_attempt`) |
+//! | forward to retry / dead letter | `send {retry or DLQ}` | PRODUCER | the failed process span | original creation (`mqtrace.link.relationship=original_message`), processing attempt (`mqtrace.link.relationship=processing_attempt`) |
 //!
 //! Attributes are set when the span starts (samplers see them), named by the
 //! [`Conventions`] in force; `docs/span-model.md` lists them for each setting.
@@ -52,10 +53,12 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `xray` | yes | [`PropagationBuilder::xray`] through `opentelemetry-aws` |
-//! | `otlp-grpc` | yes | OTLP/gRPC in [`telemetry`] |
-//! | `otlp-http` | yes | OTLP/HTTP (protobuf) in [`telemetry`] |
-//! | `tracing` | yes | [`telemetry::TelemetryGuard::tracing_layer`]: `tracing` spans in handlers nest under the process span |
+//! | `embedded` | yes | the in-memory broker, [`embedded`] |
+//! | `xray` | no | `PropagationBuilder::xray` through `opentelemetry-aws` (which brings the OpenTelemetry SDK along; the SQS and Lambda adapters turn it on) |
+//!
+//! The core depends on the OpenTelemetry API only. The SDK provider, the OTLP
+//! exporters, batch settings and the `tracing` layer are the application's choice;
+//! `mqtrace-telemetry` sets them up in one call.
 //!
 //! # Examples
 //!
@@ -92,22 +95,21 @@
 
 pub mod conventions;
 pub mod describe;
+#[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod forward;
 mod instrument;
 pub mod outcome;
 pub mod propagation;
 pub mod settle;
-#[cfg(any(feature = "otlp-grpc", feature = "otlp-http"))]
-pub mod telemetry;
 mod w3c;
 
 pub use conventions::Conventions;
 pub use describe::{Destination, MessageDescription, MessagingSystem, OperationType};
 pub use forward::{Disposition, ForwardKind, RetryPolicy};
 pub use instrument::{
-    Attempt, BatchProcessed, Inbound, Instrumenter, InstrumenterBuilder, MessageView,
-    MessagingSpan, OnStart, ProcessParenting, Processed, MAX_CAPTURED_HEADER_LEN,
+    instrumentation_scope, Attempt, BatchProcessed, Inbound, Instrumenter, InstrumenterBuilder,
+    MessageView, MessagingSpan, OnStart, ProcessParenting, Processed, MAX_CAPTURED_HEADER_LEN,
 };
 pub use outcome::{Classify, HandlerError, HandlerResult, ResultExt, Retryable};
 pub use propagation::{Propagation, PropagationBuilder, UnderscorePropagator};

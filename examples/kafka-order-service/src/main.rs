@@ -23,9 +23,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{HandlerError, HandlerResult, Instrumenter};
 use mqtrace_rdkafka::{TracedConsumer, TracedProducer};
+use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::FutureRecord;
@@ -61,6 +61,7 @@ async fn main() -> Result<(), Failure> {
         .build()?;
     let billing = TelemetryBuilder::default()
         .service_name("billing")
+        .quiet_targets(mqtrace_rdkafka::CLIENT_TARGETS)
         .install_global(false)
         .build()?;
     // Billing's `tracing` spans nest under its process spans.

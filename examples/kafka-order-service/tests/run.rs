@@ -45,8 +45,8 @@ async fn orders_are_traced_end_to_end() {
                 ~> send orders (this trace)
                 charge card [INTERNAL] (billing)
                 send orders.retry [PRODUCER] (billing) mqtrace.message.disposition="retried"
-                    ~> send orders (this trace) relationship="original_message"
-                    ~> process orders (this trace) relationship="processing_attempt"
+                    ~> send orders (this trace) mqtrace.link.relationship="original_message"
+                    ~> process orders (this trace) mqtrace.link.relationship="processing_attempt"
                     process orders.retry [CONSUMER] (billing) mqtrace.message.disposition="settled"
                         ~> send orders.retry (this trace)
                         charge card [INTERNAL] (billing)
@@ -55,8 +55,8 @@ async fn orders_are_traced_end_to_end() {
             process orders [CONSUMER] (billing) ERROR("EOF while parsing a value at line 1 column 27") error.type="invalid_json" mqtrace.message.disposition="dead_lettered"
                 ~> send orders (this trace)
                 send orders.dlq [PRODUCER] (billing) mqtrace.message.disposition="dead_lettered"
-                    ~> send orders (this trace) relationship="original_message"
-                    ~> process orders (this trace) relationship="processing_attempt"
+                    ~> send orders (this trace) mqtrace.link.relationship="original_message"
+                    ~> process orders (this trace) mqtrace.link.relationship="processing_attempt"
         "#,
     );
 }

@@ -22,9 +22,9 @@
 use std::time::Duration;
 
 use mqtrace::settle::ConsumerCounters;
-use mqtrace::telemetry::TelemetryBuilder;
 use mqtrace::{Attempt, HandlerError, HandlerResult, Instrumenter};
 use mqtrace_rdkafka::{FutureProducerExt as _, RecordTracer};
+use mqtrace_telemetry::TelemetryBuilder;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};

@@ -65,8 +65,9 @@ async fn capture(record: SqsMessage) -> HandlerResult {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let telemetry = mqtrace::telemetry::TelemetryBuilder::default()
+    let telemetry = mqtrace_telemetry::TelemetryBuilder::default()
         .service_name("payments-lambda")
+        .quiet_targets(mqtrace_aws_lambda::CLIENT_TARGETS)
         .install_global(false)
         .build()?;
     let provider = telemetry.provider().cloned().unwrap_or_default();
@@ -74,7 +75,7 @@ async fn main() -> Result<(), Error> {
         tracing_subscriber::registry().with(telemetry.tracing_layer()),
     )?;
     let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
-    let traced = TracedSqsHandler::new(provider, &instrumenter);
+    let traced = TracedSqsHandler::new(&instrumenter, telemetry.flusher());
     let handle = |event: LambdaEvent<SqsEvent>| {
         let traced = traced.clone();
         async move {

@@ -22,9 +22,9 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOpti
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use mqtrace::settle::ConsumerCounters;
-use mqtrace::telemetry::TelemetryBuilder;
 use mqtrace::{Attempt, HandlerError, HandlerResult, Instrumenter};
 use mqtrace_lapin::{ChannelExt as _, DeliveryTracer, QueueSpec, Server};
+use mqtrace_telemetry::TelemetryBuilder;
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 

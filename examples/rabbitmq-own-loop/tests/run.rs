@@ -74,18 +74,18 @@ async fn own_loop_is_traced_retried_and_dead_lettered() {
             process payments-RUN [CONSUMER] ERROR("gateway timeout") error.type="timeout" mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
                 ~> send payments-RUN (this trace)
                 send payments-RUN [PRODUCER] mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
-                    ~> send payments-RUN (this trace) relationship="original_message"
-                    ~> process payments-RUN (this trace) relationship="processing_attempt"
+                    ~> send payments-RUN (this trace) mqtrace.link.relationship="original_message"
+                    ~> process payments-RUN (this trace) mqtrace.link.relationship="processing_attempt"
                     process payments-RUN [CONSUMER] ERROR("gateway timeout") error.type="timeout" mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
                         ~> send payments-RUN (this trace)
                         send payments-RUN [PRODUCER] mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
-                            ~> send payments-RUN (this trace) relationship="original_message"
-                            ~> process payments-RUN (this trace) relationship="processing_attempt"
+                            ~> send payments-RUN (this trace) mqtrace.link.relationship="original_message"
+                            ~> process payments-RUN (this trace) mqtrace.link.relationship="processing_attempt"
                             process payments-RUN [CONSUMER] ERROR("gateway timeout") error.type="timeout" mqtrace.message.attempt=3 mqtrace.message.disposition="dead_lettered"
                                 ~> send payments-RUN (this trace)
                                 send payments-RUN.dlx:payments-RUN [PRODUCER] mqtrace.message.attempt=3 mqtrace.message.disposition="dead_lettered"
-                                    ~> send payments-RUN (this trace) relationship="original_message"
-                                    ~> process payments-RUN (this trace) relationship="processing_attempt"
+                                    ~> send payments-RUN (this trace) mqtrace.link.relationship="original_message"
+                                    ~> process payments-RUN (this trace) mqtrace.link.relationship="processing_attempt"
         "#,
     );
 }

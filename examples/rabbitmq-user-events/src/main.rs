@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
-use mqtrace::telemetry::TelemetryBuilder;
 use mqtrace::{HandlerError, HandlerResult, Instrumenter};
 use mqtrace_lapin::{declare_exchange, QueueSpec, Server, TracedConsumer, TracedPublisher};
+use mqtrace_telemetry::TelemetryBuilder;
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::layer::SubscriberExt as _;
 
@@ -47,6 +47,7 @@ async fn main() -> Result<(), Failure> {
         .build()?;
     let mailer = TelemetryBuilder::default()
         .service_name("welcome-email")
+        .quiet_targets(mqtrace_lapin::CLIENT_TARGETS)
         .install_global(false)
         .build()?;
     let auditor = TelemetryBuilder::default()
@@ -57,7 +58,7 @@ async fn main() -> Result<(), Failure> {
     tracing::subscriber::set_global_default(
         tracing_subscriber::registry().with(mailer.tracing_layer()),
     )?;
-    let instrumenter = |guard: &mqtrace::telemetry::TelemetryGuard| match guard.provider() {
+    let instrumenter = |guard: &mqtrace_telemetry::TelemetryGuard| match guard.provider() {
         Some(p) => Instrumenter::builder().tracer_provider(p).build(),
         None => Instrumenter::default(),
     };

@@ -22,9 +22,9 @@ use std::time::Duration;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use aws_sdk_sqs::Client;
-use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_aws_sqs::{TracedConsumer, TracedSqs};
+use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]

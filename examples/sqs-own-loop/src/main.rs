@@ -23,9 +23,9 @@ use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use aws_sdk_sqs::Client;
 use mqtrace::settle::ConsumerCounters;
-use mqtrace::telemetry::TelemetryBuilder;
 use mqtrace::{Attempt, HandlerError, HandlerResult, Instrumenter};
 use mqtrace_aws_sqs::{MessageTracer, SendMessageExt as _};
+use mqtrace_telemetry::TelemetryBuilder;
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 

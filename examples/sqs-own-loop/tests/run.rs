@@ -60,8 +60,8 @@ async fn own_loop_is_traced_retried_and_dead_lettered() {
             process payments-RUN [CONSUMER] ERROR("gateway timeout") error.type="timeout" mqtrace.message.attempt=3 mqtrace.message.disposition="dead_lettered"
                 ~> send payments-RUN (this trace)
                 send payments-RUN-dead [PRODUCER] mqtrace.message.attempt=3 mqtrace.message.disposition="dead_lettered"
-                    ~> send payments-RUN (this trace) relationship="original_message"
-                    ~> process payments-RUN (this trace) relationship="processing_attempt"
+                    ~> send payments-RUN (this trace) mqtrace.link.relationship="original_message"
+                    ~> process payments-RUN (this trace) mqtrace.link.relationship="processing_attempt"
         "#,
     );
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
-use mqtrace::telemetry::TelemetryBuilder;
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_aws_sqs::{TracedConsumer, TracedSqs};
+use mqtrace_telemetry::TelemetryBuilder;
 use mqtrace_testing::faults::{
     check_collector_run, collector_fault_run, messages_per_phase, Deliveries, Proxy,
 };

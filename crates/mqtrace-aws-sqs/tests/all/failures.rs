@@ -139,8 +139,8 @@ async fn permanent_failure_goes_to_the_dead_letter_queue_with_metadata() {
             process orders-RUN [CONSUMER] ERROR("key must be a string at line 1 column 2") mqtrace.message.disposition="dead_lettered"
                 ~> send orders-RUN (this trace)
                 send orders-dead-RUN [PRODUCER] mqtrace.message.disposition="dead_lettered"
-                    ~> send orders-RUN (this trace) relationship="original_message"
-                    ~> process orders-RUN (this trace) relationship="processing_attempt"
+                    ~> send orders-RUN (this trace) mqtrace.link.relationship="original_message"
+                    ~> process orders-RUN (this trace) mqtrace.link.relationship="processing_attempt"
         "#,
     );
 }

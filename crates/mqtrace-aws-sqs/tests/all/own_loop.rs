@@ -94,8 +94,8 @@ async fn own_loop_gets_process_and_delete_spans_and_the_core_decides() {
             process own-RUN [CONSUMER] ERROR("key must be a string at line 1 column 2") error.type="invalid_json" messaging.operation.name="process" mqtrace.message.disposition="dead_lettered"
                 ~> send own-RUN (this trace)
                 send own-dead-RUN [PRODUCER] messaging.operation.name="send" mqtrace.message.disposition="dead_lettered"
-                    ~> send own-RUN (this trace) relationship="original_message"
-                    ~> process own-RUN (this trace) relationship="processing_attempt"
+                    ~> send own-RUN (this trace) mqtrace.link.relationship="original_message"
+                    ~> process own-RUN (this trace) mqtrace.link.relationship="processing_attempt"
                 delete own-RUN [CLIENT] messaging.operation.name="delete"
         "#,
     );

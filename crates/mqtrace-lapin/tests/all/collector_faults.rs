@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use mqtrace::telemetry::TelemetryBuilder;
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_lapin::{QueueSpec, TracedConsumer, TracedPublisher};
+use mqtrace_telemetry::TelemetryBuilder;
 use mqtrace_testing::faults::{
     check_collector_run, collector_fault_run, messages_per_phase, Deliveries, Proxy,
 };

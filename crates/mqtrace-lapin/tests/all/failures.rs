@@ -139,13 +139,13 @@ async fn transient_failures_are_retried_then_succeed_in_one_trace() {
             process payments-RUN [CONSUMER] ERROR("gateway timeout") error.type="timeout" mqtrace.error.retryable=true mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
                 ~> send payments-RUN (this trace)
                 send payments-RUN [PRODUCER] mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
-                    ~> send payments-RUN (this trace) relationship="original_message"
-                    ~> process payments-RUN (this trace) relationship="processing_attempt"
+                    ~> send payments-RUN (this trace) mqtrace.link.relationship="original_message"
+                    ~> process payments-RUN (this trace) mqtrace.link.relationship="processing_attempt"
                     process payments-RUN [CONSUMER] ERROR("gateway timeout") error.type="timeout" mqtrace.error.retryable=true mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
                         ~> send payments-RUN (this trace)
                         send payments-RUN [PRODUCER] mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
-                            ~> send payments-RUN (this trace) relationship="original_message"
-                            ~> process payments-RUN (this trace) relationship="processing_attempt"
+                            ~> send payments-RUN (this trace) mqtrace.link.relationship="original_message"
+                            ~> process payments-RUN (this trace) mqtrace.link.relationship="processing_attempt"
                             process payments-RUN [CONSUMER] mqtrace.message.attempt=3 mqtrace.message.disposition="settled"
                                 ~> send payments-RUN (this trace)
         "#,
@@ -286,8 +286,8 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
             process panics-RUN [CONSUMER]
                 ~> send panics-RUN (this trace)
                 send panics-RUN [PRODUCER] mqtrace.message.disposition="retried"
-                    ~> send panics-RUN (this trace) relationship="original_message"
-                    ~> process panics-RUN (this trace) relationship="processing_attempt"
+                    ~> send panics-RUN (this trace) mqtrace.link.relationship="original_message"
+                    ~> process panics-RUN (this trace) mqtrace.link.relationship="processing_attempt"
                     process panics-RUN [CONSUMER] mqtrace.message.disposition="settled"
                         ~> send panics-RUN (this trace)
         "#,

@@ -74,13 +74,13 @@ async fn transient_failures_go_through_the_retry_topic_in_one_trace() {
             process payments-RUN [CONSUMER] ERROR("gateway timeout") error.type="timeout" mqtrace.error.retryable=true mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
                 ~> send payments-RUN (this trace)
                 send payments.retry-RUN [PRODUCER] mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
-                    ~> send payments-RUN (this trace) relationship="original_message"
-                    ~> process payments-RUN (this trace) relationship="processing_attempt"
+                    ~> send payments-RUN (this trace) mqtrace.link.relationship="original_message"
+                    ~> process payments-RUN (this trace) mqtrace.link.relationship="processing_attempt"
                     process payments.retry-RUN [CONSUMER] ERROR("gateway timeout") error.type="timeout" mqtrace.error.retryable=true mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
                         ~> send payments.retry-RUN (this trace)
                         send payments.retry-RUN [PRODUCER] mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
-                            ~> send payments-RUN (this trace) relationship="original_message"
-                            ~> process payments.retry-RUN (this trace) relationship="processing_attempt"
+                            ~> send payments-RUN (this trace) mqtrace.link.relationship="original_message"
+                            ~> process payments.retry-RUN (this trace) mqtrace.link.relationship="processing_attempt"
                             process payments.retry-RUN [CONSUMER] mqtrace.message.attempt=3 mqtrace.message.disposition="settled"
                                 ~> send payments.retry-RUN (this trace)
         "#,

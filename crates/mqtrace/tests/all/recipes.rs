@@ -243,8 +243,8 @@ async fn every_recipe_under_every_setting() {
             process orders [CONSUMER] messaging.operation.name="process" messaging.operation.type="process"
                 ~> create orders (trace #1)
                 send orders.dlq [PRODUCER] messaging.operation.name="send" messaging.operation.type="send"
-                    ~> create orders (trace #1) relationship="original_message"
-                    ~> process orders (this trace) relationship="processing_attempt"
+                    ~> create orders (trace #1) mqtrace.link.relationship="original_message"
+                    ~> process orders (this trace) mqtrace.link.relationship="processing_attempt"
                 ack orders [CLIENT] messaging.operation.name="ack" messaging.operation.type="settle"
             "#,
         ),
@@ -263,8 +263,8 @@ async fn every_recipe_under_every_setting() {
             orders process [CONSUMER] messaging.operation="process"
                 ~> orders create (trace #1)
                 orders.dlq publish [PRODUCER] messaging.operation="publish"
-                    ~> orders create (trace #1) relationship="original_message"
-                    ~> orders process (this trace) relationship="processing_attempt"
+                    ~> orders create (trace #1) mqtrace.link.relationship="original_message"
+                    ~> orders process (this trace) mqtrace.link.relationship="processing_attempt"
                 orders settle [CLIENT] messaging.operation="settle"
             "#,
         ),
@@ -283,8 +283,8 @@ async fn every_recipe_under_every_setting() {
             process orders [CONSUMER] messaging.operation="process" messaging.operation.name="process" messaging.operation.type="process"
                 ~> create orders (trace #1)
                 send orders.dlq [PRODUCER] messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send"
-                    ~> create orders (trace #1) relationship="original_message"
-                    ~> process orders (this trace) relationship="processing_attempt"
+                    ~> create orders (trace #1) mqtrace.link.relationship="original_message"
+                    ~> process orders (this trace) mqtrace.link.relationship="processing_attempt"
                 ack orders [CLIENT] messaging.operation="settle" messaging.operation.name="ack" messaging.operation.type="settle"
             "#,
         ),

@@ -113,18 +113,18 @@ async fn budget_spent_goes_to_dead_letter_with_metadata() {
             process orders [CONSUMER] ERROR(PLACEHOLDER) error.type="payment_unavailable" mqtrace.error.retryable=true mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
                 ~> send orders (this trace)
                 send orders [PRODUCER] mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
-                    ~> send orders (this trace) relationship="original_message"
-                    ~> process orders (this trace) relationship="processing_attempt"
+                    ~> send orders (this trace) mqtrace.link.relationship="original_message"
+                    ~> process orders (this trace) mqtrace.link.relationship="processing_attempt"
                     process orders [CONSUMER] ERROR(PLACEHOLDER) error.type="payment_unavailable" mqtrace.error.retryable=true mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
                         ~> send orders (this trace)
                         send orders [PRODUCER] mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
-                            ~> send orders (this trace) relationship="original_message"
-                            ~> process orders (this trace) relationship="processing_attempt"
+                            ~> send orders (this trace) mqtrace.link.relationship="original_message"
+                            ~> process orders (this trace) mqtrace.link.relationship="processing_attempt"
                             process orders [CONSUMER] ERROR(PLACEHOLDER) error.type="payment_unavailable" mqtrace.error.retryable=true mqtrace.message.attempt=3 mqtrace.message.disposition="dead_lettered"
                                 ~> send orders (this trace)
                                 send orders.dlq [PRODUCER] mqtrace.message.attempt=3 mqtrace.message.disposition="dead_lettered"
-                                    ~> send orders (this trace) relationship="original_message"
-                                    ~> process orders (this trace) relationship="processing_attempt"
+                                    ~> send orders (this trace) mqtrace.link.relationship="original_message"
+                                    ~> process orders (this trace) mqtrace.link.relationship="processing_attempt"
         "#
         .replace("PLACEHOLDER", &format!("{:?}", format!("payment down {long}")))
         .as_str(),
@@ -166,8 +166,8 @@ async fn transient_then_success_is_one_connected_trace() {
             process orders [CONSUMER] ERROR("timeout") error.type="timeout" mqtrace.error.retryable=true mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
                 ~> send orders (this trace)
                 send orders [PRODUCER] mqtrace.message.attempt=1 mqtrace.message.disposition="retried"
-                    ~> send orders (this trace) relationship="original_message"
-                    ~> process orders (this trace) relationship="processing_attempt"
+                    ~> send orders (this trace) mqtrace.link.relationship="original_message"
+                    ~> process orders (this trace) mqtrace.link.relationship="processing_attempt"
                     process orders [CONSUMER] mqtrace.message.attempt=2 mqtrace.message.disposition="settled"
                         ~> send orders (this trace)
         "#,

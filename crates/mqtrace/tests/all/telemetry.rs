@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use mqtrace::embedded::{Message, TracedConsumer, TracedProducer};
-use mqtrace::telemetry::{Protocol, TelemetryBuilder};
 use mqtrace::Instrumenter;
+use mqtrace_telemetry::{Protocol, TelemetryBuilder};
 use mqtrace_testing::Collector;
 use opentelemetry::trace::{Span as _, Tracer, TracerProvider};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
@@ -86,7 +86,7 @@ async fn service_name_defaults_to_the_executable() {
 async fn pipeline_against(
     endpoint: String,
     n: usize,
-) -> (Duration, mqtrace::telemetry::ExportStats) {
+) -> (Duration, mqtrace_telemetry::ExportStats) {
     let guard = TelemetryBuilder::default()
         .service_name("degraded")
         .endpoint(endpoint)

@@ -8,6 +8,8 @@ use tracing::instrument::WithSubscriber;
 use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
 
+use mqtrace_telemetry::Protocol;
+
 use crate::helpers::{assert_tree, broker_with, Harness};
 
 #[tracing::instrument]
@@ -56,11 +58,15 @@ async fn instrumented_handler_spans_nest_under_process() {
     );
 }
 
-/// Transport and exporter spans stay out of the export; the application's,
-/// tower-http's request spans among them, go out.
+/// Transport and exporter spans stay out of the export, and so do a broker
+/// client's when its adapter's targets are given; the application's, tower-http's
+/// request spans among them, go out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_layer_leaves_transport_spans_out() {
-    let h = Harness::start().await;
+    let h = Harness::configured(Protocol::Grpc, |b| {
+        b.quiet_targets(&["lapin", "amq_protocol"])
+    })
+    .await;
     let dispatch =
         tracing::Dispatch::new(tracing_subscriber::registry().with(h.guard.tracing_layer()));
     tracing::dispatcher::with_default(&dispatch, || {
@@ -70,6 +76,7 @@ async fn the_layer_leaves_transport_spans_out() {
             tracing::info_span!(target: "tonic::transport", "tonic call"),
             tracing::info_span!(target: "opentelemetry_otlp::exporter", "export"),
             tracing::info_span!(target: "lapin::io_loop", "io loop"),
+            tracing::info_span!(target: "amq_protocol::frame", "frame"),
             tracing::info_span!(target: "tower::buffer", "buffer worker"),
             tracing::info_span!(target: "tower_http::trace", "GET /orders"),
             tracing::info_span!(target: "order_service", "charge card"),

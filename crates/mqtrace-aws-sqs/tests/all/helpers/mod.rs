@@ -9,8 +9,8 @@ use std::time::Duration;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::QueueAttributeName;
 use aws_sdk_sqs::Client;
-use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{Instrumenter, InstrumenterBuilder};
+use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::{brokers, Forest, RecordedSpan, TreeOptions};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
 use lapin::{Channel, Connection, ConnectionProperties};
-use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{Instrumenter, InstrumenterBuilder};
+use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::{brokers, Forest, RecordedSpan, TreeOptions};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 

@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqtrace::telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace::{Instrumenter, InstrumenterBuilder};
 use mqtrace_rdkafka::{TracedConsumer, TracedProducer};
+use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::{brokers, Forest, RecordedSpan, TreeOptions};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use mqtrace::embedded::{Broker, QueueOptions};
-use mqtrace::telemetry::{Protocol, TelemetryBuilder, TelemetryGuard};
 use mqtrace::{Instrumenter, InstrumenterBuilder};
+use mqtrace_telemetry::{Protocol, TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::{Collector, Forest, RecordedSpan};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 
@@ -20,12 +20,20 @@ impl Harness {
     }
 
     pub async fn with_protocol(protocol: Protocol) -> Self {
+        Self::configured(protocol, |b| b).await
+    }
+
+    /// A harness whose telemetry set-up is adjusted by `configure`.
+    pub async fn configured(
+        protocol: Protocol,
+        configure: impl FnOnce(TelemetryBuilder) -> TelemetryBuilder,
+    ) -> Self {
         let collector = Collector::start().await.expect("collector starts");
         let endpoint = match protocol {
             Protocol::Grpc => collector.grpc_endpoint(),
             Protocol::HttpProtobuf => collector.http_endpoint(),
         };
-        let guard = TelemetryBuilder::default()
+        let guard = configure(TelemetryBuilder::default())
             .service_name("mqtrace-test")
             .endpoint(endpoint)
             .protocol(protocol)

@@ -1,5 +1,18 @@
-//! Telemetry set-up: one call builds and installs a tracer provider that exports over
-//! OTLP, and returns a guard that flushes on drop.
+//! The application's OpenTelemetry set-up for services instrumented with mqtrace:
+//! one call builds and installs a tracer provider that exports over OTLP, and
+//! returns a guard that flushes on drop. mqtrace itself depends on the
+//! OpenTelemetry API only; this crate is where the SDK comes in, for those who
+//! want mqtrace's defaults.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), mqtrace_telemetry::TelemetryError> {
+//! let telemetry = mqtrace_telemetry::init()?;   // OTEL_* variables; installed globally
+//! let instrumenter = mqtrace::Instrumenter::default();
+//! # let _ = instrumenter;
+//! // ... the service ...
+//! telemetry.shutdown();                         // or let it drop
+//! # Ok(()) }
+//! ```
 //!
 //! - `service.name`: the argument, else `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES`,
 //!   else the executable's name.
@@ -31,13 +44,15 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 
-use crate::propagation::Propagation;
+use mqtrace::Propagation;
 
 /// `tracing` targets whose spans [`TelemetryGuard::tracing_layer`] does not export:
-/// transports, broker clients and the OpenTelemetry pipeline itself. Targets match
-/// by prefix, as `tracing-subscriber` does (`hyper` covers `hyper_util`); tower's
-/// entry ends in `::` so that `tower_http` request spans, which are the
-/// application's, still go out.
+/// transports and the OpenTelemetry pipeline itself. Each broker adapter lists its
+/// client's own targets (`mqtrace_lapin::CLIENT_TARGETS`...), added with
+/// [`TelemetryBuilder::quiet_targets`]. Targets match by prefix, as
+/// `tracing-subscriber` does (`hyper` covers `hyper_util`); tower's entry ends in
+/// `::` so that `tower_http` request spans, which are the application's, still go
+/// out.
 #[cfg(feature = "tracing")]
 pub const QUIET_TARGETS: &[&str] = &[
     "h2",
@@ -49,13 +64,6 @@ pub const QUIET_TARGETS: &[&str] = &[
     "opentelemetry",
     "opentelemetry_sdk",
     "opentelemetry_otlp",
-    "lapin",
-    "amq_protocol",
-    "async_rs",
-    "rdkafka",
-    "aws_smithy_runtime",
-    "aws_sdk_sqs",
-    "lambda_runtime",
 ];
 
 /// How spans leave the process.
@@ -138,6 +146,7 @@ pub struct TelemetryBuilder {
     shutdown_timeout: Duration,
     export_timeout: Option<Duration>,
     mirror_env: bool,
+    quiet: Vec<&'static str>,
 }
 
 impl Default for TelemetryBuilder {
@@ -154,6 +163,7 @@ impl Default for TelemetryBuilder {
             shutdown_timeout: Duration::from_secs(5),
             export_timeout: None,
             mirror_env: false,
+            quiet: Vec::new(),
         }
     }
 }
@@ -180,6 +190,16 @@ impl TelemetryBuilder {
     /// `/v1/traces` path is added). Overrides `OTEL_EXPORTER_OTLP_*ENDPOINT`.
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// More `tracing` targets whose spans the [`TelemetryGuard::tracing_layer`]
+    /// leaves out, besides [`QUIET_TARGETS`]: a broker client's own, as each
+    /// adapter lists them (`mqtrace_lapin::CLIENT_TARGETS`,
+    /// `mqtrace_rdkafka::CLIENT_TARGETS`, `mqtrace_aws_sqs::CLIENT_TARGETS`,
+    /// `mqtrace_aws_lambda::CLIENT_TARGETS`).
+    pub fn quiet_targets(mut self, targets: &[&'static str]) -> Self {
+        self.quiet.extend_from_slice(targets);
         self
     }
 
@@ -294,6 +314,7 @@ impl TelemetryBuilder {
             runtime: Some(runtime),
             counters,
             shutdown_timeout: self.shutdown_timeout,
+            quiet: self.quiet,
         })
     }
 }
@@ -395,6 +416,7 @@ pub struct TelemetryGuard {
     runtime: Option<tokio::runtime::Runtime>,
     counters: Arc<Counters>,
     shutdown_timeout: Duration,
+    quiet: Vec<&'static str>,
 }
 
 impl fmt::Debug for TelemetryGuard {
@@ -413,6 +435,7 @@ impl TelemetryGuard {
             runtime: None,
             counters: Arc::default(),
             shutdown_timeout: Duration::ZERO,
+            quiet: Vec::new(),
         }
     }
 
@@ -427,6 +450,20 @@ impl TelemetryGuard {
             ended: self.counters.ended.load(Ordering::Relaxed),
             exported: self.counters.exported.load(Ordering::Relaxed),
             failed: self.counters.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A function that exports what is queued when called (blocking the calling
+    /// thread until done; nothing when telemetry is off): what
+    /// `mqtrace_aws_lambda::TracedSqsHandler` runs before each invocation returns.
+    pub fn flusher(&self) -> impl Fn() + Send + Sync + 'static {
+        let provider = self.provider.clone();
+        move || {
+            if let Some(provider) = &provider {
+                if let Err(e) = provider.force_flush() {
+                    tracing::debug!(target: "mqtrace", error = %e, "flush failed");
+                }
+            }
         }
     }
 
@@ -447,25 +484,22 @@ impl TelemetryGuard {
     /// trace the exporter, and client internals would bury the application's
     /// spans. Add another filter on top to narrow it further.
     #[cfg(feature = "tracing")]
-    pub fn tracing_layer<S>(
-        &self,
-    ) -> Option<
-        tracing_subscriber::filter::Filtered<
-            tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>,
-            tracing_subscriber::filter::Targets,
-            S,
-        >,
-    >
+    pub fn tracing_layer<S>(&self) -> Option<impl tracing_subscriber::Layer<S>>
     where
         S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     {
         use tracing_subscriber::filter::{LevelFilter, Targets};
         use tracing_subscriber::Layer as _;
-        let tracer = self.provider.as_ref()?.tracer("mqtrace-tracing");
+        let tracer = self
+            .provider
+            .as_ref()?
+            .tracer_with_scope(mqtrace::instrumentation_scope());
         let filter = QUIET_TARGETS
             .iter()
+            .copied()
+            .chain(self.quiet.iter().copied())
             .fold(Targets::new().with_default(LevelFilter::TRACE), |f, t| {
-                f.with_target(*t, LevelFilter::OFF)
+                f.with_target(t, LevelFilter::OFF)
             });
         Some(
             tracing_opentelemetry::layer()
@@ -519,6 +553,7 @@ impl TelemetryGuard {
                             runtime,
                             counters: Arc::default(),
                             shutdown_timeout: timeout,
+                            quiet: Vec::new(),
                         };
                         guard.stop();
                     });
