@@ -3,6 +3,9 @@
 use std::future::Future;
 use std::time::Duration;
 
+use aws_sdk_sqs::config::http::HttpResponse;
+use aws_sdk_sqs::error::SdkError;
+use aws_sdk_sqs::operation::receive_message::ReceiveMessageError;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use aws_sdk_sqs::Client;
 use mqtrace::settle::{ConsumerCounters, ConsumerStats, Settled};
@@ -94,6 +97,47 @@ pub fn trace_context(
             .map(String::as_str),
     );
     propagation.with_xray_fallback().extract(&carriers)
+}
+
+type ReceiveError = SdkError<ReceiveMessageError, HttpResponse>;
+
+/// Why [`TracedConsumer::run_until`] stopped before being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// SQS refused the consumer (the queue does not exist, the credentials are
+    /// not accepted): trying again would not help. What was handled until then is
+    /// in `stats`.
+    #[error("SQS refused the consumer ({code}): {error}")]
+    Refused {
+        /// SQS's error code (`AWS.SimpleQueueService.NonExistentQueue`...).
+        code: String,
+        /// The SDK's error, unchanged.
+        #[source]
+        error: Box<ReceiveError>,
+        /// What the consumer did before it stopped.
+        stats: ConsumerStats,
+    },
+}
+
+/// Whether a failed receive means SQS will not serve this consumer.
+fn refuses(error: &ReceiveError) -> bool {
+    use aws_sdk_sqs::error::ProvideErrorMetadata as _;
+    if matches!(error.as_service_error(), Some(e) if e.is_queue_does_not_exist()) {
+        return true;
+    }
+    matches!(
+        error.code(),
+        Some(
+            "AWS.SimpleQueueService.NonExistentQueue"
+                | "QueueDoesNotExist"
+                | "InvalidClientTokenId"
+                | "UnrecognizedClientException"
+                | "SignatureDoesNotMatch"
+                | "AccessDenied"
+                | "AccessDeniedException"
+                | "InvalidSecurity"
+        )
+    )
 }
 
 /// Polls a queue with long polling and processes each message inside a `process`
@@ -188,7 +232,16 @@ impl TracedConsumer {
     /// Polls and processes until `shutdown` completes. A poll in flight is
     /// abandoned (its messages become visible again after the visibility timeout);
     /// messages being processed are finished and settled first.
-    pub async fn run_until<H, Fut, S>(&self, handler: H, shutdown: S) -> ConsumerStats
+    ///
+    /// Failed receives that may pass (the endpoint unreachable, throttling, a
+    /// server error) are counted and tried again. It stops early with
+    /// [`ConsumeError::Refused`] when SQS refuses the consumer: the queue does not
+    /// exist, or the credentials are not accepted.
+    pub async fn run_until<H, Fut, S>(
+        &self,
+        handler: H,
+        shutdown: S,
+    ) -> Result<ConsumerStats, ConsumeError>
     where
         H: Fn(Received) -> Fut,
         Fut: Future<Output = HandlerResult>,
@@ -204,7 +257,16 @@ impl TracedConsumer {
             };
             let messages = match received {
                 Ok(m) => m,
-                Err(()) => {
+                Err(e) if refuses(&e) => {
+                    counters.receive_failure();
+                    tracing::error!(target: "mqtrace", error = %e, "SQS refused the consumer; stopping");
+                    return Err(ConsumeError::Refused {
+                        code: error_type(&e),
+                        error: Box::new(e),
+                        stats: counters.snapshot(),
+                    });
+                }
+                Err(_) => {
                     counters.receive_failure();
                     tokio::select! {
                         () = shutdown.as_mut() => break,
@@ -241,10 +303,10 @@ impl TracedConsumer {
                 counters.record(&settled);
             }
         }
-        counters.snapshot()
+        Ok(counters.snapshot())
     }
 
-    async fn receive(&self) -> Result<Vec<Received>, ()> {
+    async fn receive(&self) -> Result<Vec<Received>, ReceiveError> {
         let queue_url = self.tracer.queue_url();
         let mut request = self
             .tracer
@@ -295,7 +357,7 @@ impl TracedConsumer {
                     span.record_failure(&error_type(&e), &e);
                     span.end();
                 }
-                Err(())
+                Err(e)
             }
         }
     }

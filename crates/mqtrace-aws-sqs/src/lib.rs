@@ -63,7 +63,7 @@
 //! use mqtrace::{HandlerResult, Instrumenter};
 //! use mqtrace_aws_sqs::{TracedConsumer, TracedSqs};
 //!
-//! # async fn run(client: aws_sdk_sqs::Client, url: String) {
+//! # async fn run(client: aws_sdk_sqs::Client, url: String) -> Result<(), mqtrace_aws_sqs::ConsumeError> {
 //! let instrumenter = Instrumenter::default();
 //! let sqs = TracedSqs::new(client.clone(), instrumenter.clone());
 //! let sent = sqs
@@ -79,9 +79,9 @@
 //!         },
 //!         tokio::time::sleep(std::time::Duration::from_secs(3600)),
 //!     )
-//!     .await;
+//!     .await?;
 //! println!("{stats:?}");
-//! # }
+//! # Ok(()) }
 //! ```
 //!
 //! [aws-sdk-sqs]: https://docs.rs/aws-sdk-sqs
@@ -98,7 +98,7 @@ pub use carrier::{
     MessageAttributes, MessageAttributesExtractor, MessageAttributesInjector,
     MAX_MESSAGE_ATTRIBUTES,
 };
-pub use consumer::{trace_context, Received, TracedConsumer};
+pub use consumer::{trace_context, ConsumeError, Received, TracedConsumer};
 pub use describe::{
     error_type, queue_name, MESSAGE_GROUP_ID, QUEUE_URL, RECEIVE_COUNT, SEQUENCE_NUMBER,
 };

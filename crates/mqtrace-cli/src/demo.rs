@@ -53,6 +53,18 @@ pub(crate) struct DemoArgs {
     no_timings: bool,
 }
 
+impl From<mqtrace_rdkafka::ConsumeError> for DemoError {
+    fn from(e: mqtrace_rdkafka::ConsumeError) -> Self {
+        Self::KafkaConsumer(Box::new(e))
+    }
+}
+
+impl From<mqtrace_aws_sqs::ConsumeError> for DemoError {
+    fn from(e: mqtrace_aws_sqs::ConsumeError) -> Self {
+        Self::SqsConsumer(Box::new(e))
+    }
+}
+
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DemoError {
@@ -70,6 +82,10 @@ pub(crate) enum DemoError {
     KafkaTopic(String, rdkafka::types::RDKafkaErrorCode),
     #[error("Kafka: no answer within {0:?}; is the broker up?")]
     KafkaTimeout(Duration),
+    #[error("Kafka consumer: {0}")]
+    KafkaConsumer(Box<mqtrace_rdkafka::ConsumeError>),
+    #[error("SQS consumer: {0}")]
+    SqsConsumer(Box<mqtrace_aws_sqs::ConsumeError>),
     #[error("RabbitMQ: {0}")]
     Rabbit(#[from] lapin::Error),
     #[error("RabbitMQ consumer: {0}")]

@@ -87,7 +87,7 @@ pub(crate) async fn run(
     let deadline = Duration::from_secs(60 + all / 10);
     let stats = tokio::time::timeout(deadline, consumer.run_until(on_record, all_done))
         .await
-        .map_err(|_| DemoError::KafkaTimeout(deadline))?;
+        .map_err(|_| DemoError::KafkaTimeout(deadline))??;
     // Closed before its topics are deleted: librdkafka 2.12 can crash (a freed
     // metadata cache entry) when a live consumer's subscribed topic goes away.
     drop(consumer);

@@ -88,7 +88,7 @@ pub(crate) async fn run(
     let deadline = Duration::from_secs(60 + all);
     let stats = tokio::time::timeout(deadline, consumer.run_until(on_message, all_done))
         .await
-        .map_err(|_| DemoError::Sqs(format!("not done within {deadline:?}")))?;
+        .map_err(|_| DemoError::Sqs(format!("not done within {deadline:?}")))??;
 
     let mut dead_letters = 0;
     loop {

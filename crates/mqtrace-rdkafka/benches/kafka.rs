@@ -158,7 +158,8 @@ async fn consume_traced(
             },
             async move { done.notified().await },
         )
-        .await;
+        .await
+        .unwrap();
     assert_eq!(stats.settled, n as u64);
     let (first, last) = *span.lock().unwrap();
     let ((w0, c0), (w1, c1)) = (first.unwrap(), last.unwrap());

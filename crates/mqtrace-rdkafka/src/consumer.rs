@@ -179,6 +179,51 @@ impl Record {
 pub struct TracedConsumer {
     consumer: StreamConsumer<LagContext>,
     tracer: RecordTracer,
+    missing_topic_timeout: Duration,
+}
+
+/// Why [`TracedConsumer::run_until`] stopped before being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// The cluster refused the consumer (authentication or authorization failed,
+    /// or a subscribed topic does not exist): waiting would not help. The records
+    /// settled until then are in `stats`, and their offsets were committed.
+    #[error("the Kafka cluster refused the consumer: {error}")]
+    Refused {
+        /// rdkafka's error, unchanged.
+        #[source]
+        error: rdkafka::error::KafkaError,
+        /// What the consumer did before it stopped.
+        stats: ConsumerStats,
+    },
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+enum Fatality {
+    Refused,
+    MissingTopic,
+}
+
+/// Whether a consumer error means the cluster will not serve this consumer.
+fn fatality(error: &rdkafka::error::KafkaError) -> Option<Fatality> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match error.rdkafka_error_code()? {
+        Code::Authentication
+        | Code::SaslAuthenticationFailed
+        | Code::TopicAuthorizationFailed
+        | Code::GroupAuthorizationFailed
+        | Code::ClusterAuthorizationFailed
+        | Code::Fatal => Some(Fatality::Refused),
+        Code::UnknownTopicOrPartition | Code::UnknownTopic => Some(Fatality::MissingTopic),
+        _ => None,
+    }
 }
 
 impl std::fmt::Debug for TracedConsumer {
@@ -216,6 +261,7 @@ impl TracedConsumer {
                 forwarder,
                 ClientInfo::from_config(&config),
             ),
+            missing_topic_timeout: Duration::from_secs(10),
         })
     }
 
@@ -251,6 +297,16 @@ impl TracedConsumer {
         self
     }
 
+    /// How long after a subscribed topic is reported missing the consumer gives up
+    /// with [`ConsumeError::Refused`], when no record arrived meanwhile and it holds
+    /// no partition (default 10 s; librdkafka itself waits
+    /// `topic.metadata.propagation.max.ms`, 30 s unless set, before it reports a
+    /// topic missing).
+    pub fn missing_topic_timeout(mut self, timeout: Duration) -> Self {
+        self.missing_topic_timeout = timeout;
+        self
+    }
+
     /// The consumer.
     pub fn inner(&self) -> &StreamConsumer<LagContext> {
         &self.consumer
@@ -259,7 +315,17 @@ impl TracedConsumer {
     /// Consumes until `shutdown` completes. A record being handled when it does is
     /// finished and settled first; then the offsets are committed once more, waiting
     /// (for up to five seconds) for the cluster's answer.
-    pub async fn run_until<H, Fut, S>(&self, handler: H, shutdown: S) -> ConsumerStats
+    ///
+    /// Errors the cluster may recover from (it is away, a partition moves) are
+    /// logged and waited out. It stops early, after the same final commit, with
+    /// [`ConsumeError::Refused`] when the cluster refuses the consumer
+    /// (authentication, authorization), or when a subscribed topic does not exist
+    /// for longer than [`TracedConsumer::missing_topic_timeout`].
+    pub async fn run_until<H, Fut, S>(
+        &self,
+        handler: H,
+        shutdown: S,
+    ) -> Result<ConsumerStats, ConsumeError>
     where
         H: Fn(Record) -> Fut,
         Fut: Future<Output = HandlerResult>,
@@ -274,14 +340,34 @@ impl TracedConsumer {
         // The position after the last settled record, per partition.
         let mut positions = HashMap::new();
         let mut shutdown = std::pin::pin!(shutdown);
+        // A subscribed topic reported missing (librdkafka says so once), with no
+        // record since: when, and the error.
+        let mut missing: Option<(tokio::time::Instant, rdkafka::error::KafkaError)> = None;
+        let mut refused = None;
         loop {
+            let give_up = missing
+                .as_ref()
+                .map(|(since, _)| *since + self.missing_topic_timeout);
             let received = tokio::select! {
                 biased;
                 () = shutdown.as_mut() => break,
+                () = sleep_until(give_up) => {
+                    // Partitions assigned after all: the report was passing (a
+                    // cluster coming back), not a topic that is not there.
+                    let assigned = self.consumer.assignment().is_ok_and(|a| a.count() > 0);
+                    match missing.take() {
+                        Some((_, e)) if !assigned => {
+                            refused = Some(e);
+                            break;
+                        }
+                        _ => continue,
+                    }
+                }
                 received = self.consumer.recv() => received.map(|m| m.detach()),
             };
             match received {
                 Ok(message) => {
+                    missing = None;
                     let at = (
                         message.topic().to_owned(),
                         message.partition(),
@@ -294,6 +380,18 @@ impl TracedConsumer {
                     }
                 }
                 Err(e) => {
+                    match fatality(&e) {
+                        Some(Fatality::Refused) => {
+                            refused = Some(e);
+                            break;
+                        }
+                        Some(Fatality::MissingTopic) if missing.is_none() => {
+                            tracing::warn!(target: "mqtrace", error = %e, "a subscribed topic is missing");
+                            missing = Some((tokio::time::Instant::now(), e));
+                            continue;
+                        }
+                        _ => {}
+                    }
                     tracing::warn!(target: "mqtrace", error = %e, "Kafka consumer error");
                     // Errors repeat quickly while the cluster is away.
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -308,7 +406,16 @@ impl TracedConsumer {
                 .load(Ordering::Relaxed)
                 .saturating_sub(failed_before),
         );
-        counters.snapshot()
+        match refused {
+            Some(error) => {
+                tracing::error!(target: "mqtrace", error = %error, "the Kafka cluster refused the consumer; stopping");
+                Err(ConsumeError::Refused {
+                    error,
+                    stats: counters.snapshot(),
+                })
+            }
+            None => Ok(counters.snapshot()),
+        }
     }
 
     /// Commits the position after the last settled record of each partition still

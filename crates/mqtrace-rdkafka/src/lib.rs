@@ -73,7 +73,7 @@
 //! use mqtrace_rdkafka::{TracedConsumer, TracedProducer};
 //! use rdkafka::ClientConfig;
 //!
-//! # async fn run() -> Result<(), rdkafka::error::KafkaError> {
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut config = ClientConfig::new();
 //! config.set("bootstrap.servers", "127.0.0.1:9092");
 //! let instrumenter = Instrumenter::default();
@@ -90,7 +90,7 @@
 //!         },
 //!         tokio::time::sleep(std::time::Duration::from_secs(3600)),
 //!     )
-//!     .await;
+//!     .await?;
 //! println!("{stats:?}");
 //! # Ok(()) }
 //! ```
@@ -107,7 +107,7 @@ mod process;
 mod producer;
 
 pub use carrier::{HeadersExtractor, OwnedHeadersInjector};
-pub use consumer::{LagContext, Record, TracedConsumer};
+pub use consumer::{ConsumeError, LagContext, Record, TracedConsumer};
 pub use describe::{error_type, Server};
 pub use ext::{FutureProducerExt, FutureRecordExt, MessageExt};
 pub use mqtrace::settle::ConsumerStats;

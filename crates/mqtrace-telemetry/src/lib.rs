@@ -23,7 +23,9 @@
 //! - Batch span processor, configured by `OTEL_BSP_*`; sampler from
 //!   `OTEL_TRACES_SAMPLER` / `_ARG`; `OTEL_SDK_DISABLED=true` installs nothing.
 //! - The global text-map propagator is set to the builder's [`Propagation`] (W3C trace
-//!   context and baggage by default).
+//!   context and baggage by default), and so is mqtrace's default
+//!   ([`Propagation::set_default`]): instrumenters not given formats of their own
+//!   use the same ones.
 //!
 //! The exporter runs on a small runtime of its own (one thread), so exporting never
 //! depends on the application's runtime: a collector that is down or hanging delays
@@ -307,6 +309,8 @@ impl TelemetryBuilder {
         let provider = provider.build();
         if self.install_global {
             global::set_tracer_provider(provider.clone());
+            // The same formats for mqtrace's instrumenters as for everything else.
+            Propagation::set_default(self.propagation.clone());
             global::set_text_map_propagator(self.propagation);
         }
         Ok(TelemetryGuard {

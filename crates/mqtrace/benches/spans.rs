@@ -8,9 +8,10 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::FutureExt as _;
 use mqtrace::embedded::{HeaderExtractor, HeaderInjector, Headers};
+use mqtrace::settle::{Forward, Routes, Settlement, Settler};
 use mqtrace::{
-    Conventions, Disposition, Inbound, Instrumenter, MessageDescription, MessagingSystem,
-    OperationType,
+    Conventions, Disposition, ForwardKind, Inbound, Instrumenter, MessageDescription,
+    MessagingSystem, OperationType,
 };
 use opentelemetry::propagation::Extractor;
 use opentelemetry::Context;
@@ -53,6 +54,34 @@ impl Inbound for Incoming {
     }
     fn body(&self) -> &[u8] {
         &self.body
+    }
+}
+
+/// A broker whose settlement costs nothing: what the lifecycle itself adds.
+struct FreeSettle;
+
+impl Settler for FreeSettle {
+    type Error = std::convert::Infallible;
+    fn routes(&self) -> Routes<'_> {
+        Routes::forward_retries("orders")
+    }
+    fn describe_forward(&self, _: ForwardKind, target: &str) -> MessageDescription {
+        MessageDescription::new(MessagingSystem::Kafka, OperationType::Send).destination(target)
+    }
+    fn forward(&self, _: Forward<'_>) -> impl std::future::Future<Output = bool> + Send {
+        std::future::ready(true)
+    }
+    fn settle_name(&self, _: Settlement) -> Option<&'static str> {
+        Some("commit")
+    }
+    fn settle(
+        self,
+        _: Settlement,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        std::future::ready(Ok(()))
+    }
+    fn error_type(error: &Self::Error) -> String {
+        match *error {}
     }
 }
 
@@ -101,6 +130,20 @@ fn recipes(c: &mut Criterion) {
                     .now_or_never()
                     .expect("ready");
                 processed.finish(Disposition::Settle).is_ok()
+            })
+        });
+        // The same, ended through the core's lifecycle (decide, settle, record).
+        group.bench_function(format!("process+settle/{mode}"), |b| {
+            b.iter(|| {
+                let processed = instrumenter
+                    .process(black_box(&incoming), async { Ok(()) })
+                    .now_or_never()
+                    .expect("ready");
+                instrumenter
+                    .settle(processed, FreeSettle)
+                    .now_or_never()
+                    .expect("ready")
+                    .is_done()
             })
         });
     }

@@ -257,7 +257,7 @@ pub struct InstrumenterBuilder {
     tracer: Option<BoxedTracer>,
     conventions: Conventions,
     parenting: ProcessParenting,
-    propagation: Propagation,
+    propagation: Option<Propagation>,
     capture_headers: Vec<String>,
     on_start: Arc<dyn OnStart>,
     retry: RetryPolicy,
@@ -317,9 +317,12 @@ impl InstrumenterBuilder {
         self
     }
 
-    /// The propagation formats (default: W3C trace context and baggage).
+    /// The propagation formats (default: the process's default, see
+    /// [`Propagation::set_default`]: what the telemetry set-up installed, taken at
+    /// the first inject or extract after it did; W3C trace context and baggage
+    /// until then).
     pub fn propagation(mut self, propagation: Propagation) -> Self {
-        self.propagation = propagation;
+        self.propagation = Some(propagation);
         self
     }
 
@@ -353,7 +356,10 @@ impl InstrumenterBuilder {
     /// Finishes the instrumenter.
     pub fn build(self) -> Instrumenter {
         Instrumenter {
-            propagation: Arc::new(self.propagation),
+            propagation: match self.propagation {
+                Some(p) => PropagationSource::Given(Arc::new(p)),
+                None => PropagationSource::Default(Arc::default()),
+            },
             settle_spans: self.settle_spans,
             inner: Arc::new(Inner {
                 tracer: match self.tracer {
@@ -366,6 +372,27 @@ impl InstrumenterBuilder {
                 on_start: self.on_start,
                 retry: self.retry,
             }),
+        }
+    }
+}
+
+/// The formats: given to the builder, or the process's default, resolved when
+/// first used (so an instrumenter made before the telemetry set-up still uses what
+/// the set-up installed).
+#[derive(Clone)]
+enum PropagationSource {
+    Given(Arc<Propagation>),
+    Default(Arc<std::sync::OnceLock<Propagation>>),
+}
+
+impl fmt::Debug for PropagationSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Given(p) => p.fmt(f),
+            Self::Default(cell) => match cell.get() {
+                Some(p) => p.fmt(f),
+                None => f.write_str("(the process default, not yet used)"),
+            },
         }
     }
 }
@@ -396,7 +423,7 @@ struct Inner {
 pub struct Instrumenter {
     inner: Arc<Inner>,
     // Beside `inner`, so an adapter can swap formats cheaply (`with_propagation`).
-    propagation: Arc<Propagation>,
+    propagation: PropagationSource,
     settle_spans: bool,
 }
 
@@ -428,7 +455,7 @@ impl Instrumenter {
             tracer: None,
             conventions: Conventions::from_env(),
             parenting: ProcessParenting::default(),
-            propagation: Propagation::default(),
+            propagation: None,
             capture_headers: Vec::new(),
             on_start: Arc::new(()),
             retry: RetryPolicy::default(),
@@ -468,7 +495,16 @@ impl Instrumenter {
 
     /// The propagation formats.
     pub fn propagation(&self) -> &Propagation {
-        &self.propagation
+        match &self.propagation {
+            PropagationSource::Given(p) => p,
+            PropagationSource::Default(cell) => match cell.get() {
+                Some(p) => p,
+                None => match Propagation::installed_default() {
+                    Some(installed) => cell.get_or_init(|| installed),
+                    None => Propagation::builtin(),
+                },
+            },
+        }
     }
 
     /// The same instrumenter with other propagation formats: what adapters use
@@ -477,7 +513,7 @@ impl Instrumenter {
     pub fn with_propagation(&self, propagation: Propagation) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
-            propagation: Arc::new(propagation),
+            propagation: PropagationSource::Given(Arc::new(propagation)),
             settle_spans: self.settle_spans,
         }
     }
@@ -671,7 +707,7 @@ impl Instrumenter {
 
     /// Injects a span's context into outgoing headers.
     pub fn inject(&self, span: &MessagingSpan, carrier: &mut dyn Injector) {
-        self.propagation.inject(span.context(), carrier);
+        self.propagation().inject(span.context(), carrier);
     }
 
     /// Injects within a header budget (SQS allows 10 attributes): each format whole
@@ -682,13 +718,13 @@ impl Instrumenter {
         carrier: &mut dyn Injector,
         budget: usize,
     ) -> usize {
-        self.propagation
+        self.propagation()
             .inject_within(span.context(), carrier, budget)
     }
 
     /// Extracts a message's remote context, from an empty context.
     pub fn extract(&self, carrier: &dyn Extractor) -> Context {
-        self.propagation.extract(carrier)
+        self.propagation().extract(carrier)
     }
 
     /// Starts the `process` span (CONSUMER) of a message, per the parenting switch.
@@ -1013,7 +1049,7 @@ impl Instrumenter {
     pub fn is_managed_header(&self, key: &str) -> bool {
         forward::is_mqtrace_header(key)
             || self
-                .propagation
+                .propagation()
                 .header_fields()
                 .iter()
                 .any(|f| f.eq_ignore_ascii_case(key))

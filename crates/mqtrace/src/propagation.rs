@@ -197,7 +197,49 @@ impl PropagationBuilder {
     }
 }
 
+/// The process's default formats, set by the telemetry set-up.
+static DEFAULT: std::sync::RwLock<Option<Propagation>> = std::sync::RwLock::new(None);
+/// Whether [`DEFAULT`] was ever set: the lock is not touched until then.
+static DEFAULT_SET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// W3C trace context and baggage, while no default is set.
+static BUILTIN: std::sync::LazyLock<Propagation> = std::sync::LazyLock::new(Propagation::default);
+
 impl Propagation {
+    /// Makes `propagation` the formats of every [`crate::Instrumenter`] not told
+    /// otherwise: each takes it at its first inject or extract once a default is
+    /// set, and keeps it (until then, W3C trace context and baggage). `mqtrace-telemetry` calls
+    /// this when it installs its propagator globally, so the headers mqtrace writes
+    /// and reads are those the rest of the process uses.
+    pub fn set_default(propagation: Propagation) {
+        let mut slot = DEFAULT
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *slot = Some(propagation);
+        DEFAULT_SET.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The default given to [`Propagation::set_default`], if any.
+    pub(crate) fn installed_default() -> Option<Propagation> {
+        if !DEFAULT_SET.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        DEFAULT
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// W3C trace context and baggage, shared.
+    pub(crate) fn builtin() -> &'static Propagation {
+        &BUILTIN
+    }
+
+    /// The process's default formats: those given to [`Propagation::set_default`],
+    /// else W3C trace context and baggage.
+    pub fn current_default() -> Propagation {
+        Self::installed_default().unwrap_or_default()
+    }
+
     /// Starts an empty set.
     pub fn builder() -> PropagationBuilder {
         PropagationBuilder::default()

@@ -144,7 +144,7 @@ async fn main() -> Result<(), Failure> {
                 }
             },
         )
-        .await;
+        .await?;
     println!("billing: {stats:?}");
 
     // Flush before exit: blocking calls, off the async threads.

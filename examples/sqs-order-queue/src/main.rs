@@ -133,7 +133,7 @@ async fn main() -> Result<(), Failure> {
                 }
             },
         )
-        .await;
+        .await?;
     println!("fulfilment: {stats:?}");
 
     // Flush before exit: blocking calls, off the async threads.

@@ -51,7 +51,8 @@ async fn batch_of_25_is_three_requests_with_a_context_per_message() {
                 when_count(&seen, 25),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     let spans = h.spans(25 + 3 + 25).await;
     let creates: Vec<_> = spans
         .iter()

@@ -96,7 +96,7 @@ async fn collector_unreachable_then_hanging_then_back() {
     )
     .await;
     stop.notify_one();
-    let stats = within(30, consumer).await.unwrap();
+    let stats = within(30, consumer).await.unwrap().unwrap();
 
     let sent = per_phase * reports.len();
     let processed = deliveries.all();

@@ -55,7 +55,8 @@ async fn transient_failure_is_redelivered_after_the_visibility_timeout() {
                 when_count(&calls, 2),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!((stats.retried, stats.settled), (1, 1));
     assert!(h.drain(&url).await.is_empty());
     assert_tree(
@@ -112,7 +113,8 @@ async fn permanent_failure_goes_to_the_dead_letter_queue_with_metadata() {
                 when_count(&calls, 1),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(stats.dead_lettered, 1);
     assert!(h.drain(&url).await.is_empty(), "deleted from the source");
     let dead = h.drain(&dlq).await;
@@ -200,7 +202,8 @@ async fn redrive_policy_moves_a_failing_message_to_the_queues_dlq() {
             },
         ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 2, "maxReceiveCount receives");
     assert_eq!(
         (stats.retried, stats.dropped, stats.dead_lettered),
@@ -243,7 +246,8 @@ async fn delete_spans_when_asked() {
                 when_count(&calls, 1),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_tree(
         &h.render(3, TreeOptions::only(&["messaging.operation.type"]))
             .await,
@@ -289,7 +293,8 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
                 when_count(&calls, 2),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!((stats.retried, stats.settled), (1, 1));
     assert!(h.drain(&url).await.is_empty());
     let spans = h.spans(3).await;
@@ -298,4 +303,39 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
         .filter(|s| s.attr("error.type").and_then(|v| v.as_str()) == Some("panic"))
         .count();
     assert_eq!(panicked, 1);
+}
+
+/// A consumer of a queue that does not exist stops with SQS's error instead of
+/// polling forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_queue_stops_the_consumer_with_an_error() {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let url = h.queue("exists-briefly", &[]).await;
+    h.client
+        .delete_queue()
+        .queue_url(&url)
+        .send()
+        .await
+        .unwrap();
+    let outcome = within(
+        30,
+        TracedConsumer::new(h.client.clone(), &url, &instrumenter)
+            .wait_time_seconds(1)
+            .run_until(
+                |_| async { HandlerResult::Ok(()) },
+                std::future::pending::<()>(),
+            ),
+    )
+    .await;
+    match outcome {
+        Err(mqtrace_aws_sqs::ConsumeError::Refused { code, stats, .. }) => {
+            assert!(
+                code.contains("NonExistentQueue") || code.contains("QueueDoesNotExist"),
+                "{code}"
+            );
+            assert_eq!((stats.settled, stats.receive_failures), (0, 1));
+        }
+        other => panic!("expected the consumer to be refused, got {other:?}"),
+    }
 }

@@ -50,7 +50,8 @@ async fn order_flow(conventions: Conventions) -> String {
                 when_count(&seen, 1),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(stats.settled, 1);
     assert!(h.drain(&url).await.is_empty(), "deleted");
     h.render(4, normalised()).await
@@ -151,7 +152,8 @@ async fn fifo_groups_are_recorded_and_kept_in_order() {
                 when_count(&seen, 6),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     let order = order.lock().unwrap().clone();
     assert_eq!(order["even"], [0, 2, 4]);
     assert_eq!(order["odd"], [1, 3, 5]);

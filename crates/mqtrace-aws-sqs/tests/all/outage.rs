@@ -123,7 +123,7 @@ async fn consumer_side_endpoint_down_and_back() {
     })
     .await;
     all_seen.notify_one();
-    let stats = within(30, run).await.unwrap();
+    let stats = within(30, run).await.unwrap().unwrap();
     let processed = processed.lock().unwrap().clone();
     let distinct: BTreeSet<usize> = processed.iter().copied().collect();
     let lost = (0..MESSAGES).filter(|i| !distinct.contains(i)).count();

@@ -127,7 +127,8 @@ async fn empty_and_large_bodies_are_processed_unchanged() {
                 when_count(&count, bodies.len()),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(stats.settled, 3);
     let mut got = received.lock().unwrap().clone();
     got.sort_by_key(String::len);
@@ -186,7 +187,8 @@ async fn a_dead_letter_copy_near_the_size_limit_keeps_what_fits() {
                 when_count(&calls, 1),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(stats.dead_lettered, 1);
     assert!(h.drain(&url).await.is_empty());
     let dead = h.drain(&dlq).await;

@@ -78,7 +78,8 @@ async fn consumer_killed_between_handler_and_delete() {
                 async move { done.notified().await },
             ),
     )
-    .await;
+    .await
+    .unwrap();
     let after = processed.lock().unwrap().clone();
     let all: BTreeSet<usize> = by_killed.iter().chain(&after).copied().collect();
     let lost = (0..MESSAGES).filter(|i| !all.contains(i)).count();
@@ -119,5 +120,6 @@ async fn child() {
             },
             std::future::pending::<()>(),
         )
-        .await;
+        .await
+        .unwrap();
 }

@@ -81,10 +81,13 @@ impl Soak {
                     async move { stop.notified().await },
                 )
                 .await;
-            format!(
-                "settled {}, dead-lettered {}, commit failures {}",
-                s.settled, s.dead_lettered, s.settle_failures
-            )
+            match s {
+                Ok(s) => format!(
+                    "settled {}, dead-lettered {}, commit failures {}",
+                    s.settled, s.dead_lettered, s.settle_failures
+                ),
+                Err(e) => format!("the consumer stopped: {e}"),
+            }
         });
         Ok(Self {
             bootstrap,

@@ -98,7 +98,7 @@ async fn consumer_side_broker_killed_and_restarted() {
     })
     .await;
     stop.notify_one();
-    let stats = within(30, run).await.unwrap();
+    let stats = within(30, run).await.unwrap().unwrap();
     assert_eq!(stats.settled as usize, processed.lock().unwrap().len());
     // Records whose commit the group does not hold are waiting: the next consumer
     // of the group gets them (duplicates allowed). The restarted tansu now and then
@@ -123,7 +123,8 @@ async fn consumer_side_broker_killed_and_restarted() {
                 reached,
             ),
         )
-        .await;
+        .await
+        .unwrap();
     }
     let processed = processed.lock().unwrap().clone();
     let distinct: BTreeSet<usize> = processed.iter().copied().collect();

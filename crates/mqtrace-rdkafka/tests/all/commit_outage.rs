@@ -77,7 +77,8 @@ async fn consumer_stopped_while_the_cluster_is_away_commits_and_stops() {
                         },
                         async move { stop.notified().await },
                     )
-                    .await;
+                    .await
+                    .unwrap();
                 drop(consumer);
                 stats
             });

@@ -12,7 +12,7 @@ use mqtrace::forward::{
     ORIGINAL_TRACEPARENT_HEADER,
 };
 use mqtrace::{HandlerError, HandlerResult};
-use mqtrace_rdkafka::Record;
+use mqtrace_rdkafka::{Record, TracedConsumer};
 use mqtrace_testing::TreeOptions;
 use rdkafka::consumer::Consumer as _;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -61,7 +61,8 @@ async fn transient_failures_go_through_the_retry_topic_in_one_trace() {
                 when_count(&calls, 3),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(
         (stats.retried, stats.settled, stats.dead_lettered),
         (2, 1, 0)
@@ -139,7 +140,8 @@ async fn permanent_failures_are_dead_lettered_and_nothing_is_lost() {
             when_count(&seen, 10),
         ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(
         (stats.settled, stats.dead_lettered, stats.retried),
         (6, 4, 0)
@@ -184,7 +186,8 @@ async fn permanent_failures_are_dead_lettered_and_nothing_is_lost() {
             when_count(&seen_dead, 4),
         ),
     )
-    .await;
+    .await
+    .unwrap();
     let dead = dead.lock().unwrap();
     let mut dead_keys = Vec::new();
     for record in dead.iter() {
@@ -239,7 +242,8 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
             when_count(&calls, 3),
         ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!((stats.retried, stats.settled), (1, 2));
     let spans = h.spans(2 + 3 + 1).await;
     let panicked = spans
@@ -247,4 +251,42 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
         .filter(|s| s.attr("error.type").and_then(|v| v.as_str()) == Some("panic"))
         .count();
     assert_eq!(panicked, 1, "the process span says it panicked");
+}
+
+/// A consumer whose topic does not exist stops with an error instead of waiting
+/// forever, and handles nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_stops_the_consumer_with_an_error() {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let mut config = h.consumer_config();
+    // librdkafka reports a missing subscribed topic after this long.
+    config.set("topic.metadata.propagation.max.ms", "1000");
+    let consumer = TracedConsumer::from_config(
+        &config,
+        &[&h.name("never-created")],
+        h.producer(&instrumenter),
+        instrumenter,
+    )
+    .unwrap()
+    .missing_topic_timeout(std::time::Duration::from_secs(1));
+    let outcome = within(
+        60,
+        consumer.run_until(
+            |_| async { HandlerResult::Ok(()) },
+            std::future::pending::<()>(),
+        ),
+    )
+    .await;
+    match outcome {
+        Err(mqtrace_rdkafka::ConsumeError::Refused { error, stats }) => {
+            assert_eq!(
+                error.rdkafka_error_code(),
+                Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition),
+                "{error}"
+            );
+            assert_eq!(stats.settled, 0);
+        }
+        other => panic!("expected the consumer to be refused, got {other:?}"),
+    }
 }

@@ -58,7 +58,8 @@ async fn order_flow(
                 when_count(&seen, 1),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(stats.settled, 1);
     h.render(if commit_spans { 4 } else { 3 }, normalised())
         .await
@@ -180,7 +181,8 @@ async fn missing_or_malformed_trace_headers_start_new_roots() {
             when_count(&seen, 2),
         ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(stats.settled, 2);
     assert_eq!(*offsets.lock().unwrap(), [0, 1]);
     assert_tree(
@@ -231,7 +233,8 @@ async fn consumer_lag_comes_from_the_statistics() {
             when_count(&seen, 5),
         ),
     )
-    .await;
+    .await
+    .unwrap();
     let spans = h.spans(10).await;
     let mut lags: Vec<(i64, i64)> = spans
         .iter()
@@ -329,7 +332,8 @@ async fn poll_spans_link_the_record_when_asked() {
                 when_count(&seen, 1),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_tree(
         &h.render(3, TreeOptions::only(&["messaging.operation.type"]))
             .await,

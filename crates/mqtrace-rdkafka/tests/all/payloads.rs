@@ -65,7 +65,8 @@ async fn empty_binary_and_one_mib_values_survive_a_retry_unchanged() {
                 when_count(&calls, 2 * bodies.len()),
             ),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(
         (stats.retried, stats.settled, stats.dead_lettered),
         (3, 3, 0)

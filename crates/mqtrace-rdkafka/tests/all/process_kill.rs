@@ -69,6 +69,7 @@ async fn consumer_killed_between_handler_and_commit() {
             ),
         )
         .await
+        .unwrap()
     };
     let after = processed.lock().unwrap().clone();
     let all: BTreeSet<usize> = by_killed.iter().chain(&after).copied().collect();
@@ -114,5 +115,6 @@ async fn child() {
             },
             std::future::pending::<()>(),
         )
-        .await;
+        .await
+        .unwrap();
 }

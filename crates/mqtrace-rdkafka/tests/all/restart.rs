@@ -54,9 +54,9 @@ async fn restarted_consumer_resumes_from_the_committed_offset() {
         }
     };
     // The first consumer stops after 12 records, the second takes the rest.
-    let first = within(60, consume(12)).await;
+    let first = within(60, consume(12)).await.unwrap();
     assert_eq!(first.settled, 12);
-    let second = within(60, consume(RECORDS - 12)).await;
+    let second = within(60, consume(RECORDS - 12)).await.unwrap();
     assert_eq!(second.settled, (RECORDS - 12) as u64);
 
     let processed = processed.lock().unwrap().clone();
