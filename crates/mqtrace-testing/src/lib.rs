@@ -7,6 +7,8 @@
 //!   times) to compare with the expected text.
 //! - [`brokers`]: the endpoints of the brokers the test script started, failing with
 //!   instructions when there are none.
+//! - [`examples`]: running an example binary against the brokers, and the span
+//!   tree the own-loop examples share.
 //! - [`faults`]: a proxy that refuses, hangs or forwards connections, and a
 //!   Kafka-protocol broker with durable storage that a test kills and restarts.
 #![forbid(unsafe_code)]
@@ -14,6 +16,7 @@
 pub mod bench;
 pub mod brokers;
 mod collector;
+pub mod examples;
 pub mod faults;
 mod span;
 mod tree_assert;

@@ -7,83 +7,15 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::FutureExt as _;
-use mqtrace::embedded::{HeaderExtractor, HeaderInjector, Headers};
-use mqtrace::settle::{Forward, Routes, Settlement, Settler};
+use mqtrace::embedded::{HeaderInjector, Headers};
 use mqtrace::{
-    Conventions, Disposition, ForwardKind, Inbound, Instrumenter, MessageDescription,
-    MessagingSystem, OperationType,
+    Conventions, Disposition, Instrumenter, MessageDescription, MessagingSystem, OperationType,
 };
-use opentelemetry::propagation::Extractor;
-use opentelemetry::Context;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, Span, SpanData, SpanProcessor};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 
-#[derive(Debug)]
-struct Discard;
+mod common;
 
-impl SpanProcessor for Discard {
-    fn on_start(&self, _: &mut Span, _: &Context) {}
-    fn on_end(&self, span: SpanData) {
-        black_box(span);
-    }
-    fn force_flush(&self) -> OTelSdkResult {
-        Ok(())
-    }
-    fn shutdown_with_timeout(&self, _: std::time::Duration) -> OTelSdkResult {
-        Ok(())
-    }
-}
-
-struct Incoming {
-    headers: Headers,
-    body: Vec<u8>,
-}
-
-impl Inbound for Incoming {
-    fn description(&self) -> MessageDescription {
-        let mut d = MessageDescription::new(MessagingSystem::Kafka, OperationType::Process)
-            .destination("orders")
-            .body_size(self.body.len());
-        d.partition = Some("3".into());
-        d.offset = Some(1234);
-        d.consumer_group = Some("billing".into());
-        d
-    }
-    fn headers(&self) -> impl Extractor + '_ {
-        HeaderExtractor(&self.headers)
-    }
-    fn body(&self) -> &[u8] {
-        &self.body
-    }
-}
-
-/// A broker whose settlement costs nothing: what the lifecycle itself adds.
-struct FreeSettle;
-
-impl Settler for FreeSettle {
-    type Error = std::convert::Infallible;
-    fn routes(&self) -> Routes<'_> {
-        Routes::forward_retries("orders")
-    }
-    fn describe_forward(&self, _: ForwardKind, target: &str) -> MessageDescription {
-        MessageDescription::new(MessagingSystem::Kafka, OperationType::Send).destination(target)
-    }
-    fn forward(&self, _: Forward<'_>) -> impl std::future::Future<Output = bool> + Send {
-        std::future::ready(true)
-    }
-    fn settle_name(&self, _: Settlement) -> Option<&'static str> {
-        Some("commit")
-    }
-    fn settle(
-        self,
-        _: Settlement,
-    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
-        std::future::ready(Ok(()))
-    }
-    fn error_type(error: &Self::Error) -> String {
-        match *error {}
-    }
-}
+use common::{Discard, FreeSettle, Incoming};
 
 fn recipes(c: &mut Criterion) {
     let mut group = c.benchmark_group("spans");

@@ -20,79 +20,14 @@
 )]
 
 use futures_util::FutureExt as _;
-use mqtrace::embedded::{HeaderExtractor, HeaderInjector, Headers};
-use mqtrace::settle::{Forward, Routes, Settlement, Settler};
-use mqtrace::{
-    Disposition, ForwardKind, Inbound, Instrumenter, MessageDescription, MessagingSystem,
-    OperationType,
-};
-use opentelemetry::propagation::Extractor;
-use opentelemetry::Context;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{SdkTracerProvider, Span, SpanData, SpanProcessor};
+use mqtrace::embedded::{HeaderInjector, Headers};
+use mqtrace::{Disposition, Instrumenter, MessageDescription, MessagingSystem, OperationType};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 
-#[derive(Debug)]
-struct Discard;
+#[path = "../benches/common/mod.rs"]
+mod common;
 
-impl SpanProcessor for Discard {
-    fn on_start(&self, _: &mut Span, _: &Context) {}
-    fn on_end(&self, span: SpanData) {
-        std::hint::black_box(span);
-    }
-    fn force_flush(&self) -> OTelSdkResult {
-        Ok(())
-    }
-    fn shutdown_with_timeout(&self, _: std::time::Duration) -> OTelSdkResult {
-        Ok(())
-    }
-}
-
-struct Incoming(Headers);
-
-impl Inbound for Incoming {
-    fn description(&self) -> MessageDescription {
-        let mut d = MessageDescription::new(MessagingSystem::Kafka, OperationType::Process)
-            .destination("orders")
-            .body_size(100);
-        d.partition = Some("3".into());
-        d.offset = Some(1234);
-        d.consumer_group = Some("billing".into());
-        d
-    }
-    fn headers(&self) -> impl Extractor + '_ {
-        HeaderExtractor(&self.0)
-    }
-    fn body(&self) -> &[u8] {
-        &[]
-    }
-}
-
-struct FreeSettle;
-
-impl Settler for FreeSettle {
-    type Error = std::convert::Infallible;
-    fn routes(&self) -> Routes<'_> {
-        Routes::forward_retries("orders")
-    }
-    fn describe_forward(&self, _: ForwardKind, target: &str) -> MessageDescription {
-        MessageDescription::new(MessagingSystem::Kafka, OperationType::Send).destination(target)
-    }
-    fn forward(&self, _: Forward<'_>) -> impl std::future::Future<Output = bool> + Send {
-        std::future::ready(true)
-    }
-    fn settle_name(&self, _: Settlement) -> Option<&'static str> {
-        Some("commit")
-    }
-    fn settle(
-        self,
-        _: Settlement,
-    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
-        std::future::ready(Ok(()))
-    }
-    fn error_type(error: &Self::Error) -> String {
-        match *error {}
-    }
-}
+use common::{Discard, FreeSettle, Incoming};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -108,7 +43,10 @@ fn main() {
     let span = instrumenter.start_send(&send, None);
     instrumenter.inject(&span, &mut HeaderInjector(&mut headers));
     span.end();
-    let incoming = Incoming(headers);
+    let incoming = Incoming {
+        headers,
+        body: vec![b'x'; 100],
+    };
     let mut done = 0;
     for _ in 0..n {
         let processed = instrumenter

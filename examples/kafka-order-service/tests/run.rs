@@ -11,19 +11,12 @@ use mqtrace_testing::{assert_tree, brokers, Collector, Forest, TreeOptions};
 async fn orders_are_traced_end_to_end() {
     let bootstrap = brokers::kafka_bootstrap();
     let collector = Collector::start().await.unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kafka-order-service"))
-        .env("KAFKA_BOOTSTRAP", &bootstrap)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.grpc_endpoint())
-        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = mqtrace_testing::examples::run(
+        env!("CARGO_BIN_EXE_kafka-order-service"),
+        &[("KAFKA_BOOTSTRAP", &bootstrap)],
+        &collector,
+    )
+    .await;
     assert!(
         stdout.contains("settled: 2, retried: 1, dead_lettered: 1"),
         "{stdout}"

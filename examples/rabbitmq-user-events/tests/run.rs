@@ -10,19 +10,12 @@ use mqtrace_testing::{brokers, unindent, Collector, Forest, TreeOptions};
 async fn user_events_are_traced_end_to_end() {
     let url = brokers::rabbitmq_url();
     let collector = Collector::start().await.unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rabbitmq-user-events"))
-        .env("AMQP_URL", &url)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.grpc_endpoint())
-        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = mqtrace_testing::examples::run(
+        env!("CARGO_BIN_EXE_rabbitmq-user-events"),
+        &[("AMQP_URL", &url)],
+        &collector,
+    )
+    .await;
     assert!(
         stdout.contains("audit: ConsumerStats { settled: 2, retried: 0, dead_lettered: 1"),
         "{stdout}"

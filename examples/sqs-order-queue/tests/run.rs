@@ -11,19 +11,12 @@ use mqtrace_testing::{brokers, Collector, Kind};
 async fn orders_are_traced_end_to_end() {
     let endpoint = brokers::sqs_endpoint();
     let collector = Collector::start().await.unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-order-queue"))
-        .env("SQS_ENDPOINT", &endpoint)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.grpc_endpoint())
-        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = mqtrace_testing::examples::run(
+        env!("CARGO_BIN_EXE_sqs-order-queue"),
+        &[("SQS_ENDPOINT", &endpoint)],
+        &collector,
+    )
+    .await;
     assert!(stdout.contains("request 1 sent 10 orders"), "{stdout}");
     assert!(stdout.contains("request 2 sent 2 orders"), "{stdout}");
     assert!(stdout.contains("settled: 11"), "{stdout}");
