@@ -25,11 +25,15 @@ const FINAL_COMMIT_ATTEMPTS: u32 = 10;
 /// How long one attempt of the final commit waits for the cluster's answer.
 const FINAL_COMMIT_WAIT: Duration = Duration::from_millis(500);
 
-/// The consumer's client context: keeps the high watermark of every partition
-/// from librdkafka's statistics, so lag costs no request per record, and counts
-/// the commits the cluster reported failed.
+/// A consumer context that keeps what mqtrace reads from librdkafka: the high
+/// watermark of every partition from its statistics (so lag costs no request per
+/// record), and the commits the cluster reported failed. [`TracedConsumer`] uses
+/// it; an own loop gets consumer lag on its process spans by creating its consumer
+/// with it (`config.create_with_context(StatsContext::default())`, with
+/// `statistics.interval.ms` set) and passing [`StatsContext::lag`] to
+/// [`crate::RecordTracer::process_lagging`].
 #[derive(Debug, Default)]
-pub struct LagContext {
+pub struct StatsContext {
     high: Mutex<HashMap<String, HashMap<i32, i64>>>,
     failed_commits: AtomicU64,
     /// The final commit while it waits for the cluster's answer.
@@ -54,15 +58,22 @@ impl FinalCommit {
     }
 }
 
-impl LagContext {
-    fn lag(&self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
+impl StatsContext {
+    /// Records behind the partition's high watermark after `record`, from the
+    /// latest statistics; `None` before the first statistics arrived.
+    pub fn lag<M: rdkafka::message::Message>(&self, record: &M) -> Option<i64> {
         let high = self.high.lock().ok()?;
-        let hi = *high.get(topic)?.get(&partition)?;
-        Some((hi - offset - 1).max(0))
+        let hi = *high.get(record.topic())?.get(&record.partition())?;
+        Some((hi - record.offset() - 1).max(0))
+    }
+
+    /// Commits the cluster reported failed so far.
+    pub fn failed_commits(&self) -> u64 {
+        self.failed_commits.load(Ordering::Relaxed)
     }
 }
 
-impl ClientContext for LagContext {
+impl ClientContext for StatsContext {
     fn stats(&self, statistics: Statistics) {
         let Ok(mut high) = self.high.lock() else {
             return;
@@ -78,7 +89,7 @@ impl ClientContext for LagContext {
     }
 }
 
-impl ConsumerContext for LagContext {
+impl ConsumerContext for StatsContext {
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Err(e) = &result {
             self.failed_commits.fetch_add(1, Ordering::Relaxed);
@@ -177,7 +188,7 @@ impl Record {
 /// that fails is not committed: the consumer seeks back to the record and handles
 /// it again, so the partition waits rather than lose it.
 pub struct TracedConsumer {
-    consumer: StreamConsumer<LagContext>,
+    consumer: StreamConsumer<StatsContext>,
     tracer: RecordTracer,
     missing_topic_timeout: Duration,
 }
@@ -251,8 +262,8 @@ impl TracedConsumer {
         if config.get("statistics.interval.ms").is_none() {
             config.set("statistics.interval.ms", "1000");
         }
-        let consumer: StreamConsumer<LagContext> =
-            config.create_with_context(LagContext::default())?;
+        let consumer: StreamConsumer<StatsContext> =
+            config.create_with_context(StatsContext::default())?;
         consumer.subscribe(topics)?;
         Ok(Self {
             consumer,
@@ -308,7 +319,7 @@ impl TracedConsumer {
     }
 
     /// The consumer.
-    pub fn inner(&self) -> &StreamConsumer<LagContext> {
+    pub fn inner(&self) -> &StreamConsumer<StatsContext> {
         &self.consumer
     }
 
@@ -511,10 +522,7 @@ impl TracedConsumer {
         Fut: Future<Output = HandlerResult>,
     {
         let inner = Arc::new(message);
-        let lag = self
-            .consumer
-            .context()
-            .lag(inner.topic(), inner.partition(), inner.offset());
+        let lag = self.consumer.context().lag(&*inner);
         let processed = self
             .tracer
             .process_lagging(&*inner, lag, |attempt| {

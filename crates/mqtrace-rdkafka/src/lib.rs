@@ -107,7 +107,7 @@ mod process;
 mod producer;
 
 pub use carrier::{HeadersExtractor, OwnedHeadersInjector};
-pub use consumer::{ConsumeError, LagContext, Record, TracedConsumer};
+pub use consumer::{ConsumeError, Record, StatsContext, TracedConsumer};
 pub use describe::{error_type, Server};
 pub use ext::{FutureProducerExt, FutureRecordExt, MessageExt};
 pub use mqtrace::settle::ConsumerStats;

@@ -153,7 +153,10 @@ impl RecordTracer {
         self.process_lagging(record, None, handler).await
     }
 
-    pub(crate) async fn process_lagging<M, F, Fut>(
+    /// [`RecordTracer::process`] with the record's consumer lag (records behind
+    /// its partition's high watermark), recorded as [`CONSUMER_LAG`]: from
+    /// [`crate::StatsContext::lag`] when the consumer was made with that context.
+    pub async fn process_lagging<M, F, Fut>(
         &self,
         record: &M,
         lag: Option<i64>,

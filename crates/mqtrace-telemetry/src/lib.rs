@@ -110,6 +110,7 @@ pub enum TelemetryError {
 
 /// Counts of spans through the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct ExportStats {
     /// Spans that ended and entered the export queue (or were dropped by it).
     pub ended: u64,

@@ -89,6 +89,7 @@ impl MessagingSystem {
 
 /// Where a message goes or comes from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Destination {
     /// `messaging.destination.name`: topic, queue, or RabbitMQ's composed name.
     pub name: Option<String>,
@@ -107,6 +108,7 @@ pub struct Destination {
 /// operation, and the message (or batch) it concerns. Fields that are `None` are
 /// left off the span.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct MessageDescription {
     /// The messaging system.
     pub system: MessagingSystem,

@@ -166,6 +166,7 @@ impl Message {
 
 /// A message as stored by the broker.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct StoredMessage {
     /// Broker-assigned id, unique per broker.
     pub id: u64,
@@ -206,6 +207,7 @@ pub enum BrokerError {
 
 /// How many messages a queue holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct QueueDepth {
     /// Waiting for a consumer.
     pub ready: usize,

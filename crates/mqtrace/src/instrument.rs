@@ -95,6 +95,7 @@ pub trait Inbound {
 
 /// What a start hook sees.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct MessageView<'a> {
     /// The operation's description.
     pub description: &'a MessageDescription,
@@ -243,6 +244,7 @@ impl Processed {
 
 /// The outcome of [`Instrumenter::process_batch`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct BatchProcessed {
     /// One result per message, in the order given.
     pub outcomes: Vec<HandlerResult>,

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use mqtrace::{Disposition, HandlerError, Settlement};
-use mqtrace_rdkafka::{FutureProducerExt as _, RecordTracer};
+use mqtrace_rdkafka::{FutureProducerExt as _, RecordTracer, StatsContext};
 use mqtrace_testing::TreeOptions;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Message as _;
@@ -98,4 +98,53 @@ async fn own_loop_gets_process_and_commit_spans_and_the_core_decides() {
                 commit own-RUN [CLIENT] messaging.operation.name="commit"
         "#,
     );
+}
+
+/// An own loop whose consumer keeps `StatsContext` gets consumer lag on its
+/// process spans, as the full consumer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_loop_records_consumer_lag_from_the_statistics() {
+    let h = Harness::start().await;
+    let topic = h.name("own-lag");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    let producer = h.producer(&instrumenter);
+    crate::helpers::send_numbered(&producer, &topic, 5).await;
+    let mut config = h.consumer_config();
+    config
+        .set("enable.auto.commit", "false")
+        .set("statistics.interval.ms", "100");
+    let consumer: StreamConsumer<StatsContext> =
+        config.create_with_context(StatsContext::default()).unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let tracer = RecordTracer::new(instrumenter, h.config().create().unwrap()).config(&config);
+    for _ in 0..5 {
+        let record = within(30, consumer.recv()).await.unwrap();
+        if record.offset() == 0 {
+            // Long enough for statistics to arrive.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        let lag = consumer.context().lag(&record);
+        let processed = tracer
+            .process_lagging(&record, lag, |_| async { Ok(()) })
+            .await;
+        tracer.settle(processed, &record, &consumer).await;
+    }
+    let spans = h.spans(10).await;
+    let mut lags: Vec<(i64, i64)> = spans
+        .iter()
+        .filter(|s| s.name.starts_with("process"))
+        .filter_map(|s| {
+            let offset = s.attr("messaging.kafka.offset")?.as_i64()?;
+            let lag = s.attr(mqtrace_rdkafka::CONSUMER_LAG)?.as_i64()?;
+            Some((offset, lag))
+        })
+        .collect();
+    lags.sort_unstable();
+    assert!(lags.len() >= 2, "{lags:?}");
+    assert!(
+        lags.iter().all(|&(offset, lag)| lag == 4 - offset),
+        "{lags:?}"
+    );
+    assert_eq!(lags.last(), Some(&(4, 0)));
 }
