@@ -70,8 +70,8 @@ use lambda_runtime::LambdaEvent;
 use mqtrace::propagation::{lookup, WithTraceHeader};
 use mqtrace::settle::{Forward, Routes, Settlement, Settler};
 use mqtrace::{
-    ForwardKind, HandlerResult, Inbound, Instrumenter, MessageDescription, MessagingSystem,
-    OperationType,
+    Attempt, ForwardKind, HandlerResult, Inbound, Instrumenter, MessageDescription,
+    MessagingSystem, OperationType,
 };
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::{FutureExt as _, SpanBuilder, SpanKind, TraceContextExt as _};
@@ -125,6 +125,21 @@ impl TracedSqsHandler {
         F: FnMut(&SqsMessage) -> Fut,
         Fut: Future<Output = HandlerResult>,
     {
+        self.handle_with(event, |record, _| handler(record)).await
+    }
+
+    /// [`TracedSqsHandler::handle`] for a handler that wants each record's
+    /// [`Attempt`] (its number from `ApproximateReceiveCount` and mqtrace's
+    /// counter, the budget, the record span's context).
+    pub async fn handle_with<F, Fut>(
+        &self,
+        event: LambdaEvent<SqsEvent>,
+        mut handler: F,
+    ) -> SqsBatchResponse
+    where
+        F: FnMut(&SqsMessage, Attempt) -> Fut,
+        Fut: Future<Output = HandlerResult>,
+    {
         let LambdaEvent { payload, context } = event;
         let records: Vec<Record<'_>> = payload.records.iter().map(Record).collect();
         let invocation = self.start_invocation(&context, &payload);
@@ -134,7 +149,7 @@ impl TracedSqsHandler {
         // queue's redrive policy to decide.
         let settled = self
             .instrumenter
-            .process_batch_settled(&batch, &records, |r, _| handler(r.0), || RecordSettler)
+            .process_batch_settled(&batch, &records, |r, a| handler(r.0, a), || RecordSettler)
             .with_context(invocation.clone())
             .await;
         let failed = settled

@@ -233,3 +233,34 @@ async fn tracing_spans_in_the_handler_nest_under_the_record_span() {
         "#,
     );
 }
+
+/// `handle_with` tells the handler each record's attempt: SQS's receive count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_are_told_each_records_attempt() {
+    let guard = TelemetryBuilder::default()
+        .service_name("orders-lambda")
+        .endpoint("http://127.0.0.1:9")
+        .install_global(false)
+        .build()
+        .unwrap();
+    let provider = guard.provider().unwrap().clone();
+    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let traced = TracedSqsHandler::new(&instrumenter, || {});
+    let event: SqsEvent = serde_json::from_str(include_str!("fixtures/traceparent.json")).unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    traced
+        .handle_with(
+            LambdaEvent::new(event, lambda_runtime::Context::default()),
+            |record, attempt| {
+                seen.lock().unwrap().push((
+                    record.message_id.clone().unwrap_or_default(),
+                    attempt.number(),
+                ));
+                async { HandlerResult::Ok(()) }
+            },
+        )
+        .await;
+    let seen = seen.into_inner().unwrap();
+    let attempts: Vec<u32> = seen.iter().map(|(_, a)| *a).collect();
+    assert_eq!(attempts, [1, 2], "{seen:?}");
+}
