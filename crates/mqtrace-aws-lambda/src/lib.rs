@@ -19,6 +19,13 @@
 //! made with the OpenTelemetry API or with `tracing` through
 //! `tracing-opentelemetry`, are children of the record span.
 //!
+//! # Your own loop over the records
+//!
+//! [`TracedSqsHandler::process_record`] runs a handler inside one record's span and
+//! [`TracedSqsHandler::settle_record`] ends it through the same lifecycle, saying
+//! whether the record goes into `batchItemFailures`; call
+//! [`TracedSqsHandler::flush`] before returning.
+//!
 //! # Examples
 //!
 //! ```no_run
@@ -71,7 +78,7 @@ use mqtrace::propagation::{lookup, WithTraceHeader};
 use mqtrace::settle::{Forward, Routes, Settlement, Settler};
 use mqtrace::{
     Attempt, ForwardKind, HandlerResult, Inbound, Instrumenter, MessageDescription,
-    MessagingSystem, OperationType,
+    MessagingSystem, OperationType, Processed,
 };
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::{FutureExt as _, SpanBuilder, SpanKind, TraceContextExt as _};
@@ -109,6 +116,39 @@ impl TracedSqsHandler {
             flush: Arc::new(flush),
             instrumenter: instrumenter.with_propagation(propagation),
             cold: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// For a loop of your own over the event's records: runs `handler` inside the
+    /// record's `process` span (CONSUMER, the record's producer as parent and
+    /// link, its attempt, queue time and error status), a child of the current
+    /// context. Then [`TracedSqsHandler::settle_record`] records what becomes of it
+    /// and tells whether it belongs in the partial batch response.
+    pub async fn process_record<F, Fut>(&self, record: &SqsMessage, handler: F) -> Processed
+    where
+        F: FnOnce(Attempt) -> Fut,
+        Fut: Future<Output = HandlerResult>,
+    {
+        self.instrumenter
+            .process_with(&Record(record), handler)
+            .await
+    }
+
+    /// Ends a record processed with [`TracedSqsHandler::process_record`] through
+    /// the core's lifecycle, as [`TracedSqsHandler::handle`] does: a success is
+    /// deleted by Lambda, a failure is left to SQS. Returns whether the record's
+    /// id goes into `batchItemFailures`.
+    pub async fn settle_record(&self, processed: Processed) -> bool {
+        let settled = self.instrumenter.settle(processed, RecordSettler).await;
+        settled.settlement != Settlement::Ack
+    }
+
+    /// Exports what is pending, off the async threads: call it before your own
+    /// handler returns ([`TracedSqsHandler::handle`] does).
+    pub async fn flush(&self) {
+        let flush = Arc::clone(&self.flush);
+        if let Err(e) = tokio::task::spawn_blocking(move || flush()).await {
+            tracing::debug!(target: "mqtrace", error = %e, "flush before return failed");
         }
     }
 
@@ -212,13 +252,6 @@ impl TracedSqsHandler {
             .start_span(builder, &Context::current())
             .context()
             .clone()
-    }
-
-    async fn flush(&self) {
-        let flush = Arc::clone(&self.flush);
-        if let Err(e) = tokio::task::spawn_blocking(move || flush()).await {
-            tracing::debug!(target: "mqtrace", error = %e, "flush before return failed");
-        }
     }
 }
 

@@ -264,3 +264,58 @@ async fn handlers_are_told_each_records_attempt() {
     let attempts: Vec<u32> = seen.iter().map(|(_, a)| *a).collect();
     assert_eq!(attempts, [1, 2], "{seen:?}");
 }
+
+/// A loop of one's own over the records: each record gets its process span as a
+/// child of the caller's context, with its producer as parent, and failures are
+/// reported for the partial batch response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_record_loop_gets_the_same_spans_and_decisions() {
+    let collector = Collector::start().await.unwrap();
+    let guard = TelemetryBuilder::default()
+        .service_name("orders-lambda")
+        .endpoint(collector.grpc_endpoint())
+        .install_global(false)
+        .build()
+        .unwrap();
+    let provider = guard.provider().unwrap().clone();
+    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let traced = TracedSqsHandler::new(&instrumenter, guard.flusher());
+    let event: SqsEvent = serde_json::from_str(include_str!("fixtures/traceparent.json")).unwrap();
+    let mut failures = Vec::new();
+    for (i, record) in event.records.iter().enumerate() {
+        let processed = traced
+            .process_record(record, |attempt| async move {
+                if i == 1 {
+                    Err(HandlerError::transient("stock service down").with_type("unavailable"))
+                } else {
+                    assert_eq!(attempt.number(), 1);
+                    Ok(())
+                }
+            })
+            .await;
+        if traced.settle_record(processed).await {
+            failures.push(record.message_id.clone().unwrap_or_default());
+        }
+    }
+    traced.flush().await;
+    assert_eq!(failures.len(), 1);
+    assert_eq!(Some(&failures[0]), event.records[1].message_id.as_ref());
+    // The producers' spans are not in this capture: parent and link point out
+    // of it, to the producer in the record's `traceparent`.
+    let spans = collector.exactly(&provider, 2).await;
+    assert_tree(
+        &Forest::new(spans).render(&TreeOptions::only(&[
+            "error.type",
+            "mqtrace.message.attempt",
+            "mqtrace.message.disposition",
+        ])),
+        r#"
+        trace #1
+        orders process [CONSUMER] (parent missing) mqtrace.message.attempt=1 mqtrace.message.disposition="settled"
+            ~> span not received
+        trace #2
+        orders process [CONSUMER] (parent missing) ERROR("stock service down") error.type="unavailable" mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
+            ~> span not received
+        "#,
+    );
+}
