@@ -11,13 +11,26 @@
 //! |---|---|---|---|---|---|
 //! | invocation | the function's name | SERVER | current context | — | `faas.trigger = pubsub`, `faas.invocation_id`, `faas.coldstart`, `cloud.provider = aws`, `cloud.region`, `cloud.account.id`, `cloud.resource_id` |
 //! | batch | `{queue} process`, or `multiple_sources process` | CONSUMER | invocation | every record's producer, with its message id | `messaging.system = aws_sqs`, `messaging.operation.type = process`, `messaging.batch.message_count`, `faas.trigger`, successes and failures; the queue when there is one |
-//! | record | `{queue} process` | CONSUMER | batch | the record's producer | message id, body size, receive count, queue time (`SentTimestamp`), attempt, `faas.trigger` |
+//! | record | `process {queue}` (the conventions' name) | CONSUMER | batch | the record's producer | message id, body size, receive count, queue time (`SentTimestamp`), attempt, `faas.trigger` |
 //!
 //! A record's producer context is read from its `messageAttributes` in the
 //! instrumenter's formats first (W3C by default), then from the `AWSTraceHeader`
 //! system attribute (X-Ray), which is what AWS itself propagates. Handler spans,
 //! made with the OpenTelemetry API or with `tracing` through
 //! `tracing-opentelemetry`, are children of the record span.
+//!
+//! # Partial batch responses need `ReportBatchItemFailures`
+//!
+//! The response lists the failed records (`batchItemFailures`) so that Lambda
+//! deletes only the others. Lambda reads it only when the event source mapping
+//! has `ReportBatchItemFailures` in its `FunctionResponseTypes`; without it, any
+//! response counts as success and the whole batch is deleted, failed records
+//! included. The handler cannot see the mapping: for a mapping without it, set
+//! [`TracedSqsHandler::partial_batch_responses`]`(false)`, and a failure fails
+//! the whole invocation instead ([`BatchFailed`]), so Lambda retries the batch.
+//!
+//! FIFO queues: once a record fails, the later records of its message group are
+//! not processed; they are reported with it, and the group keeps its order.
 //!
 //! # Your own loop over the records
 //!
@@ -77,11 +90,11 @@ use lambda_runtime::LambdaEvent;
 use mqtrace::propagation::{lookup, WithTraceHeader};
 use mqtrace::settle::{Forward, Routes, Settlement, Settler};
 use mqtrace::{
-    Attempt, ForwardKind, HandlerResult, Inbound, Instrumenter, MessageDescription,
+    Attempt, ForwardKind, HandlerError, HandlerResult, Inbound, Instrumenter, MessageDescription,
     MessagingSystem, OperationType, Processed,
 };
 use opentelemetry::propagation::Extractor;
-use opentelemetry::trace::{FutureExt as _, SpanBuilder, SpanKind, TraceContextExt as _};
+use opentelemetry::trace::{FutureExt as _, SpanBuilder, SpanKind, Status, TraceContextExt as _};
 use opentelemetry::{Context, KeyValue};
 
 /// `faas.trigger`.
@@ -93,6 +106,22 @@ pub struct TracedSqsHandler {
     flush: Arc<dyn Fn() + Send + Sync>,
     instrumenter: Instrumenter,
     cold: Arc<AtomicBool>,
+    partial: bool,
+}
+
+/// The whole batch failed, on purpose: partial batch responses are off
+/// ([`TracedSqsHandler::partial_batch_responses`]) and a record failed, so the
+/// invocation fails and Lambda hands the whole batch out again. Return it as the
+/// handler's error.
+#[derive(Debug, thiserror::Error)]
+#[error("{failed} of {total} records failed; the batch is failed whole so that Lambda retries it (partial batch responses are off)")]
+#[non_exhaustive]
+pub struct BatchFailed {
+    /// Records that failed (or were not processed, behind a failed one of their
+    /// FIFO message group).
+    pub failed: usize,
+    /// Records in the batch.
+    pub total: usize,
 }
 
 impl std::fmt::Debug for TracedSqsHandler {
@@ -116,7 +145,20 @@ impl TracedSqsHandler {
             flush: Arc::new(flush),
             instrumenter: instrumenter.with_propagation(propagation),
             cold: Arc::new(AtomicBool::new(true)),
+            partial: true,
         }
+    }
+
+    /// Whether failures are reported record by record in `batchItemFailures`
+    /// (default: on). That works only when the event source mapping has
+    /// `ReportBatchItemFailures` in its `FunctionResponseTypes`: without it Lambda
+    /// reads any response as success and deletes the whole batch, failed records
+    /// included. The handler cannot see the mapping's setting; for a mapping
+    /// without it, turn this off: any failure then fails the whole invocation
+    /// ([`BatchFailed`]), Lambda retries the batch, and nothing is lost.
+    pub fn partial_batch_responses(mut self, on: bool) -> Self {
+        self.partial = on;
+        self
     }
 
     /// For a loop of your own over the event's records: runs `handler` inside the
@@ -156,11 +198,19 @@ impl TracedSqsHandler {
     /// order, and returns the ids of the records that failed as the partial batch
     /// response. A failed record without a message id is reported with an empty
     /// id, which makes Lambda retry the whole batch: nothing is lost.
+    ///
+    /// Records of a FIFO queue keep their message group's order: once a record
+    /// fails, the later records of its group are not handed to the handler; they
+    /// are reported with it (their spans say `error.type = fifo_group_blocked`),
+    /// and SQS delivers the group again from the failed one.
+    ///
+    /// With [`TracedSqsHandler::partial_batch_responses`] off, any failure is
+    /// returned as [`BatchFailed`] instead.
     pub async fn handle<F, Fut>(
         &self,
         event: LambdaEvent<SqsEvent>,
         mut handler: F,
-    ) -> SqsBatchResponse
+    ) -> Result<SqsBatchResponse, BatchFailed>
     where
         F: FnMut(&SqsMessage) -> Fut,
         Fut: Future<Output = HandlerResult>,
@@ -175,7 +225,7 @@ impl TracedSqsHandler {
         &self,
         event: LambdaEvent<SqsEvent>,
         mut handler: F,
-    ) -> SqsBatchResponse
+    ) -> Result<SqsBatchResponse, BatchFailed>
     where
         F: FnMut(&SqsMessage, Attempt) -> Fut,
         Fut: Future<Output = HandlerResult>,
@@ -187,9 +237,44 @@ impl TracedSqsHandler {
         // Each record ends through the core's lifecycle: a failure is left to SQS
         // (listed in the partial batch response), whatever its kind, for the
         // queue's redrive policy to decide.
+        // FIFO message groups whose record failed in this batch: their later
+        // records wait, so that the group keeps its order.
+        let blocked: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
         let settled = self
             .instrumenter
-            .process_batch_settled(&batch, &records, |r, a| handler(r.0, a), || RecordSettler)
+            .process_batch_settled(
+                &batch,
+                &records,
+                |r, attempt| {
+                    let group = r.attribute("MessageGroupId").map(str::to_owned);
+                    let held = group.as_ref().is_some_and(|g| {
+                        blocked
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .contains(g)
+                    });
+                    let run = (!held).then(|| handler(r.0, attempt));
+                    let blocked = &blocked;
+                    async move {
+                        let Some(run) = run else {
+                            return Err(HandlerError::transient(format!(
+                                "not processed: an earlier record of message group {} failed",
+                                group.as_deref().unwrap_or_default()
+                            ))
+                            .with_type("fifo_group_blocked"));
+                        };
+                        let outcome = run.await;
+                        if let (Err(_), Some(group)) = (&outcome, group) {
+                            blocked
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .push(group);
+                        }
+                        outcome
+                    }
+                },
+                || RecordSettler,
+            )
             .with_context(invocation.clone())
             .await;
         let failed = settled
@@ -200,6 +285,13 @@ impl TracedSqsHandler {
             invocation
                 .span()
                 .set_attribute(KeyValue::new("mqtrace.batch.failed", failed as i64));
+        }
+        let whole = (!self.partial && failed > 0).then_some(BatchFailed {
+            failed,
+            total: settled.len(),
+        });
+        if let Some(e) = &whole {
+            invocation.span().set_status(Status::error(e.to_string()));
         }
         invocation.span().end();
         let failures = payload
@@ -214,9 +306,12 @@ impl TracedSqsHandler {
             })
             .collect();
         self.flush().await;
+        if let Some(e) = whole {
+            return Err(e);
+        }
         let mut response = SqsBatchResponse::default();
         response.batch_item_failures = failures;
-        response
+        Ok(response)
     }
 
     fn start_invocation(&self, context: &lambda_runtime::Context, event: &SqsEvent) -> Context {
@@ -328,7 +423,6 @@ impl Inbound for Record<'_> {
             .body_size(r.body.as_deref().map_or(0, str::len));
         if let Some(queue) = queue_of(r) {
             d.destination.name = Some(queue.to_owned());
-            d.span_name = Some(format!("{queue} process"));
         }
         d.message_id.clone_from(&r.message_id);
         d.extra.push(KeyValue::new(FAAS_TRIGGER, "pubsub"));

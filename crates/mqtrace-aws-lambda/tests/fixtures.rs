@@ -65,7 +65,8 @@ async fn invoke(fixture: &str) -> Run {
                 }
             }
         })
-        .await;
+        .await
+        .unwrap();
     // gRPC export finished inside `handle`: the collector has the spans now.
     let at_return = collector.spans();
     Run {
@@ -84,10 +85,13 @@ fn render(spans: &[RecordedSpan]) -> String {
 
 /// The linked trace ids of each span named `name`.
 /// Sorted, since spans arrive in the order they ended.
-fn link_traces(spans: &[RecordedSpan], name: &str) -> Vec<Vec<String>> {
+/// The link traces of the batch span (`{queue} process`) and the record spans
+/// (`process {queue}`) of a queue.
+fn link_traces(spans: &[RecordedSpan], queue: &str) -> Vec<Vec<String>> {
+    let (batch, record) = (format!("{queue} process"), format!("process {queue}"));
     let mut all: Vec<Vec<String>> = spans
         .iter()
-        .filter(|s| s.name == name)
+        .filter(|s| s.name == batch || s.name == record)
         .map(|s| {
             let mut l: Vec<String> = s.links.iter().map(|l| l.trace_id.clone()).collect();
             l.sort();
@@ -107,7 +111,7 @@ async fn message_attribute_contexts_are_linked_and_failures_reported() {
     // The first record has both a traceparent and an AWSTraceHeader: the message
     // attribute wins. Header keys are read without regard to case.
     assert_eq!(
-        link_traces(&run.at_return, "orders process"),
+        link_traces(&run.at_return, "orders"),
         [
             vec![W3C_A.to_owned()],
             vec![W3C_A.to_owned(), W3C_B.to_owned()],
@@ -116,7 +120,7 @@ async fn message_attribute_contexts_are_linked_and_failures_reported() {
     );
     let tree = render(&run.at_return);
     assert!(tree.starts_with("trace #1\norders-lambda [SERVER] faas.trigger=\"pubsub\"\n    orders process [CONSUMER] ERROR(\"1 of 2 messages failed\") faas.trigger=\"pubsub\""), "{tree}");
-    assert!(tree.contains("orders process [CONSUMER] ERROR(\"declined\") error.type=\"declined\" faas.trigger=\"pubsub\""), "{tree}");
+    assert!(tree.contains("process orders [CONSUMER] ERROR(\"declined\") error.type=\"declined\" faas.trigger=\"pubsub\""), "{tree}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +128,7 @@ async fn aws_trace_header_alone_is_enough() {
     let run = invoke(include_str!("fixtures/aws_trace_header.json")).await;
     assert!(run.failures.is_empty());
     assert_eq!(
-        link_traces(&run.at_return, "orders process"),
+        link_traces(&run.at_return, "orders"),
         [vec![XRAY.to_owned()], vec![XRAY.to_owned()]]
     );
     let invocation = run
@@ -156,7 +160,7 @@ async fn no_usable_context_means_no_link() {
         trace #1
         orders-lambda [SERVER] faas.trigger="pubsub"
             orders process [CONSUMER] ERROR("1 of 1 messages failed") faas.trigger="pubsub"
-                orders process [CONSUMER] ERROR("declined") error.type="declined" faas.trigger="pubsub"
+                process orders [CONSUMER] ERROR("declined") error.type="declined" faas.trigger="pubsub"
                     charge [INTERNAL]
         "#,
     );
@@ -167,15 +171,15 @@ async fn mixed_sources_name_the_batch_for_all_of_them() {
     let run = invoke(include_str!("fixtures/mixed_sources.json")).await;
     assert_eq!(run.failures, ["a1b2c3d4-0000-4000-8000-000000000002"]);
     assert_eq!(
-        link_traces(&run.at_return, "multiple_sources process"),
+        link_traces(&run.at_return, "multiple_sources"),
         [vec![W3C_A.to_owned(), XRAY.to_owned()]]
     );
     assert_eq!(
-        link_traces(&run.at_return, "orders process"),
+        link_traces(&run.at_return, "orders"),
         [vec![W3C_A.to_owned()]]
     );
     assert_eq!(
-        link_traces(&run.at_return, "payments process"),
+        link_traces(&run.at_return, "payments"),
         [vec![], vec![XRAY.to_owned()]]
     );
     let batch = run
@@ -218,7 +222,8 @@ async fn tracing_spans_in_the_handler_nest_under_the_record_span() {
                 .with_subscriber(dispatch.clone())
             },
         )
-        .await;
+        .await
+        .unwrap();
     assert!(response.batch_item_failures.is_empty());
     assert_tree(
         &Forest::new(collector.spans()).render(&TreeOptions::only(&[])),
@@ -227,7 +232,7 @@ async fn tracing_spans_in_the_handler_nest_under_the_record_span() {
         lambda [SERVER]
             orders process [CONSUMER]
                 ~> span not received messaging.message.id="c80e8021-a70a-42c7-a470-796e1186f753"
-                orders process [CONSUMER]
+                process orders [CONSUMER]
                     ~> span not received
                     reserve stock [INTERNAL]
         "#,
@@ -259,7 +264,8 @@ async fn handlers_are_told_each_records_attempt() {
                 async { HandlerResult::Ok(()) }
             },
         )
-        .await;
+        .await
+        .unwrap();
     let seen = seen.into_inner().unwrap();
     let attempts: Vec<u32> = seen.iter().map(|(_, a)| *a).collect();
     assert_eq!(attempts, [1, 2], "{seen:?}");
@@ -311,11 +317,129 @@ async fn own_record_loop_gets_the_same_spans_and_decisions() {
         ])),
         r#"
         trace #1
-        orders process [CONSUMER] (parent missing) mqtrace.message.attempt=1 mqtrace.message.disposition="settled"
+        process orders [CONSUMER] (parent missing) mqtrace.message.attempt=1 mqtrace.message.disposition="settled"
             ~> span not received
         trace #2
-        orders process [CONSUMER] (parent missing) ERROR("stock service down") error.type="unavailable" mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
+        process orders [CONSUMER] (parent missing) ERROR("stock service down") error.type="unavailable" mqtrace.message.attempt=2 mqtrace.message.disposition="retried"
             ~> span not received
         "#,
+    );
+}
+
+/// Runs `fixture` through a handler whose records fail when their body is
+/// `fail`; returns the bodies' message ids the handler saw and the response.
+async fn run_failing(
+    traced: &TracedSqsHandler,
+    fixture: &str,
+) -> (
+    Vec<String>,
+    Result<aws_lambda_events::event::sqs::SqsBatchResponse, mqtrace_aws_lambda::BatchFailed>,
+) {
+    let event: SqsEvent = serde_json::from_str(fixture).unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let response = traced
+        .handle(
+            LambdaEvent::new(event, lambda_runtime::Context::default()),
+            |record| {
+                seen.lock()
+                    .unwrap()
+                    .push(record.message_id.clone().unwrap_or_default());
+                let fail = record.body.as_deref() == Some("fail");
+                async move {
+                    if fail {
+                        Err(HandlerError::transient("inventory down").with_type("unavailable"))
+                    } else {
+                        HandlerResult::Ok(())
+                    }
+                }
+            },
+        )
+        .await;
+    (seen.into_inner().unwrap(), response)
+}
+
+fn ids(response: &aws_lambda_events::event::sqs::SqsBatchResponse) -> Vec<&str> {
+    response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect()
+}
+
+/// FIFO: once a record of a message group fails, the group's later records are
+/// not processed and go into the response with it; the other group, interleaved,
+/// goes on until its own failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_groups_stop_at_their_first_failure() {
+    let collector = Collector::start().await.unwrap();
+    let guard = TelemetryBuilder::default()
+        .service_name("orders-lambda")
+        .endpoint(collector.grpc_endpoint())
+        .install_global(false)
+        .build()
+        .unwrap();
+    let provider = guard.provider().unwrap().clone();
+    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let traced = TracedSqsHandler::new(&instrumenter, guard.flusher());
+    let (seen, response) = run_failing(&traced, include_str!("fixtures/fifo.json")).await;
+    assert_eq!(
+        seen,
+        ["a-1", "b-1", "a-2", "b-2", "b-3"],
+        "a-3 waits behind a-2"
+    );
+    assert_eq!(ids(&response.unwrap()), ["a-2", "a-3", "b-3"]);
+    let spans = collector.exactly(&provider, 8).await;
+    let mut options = TreeOptions::only(&["error.type", "mqtrace.message.disposition"]);
+    options.hide.push("faas.invocation_id".into());
+    assert_tree(
+        &Forest::new(spans).render(&options),
+        r#"
+        trace #1
+        lambda [SERVER]
+            orders.fifo process [CONSUMER] ERROR("3 of 6 messages failed")
+                process orders.fifo [CONSUMER] mqtrace.message.disposition="settled"
+                process orders.fifo [CONSUMER] mqtrace.message.disposition="settled"
+                process orders.fifo [CONSUMER] ERROR("inventory down") error.type="unavailable" mqtrace.message.disposition="retried"
+                process orders.fifo [CONSUMER] mqtrace.message.disposition="settled"
+                process orders.fifo [CONSUMER] ERROR("not processed: an earlier record of message group A failed") error.type="fifo_group_blocked" mqtrace.message.disposition="retried"
+                process orders.fifo [CONSUMER] ERROR("inventory down") error.type="unavailable" mqtrace.message.disposition="retried"
+        "#,
+    );
+}
+
+/// Without partial batch responses (a mapping without `ReportBatchItemFailures`)
+/// a failure fails the whole invocation, so Lambda retries the batch instead of
+/// deleting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_partial_responses_a_failure_fails_the_invocation() {
+    let collector = Collector::start().await.unwrap();
+    let guard = TelemetryBuilder::default()
+        .service_name("orders-lambda")
+        .endpoint(collector.grpc_endpoint())
+        .install_global(false)
+        .build()
+        .unwrap();
+    let provider = guard.provider().unwrap().clone();
+    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let traced =
+        TracedSqsHandler::new(&instrumenter, guard.flusher()).partial_batch_responses(false);
+    let (seen, response) = run_failing(&traced, include_str!("fixtures/fifo.json")).await;
+    assert_eq!(seen.len(), 5);
+    let failed = response.unwrap_err();
+    assert_eq!((failed.failed, failed.total), (3, 6));
+    // Nothing failing: the response as usual.
+    let (_, ok) = run_failing(&traced, include_str!("fixtures/aws_trace_header.json")).await;
+    assert!(ids(&ok.unwrap()).is_empty());
+    let spans = collector.exactly(&provider, 8 + 3).await;
+    let invocations: Vec<_> = spans
+        .iter()
+        .filter(|s| s.kind == mqtrace_testing::Kind::Server)
+        .collect();
+    assert_eq!(invocations.len(), 2);
+    assert!(
+        invocations
+            .iter()
+            .any(|s| matches!(&s.status, mqtrace_testing::SpanStatus::Error(m) if m.contains("3 of 6 records failed"))),
+        "{invocations:#?}"
     );
 }

@@ -79,8 +79,9 @@ async fn main() -> Result<(), Error> {
     let handle = |event: LambdaEvent<SqsEvent>| {
         let traced = traced.clone();
         async move {
-            let response: SqsBatchResponse =
-                traced.handle(event, |record| capture(record.clone())).await;
+            let response: SqsBatchResponse = traced
+                .handle(event, |record| capture(record.clone()))
+                .await?;
             Ok::<_, Error>(response)
         }
     };
