@@ -14,8 +14,10 @@
 //! | record | `process {queue}` (the conventions' name) | CONSUMER | batch | the record's producer | message id, body size, receive count, queue time (`SentTimestamp`), attempt, `faas.trigger` |
 //!
 //! A record's producer context is read from its `messageAttributes` in the
-//! instrumenter's formats first (W3C by default), then from the `AWSTraceHeader`
-//! system attribute (X-Ray), which is what AWS itself propagates. Handler spans,
+//! instrumenter's formats first (W3C by default), then, with
+//! [`TracedSqsHandler::sns_envelopes`], from the `MessageAttributes` of an SNS
+//! notification in its body (SNS to SQS without raw delivery), then from the
+//! `AWSTraceHeader` system attribute (X-Ray), which is what AWS itself propagates. Handler spans,
 //! made with the OpenTelemetry API or with `tracing` through
 //! `tracing-opentelemetry`, are children of the record span.
 //!
@@ -107,6 +109,7 @@ pub struct TracedSqsHandler {
     instrumenter: Instrumenter,
     cold: Arc<AtomicBool>,
     partial: bool,
+    sns: bool,
 }
 
 /// The whole batch failed, on purpose: partial batch responses are off
@@ -146,6 +149,7 @@ impl TracedSqsHandler {
             instrumenter: instrumenter.with_propagation(propagation),
             cold: Arc::new(AtomicBool::new(true)),
             partial: true,
+            sns: false,
         }
     }
 
@@ -161,6 +165,28 @@ impl TracedSqsHandler {
         self
     }
 
+    /// Whether records may be SNS notifications delivered to SQS without raw
+    /// message delivery (default: off). Their body is the SNS envelope, and the
+    /// producer's context sits in the envelope's `MessageAttributes`; when on, a
+    /// context missing from the record's own message attributes is read from
+    /// there (before `AWSTraceHeader`). A body that is not an SNS notification is
+    /// read as it is.
+    pub fn sns_envelopes(mut self, on: bool) -> Self {
+        self.sns = on;
+        self
+    }
+
+    fn record<'a>(&self, message: &'a SqsMessage) -> Record<'a> {
+        Record {
+            message,
+            envelope: if self.sns {
+                sns_attributes(message)
+            } else {
+                HashMap::new()
+            },
+        }
+    }
+
     /// For a loop of your own over the event's records: runs `handler` inside the
     /// record's `process` span (CONSUMER, the record's producer as parent and
     /// link, its attempt, queue time and error status), a child of the current
@@ -172,7 +198,7 @@ impl TracedSqsHandler {
         Fut: Future<Output = HandlerResult>,
     {
         self.instrumenter
-            .process_with(&Record(record), handler)
+            .process_with(&self.record(record), handler)
             .await
     }
 
@@ -231,7 +257,7 @@ impl TracedSqsHandler {
         Fut: Future<Output = HandlerResult>,
     {
         let LambdaEvent { payload, context } = event;
-        let records: Vec<Record<'_>> = payload.records.iter().map(Record).collect();
+        let records: Vec<Record<'_>> = payload.records.iter().map(|r| self.record(r)).collect();
         let invocation = self.start_invocation(&context, &payload);
         let batch = batch_description(&payload);
         // Each record ends through the core's lifecycle: a failure is left to SQS
@@ -253,7 +279,7 @@ impl TracedSqsHandler {
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .contains(g)
                     });
-                    let run = (!held).then(|| handler(r.0, attempt));
+                    let run = (!held).then(|| handler(r.message, attempt));
                     let blocked = &blocked;
                     async move {
                         let Some(run) = run else {
@@ -407,18 +433,53 @@ fn batch_description(event: &SqsEvent) -> MessageDescription {
     d
 }
 
-/// One record of the event, for the core.
-struct Record<'a>(&'a SqsMessage);
+/// One record of the event, for the core, with the string attributes of its SNS
+/// envelope when those are read.
+struct Record<'a> {
+    message: &'a SqsMessage,
+    envelope: HashMap<String, String>,
+}
+
+/// The `String` message attributes of an SNS notification in a record's body;
+/// empty when the body is not one.
+fn sns_attributes(record: &SqsMessage) -> HashMap<String, String> {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        #[serde(rename = "Type")]
+        kind: String,
+        #[serde(rename = "MessageAttributes", default)]
+        attributes: HashMap<String, EnvelopeAttribute>,
+    }
+    #[derive(serde::Deserialize)]
+    struct EnvelopeAttribute {
+        #[serde(rename = "Type")]
+        kind: String,
+        #[serde(rename = "Value")]
+        value: String,
+    }
+    let Some(body) = record.body.as_deref() else {
+        return HashMap::new();
+    };
+    match serde_json::from_str::<Envelope>(body) {
+        Ok(e) if e.kind == "Notification" => e
+            .attributes
+            .into_iter()
+            .filter(|(_, a)| a.kind.starts_with("String"))
+            .map(|(k, a)| (k, a.value))
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
 
 impl Record<'_> {
     fn attribute(&self, name: &str) -> Option<&str> {
-        self.0.attributes.get(name).map(String::as_str)
+        self.message.attributes.get(name).map(String::as_str)
     }
 }
 
 impl Inbound for Record<'_> {
     fn description(&self) -> MessageDescription {
-        let r = self.0;
+        let r = self.message;
         let mut d = MessageDescription::new(MessagingSystem::AwsSqs, OperationType::Process)
             .body_size(r.body.as_deref().map_or(0, str::len));
         if let Some(queue) = queue_of(r) {
@@ -431,13 +492,16 @@ impl Inbound for Record<'_> {
 
     fn headers(&self) -> impl Extractor + '_ {
         WithTraceHeader {
-            inner: Attributes(&self.0.message_attributes),
+            inner: WithEnvelope {
+                record: Attributes(&self.message.message_attributes),
+                envelope: &self.envelope,
+            },
             trace_header: self.attribute("AWSTraceHeader"),
         }
     }
 
     fn body(&self) -> &[u8] {
-        self.0.body.as_deref().unwrap_or_default().as_bytes()
+        self.message.body.as_deref().unwrap_or_default().as_bytes()
     }
 
     fn broker_timestamp(&self) -> Option<SystemTime> {
@@ -447,6 +511,27 @@ impl Inbound for Record<'_> {
 
     fn delivery_count(&self) -> Option<u32> {
         self.attribute("ApproximateReceiveCount")?.parse().ok()
+    }
+}
+
+/// A record's own attributes, then its SNS envelope's, key by key.
+struct WithEnvelope<'a> {
+    record: Attributes<'a>,
+    envelope: &'a HashMap<String, String>,
+}
+
+impl Extractor for WithEnvelope<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.record.get(key).or_else(|| {
+            let entries = self.envelope.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+            lookup(entries, key)
+        })
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        let mut keys = self.record.keys();
+        keys.extend(self.envelope.keys().map(String::as_str));
+        keys
     }
 }
 

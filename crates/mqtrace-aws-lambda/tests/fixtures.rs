@@ -443,3 +443,45 @@ async fn without_partial_responses_a_failure_fails_the_invocation() {
         "{invocations:#?}"
     );
 }
+
+/// SNS to SQS without raw delivery: the producer's context is inside the SNS
+/// envelope in the body. Read from there only when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_envelopes_carry_the_context_when_asked() {
+    for on in [false, true] {
+        let collector = Collector::start().await.unwrap();
+        let guard = TelemetryBuilder::default()
+            .service_name("orders-lambda")
+            .endpoint(collector.grpc_endpoint())
+            .install_global(false)
+            .build()
+            .unwrap();
+        let provider = guard.provider().unwrap().clone();
+        let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+        let traced = TracedSqsHandler::new(&instrumenter, guard.flusher()).sns_envelopes(on);
+        let event: SqsEvent =
+            serde_json::from_str(include_str!("fixtures/sns_envelope.json")).unwrap();
+        let response = traced
+            .handle(
+                LambdaEvent::new(event, lambda_runtime::Context::default()),
+                |_| async { HandlerResult::Ok(()) },
+            )
+            .await
+            .unwrap();
+        assert!(response.batch_item_failures.is_empty());
+        let spans = collector.exactly(&provider, 3).await;
+        let record = spans.iter().find(|s| s.name == "process orders").unwrap();
+        let linked: Vec<&str> = record.links.iter().map(|l| l.trace_id.as_str()).collect();
+        // Inside a batch, the record span's parent is the batch span, which
+        // links every record's producer too.
+        let batch = spans.iter().find(|s| s.name == "orders process").unwrap();
+        let batch_linked: Vec<&str> = batch.links.iter().map(|l| l.trace_id.as_str()).collect();
+        if on {
+            assert_eq!(linked, [W3C_A], "the envelope's traceparent");
+            assert_eq!(batch_linked, [W3C_A]);
+        } else {
+            assert!(linked.is_empty(), "{linked:?}");
+            assert!(batch_linked.is_empty(), "{batch_linked:?}");
+        }
+    }
+}
