@@ -110,6 +110,7 @@ pub struct TracedSqsHandler {
     cold: Arc<AtomicBool>,
     partial: bool,
     sns: bool,
+    invocation_span: bool,
 }
 
 /// The whole batch failed, on purpose: partial batch responses are off
@@ -150,6 +151,7 @@ impl TracedSqsHandler {
             cold: Arc::new(AtomicBool::new(true)),
             partial: true,
             sns: false,
+            invocation_span: true,
         }
     }
 
@@ -173,6 +175,14 @@ impl TracedSqsHandler {
     /// read as it is.
     pub fn sns_envelopes(mut self, on: bool) -> Self {
         self.sns = on;
+        self
+    }
+
+    /// Whether mqtrace makes the invocation's SERVER span (default: on). Turn it
+    /// off when lambda_runtime's own OpenTelemetry layer already makes one: the
+    /// batch span is then a child of the current context, that layer's span.
+    pub fn invocation_span(mut self, on: bool) -> Self {
+        self.invocation_span = on;
         self
     }
 
@@ -258,7 +268,9 @@ impl TracedSqsHandler {
     {
         let LambdaEvent { payload, context } = event;
         let records: Vec<Record<'_>> = payload.records.iter().map(|r| self.record(r)).collect();
-        let invocation = self.start_invocation(&context, &payload);
+        let invocation = self
+            .invocation_span
+            .then(|| self.start_invocation(&context, &payload));
         let batch = batch_description(&payload);
         // Each record ends through the core's lifecycle: a failure is left to SQS
         // (listed in the partial batch response), whatever its kind, for the
@@ -301,25 +313,26 @@ impl TracedSqsHandler {
                 },
                 || RecordSettler,
             )
-            .with_context(invocation.clone())
+            .with_context(invocation.clone().unwrap_or_else(Context::current))
             .await;
         let failed = settled
             .iter()
             .filter(|s| s.settlement != Settlement::Ack)
             .count();
-        if failed > 0 {
-            invocation
-                .span()
-                .set_attribute(KeyValue::new("mqtrace.batch.failed", failed as i64));
-        }
         let whole = (!self.partial && failed > 0).then_some(BatchFailed {
             failed,
             total: settled.len(),
         });
-        if let Some(e) = &whole {
-            invocation.span().set_status(Status::error(e.to_string()));
+        if let Some(invocation) = &invocation {
+            let span = invocation.span();
+            if failed > 0 {
+                span.set_attribute(KeyValue::new("mqtrace.batch.failed", failed as i64));
+            }
+            if let Some(e) = &whole {
+                span.set_status(Status::error(e.to_string()));
+            }
+            span.end();
         }
-        invocation.span().end();
         let failures = payload
             .records
             .iter()

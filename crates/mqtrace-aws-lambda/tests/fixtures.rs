@@ -10,7 +10,7 @@ use mqtrace::{HandlerError, HandlerResult, Instrumenter};
 use mqtrace_aws_lambda::TracedSqsHandler;
 use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::{assert_tree, Collector, Forest, RecordedSpan, TreeOptions};
-use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
+use opentelemetry::trace::{Span as _, TraceContextExt as _, Tracer as _, TracerProvider as _};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use tracing::Instrument as _;
 
@@ -484,4 +484,47 @@ async fn sns_envelopes_carry_the_context_when_asked() {
             assert!(batch_linked.is_empty(), "{batch_linked:?}");
         }
     }
+}
+
+/// Under lambda_runtime's own OpenTelemetry layer, mqtrace's invocation span can
+/// be left out: the batch span is then a child of the current span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invocation_span_can_be_left_to_the_runtime() {
+    let collector = Collector::start().await.unwrap();
+    let guard = TelemetryBuilder::default()
+        .service_name("orders-lambda")
+        .endpoint(collector.grpc_endpoint())
+        .install_global(false)
+        .build()
+        .unwrap();
+    let provider = guard.provider().unwrap().clone();
+    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let traced = TracedSqsHandler::new(&instrumenter, guard.flusher()).invocation_span(false);
+    let event: SqsEvent = serde_json::from_str(include_str!("fixtures/no_context.json")).unwrap();
+    // What lambda_runtime's layer would have made around the handler.
+    let runtime_span = provider
+        .tracer("lambda_runtime")
+        .start("runtime invocation");
+    let cx = opentelemetry::Context::current_with_span(runtime_span);
+    let response = {
+        let _attached = cx.clone().attach();
+        traced
+            .handle(
+                LambdaEvent::new(event, lambda_runtime::Context::default()),
+                |_| async { HandlerResult::Ok(()) },
+            )
+            .await
+            .unwrap()
+    };
+    assert!(response.batch_item_failures.is_empty());
+    cx.span().end();
+    assert_tree(
+        &Forest::new(collector.exactly(&provider, 3).await).render(&TreeOptions::only(&[])),
+        r#"
+        trace #1
+        runtime invocation [INTERNAL]
+            orders process [CONSUMER]
+                process orders [CONSUMER]
+        "#,
+    );
 }
