@@ -34,6 +34,10 @@
 //! FIFO queues: once a record fails, the later records of its message group are
 //! not processed; they are reported with it, and the group keeps its order.
 //!
+//! Permanent failures go back to SQS like transient ones unless a dead-letter
+//! queue is set ([`TracedSqsHandler::dead_letter_queue`]): then they are sent there
+//! with mqtrace's failure metadata and leave the batch.
+//!
 //! # Your own loop over the records
 //!
 //! [`TracedSqsHandler::process_record`] runs a handler inside one record's span and
@@ -111,6 +115,14 @@ pub struct TracedSqsHandler {
     partial: bool,
     sns: bool,
     invocation_span: bool,
+    dead_letter: Option<Arc<DeadLetter>>,
+}
+
+/// Where permanent failures go, and the client that sends them.
+#[derive(Debug)]
+struct DeadLetter {
+    tracer: mqtrace_aws_sqs::MessageTracer,
+    queue_url: String,
 }
 
 /// The whole batch failed, on purpose: partial batch responses are off
@@ -152,6 +164,7 @@ impl TracedSqsHandler {
             partial: true,
             sns: false,
             invocation_span: true,
+            dead_letter: None,
         }
     }
 
@@ -175,6 +188,27 @@ impl TracedSqsHandler {
     /// read as it is.
     pub fn sns_envelopes(mut self, on: bool) -> Self {
         self.sns = on;
+        self
+    }
+
+    /// Permanent failures (and records whose retry budget is spent, by their
+    /// receive count) are sent to this queue through `client`, with the same
+    /// metadata as every mqtrace dead letter (`mqtrace-error-type`,
+    /// `mqtrace-error-message`, `mqtrace-failed-at`, `mqtrace-attempt`,
+    /// `mqtrace-original-traceparent`, within SQS's limits) and the original
+    /// body; once SQS has accepted the copy, the record counts as done and Lambda
+    /// deletes it. Without one (the default), every failure is reported in
+    /// `batchItemFailures` and the queue's redrive policy decides.
+    pub fn dead_letter_queue(
+        mut self,
+        client: aws_sdk_sqs::Client,
+        queue_url: impl Into<String>,
+    ) -> Self {
+        let queue_url = queue_url.into();
+        self.dead_letter = Some(Arc::new(DeadLetter {
+            tracer: mqtrace_aws_sqs::MessageTracer::new(client, &queue_url, &self.instrumenter),
+            queue_url,
+        }));
         self
     }
 
@@ -216,9 +250,19 @@ impl TracedSqsHandler {
     /// the core's lifecycle, as [`TracedSqsHandler::handle`] does: a success is
     /// deleted by Lambda, a failure is left to SQS. Returns whether the record's
     /// id goes into `batchItemFailures`.
-    pub async fn settle_record(&self, processed: Processed) -> bool {
-        let settled = self.instrumenter.settle(processed, RecordSettler).await;
+    pub async fn settle_record(&self, record: &SqsMessage, processed: Processed) -> bool {
+        let settled = self
+            .instrumenter
+            .settle(processed, self.settler(record))
+            .await;
         settled.settlement != Settlement::Ack
+    }
+
+    fn settler<'a>(&'a self, record: &'a SqsMessage) -> RecordSettler<'a> {
+        RecordSettler {
+            record,
+            dead_letter: self.dead_letter.as_deref(),
+        }
     }
 
     /// Exports what is pending, off the async threads: call it before your own
@@ -311,7 +355,7 @@ impl TracedSqsHandler {
                         outcome
                     }
                 },
-                || RecordSettler,
+                |r| self.settler(r.message),
             )
             .with_context(invocation.clone().unwrap_or_else(Context::current))
             .await;
@@ -390,23 +434,39 @@ impl TracedSqsHandler {
 }
 
 /// A record's settlement: Lambda deletes the records the response does not list,
-/// and leaves those it lists to SQS.
-struct RecordSettler;
+/// and leaves those it lists to SQS; dead letters go out through the SQS adapter.
+struct RecordSettler<'a> {
+    record: &'a SqsMessage,
+    dead_letter: Option<&'a DeadLetter>,
+}
 
-impl Settler for RecordSettler {
+impl Settler for RecordSettler<'_> {
     type Error = std::convert::Infallible;
 
     fn routes(&self) -> Routes<'_> {
-        Routes::broker_retries().leave_undeliverable(true)
+        Routes::broker_retries()
+            .dead_letter(self.dead_letter.map(|d| d.queue_url.as_str()))
+            .leave_undeliverable(true)
     }
 
     fn describe_forward(&self, _: ForwardKind, target: &str) -> MessageDescription {
-        MessageDescription::new(MessagingSystem::AwsSqs, OperationType::Send).destination(target)
+        let mut d = MessageDescription::new(MessagingSystem::AwsSqs, OperationType::Send)
+            .body_size(self.record.body.as_deref().map_or(0, str::len));
+        d.destination.name = Some(mqtrace_aws_sqs::queue_name(target).to_owned());
+        d
     }
 
-    fn forward(&self, _: Forward<'_>) -> impl Future<Output = bool> + Send {
-        // No forward route is declared: never called.
-        std::future::ready(false)
+    fn forward(&self, forward: Forward<'_>) -> impl Future<Output = bool> + Send {
+        let copy = self
+            .dead_letter
+            .map(|d| d.tracer.forward_copy(&sdk_message(self.record), forward));
+        async move {
+            match copy {
+                Some(copy) => copy.await,
+                // No dead-letter route is declared without a queue: never called.
+                None => false,
+            }
+        }
     }
 
     fn settle_name(&self, _: Settlement) -> Option<&'static str> {
@@ -421,6 +481,38 @@ impl Settler for RecordSettler {
     fn error_type(error: &Self::Error) -> String {
         match *error {}
     }
+}
+
+/// A record as the SDK's message, for the SQS adapter's dead-letter copy: body,
+/// id, message attributes and the system attributes a copy keeps.
+fn sdk_message(record: &SqsMessage) -> aws_sdk_sqs::types::Message {
+    use aws_sdk_sqs::primitives::Blob;
+    use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName};
+    let attributes = record
+        .message_attributes
+        .iter()
+        .filter_map(|(k, v)| {
+            let value = MessageAttributeValue::builder()
+                .set_data_type(v.data_type.clone())
+                .set_string_value(v.string_value.clone())
+                .set_binary_value(v.binary_value.as_ref().map(|b| Blob::new(b.0.clone())))
+                .build()
+                .ok()?;
+            Some((k.clone(), value))
+        })
+        .collect();
+    let system = record
+        .attributes
+        .iter()
+        .filter(|(k, _)| matches!(k.as_str(), "AWSTraceHeader" | "MessageGroupId"))
+        .map(|(k, v)| (MessageSystemAttributeName::from(k.as_str()), v.clone()))
+        .collect();
+    Message::builder()
+        .set_message_id(record.message_id.clone())
+        .set_body(record.body.clone())
+        .set_message_attributes(Some(attributes))
+        .set_attributes(Some(system))
+        .build()
 }
 
 /// The queue name of an event source ARN (its last `:` field).

@@ -299,7 +299,7 @@ async fn own_record_loop_gets_the_same_spans_and_decisions() {
                 }
             })
             .await;
-        if traced.settle_record(processed).await {
+        if traced.settle_record(record, processed).await {
             failures.push(record.message_id.clone().unwrap_or_default());
         }
     }
@@ -527,4 +527,120 @@ async fn the_invocation_span_can_be_left_to_the_runtime() {
                 process orders [CONSUMER]
         "#,
     );
+}
+
+fn sqs_client() -> aws_sdk_sqs::Client {
+    use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+    aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("eu-west-1"))
+            .endpoint_url(mqtrace_testing::brokers::sqs_endpoint())
+            .credentials_provider(Credentials::new("test", "test", None, None, "lambda-tests"))
+            .build(),
+    )
+}
+
+/// With a dead-letter queue, a permanent failure is sent there (on the harness's
+/// SQS emulator) with mqtrace's metadata and leaves the response; a transient one
+/// is still reported for SQS to hand out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_go_to_the_dead_letter_queue() {
+    let client = sqs_client();
+    let dead = client
+        .create_queue()
+        .queue_name(format!("lambda-dead-{:08x}", std::process::id()))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let collector = Collector::start().await.unwrap();
+    let guard = TelemetryBuilder::default()
+        .service_name("orders-lambda")
+        .endpoint(collector.grpc_endpoint())
+        .install_global(false)
+        .build()
+        .unwrap();
+    let provider = guard.provider().unwrap().clone();
+    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let traced = TracedSqsHandler::new(&instrumenter, guard.flusher())
+        .dead_letter_queue(client.clone(), &dead);
+    // traceparent.json: the second record's body is "fail".
+    let event: SqsEvent = serde_json::from_str(include_str!("fixtures/traceparent.json")).unwrap();
+    let permanent_id = event.records[1].message_id.clone().unwrap();
+    let response = traced
+        .handle(
+            LambdaEvent::new(event.clone(), lambda_runtime::Context::default()),
+            |record| {
+                let fail = record.body.as_deref() == Some("fail");
+                async move {
+                    if fail {
+                        Err(HandlerError::permanent("declined").with_type("declined"))
+                    } else {
+                        HandlerResult::Ok(())
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        ids(&response).is_empty(),
+        "dead-lettered, so deleted: {response:?}"
+    );
+    let copies = client
+        .receive_message()
+        .queue_url(&dead)
+        .message_attribute_names("All")
+        .wait_time_seconds(1)
+        .send()
+        .await
+        .unwrap()
+        .messages
+        .unwrap_or_default();
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].body(), Some("fail"));
+    let attribute = |name: &str| {
+        copies[0]
+            .message_attributes()
+            .and_then(|a| a.get(name))
+            .and_then(|v| v.string_value())
+            .map(str::to_owned)
+    };
+    assert_eq!(attribute("mqtrace-error-type").as_deref(), Some("declined"));
+    assert_eq!(
+        attribute("mqtrace-error-message").as_deref(),
+        Some("declined")
+    );
+    assert!(attribute("mqtrace-failed-at").is_some());
+    let spans = collector.exactly(&provider, 5).await;
+    let forward = spans
+        .iter()
+        .find(|s| s.kind == mqtrace_testing::Kind::Producer)
+        .unwrap();
+    assert_eq!(
+        forward.name,
+        format!("send {}", dead.rsplit('/').next().unwrap())
+    );
+    let dead_lettered = spans
+        .iter()
+        .find(|s| {
+            s.attr("mqtrace.message.disposition")
+                .and_then(|v| v.as_str())
+                == Some("dead_lettered")
+                && s.kind == mqtrace_testing::Kind::Consumer
+        })
+        .unwrap();
+    assert_eq!(
+        forward.parent_span_id.as_deref(),
+        Some(dead_lettered.span_id.as_str())
+    );
+    assert_eq!(
+        dead_lettered
+            .attr("messaging.message.id")
+            .and_then(|v| v.as_str()),
+        Some(permanent_id.as_str())
+    );
+    let _ = client.delete_queue().queue_url(&dead).send().await;
 }

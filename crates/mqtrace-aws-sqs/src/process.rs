@@ -130,6 +130,106 @@ impl MessageTracer {
         &self.client
     }
 
+    /// Publishes a copy of `message` for a forward of the core's lifecycle (a
+    /// dead letter): the original body with the user's attributes, then as much
+    /// of mqtrace's metadata and the trace context as the 10 attributes and the
+    /// size limit allow (trace context whole or not at all), and `AWSTraceHeader`;
+    /// a FIFO message keeps its group. True once SQS accepted it. What a
+    /// [`Settler`] of another SQS-fed consumer (the Lambda adapter's) calls.
+    pub fn forward_copy<'f>(
+        &self,
+        message: &Message,
+        mut forward: Forward<'f>,
+    ) -> impl Future<Output = bool> + Send + 'f {
+        let body = message.body().unwrap_or_default();
+        let mut attributes = MessageAttributes::new();
+        if let Some(original) = message.message_attributes() {
+            for (k, v) in original {
+                if !forward.replaces(k) {
+                    attributes.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let mut staged = std::mem::take(&mut forward.headers);
+        let trace_header = staged
+            .remove(XRAY_FIELD)
+            .or_else(|| staged.remove("X-Amzn-Trace-Id"));
+        let (trace, mut metadata): (Vec<_>, Vec<_>) = staged
+            .into_iter()
+            .partition(|(k, _)| forward.is_trace_context(k));
+        let mut room = MAX_MESSAGE_ATTRIBUTES.saturating_sub(attributes.len());
+        // Metadata and context go only while the copy stays within the size limit
+        // (if the message itself is within it): a copy too big to send would
+        // leave the message cycling instead of dead-lettered.
+        let mut size = message_size(body, &attributes);
+        let limit = if size <= self.max_message_bytes {
+            self.max_message_bytes
+        } else {
+            usize::MAX
+        };
+        // A string attribute's share of the size.
+        let cost = |k: &str, v: &str| k.len() + "String".len() + v.len();
+        let mut injector = MessageAttributesInjector(&mut attributes);
+        metadata.sort_by_key(|(k, _)| metadata_rank(k));
+        for (k, v) in metadata {
+            if room == 0 {
+                break;
+            }
+            if size + cost(&k, &v) > limit {
+                continue;
+            }
+            size += cost(&k, &v);
+            injector.set(&k, v);
+            room -= 1;
+        }
+        let trace_cost: usize = trace.iter().map(|(k, v)| cost(k, v)).sum();
+        if trace.len() <= room && size + trace_cost <= limit {
+            for (k, v) in trace {
+                injector.set(&k, v);
+            }
+        }
+        let mut request = self
+            .client
+            .send_message()
+            .queue_url(forward.target)
+            .message_body(body)
+            .set_message_attributes(Some(attributes).filter(|a| !a.is_empty()));
+        if let Some(value) = trace_header {
+            if let Ok(v) = MessageSystemAttributeValue::builder()
+                .data_type("String")
+                .string_value(value)
+                .build()
+            {
+                request = request.message_system_attributes(
+                    MessageSystemAttributeNameForSends::AwsTraceHeader,
+                    v,
+                );
+            }
+        }
+        if let Some(group) = system_attribute(message, &MessageSystemAttributeName::MessageGroupId)
+        {
+            request = request
+                .message_group_id(group)
+                .message_deduplication_id(message.message_id().unwrap_or_default());
+        }
+        let span = forward.span;
+        async move {
+            let result = request.send().await;
+            match &result {
+                Ok(out) => {
+                    if let Some(id) = out.message_id() {
+                        span.set_attribute(KeyValue::new(
+                            mqtrace::conventions::attr::MESSAGING_MESSAGE_ID,
+                            id.to_owned(),
+                        ));
+                    }
+                }
+                Err(e) => span.record_failure(&error_type(e), e),
+            }
+            result.is_ok()
+        }
+    }
+
     pub(crate) fn incoming<'a>(&'a self, message: &'a Message) -> Incoming<'a> {
         Incoming {
             message,
@@ -261,99 +361,8 @@ impl Settler for SqsSettler<'_> {
             .body_size(self.message.body().unwrap_or_default().len())
     }
 
-    /// Sends the original body with the user's attributes, then as much of
-    /// mqtrace's metadata and the trace context as the 10 attributes and the size
-    /// limit allow (trace context whole or not at all), and `AWSTraceHeader`.
-    fn forward(&self, mut forward: Forward<'_>) -> impl Future<Output = bool> + Send {
-        let message = self.message;
-        let body = message.body().unwrap_or_default();
-        let mut attributes = MessageAttributes::new();
-        if let Some(original) = message.message_attributes() {
-            for (k, v) in original {
-                if !forward.replaces(k) {
-                    attributes.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        let mut staged = std::mem::take(&mut forward.headers);
-        let trace_header = staged
-            .remove(XRAY_FIELD)
-            .or_else(|| staged.remove("X-Amzn-Trace-Id"));
-        let (trace, mut metadata): (Vec<_>, Vec<_>) = staged
-            .into_iter()
-            .partition(|(k, _)| forward.is_trace_context(k));
-        let mut room = MAX_MESSAGE_ATTRIBUTES.saturating_sub(attributes.len());
-        // Metadata and context go only while the copy stays within the size limit
-        // (if the message itself is within it): a copy too big to send would
-        // leave the message cycling instead of dead-lettered.
-        let mut size = message_size(body, &attributes);
-        let limit = if size <= self.tracer.max_message_bytes {
-            self.tracer.max_message_bytes
-        } else {
-            usize::MAX
-        };
-        // A string attribute's share of the size.
-        let cost = |k: &str, v: &str| k.len() + "String".len() + v.len();
-        let mut injector = MessageAttributesInjector(&mut attributes);
-        metadata.sort_by_key(|(k, _)| metadata_rank(k));
-        for (k, v) in metadata {
-            if room == 0 {
-                break;
-            }
-            if size + cost(&k, &v) > limit {
-                continue;
-            }
-            size += cost(&k, &v);
-            injector.set(&k, v);
-            room -= 1;
-        }
-        let trace_cost: usize = trace.iter().map(|(k, v)| cost(k, v)).sum();
-        if trace.len() <= room && size + trace_cost <= limit {
-            for (k, v) in trace {
-                injector.set(&k, v);
-            }
-        }
-        let mut request = self
-            .tracer
-            .client
-            .send_message()
-            .queue_url(forward.target)
-            .message_body(body)
-            .set_message_attributes(Some(attributes).filter(|a| !a.is_empty()));
-        if let Some(value) = trace_header {
-            if let Ok(v) = MessageSystemAttributeValue::builder()
-                .data_type("String")
-                .string_value(value)
-                .build()
-            {
-                request = request.message_system_attributes(
-                    MessageSystemAttributeNameForSends::AwsTraceHeader,
-                    v,
-                );
-            }
-        }
-        if let Some(group) = system_attribute(message, &MessageSystemAttributeName::MessageGroupId)
-        {
-            request = request
-                .message_group_id(group)
-                .message_deduplication_id(message.message_id().unwrap_or_default());
-        }
-        let span = forward.span;
-        async move {
-            let result = request.send().await;
-            match &result {
-                Ok(out) => {
-                    if let Some(id) = out.message_id() {
-                        span.set_attribute(KeyValue::new(
-                            mqtrace::conventions::attr::MESSAGING_MESSAGE_ID,
-                            id.to_owned(),
-                        ));
-                    }
-                }
-                Err(e) => span.record_failure(&error_type(e), e),
-            }
-            result.is_ok()
-        }
+    fn forward(&self, forward: Forward<'_>) -> impl Future<Output = bool> + Send {
+        self.tracer.forward_copy(self.message, forward)
     }
 
     fn settle_name(&self, settlement: Settlement) -> Option<&'static str> {

@@ -183,7 +183,10 @@ async fn publishing_through_a_broker_restart_loses_nothing() {
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Slower while the restart is under way, so that it happens while
+            // messages are still being published, however slow the machine is.
+            let restarting = restart.as_ref().is_some_and(|r| !r.is_finished());
+            tokio::time::sleep(Duration::from_millis(if restarting { 100 } else { 20 })).await;
         }
     })
     .await;

@@ -867,7 +867,7 @@ impl Instrumenter {
                 batch,
                 messages,
                 |m, _| handler(m),
-                |processed| std::future::ready(processed.end_unsettled()),
+                |_, processed| std::future::ready(processed.end_unsettled()),
             )
             .await;
         BatchProcessed {
@@ -882,10 +882,10 @@ impl Instrumenter {
     /// with a settler from `settler_for`: what a batch consumer whose broker
     /// settles per message uses (Lambda's partial batch response). The handler is
     /// told each message's [`Attempt`].
-    pub async fn process_batch_settled<M, F, Fut, S, G>(
+    pub async fn process_batch_settled<'m, M, F, Fut, S, G>(
         &self,
         batch: &MessageDescription,
-        messages: &[M],
+        messages: &'m [M],
         handler: F,
         mut settler_for: G,
     ) -> Vec<crate::settle::Settled>
@@ -893,12 +893,12 @@ impl Instrumenter {
         M: Inbound,
         F: FnMut(&M, Attempt) -> Fut,
         Fut: Future<Output = HandlerResult>,
-        S: crate::settle::Settler,
-        G: FnMut() -> S,
+        S: crate::settle::Settler + 'm,
+        G: FnMut(&'m M) -> S,
     {
         let (settled, _) = self
-            .run_batch(batch, messages, handler, |processed| {
-                self.settle(processed, settler_for())
+            .run_batch(batch, messages, handler, |message, processed| {
+                self.settle(processed, settler_for(message))
             })
             .await;
         settled
@@ -906,10 +906,10 @@ impl Instrumenter {
 
     /// The batch span and one process span per message, each handed to `finish`
     /// once its handler is done; returns what `finish` made and how many failed.
-    async fn run_batch<M, F, Fut, E, EFut, T>(
+    async fn run_batch<'m, M, F, Fut, E, EFut, T>(
         &self,
         batch: &MessageDescription,
-        messages: &[M],
+        messages: &'m [M],
         mut handler: F,
         mut finish: E,
     ) -> (Vec<T>, usize)
@@ -917,7 +917,7 @@ impl Instrumenter {
         M: Inbound,
         F: FnMut(&M, Attempt) -> Fut,
         Fut: Future<Output = HandlerResult>,
-        E: FnMut(Processed) -> EFut,
+        E: FnMut(&'m M, Processed) -> EFut,
         EFut: Future<Output = T>,
     {
         let mut d = batch.clone();
@@ -969,7 +969,7 @@ impl Instrumenter {
                 original,
                 description,
             };
-            out.push(finish(processed).await);
+            out.push(finish(message, processed).await);
         }
         batch_span.set_attribute(KeyValue::new(
             attr::BATCH_SUCCEEDED,
