@@ -460,13 +460,16 @@ impl Settler for RecordSettler<'_> {
         let copy = self
             .dead_letter
             .map(|d| d.tracer.forward_copy(&sdk_message(self.record), forward));
-        async move {
+        // Boxed: the SDK's request future is deep, and this path is the rare one;
+        // unboxed, it would take every handler's future past the compiler's
+        // default type-depth limit.
+        Box::pin(async move {
             match copy {
                 Some(copy) => copy.await,
                 // No dead-letter route is declared without a queue: never called.
                 None => false,
             }
-        }
+        })
     }
 
     fn settle_name(&self, _: Settlement) -> Option<&'static str> {
