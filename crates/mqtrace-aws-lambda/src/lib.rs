@@ -71,7 +71,7 @@
 //!                         HandlerResult::Ok(())
 //!                     }
 //!                 })
-//!                 .await;
+//!                 .await?;
 //!             Ok::<_, Error>(response)
 //!         }
 //!     }))
