@@ -116,6 +116,7 @@ pub struct TracedSqsHandler {
     sns: bool,
     invocation_span: bool,
     dead_letter: Option<Arc<DeadLetter>>,
+    concurrency: usize,
 }
 
 /// Where permanent failures go, and the client that sends them.
@@ -165,6 +166,7 @@ impl TracedSqsHandler {
             sns: false,
             invocation_span: true,
             dead_letter: None,
+            concurrency: 1,
         }
     }
 
@@ -209,6 +211,14 @@ impl TracedSqsHandler {
             tracer: mqtrace_aws_sqs::MessageTracer::new(client, &queue_url, &self.instrumenter),
             queue_url,
         }));
+        self
+    }
+
+    /// Records of a standard queue handled at once (default 1: one after
+    /// another). Each runs in its own record span's context. FIFO batches are
+    /// always handled in order, whatever this says.
+    pub fn concurrency(mut self, records: usize) -> Self {
+        self.concurrency = records.max(1);
         self
     }
 
@@ -322,11 +332,16 @@ impl TracedSqsHandler {
         // FIFO message groups whose record failed in this batch: their later
         // records wait, so that the group keeps its order.
         let blocked: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let fifo = records
+            .iter()
+            .any(|r| r.attribute("MessageGroupId").is_some());
+        let concurrency = if fifo { 1 } else { self.concurrency };
         let settled = self
             .instrumenter
             .process_batch_settled(
                 &batch,
                 &records,
+                concurrency,
                 |r, attempt| {
                     let group = r.attribute("MessageGroupId").map(str::to_owned);
                     let held = group.as_ref().is_some_and(|g| {

@@ -644,3 +644,64 @@ async fn permanent_failures_go_to_the_dead_letter_queue() {
     );
     let _ = client.delete_queue().queue_url(&dead).send().await;
 }
+
+/// Records of a standard queue, three at a time: never more than three in
+/// flight, each handler's own span under its own record span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standard_queue_records_run_concurrently_each_in_its_context() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let collector = Collector::start().await.unwrap();
+    let guard = TelemetryBuilder::default()
+        .service_name("orders-lambda")
+        .endpoint(collector.grpc_endpoint())
+        .install_global(false)
+        .build()
+        .unwrap();
+    let provider = guard.provider().unwrap().clone();
+    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let traced = TracedSqsHandler::new(&instrumenter, guard.flusher()).concurrency(3);
+    let event: SqsEvent = serde_json::from_str(include_str!("fixtures/standard_six.json")).unwrap();
+    let (in_flight, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let tracer = provider.tracer("handler");
+    let response = traced
+        .handle(
+            LambdaEvent::new(event, lambda_runtime::Context::default()),
+            |record| {
+                let id = record.message_id.clone().unwrap_or_default();
+                let (in_flight, most, tracer) = (&in_flight, &most, tracer.clone());
+                async move {
+                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Made in the handler: a child of this record's span.
+                    tracer.start(format!("charge {id}")).end();
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    HandlerResult::Ok(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    assert!(ids(&response).is_empty());
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        3,
+        "at most three at once, and three were"
+    );
+    let spans = collector.exactly(&provider, 2 + 6 + 6).await;
+    for i in 0..6 {
+        let charge = spans
+            .iter()
+            .find(|s| s.name == format!("charge std-{i}"))
+            .unwrap();
+        let record = spans
+            .iter()
+            .find(|s| Some(&s.span_id) == charge.parent_span_id.as_ref())
+            .unwrap();
+        assert_eq!(
+            record.attr("messaging.message.id").and_then(|v| v.as_str()),
+            Some(format!("std-{i}").as_str()),
+            "charge std-{i} is under its own record's span"
+        );
+    }
+}

@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use futures_util::FutureExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use opentelemetry::global::{self, BoxedTracer};
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{
@@ -866,6 +866,7 @@ impl Instrumenter {
             .run_batch(
                 batch,
                 messages,
+                1,
                 |m, _| handler(m),
                 |_, processed| std::future::ready(processed.end_unsettled()),
             )
@@ -881,11 +882,14 @@ impl Instrumenter {
     /// core's lifecycle ([`Instrumenter::settle`]) as soon as its handler is done,
     /// with a settler from `settler_for`: what a batch consumer whose broker
     /// settles per message uses (Lambda's partial batch response). The handler is
-    /// told each message's [`Attempt`].
+    /// told each message's [`Attempt`]. Up to `concurrency` handlers run at once
+    /// (1: one after another, each called once the one before has finished), each
+    /// in its own message's context; results are settled in the messages' order.
     pub async fn process_batch_settled<'m, M, F, Fut, S, G>(
         &self,
         batch: &MessageDescription,
         messages: &'m [M],
+        concurrency: usize,
         handler: F,
         mut settler_for: G,
     ) -> Vec<crate::settle::Settled>
@@ -897,9 +901,13 @@ impl Instrumenter {
         G: FnMut(&'m M) -> S,
     {
         let (settled, _) = self
-            .run_batch(batch, messages, handler, |message, processed| {
-                self.settle(processed, settler_for(message))
-            })
+            .run_batch(
+                batch,
+                messages,
+                concurrency,
+                handler,
+                |message, processed| self.settle(processed, settler_for(message)),
+            )
             .await;
         settled
     }
@@ -910,6 +918,7 @@ impl Instrumenter {
         &self,
         batch: &MessageDescription,
         messages: &'m [M],
+        concurrency: usize,
         mut handler: F,
         mut finish: E,
     ) -> (Vec<T>, usize)
@@ -939,38 +948,54 @@ impl Instrumenter {
             |_| {},
         );
 
-        let mut out = Vec::with_capacity(messages.len());
-        let mut failed = 0;
-        for (message, creation) in messages.iter().zip(creations) {
-            let headers = message.headers();
-            let links = if creation.is_valid() {
-                vec![Link::with_context(creation.clone())]
-            } else {
-                Vec::new()
-            };
-            let attempt = forward::attempt_of(&headers, message.delivery_count());
-            let (span, description) =
-                self.start_process_span(message, &headers, batch_span.context(), links, attempt);
-            let original = forward::original_context(&headers).unwrap_or_else(|| creation.clone());
-            let told = Attempt {
-                number: attempt,
-                max: self.inner.retry.max_attempts(),
-                context: span.context().clone(),
-            };
-            let outcome = run_in(&span, handler(message, told)).await;
-            if outcome.is_err() {
-                failed += 1;
+        // Each message's span starts when its turn comes; up to `concurrency`
+        // handlers run at once, each in its own span's context, and the results
+        // are finished in the messages' order.
+        let (out, failed) = {
+            let batch_cx = batch_span.context();
+            let turns = messages.iter().zip(creations).map(|(message, creation)| {
+                let headers = message.headers();
+                let links = if creation.is_valid() {
+                    vec![Link::with_context(creation.clone())]
+                } else {
+                    Vec::new()
+                };
+                let attempt = forward::attempt_of(&headers, message.delivery_count());
+                let (span, description) =
+                    self.start_process_span(message, &headers, batch_cx, links, attempt);
+                let original =
+                    forward::original_context(&headers).unwrap_or_else(|| creation.clone());
+                let told = Attempt {
+                    number: attempt,
+                    max: self.inner.retry.max_attempts(),
+                    context: span.context().clone(),
+                };
+                let run = handler(message, told);
+                async move {
+                    let outcome = run_in(&span, run).await;
+                    let processed = Processed {
+                        span,
+                        outcome,
+                        attempt,
+                        creation,
+                        original,
+                        description,
+                    };
+                    (message, processed)
+                }
+            });
+            let mut turns =
+                std::pin::pin!(futures_util::stream::iter(turns).buffered(concurrency.max(1)));
+            let mut out = Vec::with_capacity(messages.len());
+            let mut failed = 0;
+            while let Some((message, processed)) = futures_util::StreamExt::next(&mut turns).await {
+                if processed.outcome.is_err() {
+                    failed += 1;
+                }
+                out.push(finish(message, processed).await);
             }
-            let processed = Processed {
-                span,
-                outcome,
-                attempt,
-                creation,
-                original,
-                description,
-            };
-            out.push(finish(message, processed).await);
-        }
+            (out, failed)
+        };
         batch_span.set_attribute(KeyValue::new(
             attr::BATCH_SUCCEEDED,
             (out.len() - failed) as i64,
