@@ -38,6 +38,13 @@
 //! queue is set ([`TracedSqsHandler::dead_letter_queue`]): then they are sent there
 //! with mqtrace's failure metadata and leave the batch.
 //!
+//! # Composing with lambda_runtime
+//!
+//! [`TracedSqsLayer`] wraps a per-record `tower` service into a service of whole
+//! events, so the handler composes with lambda_runtime's own layers. When
+//! lambda_runtime's OpenTelemetry layer already makes the invocation span, set
+//! [`TracedSqsHandler::invocation_span`]`(false)`.
+//!
 //! # Your own loop over the records
 //!
 //! [`TracedSqsHandler::process_record`] runs a handler inside one record's span and
@@ -82,6 +89,10 @@
 //! [lambda_runtime]: https://docs.rs/lambda_runtime
 
 #![forbid(unsafe_code)]
+
+mod layer;
+
+pub use layer::{TracedSqsLayer, TracedSqsService};
 
 use std::collections::HashMap;
 use std::future::Future;

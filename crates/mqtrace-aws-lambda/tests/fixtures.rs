@@ -705,3 +705,54 @@ async fn standard_queue_records_run_concurrently_each_in_its_context() {
         );
     }
 }
+
+/// The layer composes with lambda_runtime's `tower` services: a per-record
+/// service wrapped into a service of events answers with the partial batch
+/// response, each record in its span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layer_wraps_a_per_record_service() {
+    use aws_lambda_events::event::sqs::SqsMessage;
+    use lambda_runtime::tower::{ServiceBuilder, ServiceExt as _};
+    use mqtrace_aws_lambda::TracedSqsLayer;
+    let collector = Collector::start().await.unwrap();
+    let guard = TelemetryBuilder::default()
+        .service_name("orders-lambda")
+        .endpoint(collector.grpc_endpoint())
+        .install_global(false)
+        .build()
+        .unwrap();
+    let provider = guard.provider().unwrap().clone();
+    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let traced = TracedSqsHandler::new(&instrumenter, guard.flusher());
+    let service = ServiceBuilder::new()
+        .layer(TracedSqsLayer::new(traced))
+        .service(lambda_runtime::service_fn(
+            |record: SqsMessage| async move {
+                if record.body.as_deref() == Some("fail") {
+                    Err(HandlerError::transient("declined").with_type("declined"))
+                } else {
+                    Ok(())
+                }
+            },
+        ));
+    let event: SqsEvent = serde_json::from_str(include_str!("fixtures/traceparent.json")).unwrap();
+    let failed_id = event.records[1].message_id.clone().unwrap();
+    let response = service
+        .oneshot(LambdaEvent::new(event, lambda_runtime::Context::default()))
+        .await
+        .unwrap();
+    assert_eq!(ids(&response), [failed_id.as_str()]);
+    let spans = collector.exactly(&provider, 4).await;
+    let records: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "process orders")
+        .collect();
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|s| matches!(s.status, mqtrace_testing::SpanStatus::Error(_)))
+            .count(),
+        1
+    );
+}
