@@ -13,6 +13,8 @@
 # .mqtrace-test/rabbitmqctl (MQTRACE_TEST_RABBITMQCTL), which the restart tests use;
 # the Kafka restart tests get the tansu binary (MQTRACE_TEST_TANSU) and, when moto is
 # started here, its S3 endpoint (MQTRACE_TEST_S3_ENDPOINT) with a bucket for tansu.
+# The Lambda example's test gets cargo-lambda (MQTRACE_TEST_CARGO_LAMBDA, from PyPI,
+# cached), whose runtime API emulator it starts on loopback.
 # Fixed ports, all on 127.0.0.1, overridable:
 #   MQTRACE_RABBITMQ_PORT (31672; Erlang distribution on +20000), MQTRACE_KAFKA_PORT
 #   (39092), MQTRACE_SQS_PORT (39324), MQTRACE_EPMD_PORT (34369).
@@ -29,6 +31,8 @@ TANSU_VERSION=0.6.0
 RABBITMQ_BIN=/usr/lib/rabbitmq/bin
 TANSU=$CACHE/tools/bin/tansu
 MOTO=$CACHE/moto-venv/bin/moto_server
+CARGO_LAMBDA_VERSION=1.9.2
+CARGO_LAMBDA=$CACHE/cargo-lambda-venv/bin/cargo-lambda
 
 log() { printf 'brokers: %s\n' "$*" >&2; }
 
@@ -65,6 +69,13 @@ install_moto() {
   log "installing moto[server] into $CACHE/moto-venv"
   python3 -m venv "$CACHE/moto-venv"
   "$CACHE/moto-venv/bin/pip" install --quiet "moto[server]>=5.1,<5.3"
+}
+
+install_cargo_lambda() {
+  [ -x "$CARGO_LAMBDA" ] && return
+  log "installing cargo-lambda $CARGO_LAMBDA_VERSION (PyPI) into $CACHE/cargo-lambda-venv"
+  python3 -m venv "$CACHE/cargo-lambda-venv"
+  "$CACHE/cargo-lambda-venv/bin/pip" install --quiet "cargo-lambda==$CARGO_LAMBDA_VERSION"
 }
 
 rabbitmq_env() {
@@ -151,6 +162,10 @@ start() {
   if [ -n "${MQTRACE_TEST_SQS_ENDPOINT:-}" ]; then
     echo "export MQTRACE_TEST_SQS_ENDPOINT=$MQTRACE_TEST_SQS_ENDPOINT" >>"$STATE/env"
   else start_sqs; fi
+  # The Lambda example's test runs the function under cargo-lambda's runtime API
+  # emulator, which it starts itself on a port of its own.
+  install_cargo_lambda
+  echo "export MQTRACE_TEST_CARGO_LAMBDA=$CARGO_LAMBDA" >>"$STATE/env"
   log "ready: source $STATE/env"
   cat "$STATE/env" >&2
 }

@@ -2,6 +2,8 @@
 //! the failed records, and the spans were exported before it returned.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::time::Duration;
+
 use mqtrace_testing::{Collector, Kind, SpanStatus};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,4 +49,110 @@ async fn partial_batch_failures_and_spans() {
         2,
         "the tracing spans of the records that parsed"
     );
+}
+
+/// Under a real Lambda runtime API: cargo-lambda's emulator (`cargo lambda watch
+/// --only-lambda-apis`), the example binary polling it, and the event sent with
+/// `cargo lambda invoke`. The answer comes back through the runtime API, and the
+/// spans were exported before the function answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_under_the_lambda_runtime_api() {
+    let cargo_lambda = std::env::var("MQTRACE_TEST_CARGO_LAMBDA").unwrap_or_else(|_| {
+        panic!(
+            "MQTRACE_TEST_CARGO_LAMBDA is not set: run the suite with `scripts/test.sh`, or \
+             `scripts/brokers.sh start` (which installs cargo-lambda) and `source .mqtrace-test/env`"
+        )
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let _emulator = tokio::process::Command::new(&cargo_lambda)
+        .args([
+            "lambda",
+            "watch",
+            "--only-lambda-apis",
+            "--invoke-address",
+            "127.0.0.1",
+        ])
+        .args(["--invoke-port", &port.to_string()])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the runtime API emulator did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let collector = Collector::start().await.unwrap();
+    let _function = tokio::process::Command::new(env!("CARGO_BIN_EXE_lambda-sqs-handler"))
+        .env(
+            "AWS_LAMBDA_RUNTIME_API",
+            format!("http://127.0.0.1:{port}/.rt"),
+        )
+        .env("AWS_LAMBDA_FUNCTION_NAME", "_")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.grpc_endpoint())
+        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let invoked = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(&cargo_lambda)
+            .args(["lambda", "invoke", "--invoke-address", "127.0.0.1"])
+            .args(["--invoke-port", &port.to_string()])
+            .args([
+                "--data-file",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/payments.json"),
+            ])
+            .current_dir(dir)
+            .output(),
+    )
+    .await
+    .expect("the invocation answered within a minute")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&invoked.stdout);
+    assert!(
+        invoked.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&invoked.stderr)
+    );
+    let response: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let failed: Vec<&str> = response["batchItemFailures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["pay-2", "pay-3"]);
+    // Flushed before the answer: the spans are there already.
+    let spans = collector.spans();
+    let invocation = spans.iter().find(|s| s.kind == Kind::Server).unwrap();
+    assert_eq!(
+        invocation
+            .attr("faas.invocation_id")
+            .and_then(|v| v.as_str())
+            .map(str::len),
+        Some(36),
+        "the runtime API's request id"
+    );
+    let records = spans
+        .iter()
+        .filter(|s| s.name == "process payments" && s.kind == Kind::Consumer)
+        .count();
+    assert_eq!(records, 3, "{spans:#?}");
 }
