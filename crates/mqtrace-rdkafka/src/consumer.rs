@@ -343,11 +343,7 @@ impl TracedConsumer {
         S: Future<Output = ()>,
     {
         let counters = ConsumerCounters::new();
-        let failed_before = self
-            .consumer
-            .context()
-            .failed_commits
-            .load(Ordering::Relaxed);
+        let failed_before = self.consumer.context().failed_commits();
         // The position after the last settled record, per partition.
         let mut positions = HashMap::new();
         let mut shutdown = std::pin::pin!(shutdown);
@@ -413,8 +409,7 @@ impl TracedConsumer {
         counters.settle_failures(
             self.consumer
                 .context()
-                .failed_commits
-                .load(Ordering::Relaxed)
+                .failed_commits()
                 .saturating_sub(failed_before),
         );
         match refused {

@@ -135,6 +135,16 @@ struct Counters {
     failed: AtomicU64,
 }
 
+impl Counters {
+    fn stats(&self) -> ExportStats {
+        ExportStats {
+            ended: self.ended.load(Ordering::Relaxed),
+            exported: self.exported.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Configures [`init`].
 #[derive(Debug)]
 pub struct TelemetryBuilder {
@@ -451,11 +461,7 @@ impl TelemetryGuard {
 
     /// Span counts so far.
     pub fn stats(&self) -> ExportStats {
-        ExportStats {
-            ended: self.counters.ended.load(Ordering::Relaxed),
-            exported: self.counters.exported.load(Ordering::Relaxed),
-            failed: self.counters.failed.load(Ordering::Relaxed),
-        }
+        self.counters.stats()
     }
 
     /// A function that exports what is queued when called (blocking the calling
@@ -528,11 +534,7 @@ impl TelemetryGuard {
         match tokio::task::spawn_blocking(move || self.shutdown()).await {
             Ok(stats) => stats,
             // The shutdown itself panicked: the counts so far are all there is.
-            Err(_) => ExportStats {
-                ended: counters.ended.load(Ordering::Relaxed),
-                exported: counters.exported.load(Ordering::Relaxed),
-                failed: counters.failed.load(Ordering::Relaxed),
-            },
+            Err(_) => counters.stats(),
         }
     }
 

@@ -288,10 +288,6 @@ pub fn instrumentation_scope() -> InstrumentationScope {
         .build()
 }
 
-fn scope() -> InstrumentationScope {
-    instrumentation_scope()
-}
-
 impl InstrumenterBuilder {
     /// Spans go to this provider instead of the global one.
     pub fn tracer_provider<P>(mut self, provider: &P) -> Self
@@ -301,7 +297,7 @@ impl InstrumenterBuilder {
         <P::Tracer as Tracer>::Span: Send + Sync + 'static,
     {
         self.tracer = Some(BoxedTracer::new(Box::new(
-            provider.tracer_with_scope(scope()),
+            provider.tracer_with_scope(instrumentation_scope()),
         )));
         self
     }
@@ -474,7 +470,8 @@ impl Instrumenter {
             TracerSource::Global(cached) => match cached.get() {
                 Some(tracer) => builder.start_with_context(tracer, parent),
                 None => {
-                    let tracer = global::tracer_provider().tracer_with_scope(scope());
+                    let tracer =
+                        global::tracer_provider().tracer_with_scope(instrumentation_scope());
                     let span = builder.start_with_context(&tracer, parent);
                     // A provider that makes real spans (valid ids, sampled or not)
                     // has been installed: keep its tracer from now on.

@@ -41,7 +41,6 @@ use opentelemetry::propagation::Injector;
 use crate::describe::{MessageDescription, OperationType};
 use crate::forward::{Disposition, ForwardKind};
 use crate::instrument::{Instrumenter, MessagingSpan, Processed};
-use crate::outcome::Retryable;
 
 /// What happens to a delivery at the broker once the core has decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -279,9 +278,10 @@ pub struct Settled {
 
 impl Settled {
     /// Whether the delivery's position may be committed past (Kafka): it was
-    /// settled, not handed back.
+    /// settled, not handed back. A settlement call that failed still counts: a
+    /// later commit covers it.
     pub fn is_done(&self) -> bool {
-        self.settlement != Settlement::Redeliver && !self.settle_failed
+        self.settlement != Settlement::Redeliver
     }
 }
 
@@ -388,10 +388,7 @@ impl Instrumenter {
     /// the rules.
     pub async fn settle<S: Settler>(&self, processed: Processed, settler: S) -> Settled {
         let routes = settler.routes();
-        let permanent = matches!(
-            processed.outcome(),
-            Err(e) if e.retryable() == Retryable::Permanent
-        );
+        let permanent = processed.is_permanent_failure();
         let decided = processed.disposition(self.retry_policy(), routes.has_dead_letter());
         let (mut disposition, mut redelivered) = (decided, false);
         let settlement = match decided {
