@@ -10,7 +10,7 @@
 //! `finish`: process span, empty handler, disposition recorded by hand (what each
 //! adapter did before the lifecycle moved into the core). `settle`: the same ended
 //! through `Instrumenter::settle` with a settlement that costs nothing. Spans go to
-//! a processor that drops them. The difference between the two, per message, is
+//! a processor that drops them; `SAMPLER=off` makes every span unsampled. The difference between the two, per message, is
 //! what the core's lifecycle adds.
 #![allow(
     missing_docs,
@@ -22,7 +22,7 @@
 use futures_util::FutureExt as _;
 use mqtrace::embedded::{HeaderInjector, Headers};
 use mqtrace::{Disposition, Instrumenter, MessageDescription, MessagingSystem, OperationType};
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -33,7 +33,13 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let path = args.next().unwrap_or_else(|| "settle".into());
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    // `SAMPLER=off`: every span unsampled, as for traffic a sampler drops.
+    let sampler = match std::env::var("SAMPLER").as_deref() {
+        Ok("off") => Sampler::AlwaysOff,
+        _ => Sampler::AlwaysOn,
+    };
     let provider = SdkTracerProvider::builder()
+        .with_sampler(sampler)
         .with_span_processor(Discard)
         .build();
     let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
