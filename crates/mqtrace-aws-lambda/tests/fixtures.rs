@@ -276,15 +276,12 @@ async fn handlers_are_told_each_records_attempt() {
 /// reported for the partial batch response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_record_loop_gets_the_same_spans_and_decisions() {
-    let collector = Collector::start().await.unwrap();
-    let guard = TelemetryBuilder::default()
-        .service_name("orders-lambda")
-        .endpoint(collector.grpc_endpoint())
-        .install_global(false)
-        .build()
-        .unwrap();
-    let provider = guard.provider().unwrap().clone();
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let Setup {
+        collector,
+        guard,
+        provider,
+        instrumenter,
+    } = setup().await;
     let traced = TracedSqsHandler::new(&instrumenter, guard.flusher());
     let event: SqsEvent = serde_json::from_str(include_str!("fixtures/traceparent.json")).unwrap();
     let mut failures = Vec::new();
@@ -324,6 +321,33 @@ async fn own_record_loop_gets_the_same_spans_and_decisions() {
             ~> span not received
         "#,
     );
+}
+
+/// A collector, telemetry exporting to it (the batch delay left as it is: the
+/// handler flushes), and an instrumenter on that provider.
+struct Setup {
+    collector: Collector,
+    guard: TelemetryGuard,
+    provider: opentelemetry_sdk::trace::SdkTracerProvider,
+    instrumenter: Instrumenter,
+}
+
+async fn setup() -> Setup {
+    let collector = Collector::start().await.unwrap();
+    let guard = TelemetryBuilder::default()
+        .service_name("orders-lambda")
+        .endpoint(collector.grpc_endpoint())
+        .install_global(false)
+        .build()
+        .unwrap();
+    let provider = guard.provider().unwrap().clone();
+    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    Setup {
+        collector,
+        guard,
+        provider,
+        instrumenter,
+    }
 }
 
 /// Runs `fixture` through a handler whose records fail when their body is
@@ -371,15 +395,12 @@ fn ids(response: &aws_lambda_events::event::sqs::SqsBatchResponse) -> Vec<&str> 
 /// goes on until its own failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifo_groups_stop_at_their_first_failure() {
-    let collector = Collector::start().await.unwrap();
-    let guard = TelemetryBuilder::default()
-        .service_name("orders-lambda")
-        .endpoint(collector.grpc_endpoint())
-        .install_global(false)
-        .build()
-        .unwrap();
-    let provider = guard.provider().unwrap().clone();
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let Setup {
+        collector,
+        guard,
+        provider,
+        instrumenter,
+    } = setup().await;
     let traced = TracedSqsHandler::new(&instrumenter, guard.flusher());
     let (seen, response) = run_failing(&traced, include_str!("fixtures/fifo.json")).await;
     assert_eq!(
@@ -412,15 +433,12 @@ async fn fifo_groups_stop_at_their_first_failure() {
 /// deleting it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_partial_responses_a_failure_fails_the_invocation() {
-    let collector = Collector::start().await.unwrap();
-    let guard = TelemetryBuilder::default()
-        .service_name("orders-lambda")
-        .endpoint(collector.grpc_endpoint())
-        .install_global(false)
-        .build()
-        .unwrap();
-    let provider = guard.provider().unwrap().clone();
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let Setup {
+        collector,
+        guard,
+        provider,
+        instrumenter,
+    } = setup().await;
     let traced =
         TracedSqsHandler::new(&instrumenter, guard.flusher()).partial_batch_responses(false);
     let (seen, response) = run_failing(&traced, include_str!("fixtures/fifo.json")).await;
@@ -449,15 +467,12 @@ async fn without_partial_responses_a_failure_fails_the_invocation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sns_envelopes_carry_the_context_when_asked() {
     for on in [false, true] {
-        let collector = Collector::start().await.unwrap();
-        let guard = TelemetryBuilder::default()
-            .service_name("orders-lambda")
-            .endpoint(collector.grpc_endpoint())
-            .install_global(false)
-            .build()
-            .unwrap();
-        let provider = guard.provider().unwrap().clone();
-        let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+        let Setup {
+            collector,
+            guard,
+            provider,
+            instrumenter,
+        } = setup().await;
         let traced = TracedSqsHandler::new(&instrumenter, guard.flusher()).sns_envelopes(on);
         let event: SqsEvent =
             serde_json::from_str(include_str!("fixtures/sns_envelope.json")).unwrap();
@@ -490,15 +505,12 @@ async fn sns_envelopes_carry_the_context_when_asked() {
 /// be left out: the batch span is then a child of the current span.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_invocation_span_can_be_left_to_the_runtime() {
-    let collector = Collector::start().await.unwrap();
-    let guard = TelemetryBuilder::default()
-        .service_name("orders-lambda")
-        .endpoint(collector.grpc_endpoint())
-        .install_global(false)
-        .build()
-        .unwrap();
-    let provider = guard.provider().unwrap().clone();
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let Setup {
+        collector,
+        guard,
+        provider,
+        instrumenter,
+    } = setup().await;
     let traced = TracedSqsHandler::new(&instrumenter, guard.flusher()).invocation_span(false);
     let event: SqsEvent = serde_json::from_str(include_str!("fixtures/no_context.json")).unwrap();
     // What lambda_runtime's layer would have made around the handler.
@@ -555,15 +567,12 @@ async fn permanent_failures_go_to_the_dead_letter_queue() {
         .unwrap()
         .queue_url
         .unwrap();
-    let collector = Collector::start().await.unwrap();
-    let guard = TelemetryBuilder::default()
-        .service_name("orders-lambda")
-        .endpoint(collector.grpc_endpoint())
-        .install_global(false)
-        .build()
-        .unwrap();
-    let provider = guard.provider().unwrap().clone();
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let Setup {
+        collector,
+        guard,
+        provider,
+        instrumenter,
+    } = setup().await;
     let traced = TracedSqsHandler::new(&instrumenter, guard.flusher())
         .dead_letter_queue(client.clone(), &dead);
     // traceparent.json: the second record's body is "fail".
@@ -650,15 +659,12 @@ async fn permanent_failures_go_to_the_dead_letter_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standard_queue_records_run_concurrently_each_in_its_context() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let collector = Collector::start().await.unwrap();
-    let guard = TelemetryBuilder::default()
-        .service_name("orders-lambda")
-        .endpoint(collector.grpc_endpoint())
-        .install_global(false)
-        .build()
-        .unwrap();
-    let provider = guard.provider().unwrap().clone();
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let Setup {
+        collector,
+        guard,
+        provider,
+        instrumenter,
+    } = setup().await;
     let traced = TracedSqsHandler::new(&instrumenter, guard.flusher()).concurrency(3);
     let event: SqsEvent = serde_json::from_str(include_str!("fixtures/standard_six.json")).unwrap();
     let (in_flight, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
@@ -714,15 +720,12 @@ async fn the_layer_wraps_a_per_record_service() {
     use aws_lambda_events::event::sqs::SqsMessage;
     use lambda_runtime::tower::{ServiceBuilder, ServiceExt as _};
     use mqtrace_aws_lambda::TracedSqsLayer;
-    let collector = Collector::start().await.unwrap();
-    let guard = TelemetryBuilder::default()
-        .service_name("orders-lambda")
-        .endpoint(collector.grpc_endpoint())
-        .install_global(false)
-        .build()
-        .unwrap();
-    let provider = guard.provider().unwrap().clone();
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let Setup {
+        collector,
+        guard,
+        provider,
+        instrumenter,
+    } = setup().await;
     let traced = TracedSqsHandler::new(&instrumenter, guard.flusher());
     let service = ServiceBuilder::new()
         .layer(TracedSqsLayer::new(traced))

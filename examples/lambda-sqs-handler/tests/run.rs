@@ -6,6 +6,17 @@ use std::time::Duration;
 
 use mqtrace_testing::{Collector, Kind, SpanStatus};
 
+/// The ids in a printed partial batch response.
+fn failed_ids(stdout: &str) -> Vec<String> {
+    let response: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    response["batchItemFailures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_batch_failures_and_spans() {
     let collector = Collector::start().await.unwrap();
@@ -24,14 +35,7 @@ async fn partial_batch_failures_and_spans() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let response: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    let failed: Vec<&str> = response["batchItemFailures"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["itemIdentifier"].as_str().unwrap())
-        .collect();
-    assert_eq!(failed, ["pay-2", "pay-3"]);
+    assert_eq!(failed_ids(&stdout), ["pay-2", "pay-3"]);
     // The process exited: whatever the collector has was exported in time.
     let spans = collector.spans();
     let records: Vec<_> = spans
@@ -131,14 +135,7 @@ async fn runs_under_the_lambda_runtime_api() {
         "{stdout}{}",
         String::from_utf8_lossy(&invoked.stderr)
     );
-    let response: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    let failed: Vec<&str> = response["batchItemFailures"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["itemIdentifier"].as_str().unwrap())
-        .collect();
-    assert_eq!(failed, ["pay-2", "pay-3"]);
+    assert_eq!(failed_ids(&stdout), ["pay-2", "pay-3"]);
     // Flushed before the answer: the spans are there already.
     let spans = collector.spans();
     let invocation = spans.iter().find(|s| s.kind == Kind::Server).unwrap();

@@ -11,7 +11,9 @@ use opentelemetry::trace::{Span as _, Tracer, TracerProvider};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
-use crate::helpers::{assert_tree, normalised, send_numbered, when_count, within, Harness};
+use crate::helpers::{
+    assert_lag_of_five, assert_tree, normalised, send_numbered, when_count, within, Harness,
+};
 
 /// Produces one order, consumes it with a handler that makes a child span, and
 /// renders the trace.
@@ -235,25 +237,7 @@ async fn consumer_lag_comes_from_the_statistics() {
     )
     .await
     .unwrap();
-    let spans = h.spans(10).await;
-    let mut lags: Vec<(i64, i64)> = spans
-        .iter()
-        .filter(|s| s.name.starts_with("process"))
-        .filter_map(|s| {
-            let offset = s.attr("messaging.kafka.offset")?.as_i64()?;
-            let lag = s.attr(mqtrace_rdkafka::CONSUMER_LAG)?.as_i64()?;
-            Some((offset, lag))
-        })
-        .collect();
-    lags.sort_unstable();
-    // Present once the statistics have arrived (the first record waits long
-    // enough for that), and always the records left behind this one.
-    assert!(lags.len() >= 2, "{lags:?}");
-    assert!(
-        lags.iter().all(|&(offset, lag)| lag == 4 - offset),
-        "{lags:?}"
-    );
-    assert_eq!(lags.last(), Some(&(4, 0)));
+    assert_lag_of_five(&h.spans(10).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,21 +130,5 @@ async fn own_loop_records_consumer_lag_from_the_statistics() {
             .await;
         tracer.settle(processed, &record, &consumer).await;
     }
-    let spans = h.spans(10).await;
-    let mut lags: Vec<(i64, i64)> = spans
-        .iter()
-        .filter(|s| s.name.starts_with("process"))
-        .filter_map(|s| {
-            let offset = s.attr("messaging.kafka.offset")?.as_i64()?;
-            let lag = s.attr(mqtrace_rdkafka::CONSUMER_LAG)?.as_i64()?;
-            Some((offset, lag))
-        })
-        .collect();
-    lags.sort_unstable();
-    assert!(lags.len() >= 2, "{lags:?}");
-    assert!(
-        lags.iter().all(|&(offset, lag)| lag == 4 - offset),
-        "{lags:?}"
-    );
-    assert_eq!(lags.last(), Some(&(4, 0)));
+    crate::helpers::assert_lag_of_five(&h.spans(10).await);
 }

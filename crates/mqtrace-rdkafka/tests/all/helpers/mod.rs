@@ -185,3 +185,25 @@ pub async fn committed_offset(h: &Harness, topic: &str) -> i64 {
         .and_then(|p| p.offset().to_raw())
         .unwrap_or(0)
 }
+
+/// Checks the consumer lag on the process spans of five records at offsets 0 to
+/// 4: present once librdkafka's statistics have arrived (the first record waits
+/// long enough for that), and always the records left behind each one.
+pub fn assert_lag_of_five(spans: &[RecordedSpan]) {
+    let mut lags: Vec<(i64, i64)> = spans
+        .iter()
+        .filter(|s| s.name.starts_with("process"))
+        .filter_map(|s| {
+            let offset = s.attr("messaging.kafka.offset")?.as_i64()?;
+            let lag = s.attr(mqtrace_rdkafka::CONSUMER_LAG)?.as_i64()?;
+            Some((offset, lag))
+        })
+        .collect();
+    lags.sort_unstable();
+    assert!(lags.len() >= 2, "{lags:?}");
+    assert!(
+        lags.iter().all(|&(offset, lag)| lag == 4 - offset),
+        "{lags:?}"
+    );
+    assert_eq!(lags.last(), Some(&(4, 0)));
+}
