@@ -359,6 +359,21 @@ async fn run_failing(
     Vec<String>,
     Result<aws_lambda_events::event::sqs::SqsBatchResponse, mqtrace_aws_lambda::BatchFailed>,
 ) {
+    run_failing_with(traced, fixture, || {
+        HandlerError::transient("inventory down").with_type("unavailable")
+    })
+    .await
+}
+
+/// [`run_failing`] with the failure of one's choosing.
+async fn run_failing_with(
+    traced: &TracedSqsHandler,
+    fixture: &str,
+    failure: fn() -> HandlerError,
+) -> (
+    Vec<String>,
+    Result<aws_lambda_events::event::sqs::SqsBatchResponse, mqtrace_aws_lambda::BatchFailed>,
+) {
     let event: SqsEvent = serde_json::from_str(fixture).unwrap();
     let seen = std::sync::Mutex::new(Vec::new());
     let response = traced
@@ -371,7 +386,7 @@ async fn run_failing(
                 let fail = record.body.as_deref() == Some("fail");
                 async move {
                     if fail {
-                        Err(HandlerError::transient("inventory down").with_type("unavailable"))
+                        Err(failure())
                     } else {
                         HandlerResult::Ok(())
                     }
@@ -578,22 +593,12 @@ async fn permanent_failures_go_to_the_dead_letter_queue() {
     // traceparent.json: the second record's body is "fail".
     let event: SqsEvent = serde_json::from_str(include_str!("fixtures/traceparent.json")).unwrap();
     let permanent_id = event.records[1].message_id.clone().unwrap();
-    let response = traced
-        .handle(
-            LambdaEvent::new(event.clone(), lambda_runtime::Context::default()),
-            |record| {
-                let fail = record.body.as_deref() == Some("fail");
-                async move {
-                    if fail {
-                        Err(HandlerError::permanent("declined").with_type("declined"))
-                    } else {
-                        HandlerResult::Ok(())
-                    }
-                }
-            },
-        )
-        .await
-        .unwrap();
+    let (_, response) =
+        run_failing_with(&traced, include_str!("fixtures/traceparent.json"), || {
+            HandlerError::permanent("declined").with_type("declined")
+        })
+        .await;
+    let response = response.unwrap();
     assert!(
         ids(&response).is_empty(),
         "dead-lettered, so deleted: {response:?}"
