@@ -27,8 +27,22 @@ impl OwnedHeadersInjector {
 }
 
 impl Injector for OwnedHeadersInjector {
+    /// Sets `key`, replacing any entry of the same key (compared without regard
+    /// to case): a record that already carries a context (injected by the
+    /// application, or copied from a consumed record) must not end up with two,
+    /// which consumers read as none.
     fn set(&mut self, key: &str, value: String) {
-        let headers = self.headers.take().unwrap_or_default();
+        let mut headers = self.headers.take().unwrap_or_default();
+        if headers.iter().any(|h| h.key.eq_ignore_ascii_case(key)) {
+            let mut kept = OwnedHeaders::new_with_capacity(headers.count());
+            for h in headers.iter().filter(|h| !h.key.eq_ignore_ascii_case(key)) {
+                kept = kept.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+            headers = kept;
+        }
         self.headers = Some(headers.insert(Header {
             key,
             value: Some(value.as_bytes()),
@@ -76,6 +90,30 @@ impl<H: Headers + ?Sized> Extractor for HeadersExtractor<'_, H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn injection_replaces_a_context_already_there() {
+        let mut existing = OwnedHeaders::new();
+        existing = existing.insert(Header {
+            key: "TraceParent",
+            value: Some(b"00-old".as_slice()),
+        });
+        existing = existing.insert(Header {
+            key: "x-tenant",
+            value: Some(b"acme".as_slice()),
+        });
+        let mut injector = OwnedHeadersInjector::new(existing);
+        injector.set("traceparent", "00-new".into());
+        let headers = injector.into_headers();
+        let all: Vec<(&str, Option<&[u8]>)> = headers.iter().map(|h| (h.key, h.value)).collect();
+        assert_eq!(
+            all,
+            [
+                ("x-tenant", Some(b"acme".as_slice())),
+                ("traceparent", Some(b"00-new".as_slice()))
+            ]
+        );
+    }
 
     fn headers(pairs: &[(&str, Option<&[u8]>)]) -> OwnedHeaders {
         pairs.iter().fold(OwnedHeaders::new(), |h, (key, value)| {

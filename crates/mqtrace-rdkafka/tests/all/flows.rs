@@ -385,3 +385,44 @@ async fn the_consumer_loop_is_send() {
             .await
     });
 }
+
+/// A record that already carries a `traceparent` (injected by the application
+/// with `FutureRecordExt`, say) leaves with exactly one: the send span's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_context_is_replaced_not_doubled() {
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::{Headers as _, Message as _};
+    let h = Harness::start().await;
+    let topic = h.name("one-context");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    let stale = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    h.producer(&instrumenter)
+        .send(
+            FutureRecord::<str, str>::to(&topic)
+                .payload("{}")
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "traceparent",
+                    value: Some(stale),
+                })),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let consumer: StreamConsumer = h.consumer_config().create().unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let record = within(30, consumer.recv()).await.unwrap();
+    let headers = record.headers().unwrap();
+    let contexts: Vec<&str> = headers
+        .iter()
+        .filter(|h| h.key.eq_ignore_ascii_case("traceparent"))
+        .map(|h| std::str::from_utf8(h.value.unwrap()).unwrap())
+        .collect();
+    assert_eq!(contexts.len(), 1, "{contexts:?}");
+    let spans = h.spans(1).await;
+    assert_eq!(
+        contexts[0],
+        format!("00-{}-{}-01", spans[0].trace_id, spans[0].span_id),
+        "the send span's context, not the stale one"
+    );
+}
