@@ -195,17 +195,14 @@ async fn tracing_spans_in_the_handler_nest_under_the_record_span() {
     use tracing::instrument::WithSubscriber as _;
     use tracing_subscriber::layer::SubscriberExt as _;
 
-    let collector = Collector::start().await.unwrap();
-    let guard = TelemetryBuilder::default()
-        .service_name("orders-lambda")
-        .endpoint(collector.grpc_endpoint())
-        .install_global(false)
-        .build()
-        .unwrap();
-    let provider = guard.provider().unwrap().clone();
+    let Setup {
+        collector,
+        guard,
+        instrumenter,
+        ..
+    } = setup().await;
     let dispatch =
         tracing::Dispatch::new(tracing_subscriber::registry().with(guard.tracing_layer()));
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
     let traced = TracedSqsHandler::new(&instrumenter, guard.flusher());
     let event: SqsEvent =
         serde_json::from_str(include_str!("fixtures/aws_trace_header.json")).unwrap();
