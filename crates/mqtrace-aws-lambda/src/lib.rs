@@ -9,8 +9,8 @@
 //!
 //! | span | name | kind | parent | links | attributes |
 //! |---|---|---|---|---|---|
-//! | invocation | the function's name | SERVER | current context | — | `faas.trigger = pubsub`, `faas.invocation_id`, `faas.coldstart`, `cloud.provider = aws`, `cloud.region`, `cloud.account.id`, `cloud.resource_id` |
-//! | batch | `{queue} process`, or `multiple_sources process` | CONSUMER | invocation | every record's producer, with its message id | `messaging.system = aws_sqs`, `messaging.operation.type = process`, `messaging.batch.message_count`, `faas.trigger`, successes and failures; the queue when there is one |
+//! | invocation | the function's name | SERVER | current context | — | `faas.trigger = pubsub`, `faas.invocation.id` (`faas.invocation_id` before v1.45), `faas.coldstart`, `cloud.provider = aws`, `cloud.region`, `cloud.account.id`, `cloud.resource_id` |
+//! | batch | `{queue} process`, or `multiple_sources process` | CONSUMER | invocation | every record's producer, with its message id | `messaging.system.name = aws.sqs`, `messaging.operation.type = process`, `messaging.batch.message_count`, `faas.trigger`, successes and failures; the queue when there is one |
 //! | record | `process {queue}` (the conventions' name) | CONSUMER | batch | the record's producer | message id, body size, receive count, queue time (`SentTimestamp`), attempt, `faas.trigger` |
 //!
 //! A record's producer context is read from its `messageAttributes` in the
@@ -432,10 +432,12 @@ impl TracedSqsHandler {
         let cold = self.cold.swap(false, Ordering::SeqCst);
         let mut attributes = vec![
             KeyValue::new(FAAS_TRIGGER, "pubsub"),
-            KeyValue::new("faas.invocation_id", context.request_id.clone()),
             KeyValue::new("faas.coldstart", cold),
             KeyValue::new("cloud.provider", "aws"),
         ];
+        self.instrumenter
+            .conventions()
+            .invocation_id(&context.request_id, &mut attributes);
         let region = std::env::var("AWS_REGION")
             .ok()
             .or_else(|| event.records.iter().find_map(|r| r.aws_region.clone()));

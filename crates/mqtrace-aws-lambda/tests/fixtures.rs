@@ -137,7 +137,7 @@ async fn aws_trace_header_alone_is_enough() {
         .find(|s| s.name == "orders-lambda")
         .unwrap();
     for (key, value) in [
-        ("faas.invocation_id", "req-1"),
+        ("faas.invocation.id", "req-1"),
         ("cloud.provider", "aws"),
         ("cloud.account.id", "123456789012"),
         ("cloud.region", "eu-west-1"),
@@ -423,7 +423,7 @@ async fn fifo_groups_stop_at_their_first_failure() {
     assert_eq!(ids(&response.unwrap()), ["a-2", "a-3", "b-3"]);
     let spans = collector.exactly(&provider, 8).await;
     let mut options = TreeOptions::only(&["error.type", "mqtrace.message.disposition"]);
-    options.hide.push("faas.invocation_id".into());
+    options.hide.push("faas.invocation.id".into());
     assert_tree(
         &Forest::new(spans).render(&options),
         r#"

@@ -24,7 +24,7 @@
 //!
 //! | operation | span name | kind | parent | links | attributes |
 //! |---|---|---|---|---|---|
-//! | send | `send {queue}` | PRODUCER | current span | — | `messaging.system = aws_sqs`, `messaging.destination.name` (queue name), [`QUEUE_URL`], `messaging.message.body.size`, `server.address`, `server.port`; from the response `messaging.message.id`, [`SEQUENCE_NUMBER`]; [`MESSAGE_GROUP_ID`] for FIFO queues; [`CONTEXT_OMITTED`] when the context attributes did not fit |
+//! | send | `send {queue}` | PRODUCER | current span | — | `messaging.system.name = aws.sqs` (`messaging.system = aws_sqs` before v1.45), `messaging.destination.name` (queue name), [`QUEUE_URL`], `messaging.message.body.size` (opt-in), `server.address`, `server.port`; from the response `messaging.message.id`, [`SEQUENCE_NUMBER`]; [`MESSAGE_GROUP_ID`] for FIFO queues; [`CONTEXT_OMITTED`] when the context attributes did not fit |
 //! | batch entry | `create {queue}` | PRODUCER | current span | — | as send, per entry; refused entries are errors with SQS's code |
 //! | batch request | `send {queue}` | CLIENT | current span | every entry's `create` span | `messaging.batch.message_count` |
 //! | receive | `receive {queue}` | CLIENT | current span | each message's producer, with its message id | `messaging.batch.message_count` |

@@ -23,7 +23,7 @@
 //!
 //! | operation | span name | kind | parent | links | attributes |
 //! |---|---|---|---|---|---|
-//! | publish | `send {exchange}:{routing key}` | PRODUCER | current span | — | `messaging.system = rabbitmq`, `messaging.destination.name`, `messaging.rabbitmq.destination.routing_key`, `messaging.message.conversation_id` (correlation id), `messaging.message.id`, `messaging.message.body.size`, `server.address`, `server.port` |
+//! | publish | `send {exchange}:{routing key}` | PRODUCER | current span | — | `messaging.system.name = rabbitmq`, `messaging.destination.name`, `rabbitmq.destination.routing_key`, `messaging.message.conversation_id` (correlation id), `messaging.message.id`, `messaging.message.body.size` (opt-in), `server.address`, `server.port` (v1.45 names; see `mqtrace::conventions` for the others) |
 //! | consume | `process {exchange}:{routing key}:{queue}` | CONSUMER | producer (by [`mqtrace::ProcessParenting`]) | producer | as above, plus `messaging.rabbitmq.message.delivery_tag`, [`REDELIVERED`], `mqtrace.message.attempt`, `mqtrace.message.queue_time` (from the `timestamp` property), `mqtrace.message.disposition` |
 //! | retry / dead letter | `send {target}` | PRODUCER | process span | original message, processing attempt | as publish, plus attempt and disposition |
 //! | settle (opt-in) | `ack …` / `nack …` | CLIENT | process span | — | as consume |

@@ -29,7 +29,7 @@ fn recipes(c: &mut Criterion) {
             .build();
         let instrumenter = Instrumenter::builder()
             .tracer_provider(&provider)
-            .conventions(Conventions::Current)
+            .conventions(Conventions::V1_45)
             .build();
         let body = vec![b'x'; 100];
         let send = MessageDescription::new(MessagingSystem::Kafka, OperationType::Send)

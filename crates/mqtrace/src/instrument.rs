@@ -264,6 +264,7 @@ pub struct InstrumenterBuilder {
     on_start: Arc<dyn OnStart>,
     retry: RetryPolicy,
     settle_spans: bool,
+    body_size: bool,
 }
 
 impl fmt::Debug for InstrumenterBuilder {
@@ -275,6 +276,7 @@ impl fmt::Debug for InstrumenterBuilder {
             .field("capture_headers", &self.capture_headers)
             .field("retry", &self.retry)
             .field("settle_spans", &self.settle_spans)
+            .field("body_size", &self.body_size)
             .finish_non_exhaustive()
     }
 }
@@ -351,6 +353,13 @@ impl InstrumenterBuilder {
         self
     }
 
+    /// `messaging.message.body.size` on send, create and process spans (default:
+    /// off, the attribute is opt-in in the conventions).
+    pub fn body_size(mut self, on: bool) -> Self {
+        self.body_size = on;
+        self
+    }
+
     /// Finishes the instrumenter.
     pub fn build(self) -> Instrumenter {
         Instrumenter {
@@ -369,6 +378,7 @@ impl InstrumenterBuilder {
                 capture_headers: self.capture_headers,
                 on_start: self.on_start,
                 retry: self.retry,
+                body_size: self.body_size,
             }),
         }
     }
@@ -412,6 +422,7 @@ struct Inner {
     capture_headers: Vec<String>,
     on_start: Arc<dyn OnStart>,
     retry: RetryPolicy,
+    body_size: bool,
 }
 
 /// Creates every messaging span: it names them, picks kind, parent and links, sets
@@ -458,6 +469,7 @@ impl Instrumenter {
             on_start: Arc::new(()),
             retry: RetryPolicy::default(),
             settle_spans: false,
+            body_size: false,
         }
     }
 
@@ -559,7 +571,9 @@ impl Instrumenter {
         start_time: Option<SystemTime>,
     ) -> MessagingSpan {
         let mut attributes = Vec::with_capacity(16);
-        self.inner.conventions.attributes(d, &mut attributes);
+        self.inner
+            .conventions
+            .attributes(d, self.inner.body_size, &mut attributes);
         extra(&mut attributes);
         self.inner.on_start.on_start(
             &MessageView {

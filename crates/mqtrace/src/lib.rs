@@ -2,7 +2,8 @@
 //!
 //! A message published by one service and consumed, retried or dead-lettered by
 //! others shows up as one connected trace, with spans that follow the messaging
-//! semantic conventions (v1.44, or the legacy names, or both). This crate is the core
+//! semantic conventions (v1.45 by default; v1.44, v1.24's legacy names, or v1.45 and
+//! legacy side by side). This crate is the core
 //! that every broker adapter (`mqtrace-rdkafka`, `mqtrace-lapin`, `mqtrace-aws-sqs`,
 //! `mqtrace-aws-lambda`) builds on, and it has no broker client dependency and no
 //! OpenTelemetry SDK dependency. It also carries an embedded in-memory broker
@@ -39,8 +40,10 @@
 //!
 //! # Customisation
 //!
-//! - [`Conventions`]: current, legacy or both (`OTEL_SEMCONV_STABILITY_OPT_IN=messaging/dup`,
-//!   or `MQTRACE_MESSAGING_CONVENTIONS=legacy|current|both`).
+//! - [`Conventions`]: v1.45 (default), v1.44, legacy (v1.24) or dup
+//!   (`OTEL_SEMCONV_STABILITY_OPT_IN=messaging/dup`, or
+//!   `MQTRACE_MESSAGING_CONVENTIONS=v1.45|v1.44|legacy|dup`).
+//! - [`InstrumenterBuilder::body_size`]: the opt-in `messaging.message.body.size`.
 //! - [`ProcessParenting`]: producer as parent and link (default), link only, parent only.
 //! - [`Propagation`]: W3C trace context and baggage (default), AWS X-Ray, underscore
 //!   keys, any order; extraction takes the first valid format.

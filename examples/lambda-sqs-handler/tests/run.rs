@@ -141,7 +141,7 @@ async fn runs_under_the_lambda_runtime_api() {
     let invocation = spans.iter().find(|s| s.kind == Kind::Server).unwrap();
     assert_eq!(
         invocation
-            .attr("faas.invocation_id")
+            .attr("faas.invocation.id")
             .and_then(|v| v.as_str())
             .map(str::len),
         Some(36),

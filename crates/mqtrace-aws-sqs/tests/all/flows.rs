@@ -60,15 +60,15 @@ async fn order_flow(conventions: Conventions) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_then_process_is_one_trace() {
     assert_tree(
-        &order_flow(Conventions::Current).await,
+        &order_flow(Conventions::V1_45).await,
         r#"
         trace #1
-        send orders-RUN [PRODUCER] aws.sqs.queue.url=* messaging.destination.name="orders-RUN" messaging.message.body.size=11 messaging.message.id=* messaging.operation.name="send" messaging.operation.type="send" messaging.system="aws_sqs" server.address="127.0.0.1" server.port=*
-            process orders-RUN [CONSUMER] aws.sqs.queue.url=* messaging.destination.name="orders-RUN" messaging.message.body.size=11 messaging.message.id=* messaging.operation.name="process" messaging.operation.type="process" messaging.system="aws_sqs" mqtrace.aws_sqs.receive_count=1 mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* server.address="127.0.0.1" server.port=*
+        send orders-RUN [PRODUCER] aws.sqs.queue.url=* messaging.destination.name="orders-RUN" messaging.message.id=* messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="aws.sqs" server.address="127.0.0.1" server.port=*
+            process orders-RUN [CONSUMER] aws.sqs.queue.url=* messaging.destination.name="orders-RUN" messaging.message.id=* messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" mqtrace.aws_sqs.receive_count=1 mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* server.address="127.0.0.1" server.port=*
                 ~> send orders-RUN (this trace)
                 charge card [INTERNAL]
         trace #2
-        receive orders-RUN [CLIENT] aws.sqs.queue.url=* messaging.batch.message_count=1 messaging.destination.name="orders-RUN" messaging.operation.name="receive" messaging.operation.type="receive" messaging.system="aws_sqs" server.address="127.0.0.1" server.port=*
+        receive orders-RUN [CLIENT] aws.sqs.queue.url=* messaging.batch.message_count=1 messaging.destination.name="orders-RUN" messaging.operation.name="receive" messaging.operation.type="receive" messaging.system.name="aws.sqs" server.address="127.0.0.1" server.port=*
             ~> send orders-RUN (trace #1) messaging.message.id=*
         "#,
     );
@@ -87,14 +87,14 @@ async fn legacy_and_dup_conventions() {
         r#"
         trace #1
         orders-RUN publish [PRODUCER]
-            orders-RUN process [CONSUMER]
+            orders-RUN deliver [CONSUMER]
                 charge card [INTERNAL]
         trace #2
         orders-RUN receive [CLIENT]
         "#,
     );
-    let both = order_flow(Conventions::Both).await;
-    assert!(both.contains(r#"send orders-RUN [PRODUCER] aws.sqs.queue.url=* messaging.destination.name="orders-RUN" messaging.message.body.size=11 messaging.message.id=* messaging.operation="publish" messaging.operation.name="send""#), "{both}");
+    let both = order_flow(Conventions::Dup).await;
+    assert!(both.contains(r#"send orders-RUN [PRODUCER] aws.sqs.queue.url=* messaging.destination.name="orders-RUN" messaging.message.id=* messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send" messaging.system="aws_sqs" messaging.system.name="aws.sqs" server.address="127.0.0.1" server.port=*"#), "{both}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ use crate::helpers::{when_count, within, Harness};
 async fn trace_attributes_that_would_overflow_the_size_limit_are_left_out() {
     let h = Harness::start().await;
     let url = h.queue("large", &[]).await;
-    let instrumenter = h.instrumenter(|b| b);
+    let instrumenter = h.instrumenter(|b| b.body_size(true));
     let producer = TracedSqs::new(h.client.clone(), instrumenter);
     // Fits alone; with the traceparent attribute (about 80 bytes) it would not.
     let near_limit = "x".repeat(DEFAULT_MAX_MESSAGE_BYTES - 20);
@@ -95,7 +95,7 @@ async fn trace_attributes_that_would_overflow_the_size_limit_are_left_out() {
 async fn empty_and_large_bodies_are_processed_unchanged() {
     let h = Harness::start().await;
     let url = h.queue("edges", &[]).await;
-    let instrumenter = h.instrumenter(|b| b);
+    let instrumenter = h.instrumenter(|b| b.body_size(true));
     let producer = TracedSqs::new(h.client.clone(), instrumenter.clone());
     // Empty (real SQS refuses it; the caller gets that error and an Error span),
     // exactly 256 KiB, and 1 MiB (SQS's largest, on queues that allow it).
@@ -161,7 +161,7 @@ async fn a_dead_letter_copy_near_the_size_limit_keeps_what_fits() {
     let h = Harness::start().await;
     let url = h.queue("near", &[]).await;
     let dlq = h.queue("near-dead", &[]).await;
-    let instrumenter = h.instrumenter(|b| b);
+    let instrumenter = h.instrumenter(|b| b.body_size(true));
     // 40 bytes of room for attributes.
     let body = "{".repeat(DEFAULT_MAX_MESSAGE_BYTES - 40);
     TracedSqs::new(h.client.clone(), instrumenter.clone())

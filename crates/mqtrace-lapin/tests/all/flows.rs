@@ -73,14 +73,14 @@ async fn order_flow(conventions: Conventions, settle_spans: bool) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_then_consume_is_one_trace() {
     assert_tree(
-        &order_flow(Conventions::Current, true).await,
+        &order_flow(Conventions::V1_45, true).await,
         r#"
         trace #1
-        send shop-RUN:order.created [PRODUCER] messaging.destination.name="shop-RUN:order.created" messaging.message.body.size=11 messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation.name="send" messaging.operation.type="send" messaging.rabbitmq.destination.routing_key="order.created" messaging.system="rabbitmq" server.address="127.0.0.1" server.port=*
-            process shop-RUN:order.created:billing-RUN [CONSUMER] messaging.destination.name="shop-RUN:order.created:billing-RUN" messaging.message.body.size=11 messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation.name="process" messaging.operation.type="process" messaging.rabbitmq.destination.routing_key="order.created" messaging.rabbitmq.message.delivery_tag=1 messaging.system="rabbitmq" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* mqtrace.rabbitmq.redelivered=false server.address="127.0.0.1" server.port=*
+        send shop-RUN:order.created [PRODUCER] messaging.destination.name="shop-RUN:order.created" messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="rabbitmq" rabbitmq.destination.routing_key="order.created" server.address="127.0.0.1" server.port=*
+            process shop-RUN:order.created:billing-RUN [CONSUMER] messaging.destination.name="shop-RUN:order.created:billing-RUN" messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* mqtrace.rabbitmq.redelivered=false rabbitmq.destination.routing_key="order.created" rabbitmq.message.delivery_tag=1 server.address="127.0.0.1" server.port=*
                 ~> send shop-RUN:order.created (this trace)
                 charge card [INTERNAL]
-                ack shop-RUN:order.created:billing-RUN [CLIENT] messaging.destination.name="shop-RUN:order.created:billing-RUN" messaging.message.body.size=11 messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation.name="ack" messaging.operation.type="settle" messaging.rabbitmq.destination.routing_key="order.created" messaging.rabbitmq.message.delivery_tag=1 messaging.system="rabbitmq" mqtrace.rabbitmq.redelivered=false server.address="127.0.0.1" server.port=*
+                ack shop-RUN:order.created:billing-RUN [CLIENT] messaging.destination.name="shop-RUN:order.created:billing-RUN" messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation.name="ack" messaging.operation.type="settle" messaging.system.name="rabbitmq" mqtrace.rabbitmq.redelivered=false rabbitmq.destination.routing_key="order.created" rabbitmq.message.delivery_tag=1 server.address="127.0.0.1" server.port=*
         "#,
     );
 }
@@ -91,8 +91,8 @@ async fn legacy_conventions_name_the_exchange() {
         &order_flow(Conventions::Legacy, false).await,
         r#"
         trace #1
-        shop-RUN publish [PRODUCER] messaging.destination.name="shop-RUN" messaging.message.body.size=11 messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation="publish" messaging.rabbitmq.routing_key="order.created" messaging.system="rabbitmq" server.address="127.0.0.1" server.port=*
-            shop-RUN process [CONSUMER] messaging.destination.name="shop-RUN" messaging.message.body.size=11 messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation="process" messaging.rabbitmq.message.delivery_tag=1 messaging.rabbitmq.routing_key="order.created" messaging.system="rabbitmq" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* mqtrace.rabbitmq.redelivered=false server.address="127.0.0.1" server.port=*
+        shop-RUN publish [PRODUCER] messaging.destination.name="shop-RUN" messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation="publish" messaging.rabbitmq.destination.routing_key="order.created" messaging.system="rabbitmq" server.address="127.0.0.1" server.port=*
+            shop-RUN deliver [CONSUMER] messaging.destination.name="shop-RUN" messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation="deliver" messaging.rabbitmq.destination.routing_key="order.created" messaging.system="rabbitmq" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* mqtrace.rabbitmq.redelivered=false server.address="127.0.0.1" server.port=*
                 ~> shop-RUN publish (this trace)
                 charge card [INTERNAL]
         "#,
@@ -102,11 +102,11 @@ async fn legacy_conventions_name_the_exchange() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dup_conventions_carry_both_names() {
     assert_tree(
-        &order_flow(Conventions::Both, false).await,
+        &order_flow(Conventions::Dup, false).await,
         r#"
         trace #1
-        send shop-RUN:order.created [PRODUCER] messaging.destination.name="shop-RUN:order.created" messaging.message.body.size=11 messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send" messaging.rabbitmq.destination.routing_key="order.created" messaging.rabbitmq.routing_key="order.created" messaging.system="rabbitmq" server.address="127.0.0.1" server.port=*
-            process shop-RUN:order.created:billing-RUN [CONSUMER] messaging.destination.name="shop-RUN:order.created:billing-RUN" messaging.message.body.size=11 messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation="process" messaging.operation.name="process" messaging.operation.type="process" messaging.rabbitmq.destination.routing_key="order.created" messaging.rabbitmq.message.delivery_tag=1 messaging.rabbitmq.routing_key="order.created" messaging.system="rabbitmq" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* mqtrace.rabbitmq.redelivered=false server.address="127.0.0.1" server.port=*
+        send shop-RUN:order.created [PRODUCER] messaging.destination.name="shop-RUN:order.created" messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send" messaging.rabbitmq.destination.routing_key="order.created" messaging.system="rabbitmq" messaging.system.name="rabbitmq" rabbitmq.destination.routing_key="order.created" server.address="127.0.0.1" server.port=*
+            process shop-RUN:order.created:billing-RUN [CONSUMER] messaging.destination.name="shop-RUN:order.created:billing-RUN" messaging.message.conversation_id="checkout-1" messaging.message.id="order-7" messaging.operation="deliver" messaging.operation.name="process" messaging.operation.type="process" messaging.rabbitmq.destination.routing_key="order.created" messaging.system="rabbitmq" messaging.system.name="rabbitmq" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* mqtrace.rabbitmq.redelivered=false rabbitmq.destination.routing_key="order.created" rabbitmq.message.delivery_tag=1 server.address="127.0.0.1" server.port=*
                 ~> send shop-RUN:order.created (this trace)
                 charge card [INTERNAL]
         "#,
@@ -165,13 +165,13 @@ async fn missing_or_malformed_trace_headers_start_new_roots() {
     .unwrap();
     assert_eq!(stats.settled, 2);
     assert_tree(
-        &h.render(2, TreeOptions::only(&["messaging.message.body.size"]))
+        &h.render(2, TreeOptions::only(&["mqtrace.message.attempt"]))
             .await,
         r#"
         trace #1
-        process plain-RUN [CONSUMER] messaging.message.body.size=10
+        process plain-RUN [CONSUMER] mqtrace.message.attempt=1
         trace #2
-        process plain-RUN [CONSUMER] messaging.message.body.size=10
+        process plain-RUN [CONSUMER] mqtrace.message.attempt=1
         "#,
     );
 }

@@ -17,7 +17,7 @@ use crate::helpers::{drain, when_count, within, Harness};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_binary_and_one_mib_bodies_survive_a_retry_unchanged() {
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b);
+    let instrumenter = h.instrumenter(|b| b.body_size(true));
     let (_connection, channel) = h.channel().await;
     let queue = QueueSpec::new(h.name("blobs")).dead_letter(h.name("b.dlx"), h.name("b.dead"));
     queue.declare(&channel).await.unwrap();

@@ -70,14 +70,14 @@ async fn order_flow(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_then_consume_is_one_trace() {
     assert_tree(
-        &order_flow(Conventions::Current, ProcessParenting::ParentAndLink, true).await,
+        &order_flow(Conventions::V1_45, ProcessParenting::ParentAndLink, true).await,
         r#"
         trace #1
-        send orders-RUN [PRODUCER] messaging.client.id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.message.key="order-7" messaging.kafka.offset=0 messaging.message.body.size=11 messaging.operation.name="send" messaging.operation.type="send" messaging.system="kafka" server.address="127.0.0.1" server.port=*
-            process orders-RUN [CONSUMER] messaging.client.id="mqtrace-test" messaging.consumer.group.name="group-RUN" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.message.key="order-7" messaging.kafka.offset=0 messaging.message.body.size=11 messaging.operation.name="process" messaging.operation.type="process" messaging.system="kafka" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* server.address="127.0.0.1" server.port=*
+        send orders-RUN [PRODUCER] kafka.message.key="order-7" kafka.offset=0 messaging.client.id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="kafka" server.address="127.0.0.1" server.port=*
+            process orders-RUN [CONSUMER] kafka.message.key="order-7" kafka.offset=0 messaging.client.id="mqtrace-test" messaging.consumer.group.name="group-RUN" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* server.address="127.0.0.1" server.port=*
                 ~> send orders-RUN (this trace)
                 charge card [INTERNAL]
-                commit orders-RUN [CLIENT] messaging.client.id="mqtrace-test" messaging.consumer.group.name="group-RUN" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.message.key="order-7" messaging.kafka.offset=0 messaging.message.body.size=11 messaging.operation.name="commit" messaging.operation.type="settle" messaging.system="kafka" server.address="127.0.0.1" server.port=*
+                commit orders-RUN [CLIENT] kafka.message.key="order-7" kafka.offset=0 messaging.client.id="mqtrace-test" messaging.consumer.group.name="group-RUN" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.operation.name="commit" messaging.operation.type="settle" messaging.system.name="kafka" server.address="127.0.0.1" server.port=*
         "#,
     );
 }
@@ -88,8 +88,8 @@ async fn legacy_conventions() {
         &order_flow(Conventions::Legacy, ProcessParenting::ParentAndLink, false).await,
         r#"
         trace #1
-        orders-RUN publish [PRODUCER] messaging.client.id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.kafka.partition=0 messaging.message.body.size=11 messaging.operation="publish" messaging.system="kafka" server.address="127.0.0.1" server.port=*
-            orders-RUN process [CONSUMER] messaging.client.id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.kafka.consumer.group="group-RUN" messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.kafka.partition=0 messaging.message.body.size=11 messaging.operation="process" messaging.system="kafka" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* server.address="127.0.0.1" server.port=*
+        orders-RUN publish [PRODUCER] messaging.client_id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.kafka.destination.partition=0 messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.operation="publish" messaging.system="kafka" server.address="127.0.0.1" server.port=*
+            orders-RUN deliver [CONSUMER] messaging.client_id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.kafka.consumer.group="group-RUN" messaging.kafka.destination.partition=0 messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.operation="deliver" messaging.system="kafka" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* server.address="127.0.0.1" server.port=*
                 ~> orders-RUN publish (this trace)
                 charge card [INTERNAL]
         "#,
@@ -99,11 +99,11 @@ async fn legacy_conventions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dup_conventions() {
     assert_tree(
-        &order_flow(Conventions::Both, ProcessParenting::ParentAndLink, false).await,
+        &order_flow(Conventions::Dup, ProcessParenting::ParentAndLink, false).await,
         r#"
         trace #1
-        send orders-RUN [PRODUCER] messaging.client.id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.kafka.offset=0 messaging.kafka.partition=0 messaging.message.body.size=11 messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send" messaging.system="kafka" server.address="127.0.0.1" server.port=*
-            process orders-RUN [CONSUMER] messaging.client.id="mqtrace-test" messaging.consumer.group.name="group-RUN" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.consumer.group="group-RUN" messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.kafka.offset=0 messaging.kafka.partition=0 messaging.message.body.size=11 messaging.operation="process" messaging.operation.name="process" messaging.operation.type="process" messaging.system="kafka" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* server.address="127.0.0.1" server.port=*
+        send orders-RUN [PRODUCER] kafka.message.key="order-7" kafka.offset=0 messaging.client.id="mqtrace-test" messaging.client_id="mqtrace-test" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.destination.partition=0 messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send" messaging.system="kafka" messaging.system.name="kafka" server.address="127.0.0.1" server.port=*
+            process orders-RUN [CONSUMER] kafka.message.key="order-7" kafka.offset=0 messaging.client.id="mqtrace-test" messaging.client_id="mqtrace-test" messaging.consumer.group.name="group-RUN" messaging.destination.name="orders-RUN" messaging.destination.partition.id="0" messaging.kafka.consumer.group="group-RUN" messaging.kafka.destination.partition=0 messaging.kafka.message.key="order-7" messaging.kafka.message.offset=0 messaging.operation="deliver" messaging.operation.name="process" messaging.operation.type="process" messaging.system="kafka" messaging.system.name="kafka" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=* server.address="127.0.0.1" server.port=*
                 ~> send orders-RUN (this trace)
                 charge card [INTERNAL]
         "#,
@@ -112,7 +112,7 @@ async fn dup_conventions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_only_starts_a_new_trace() {
-    let tree = order_flow(Conventions::Current, ProcessParenting::LinkOnly, false).await;
+    let tree = order_flow(Conventions::V1_45, ProcessParenting::LinkOnly, false).await;
     assert_tree(
         &tree
             .lines()
@@ -131,7 +131,7 @@ async fn link_only_starts_a_new_trace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parent_only_has_no_link() {
-    let tree = order_flow(Conventions::Current, ProcessParenting::ParentOnly, false).await;
+    let tree = order_flow(Conventions::V1_45, ProcessParenting::ParentOnly, false).await;
     assert_tree(
         &tree
             .lines()
@@ -188,13 +188,12 @@ async fn missing_or_malformed_trace_headers_start_new_roots() {
     assert_eq!(stats.settled, 2);
     assert_eq!(*offsets.lock().unwrap(), [0, 1]);
     assert_tree(
-        &h.render(2, TreeOptions::only(&["messaging.kafka.offset"]))
-            .await,
+        &h.render(2, TreeOptions::only(&["kafka.offset"])).await,
         r#"
         trace #1
-        process plain-RUN [CONSUMER] messaging.kafka.offset=0
+        process plain-RUN [CONSUMER] kafka.offset=0
         trace #2
-        process plain-RUN [CONSUMER] messaging.kafka.offset=1
+        process plain-RUN [CONSUMER] kafka.offset=1
         "#,
     );
 }

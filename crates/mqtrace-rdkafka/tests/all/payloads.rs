@@ -20,7 +20,7 @@ async fn empty_binary_and_one_mib_values_survive_a_retry_unchanged() {
     let h = Harness::start().await;
     let (topic, retry) = (h.name("blobs"), h.name("blobs.retry"));
     h.topics(&[&topic, &retry]).await;
-    let instrumenter = h.instrumenter(|b| b);
+    let instrumenter = h.instrumenter(|b| b.body_size(true));
     let mut config = h.config();
     config.set("message.max.bytes", "2000000");
     let producer = TracedProducer::from_config(&config, instrumenter.clone()).unwrap();

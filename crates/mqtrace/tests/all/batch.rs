@@ -10,7 +10,7 @@ use crate::helpers::{assert_tree, broker_with, Harness};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_span_links_every_message_and_counts_outcomes() {
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::V1_45));
     let broker = broker_with(&[("orders", None)]);
     let producer = TracedProducer::new(broker.clone(), instrumenter.clone());
     for body in ["a", "b", "c"] {

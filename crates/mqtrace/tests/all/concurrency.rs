@@ -16,7 +16,7 @@ use crate::helpers::{broker_with, Harness};
 async fn each_task_keeps_its_message_context() {
     const MESSAGES: usize = 40;
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::V1_45));
     let broker = broker_with(&[("orders", None)]);
     let producer = TracedProducer::new(broker.clone(), instrumenter.clone());
     for i in 0..MESSAGES {

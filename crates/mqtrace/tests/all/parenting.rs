@@ -14,7 +14,7 @@ const NAMES: &[&str] = &[];
 
 async fn run(parenting: ProcessParenting, ambient: bool) -> String {
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current).parenting(parenting));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::V1_45).parenting(parenting));
     let broker = broker_with(&[("orders", None)]);
     TracedProducer::new(broker.clone(), instrumenter.clone())
         .send("orders", Message::new("x"))

@@ -22,8 +22,8 @@ const CONNECTED: &str = "
 async fn round_trip(producer: Propagation, consumer: Propagation) -> (Vec<String>, String) {
     let h = Harness::start().await;
     let broker = broker_with(&[("orders", None)]);
-    let send = h.instrumenter(|b| b.conventions(Conventions::Current).propagation(producer));
-    let process = h.instrumenter(|b| b.conventions(Conventions::Current).propagation(consumer));
+    let send = h.instrumenter(|b| b.conventions(Conventions::V1_45).propagation(producer));
+    let process = h.instrumenter(|b| b.conventions(Conventions::V1_45).propagation(consumer));
     TracedProducer::new(broker.clone(), send)
         .send("orders", Message::new("x"))
         .await
@@ -134,7 +134,7 @@ async fn bad_headers_give_a_new_root() {
         ),
     ];
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::V1_45));
     let broker = broker_with(&[("orders", None)]);
     for (_, headers) in &cases {
         broker

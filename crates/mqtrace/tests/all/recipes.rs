@@ -39,14 +39,14 @@ async fn send_process_settle(conventions: Conventions) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn current_conventions() {
     assert_tree(
-        &send_process_settle(Conventions::Current).await,
+        &send_process_settle(Conventions::V1_45).await,
         r#"
         trace #1
-        send orders [PRODUCER] messaging.destination.name="orders" messaging.message.body.size=8 messaging.message.id="1" messaging.operation.name="send" messaging.operation.type="send" messaging.system="mqtrace"
-            process orders [CONSUMER] messaging.destination.name="orders" messaging.message.body.size=8 messaging.message.id="1" messaging.operation.name="process" messaging.operation.type="process" messaging.system="mqtrace" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=*
+        send orders [PRODUCER] messaging.destination.name="orders" messaging.message.id="1" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="mqtrace"
+            process orders [CONSUMER] messaging.destination.name="orders" messaging.message.id="1" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="mqtrace" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=*
                 ~> send orders (this trace)
                 charge card [INTERNAL]
-                ack orders [CLIENT] messaging.destination.name="orders" messaging.message.body.size=8 messaging.message.id="1" messaging.operation.name="ack" messaging.operation.type="settle" messaging.system="mqtrace"
+                ack orders [CLIENT] messaging.destination.name="orders" messaging.message.id="1" messaging.operation.name="ack" messaging.operation.type="settle" messaging.system.name="mqtrace"
         "#,
     );
 }
@@ -57,11 +57,11 @@ async fn legacy_conventions() {
         &send_process_settle(Conventions::Legacy).await,
         r#"
         trace #1
-        orders publish [PRODUCER] messaging.destination.name="orders" messaging.message.body.size=8 messaging.message.id="1" messaging.operation="publish" messaging.system="mqtrace"
-            orders process [CONSUMER] messaging.destination.name="orders" messaging.message.body.size=8 messaging.message.id="1" messaging.operation="process" messaging.system="mqtrace" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=*
+        orders publish [PRODUCER] messaging.destination.name="orders" messaging.message.id="1" messaging.operation="publish" messaging.system="mqtrace"
+            orders deliver [CONSUMER] messaging.destination.name="orders" messaging.message.id="1" messaging.operation="deliver" messaging.system="mqtrace" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=*
                 ~> orders publish (this trace)
                 charge card [INTERNAL]
-                orders settle [CLIENT] messaging.destination.name="orders" messaging.message.body.size=8 messaging.message.id="1" messaging.operation="settle" messaging.system="mqtrace"
+                orders ack [CLIENT] messaging.destination.name="orders" messaging.message.id="1" messaging.system="mqtrace"
         "#,
     );
 }
@@ -69,14 +69,14 @@ async fn legacy_conventions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_conventions() {
     assert_tree(
-        &send_process_settle(Conventions::Both).await,
+        &send_process_settle(Conventions::Dup).await,
         r#"
         trace #1
-        send orders [PRODUCER] messaging.destination.name="orders" messaging.message.body.size=8 messaging.message.id="1" messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send" messaging.system="mqtrace"
-            process orders [CONSUMER] messaging.destination.name="orders" messaging.message.body.size=8 messaging.message.id="1" messaging.operation="process" messaging.operation.name="process" messaging.operation.type="process" messaging.system="mqtrace" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=*
+        send orders [PRODUCER] messaging.destination.name="orders" messaging.message.id="1" messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send" messaging.system="mqtrace" messaging.system.name="mqtrace"
+            process orders [CONSUMER] messaging.destination.name="orders" messaging.message.id="1" messaging.operation="deliver" messaging.operation.name="process" messaging.operation.type="process" messaging.system="mqtrace" messaging.system.name="mqtrace" mqtrace.message.attempt=1 mqtrace.message.disposition="settled" mqtrace.message.queue_time=*
                 ~> send orders (this trace)
                 charge card [INTERNAL]
-                ack orders [CLIENT] messaging.destination.name="orders" messaging.message.body.size=8 messaging.message.id="1" messaging.operation="settle" messaging.operation.name="ack" messaging.operation.type="settle" messaging.system="mqtrace"
+                ack orders [CLIENT] messaging.destination.name="orders" messaging.message.id="1" messaging.operation.name="ack" messaging.operation.type="settle" messaging.system="mqtrace" messaging.system.name="mqtrace"
         "#,
     );
 }
@@ -93,7 +93,7 @@ fn kafka(op: OperationType) -> MessageDescription {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_names_per_setting() {
     let h = Harness::start().await;
-    for conventions in [Conventions::Current, Conventions::Legacy, Conventions::Both] {
+    for conventions in [Conventions::V1_45, Conventions::Legacy, Conventions::Dup] {
         let instrumenter = h.instrumenter(|b| b.conventions(conventions));
         let mut d = kafka(OperationType::Receive).operation_named("poll");
         d.offset = Some(7);
@@ -107,11 +107,11 @@ async fn kafka_names_per_setting() {
         &rendered,
         r#"
         trace #1
-        poll orders [CLIENT] messaging.consumer.group.name="billing" messaging.destination.name="orders" messaging.destination.partition.id="3" messaging.kafka.offset=7 messaging.operation.name="poll" messaging.operation.type="receive" messaging.system="kafka"
+        poll orders [CLIENT] kafka.offset=7 messaging.consumer.group.name="billing" messaging.destination.name="orders" messaging.destination.partition.id="3" messaging.operation.name="poll" messaging.operation.type="receive" messaging.system.name="kafka"
         trace #2
-        orders receive [CLIENT] messaging.destination.name="orders" messaging.kafka.consumer.group="billing" messaging.kafka.message.offset=7 messaging.kafka.partition=3 messaging.operation="receive" messaging.system="kafka"
+        orders receive [CLIENT] messaging.destination.name="orders" messaging.kafka.consumer.group="billing" messaging.kafka.destination.partition=3 messaging.kafka.message.offset=7 messaging.operation="receive" messaging.system="kafka"
         trace #3
-        poll orders [CLIENT] messaging.consumer.group.name="billing" messaging.destination.name="orders" messaging.destination.partition.id="3" messaging.kafka.consumer.group="billing" messaging.kafka.message.offset=7 messaging.kafka.offset=7 messaging.kafka.partition=3 messaging.operation="receive" messaging.operation.name="poll" messaging.operation.type="receive" messaging.system="kafka"
+        poll orders [CLIENT] kafka.offset=7 messaging.consumer.group.name="billing" messaging.destination.name="orders" messaging.destination.partition.id="3" messaging.kafka.consumer.group="billing" messaging.kafka.destination.partition=3 messaging.kafka.message.offset=7 messaging.operation="receive" messaging.operation.name="poll" messaging.operation.type="receive" messaging.system="kafka" messaging.system.name="kafka"
         "#,
     );
 }
@@ -121,7 +121,7 @@ async fn kafka_names_per_setting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_batch_send_and_receive() {
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::V1_45));
     let broker = broker_with(&[("orders", None)]);
     let tracer = h.guard.provider().unwrap().tracer("app");
 
@@ -157,13 +157,13 @@ async fn create_batch_send_and_receive() {
         r#"
         trace #1
         nightly export [INTERNAL]
-            create orders [PRODUCER] messaging.destination.name="orders" messaging.operation.name="create" messaging.operation.type="create" messaging.system="mqtrace"
-            create orders [PRODUCER] messaging.destination.name="orders" messaging.operation.name="create" messaging.operation.type="create" messaging.system="mqtrace"
-            send orders [CLIENT] messaging.batch.message_count=2 messaging.destination.name="orders" messaging.operation.name="send" messaging.operation.type="send" messaging.system="mqtrace"
+            create orders [PRODUCER] messaging.destination.name="orders" messaging.operation.name="create" messaging.operation.type="create" messaging.system.name="mqtrace"
+            create orders [PRODUCER] messaging.destination.name="orders" messaging.operation.name="create" messaging.operation.type="create" messaging.system.name="mqtrace"
+            send orders [CLIENT] messaging.batch.message_count=2 messaging.destination.name="orders" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="mqtrace"
                 ~> create orders (this trace)
                 ~> create orders (this trace)
         trace #2
-        receive orders [CLIENT] messaging.destination.name="orders" messaging.operation.name="receive" messaging.operation.type="receive" messaging.system="mqtrace"
+        receive orders [CLIENT] messaging.destination.name="orders" messaging.operation.name="receive" messaging.operation.type="receive" messaging.system.name="mqtrace"
             ~> create orders (trace #1) messaging.message.id="1"
             ~> create orders (trace #1) messaging.message.id="2"
         "#,
@@ -175,7 +175,7 @@ async fn create_batch_send_and_receive() {
 async fn hook_and_captured_headers() {
     let h = Harness::start().await;
     let instrumenter = h.instrumenter(|b| {
-        b.conventions(Conventions::Current)
+        b.conventions(Conventions::V1_45)
             .capture_header("x-tenant")
             .on_start(
                 |view: &mqtrace::MessageView<'_>, attrs: &mut Vec<KeyValue>| {
@@ -229,7 +229,7 @@ async fn hook_and_captured_headers() {
 async fn every_recipe_under_every_setting() {
     let expected = [
         (
-            Conventions::Current,
+            Conventions::V1_45,
             r#"
             trace #1
             create orders [PRODUCER] messaging.operation.name="create" messaging.operation.type="create"
@@ -260,16 +260,16 @@ async fn every_recipe_under_every_setting() {
             orders receive [CLIENT] messaging.operation="receive"
                 ~> orders create (trace #1) messaging.message.id="1"
             trace #4
-            orders process [CONSUMER] messaging.operation="process"
+            orders deliver [CONSUMER] messaging.operation="deliver"
                 ~> orders create (trace #1)
                 orders.dlq publish [PRODUCER] messaging.operation="publish"
                     ~> orders create (trace #1) mqtrace.link.relationship="original_message"
-                    ~> orders process (this trace) mqtrace.link.relationship="processing_attempt"
-                orders settle [CLIENT] messaging.operation="settle"
+                    ~> orders deliver (this trace) mqtrace.link.relationship="processing_attempt"
+                orders ack [CLIENT]
             "#,
         ),
         (
-            Conventions::Both,
+            Conventions::Dup,
             r#"
             trace #1
             create orders [PRODUCER] messaging.operation="create" messaging.operation.name="create" messaging.operation.type="create"
@@ -280,12 +280,12 @@ async fn every_recipe_under_every_setting() {
             receive orders [CLIENT] messaging.operation="receive" messaging.operation.name="receive" messaging.operation.type="receive"
                 ~> create orders (trace #1) messaging.message.id="1"
             trace #4
-            process orders [CONSUMER] messaging.operation="process" messaging.operation.name="process" messaging.operation.type="process"
+            process orders [CONSUMER] messaging.operation="deliver" messaging.operation.name="process" messaging.operation.type="process"
                 ~> create orders (trace #1)
                 send orders.dlq [PRODUCER] messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send"
                     ~> create orders (trace #1) mqtrace.link.relationship="original_message"
                     ~> process orders (this trace) mqtrace.link.relationship="processing_attempt"
-                ack orders [CLIENT] messaging.operation="settle" messaging.operation.name="ack" messaging.operation.type="settle"
+                ack orders [CLIENT] messaging.operation.name="ack" messaging.operation.type="settle"
             "#,
         ),
     ];

@@ -30,7 +30,7 @@ fn header(m: &mqtrace::embedded::StoredMessage, key: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_spent_goes_to_dead_letter_with_metadata() {
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::V1_45));
     let broker = broker_with(&[("orders", Some("orders.dlq")), ("orders.dlq", None)]);
     // Not UTF-8, with a NUL: must arrive byte for byte.
     let body = Bytes::from_static(b"\x00\xff order 7 \xfe");
@@ -134,7 +134,7 @@ async fn budget_spent_goes_to_dead_letter_with_metadata() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_then_success_is_one_connected_trace() {
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::V1_45));
     let broker = broker_with(&[("orders", Some("orders.dlq")), ("orders.dlq", None)]);
     TracedProducer::new(broker.clone(), instrumenter.clone())
         .send("orders", Message::new("x"))
@@ -177,7 +177,7 @@ async fn transient_then_success_is_one_connected_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_json_is_permanent_and_dead_lettered_at_once() {
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::V1_45));
     let broker = broker_with(&[("orders", Some("orders.dlq")), ("orders.dlq", None)]);
     TracedProducer::new(broker.clone(), instrumenter.clone())
         .send("orders", Message::new("{not json"))
@@ -215,7 +215,7 @@ async fn invalid_json_is_permanent_and_dead_lettered_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_failure_without_dead_letter_queue_is_dropped_and_says_so() {
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::V1_45));
     let broker = broker_with(&[("orders", None)]);
     broker.publish("orders", Message::new("x")).unwrap();
     let stats = TracedConsumer::new(broker.clone(), "orders", instrumenter)
@@ -237,7 +237,7 @@ async fn permanent_failure_without_dead_letter_queue_is_dropped_and_says_so() {
 async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
     let h = Harness::start().await;
     let instrumenter = h.instrumenter(|b| {
-        b.conventions(Conventions::Current)
+        b.conventions(Conventions::V1_45)
             .retry_policy(RetryPolicy::attempts(1))
     });
     let broker = broker_with(&[("orders", Some("orders.dlq")), ("orders.dlq", None)]);
@@ -282,7 +282,7 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_across_failures() {
     let h = Harness::start().await;
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::V1_45));
     let broker = broker_with(&[("orders", Some("orders.dlq")), ("orders.dlq", None)]);
     let producer = TracedProducer::new(broker.clone(), instrumenter.clone());
     for i in 0..200u32 {

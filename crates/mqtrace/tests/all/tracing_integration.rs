@@ -25,7 +25,7 @@ async fn instrumented_handler_spans_nest_under_process() {
     let h = Harness::start().await;
     let dispatch =
         tracing::Dispatch::new(tracing_subscriber::registry().with(h.guard.tracing_layer()));
-    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Current));
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::V1_45));
     let broker = broker_with(&[("orders", None)]);
     TracedProducer::new(broker.clone(), instrumenter.clone())
         .send("orders", Message::new("x"))

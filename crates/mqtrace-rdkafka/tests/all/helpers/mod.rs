@@ -194,7 +194,7 @@ pub fn assert_lag_of_five(spans: &[RecordedSpan]) {
         .iter()
         .filter(|s| s.name.starts_with("process"))
         .filter_map(|s| {
-            let offset = s.attr("messaging.kafka.offset")?.as_i64()?;
+            let offset = s.attr(mqtrace::conventions::attr::KAFKA_OFFSET)?.as_i64()?;
             let lag = s.attr(mqtrace_rdkafka::CONSUMER_LAG)?.as_i64()?;
             Some((offset, lag))
         })
