@@ -1,7 +1,9 @@
 //! Instrumenting a consumer loop of one's own: process spans and settlement for
 //! rdkafka's own messages (`BorrowedMessage`, `OwnedMessage`).
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mqtrace::settle::{Forward, Routes, Settled, Settlement, Settler};
@@ -24,6 +26,69 @@ use crate::producer::{record_delivery, TracedProducer};
 /// `mqtrace.kafka.consumer.lag`: records behind the partition's high watermark when
 /// this one was processed. The conventions have no name for it.
 pub const CONSUMER_LAG: &str = "mqtrace.kafka.consumer.lag";
+
+/// The gauge of the same name (`{message}`): a partition's lag, per topic,
+/// partition and consumer group, recorded with each record processed while
+/// librdkafka's statistics tell it.
+#[derive(Debug, Clone, Default)]
+struct LagGauge {
+    gauge: OnceLock<opentelemetry::metrics::Gauge<i64>>,
+    /// Attribute sets per partition and topic, built once.
+    sets: Arc<Mutex<LagSets>>,
+}
+
+/// Per partition: each topic's attribute set.
+type LagSets = HashMap<i32, Vec<(Box<str>, Arc<[KeyValue]>)>>;
+
+impl LagGauge {
+    fn record(
+        &self,
+        instrumenter: &Instrumenter,
+        info: &ClientInfo,
+        topic: &str,
+        partition: i32,
+        lag: i64,
+    ) {
+        let gauge = self.gauge.get_or_init(|| {
+            instrumenter
+                .meter()
+                .i64_gauge(CONSUMER_LAG)
+                .with_unit("{message}")
+                .with_description("Records behind the partition's high watermark.")
+                .build()
+        });
+        let set = {
+            let mut sets = self.sets.lock().unwrap_or_else(PoisonError::into_inner);
+            let topics = sets.entry(partition).or_default();
+            match topics.iter().find(|(t, _)| &**t == topic) {
+                Some((_, set)) => Arc::clone(set),
+                None => {
+                    let mut d = info.describe(OperationType::Process, topic);
+                    d.partition = Some(partition.to_string());
+                    d.consumer_group.clone_from(&info.group);
+                    let mut all = Vec::new();
+                    instrumenter.conventions().attributes(&d, false, &mut all);
+                    let keep = [
+                        mqtrace::conventions::attr::MESSAGING_SYSTEM,
+                        mqtrace::conventions::attr::MESSAGING_SYSTEM_NAME,
+                        mqtrace::conventions::attr::MESSAGING_DESTINATION_NAME,
+                        mqtrace::conventions::attr::MESSAGING_DESTINATION_PARTITION_ID,
+                        mqtrace::conventions::attr::LEGACY_KAFKA_PARTITION,
+                        mqtrace::conventions::attr::MESSAGING_CONSUMER_GROUP_NAME,
+                        mqtrace::conventions::attr::LEGACY_KAFKA_CONSUMER_GROUP,
+                    ];
+                    let set: Arc<[KeyValue]> = all
+                        .into_iter()
+                        .filter(|kv| keep.contains(&kv.key.as_str()))
+                        .collect();
+                    topics.push((topic.into(), Arc::clone(&set)));
+                    set
+                }
+            }
+        };
+        gauge.record(lag, &set);
+    }
+}
 
 /// Traces records for a consumer loop of your own: runs the handler inside the
 /// record's `process` span and settles it the way [`crate::TracedConsumer`] does
@@ -69,6 +134,7 @@ pub struct RecordTracer {
     dead_letter_topic: Option<String>,
     receive_spans: bool,
     forward_timeout: Duration,
+    lag: LagGauge,
 }
 
 // === impl RecordTracer ===
@@ -93,6 +159,7 @@ impl RecordTracer {
             dead_letter_topic: None,
             receive_spans: false,
             forward_timeout: Duration::from_secs(30),
+            lag: LagGauge::default(),
         }
     }
 
@@ -167,6 +234,15 @@ impl RecordTracer {
         F: FnOnce(Attempt) -> Fut,
         Fut: Future<Output = HandlerResult>,
     {
+        if let Some(lag) = lag {
+            self.lag.record(
+                &self.instrumenter,
+                &self.info,
+                record.topic(),
+                record.partition(),
+                lag,
+            );
+        }
         let incoming = Incoming {
             record,
             info: &self.info,

@@ -1,6 +1,6 @@
 //! The application's OpenTelemetry set-up for services instrumented with mqtrace:
-//! one call builds and installs a tracer provider that exports over OTLP, and
-//! returns a guard that flushes on drop. mqtrace itself depends on the
+//! one call builds and installs a tracer provider and a meter provider that export
+//! over OTLP, and returns a guard that flushes both on drop. mqtrace itself depends on the
 //! OpenTelemetry API only; this crate is where the SDK comes in, for those who
 //! want mqtrace's defaults.
 //!
@@ -22,6 +22,11 @@
 //!   `OTEL_EXPORTER_OTLP_*` variables unless set on the builder.
 //! - Batch span processor, configured by `OTEL_BSP_*`; sampler from
 //!   `OTEL_TRACES_SAMPLER` / `_ARG`; `OTEL_SDK_DISABLED=true` installs nothing.
+//! - Metrics (mqtrace's messaging metrics, see `mqtrace::metrics`): OTLP over the
+//!   same protocol and endpoint, read every `OTEL_METRIC_EXPORT_INTERVAL`
+//!   milliseconds (60 s by default), with the temporality of
+//!   `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE` (`cumulative` by default,
+//!   `delta`, `lowmemory`); `OTEL_METRICS_EXPORTER=none` turns them off.
 //! - The global text-map propagator is set to the builder's [`Propagation`] (W3C trace
 //!   context and baggage by default), and so is mqtrace's default
 //!   ([`Propagation::set_default`]): instrumenters not given formats of their own
@@ -40,6 +45,8 @@ use std::time::Duration;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{global, Context, KeyValue};
 use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{MeterProviderBuilder, PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{
     BatchConfig, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData, SpanExporter,
     SpanProcessor,
@@ -160,6 +167,18 @@ pub struct TelemetryBuilder {
     export_timeout: Option<Duration>,
     mirror_env: bool,
     quiet: Vec<&'static str>,
+    metrics: Option<bool>,
+    metric_interval: Option<Duration>,
+    metric_readers: Vec<AddReader>,
+}
+
+/// Adds a reader of the application's to the meter provider being built.
+struct AddReader(Box<dyn FnOnce(MeterProviderBuilder) -> MeterProviderBuilder + Send>);
+
+impl fmt::Debug for AddReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AddReader")
+    }
 }
 
 impl Default for TelemetryBuilder {
@@ -177,6 +196,9 @@ impl Default for TelemetryBuilder {
             export_timeout: None,
             mirror_env: false,
             quiet: Vec::new(),
+            metrics: None,
+            metric_interval: None,
+            metric_readers: Vec::new(),
         }
     }
 }
@@ -267,7 +289,38 @@ impl TelemetryBuilder {
         self
     }
 
-    /// Builds the provider, and installs it unless told not to.
+    /// Whether to export metrics over OTLP (default: unless
+    /// `OTEL_METRICS_EXPORTER=none`).
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = Some(on);
+        self
+    }
+
+    /// How often metrics are read and exported (default:
+    /// `OTEL_METRIC_EXPORT_INTERVAL`, else 60 s).
+    pub fn metric_export_interval(mut self, interval: Duration) -> Self {
+        self.metric_interval = Some(interval);
+        self
+    }
+
+    /// Another metric exporter, read on the same interval and at every flush:
+    /// what the demo uses for its summary.
+    pub fn metric_exporter<E>(mut self, exporter: E) -> Self
+    where
+        E: PushMetricExporter + 'static,
+    {
+        let mut reader = PeriodicReader::builder(exporter);
+        if let Some(interval) = self.metric_interval {
+            reader = reader.with_interval(interval);
+        }
+        let reader = reader.build();
+        self.metric_readers.push(AddReader(Box::new(move |builder| {
+            builder.with_reader(reader)
+        })));
+        self
+    }
+
+    /// Builds the providers, and installs them unless told not to.
     pub fn build(self) -> Result<TelemetryGuard, TelemetryError> {
         if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true")) {
             return Ok(TelemetryGuard::disabled());
@@ -312,13 +365,35 @@ impl TelemetryBuilder {
         if let Some(mirror) = mirror {
             provider = provider.with_batch_exporter(mirror);
         }
-        let mut provider =
-            provider.with_resource(resource(self.service_name, self.resource_attributes));
+        // One resource for both providers: they describe the same service.
+        let service = resource(self.service_name, self.resource_attributes);
+        let mut provider = provider.with_resource(service.clone());
         if let Some(sampler) = self.sampler {
             provider = provider.with_sampler(sampler);
         }
         let provider = provider.build();
+        let metrics_on = match self.metrics {
+            Some(on) => on,
+            None => metrics_from_env()?,
+        };
+        let mut meters = SdkMeterProvider::builder().with_resource(service);
+        if metrics_on {
+            let exporter = {
+                let _entered = runtime.enter();
+                build_metric_exporter(protocol, self.endpoint.as_deref(), self.export_timeout)?
+            };
+            let mut reader = PeriodicReader::builder(exporter);
+            if let Some(interval) = self.metric_interval {
+                reader = reader.with_interval(interval);
+            }
+            meters = meters.with_reader(reader.build());
+        }
+        for add in self.metric_readers {
+            meters = (add.0)(meters);
+        }
+        let meters = meters.build();
         if self.install_global {
+            global::set_meter_provider(meters.clone());
             global::set_tracer_provider(provider.clone());
             // The same formats for mqtrace's instrumenters as for everything else.
             Propagation::set_default(self.propagation.clone());
@@ -326,11 +401,26 @@ impl TelemetryBuilder {
         }
         Ok(TelemetryGuard {
             provider: Some(provider),
+            meters: Some(meters),
             runtime: Some(runtime),
             counters,
             shutdown_timeout: self.shutdown_timeout,
             quiet: self.quiet,
         })
+    }
+}
+
+/// `OTEL_METRICS_EXPORTER`: `otlp` (default) or `none`.
+fn metrics_from_env() -> Result<bool, TelemetryError> {
+    match std::env::var("OTEL_METRICS_EXPORTER") {
+        Err(_) => Ok(true),
+        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "" | "otlp" => Ok(true),
+            "none" => Ok(false),
+            other => Err(TelemetryError::Exporter(format!(
+                "OTEL_METRICS_EXPORTER={other} is not supported here: otlp or none"
+            ))),
+        },
     }
 }
 
@@ -424,10 +514,60 @@ fn build_exporter(
     }
 }
 
+#[allow(unused_variables)]
+fn build_metric_exporter(
+    protocol: Protocol,
+    endpoint: Option<&str>,
+    timeout: Option<Duration>,
+) -> Result<opentelemetry_otlp::MetricExporter, TelemetryError> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    match protocol {
+        #[cfg(feature = "otlp-grpc")]
+        Protocol::Grpc => {
+            let mut b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+            if let Some(endpoint) = endpoint {
+                b = b.with_endpoint(endpoint);
+            }
+            if let Some(timeout) = timeout {
+                b = b.with_timeout(timeout);
+            }
+            b.build()
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))
+        }
+        #[cfg(feature = "otlp-http")]
+        Protocol::HttpProtobuf => {
+            let endpoint = endpoint.map(|e| {
+                let e = e.trim_end_matches('/');
+                let e = e.strip_suffix("/v1/traces").unwrap_or(e);
+                format!("{e}/v1/metrics")
+            });
+            // As for spans: the blocking client must not be made on an async thread.
+            std::thread::spawn(move || {
+                let mut b = opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                if let Some(endpoint) = endpoint {
+                    b = b.with_endpoint(endpoint);
+                }
+                if let Some(timeout) = timeout {
+                    b = b.with_timeout(timeout);
+                }
+                b.build()
+                    .map_err(|e| TelemetryError::Exporter(e.to_string()))
+            })
+            .join()
+            .map_err(|_| TelemetryError::Exporter("exporter set-up panicked".to_owned()))?
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(TelemetryError::ProtocolDisabled(other)),
+    }
+}
+
 /// Keeps telemetry running; dropping it (or [`TelemetryGuard::shutdown`]) flushes the
 /// spans still queued, waiting at most the shutdown timeout.
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
     runtime: Option<tokio::runtime::Runtime>,
     counters: Arc<Counters>,
     shutdown_timeout: Duration,
@@ -447,6 +587,7 @@ impl TelemetryGuard {
     fn disabled() -> Self {
         Self {
             provider: None,
+            meters: None,
             runtime: None,
             counters: Arc::default(),
             shutdown_timeout: Duration::ZERO,
@@ -459,6 +600,25 @@ impl TelemetryGuard {
         self.provider.as_ref()
     }
 
+    /// An instrumenter builder bound to this set-up's tracer and meter providers
+    /// (the global ones when telemetry is off): what a process that keeps one
+    /// provider per service (`install_global(false)`) gives each service.
+    pub fn instrumenter(&self) -> mqtrace::InstrumenterBuilder {
+        let mut builder = mqtrace::Instrumenter::builder();
+        if let Some(provider) = &self.provider {
+            builder = builder.tracer_provider(provider);
+        }
+        if let Some(meters) = &self.meters {
+            builder = builder.meter_provider(meters);
+        }
+        builder
+    }
+
+    /// The meter provider, unless `OTEL_SDK_DISABLED` turned telemetry off.
+    pub fn meter_provider(&self) -> Option<&SdkMeterProvider> {
+        self.meters.as_ref()
+    }
+
     /// Span counts so far.
     pub fn stats(&self) -> ExportStats {
         self.counters.stats()
@@ -468,23 +628,14 @@ impl TelemetryGuard {
     /// thread until done; nothing when telemetry is off): what
     /// `mqtrace_aws_lambda::TracedSqsHandler` runs before each invocation returns.
     pub fn flusher(&self) -> impl Fn() + Send + Sync + 'static {
-        let provider = self.provider.clone();
-        move || {
-            if let Some(provider) = &provider {
-                if let Err(e) = provider.force_flush() {
-                    tracing::debug!(target: "mqtrace", error = %e, "flush failed");
-                }
-            }
-        }
+        let (provider, meters) = (self.provider.clone(), self.meters.clone());
+        move || flush(provider.as_ref(), meters.as_ref())
     }
 
-    /// Exports what is queued now. Blocks the calling thread until done.
+    /// Exports what is queued now, spans and metrics. Blocks the calling thread
+    /// until done.
     pub fn force_flush(&self) {
-        if let Some(provider) = &self.provider {
-            if let Err(e) = provider.force_flush() {
-                tracing::debug!(target: "mqtrace", error = %e, "flush failed");
-            }
-        }
+        flush(self.provider.as_ref(), self.meters.as_ref());
     }
 
     /// A `tracing` layer that sends `tracing` spans to this provider, so
@@ -547,8 +698,9 @@ impl TelemetryGuard {
         match Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| self.stop()),
             Ok(_) => {
-                let (provider, runtime, timeout) = (
+                let (provider, meters, runtime, timeout) = (
                     self.provider.take(),
+                    self.meters.take(),
                     self.runtime.take(),
                     self.shutdown_timeout,
                 );
@@ -557,6 +709,7 @@ impl TelemetryGuard {
                     .spawn(move || {
                         let mut guard = TelemetryGuard {
                             provider,
+                            meters,
                             runtime,
                             counters: Arc::default(),
                             shutdown_timeout: timeout,
@@ -573,6 +726,11 @@ impl TelemetryGuard {
     }
 
     fn stop(&mut self) {
+        if let Some(meters) = self.meters.take() {
+            if let Err(e) = meters.shutdown_with_timeout(self.shutdown_timeout) {
+                tracing::debug!(target: "mqtrace", error = %e, "metrics shutdown incomplete");
+            }
+        }
         if let Some(provider) = self.provider.take() {
             if let Err(e) = provider.shutdown_with_timeout(self.shutdown_timeout) {
                 tracing::debug!(target: "mqtrace", error = %e, "telemetry shutdown incomplete");
@@ -586,8 +744,21 @@ impl TelemetryGuard {
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        if self.provider.is_some() || self.runtime.is_some() {
+        if self.provider.is_some() || self.meters.is_some() || self.runtime.is_some() {
             self.stop_on_drop();
+        }
+    }
+}
+
+fn flush(provider: Option<&SdkTracerProvider>, meters: Option<&SdkMeterProvider>) {
+    if let Some(provider) = provider {
+        if let Err(e) = provider.force_flush() {
+            tracing::debug!(target: "mqtrace", error = %e, "span flush failed");
+        }
+    }
+    if let Some(meters) = meters {
+        if let Err(e) = meters.force_flush() {
+            tracing::debug!(target: "mqtrace", error = %e, "metric flush failed");
         }
     }
 }

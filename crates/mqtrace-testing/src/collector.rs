@@ -1,6 +1,6 @@
-//! An OTLP trace receiver in the test process: gRPC and HTTP/protobuf, on loopback
-//! ports chosen by the OS. Spans arrive over real OTLP, exactly as a collector would
-//! receive them.
+//! An OTLP trace and metrics receiver in the test process: gRPC and HTTP/protobuf,
+//! on loopback ports chosen by the OS. Spans and metrics arrive over real OTLP,
+//! exactly as a collector would receive them.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -13,6 +13,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -24,6 +30,7 @@ use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 
+use crate::metric::{MetricStore, RecordedMetric};
 use crate::span::{AttrValue, Kind, RecordedEvent, RecordedLink, RecordedSpan, SpanStatus};
 
 #[derive(Debug, Default)]
@@ -31,6 +38,7 @@ struct Store {
     spans: Mutex<Vec<RecordedSpan>>,
     requests: Mutex<u64>,
     notify: Notify,
+    metrics: Mutex<MetricStore>,
 }
 
 impl Store {
@@ -42,6 +50,13 @@ impl Store {
             .extend(spans);
         *self.requests.lock().unwrap_or_else(PoisonError::into_inner) += 1;
         self.notify.notify_waiters();
+    }
+
+    fn add_metrics(&self, request: ExportMetricsServiceRequest) {
+        self.metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(request);
     }
 }
 
@@ -67,10 +82,14 @@ impl Collector {
         let service = TraceServiceServer::new(GrpcReceiver {
             store: store.clone(),
         });
+        let metrics = MetricsServiceServer::new(GrpcReceiver {
+            store: store.clone(),
+        });
         tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(metrics)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = grpc_stopped.await;
                 })
@@ -129,6 +148,50 @@ impl Collector {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Every metric stream received so far (latest cumulative point, or the sum of
+    /// deltas), in service, name and attribute order.
+    pub fn metrics(&self) -> Vec<RecordedMetric> {
+        self.store
+            .metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .all()
+    }
+
+    /// Forgets the metrics received so far.
+    pub fn clear_metrics(&self) {
+        self.store
+            .metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Flushes `provider` and returns the streams of the metrics named `names`
+    /// (all when empty), rendered one per line (see [`RecordedMetric::render`]),
+    /// attributes in `hide` left out.
+    pub async fn flushed_metrics(
+        &self,
+        provider: &opentelemetry_sdk::metrics::SdkMeterProvider,
+        names: &[&str],
+        hide: &[&str],
+    ) -> String {
+        let provider = provider.clone();
+        let flushed = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+        assert!(
+            matches!(flushed, Ok(Ok(()))),
+            "flushing the meter provider failed: {flushed:?}"
+        );
+        let mut out = String::new();
+        for m in self.metrics() {
+            if names.is_empty() || names.contains(&m.name.as_str()) {
+                out.push_str(&m.render(hide));
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Number of export requests received.
@@ -219,14 +282,45 @@ impl TraceService for GrpcReceiver {
     }
 }
 
-async fn http_export(req: Request<Incoming>, store: &Store) -> Response<Full<Bytes>> {
-    if req.method() != Method::POST || req.uri().path() != "/v1/traces" {
-        return status(StatusCode::NOT_FOUND);
+#[tonic::async_trait]
+impl MetricsService for GrpcReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.store.add_metrics(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
     }
+}
+
+async fn http_export(req: Request<Incoming>, store: &Store) -> Response<Full<Bytes>> {
+    let metrics = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/traces") => false,
+        (&Method::POST, "/v1/metrics") => true,
+        _ => return status(StatusCode::NOT_FOUND),
+    };
     let body = match req.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => return status(StatusCode::BAD_REQUEST),
     };
+    if metrics {
+        return match ExportMetricsServiceRequest::decode(body) {
+            Ok(request) => {
+                store.add_metrics(request);
+                let reply = ExportMetricsServiceResponse {
+                    partial_success: None,
+                }
+                .encode_to_vec();
+                Response::builder()
+                    .header("content-type", "application/x-protobuf")
+                    .body(Full::new(Bytes::from(reply)))
+                    .unwrap_or_else(|_| status(StatusCode::INTERNAL_SERVER_ERROR))
+            }
+            Err(_) => status(StatusCode::BAD_REQUEST),
+        };
+    }
     match ExportTraceServiceRequest::decode(body) {
         Ok(request) => {
             store.add(request);
@@ -264,7 +358,7 @@ fn value(v: Option<&AnyValue>) -> AttrValue {
     }
 }
 
-fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, AttrValue> {
+pub(crate) fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, AttrValue> {
     kvs.iter()
         .map(|kv| (kv.key.clone(), value(kv.value.as_ref())))
         .collect()

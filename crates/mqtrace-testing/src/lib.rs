@@ -1,7 +1,7 @@
 //! Test support for mqtrace.
 //!
 //! - [`Collector`]: an in-process OTLP receiver (gRPC and HTTP) so tests export spans
-//!   over real OTLP and assert on what arrived.
+//!   and metrics over real OTLP and assert on what arrived ([`RecordedMetric`]).
 //! - [`Forest`] and [`TreeOptions`]: spans grouped into traces and rendered as
 //!   normalised trees (names, kinds, parents, links, attributes, status; no ids or
 //!   times) to compare with the expected text.
@@ -18,10 +18,12 @@ pub mod brokers;
 mod collector;
 pub mod examples;
 pub mod faults;
+pub mod metric;
 mod span;
 mod tree_assert;
 
 pub use collector::Collector;
+pub use metric::{MetricKind, MetricValue, RecordedMetric};
 pub use span::{
     AttrValue, Forest, Kind, RecordedEvent, RecordedLink, RecordedSpan, SpanStatus, TreeOptions,
 };

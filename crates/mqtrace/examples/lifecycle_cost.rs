@@ -11,7 +11,9 @@
 //! adapter did before the lifecycle moved into the core). `settle`: the same ended
 //! through `Instrumenter::settle` with a settlement that costs nothing. Spans go to
 //! a processor that drops them; `SAMPLER=off` makes every span unsampled. The difference between the two, per message, is
-//! what the core's lifecycle adds.
+//! what the core's lifecycle adds. `METRICS=off` turns the messaging metrics off,
+//! `METRICS=sdk` records them into an SDK meter provider (read only at exit);
+//! otherwise they go to the global no-op provider.
 #![allow(
     missing_docs,
     clippy::unwrap_used,
@@ -42,7 +44,22 @@ fn main() {
         .with_sampler(sampler)
         .with_span_processor(Discard)
         .build();
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let meters = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_reader(
+            opentelemetry_sdk::metrics::PeriodicReader::builder(
+                opentelemetry_sdk::metrics::InMemoryMetricExporter::default(),
+            )
+            .with_interval(std::time::Duration::from_secs(3600))
+            .build(),
+        )
+        .build();
+    let mut builder = Instrumenter::builder().tracer_provider(&provider);
+    match std::env::var("METRICS").as_deref() {
+        Ok("off") => builder = builder.metrics(false),
+        Ok("sdk") => builder = builder.meter_provider(&meters),
+        _ => {}
+    }
+    let instrumenter = builder.build();
     let send =
         MessageDescription::new(MessagingSystem::Kafka, OperationType::Send).destination("orders");
     let mut headers = Headers::new();

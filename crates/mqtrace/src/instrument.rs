@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use futures_util::{FutureExt as _, StreamExt as _};
 use opentelemetry::global::{self, BoxedTracer};
@@ -18,6 +18,7 @@ use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use crate::conventions::{attr, Conventions};
 use crate::describe::{MessageDescription, OperationType};
 use crate::forward::{self, Disposition, ForwardKind, RetryPolicy};
+use crate::metrics::{Measure, Measured, MeterSource, Metrics};
 use crate::outcome::{truncate, HandlerError, HandlerResult};
 use crate::propagation::Propagation;
 
@@ -124,10 +125,38 @@ where
 }
 
 /// A span started by the [`Instrumenter`], held in the context that carries it.
-/// Dropping it ends the span too; [`MessagingSpan::end`] says so explicitly.
-#[derive(Debug, Clone)]
+/// Dropping it ends the span too; [`MessagingSpan::end`] says so explicitly. A
+/// span that measures an operation (send, receive, process, forward) records its
+/// metrics when it ends; clones share the span but not the measurement.
 pub struct MessagingSpan {
     cx: Context,
+    measure: Option<Measure>,
+}
+
+impl fmt::Debug for MessagingSpan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessagingSpan")
+            .field("span_context", &self.cx.span().span_context())
+            .field("measured", &self.measure.as_ref().map(|m| m.what))
+            .finish()
+    }
+}
+
+impl Clone for MessagingSpan {
+    fn clone(&self) -> Self {
+        Self {
+            cx: self.cx.clone(),
+            measure: None,
+        }
+    }
+}
+
+impl Drop for MessagingSpan {
+    fn drop(&mut self) {
+        if let Some(measure) = self.measure.take() {
+            measure.record();
+        }
+    }
 }
 
 impl MessagingSpan {
@@ -150,6 +179,18 @@ impl MessagingSpan {
     /// Records a handler failure.
     pub fn record_error(&self, error: &HandlerError) {
         error.record(&self.cx.span());
+        self.failed_with(error.error_type());
+    }
+
+    fn failed_with(&self, error_type: &str) {
+        if let Some(m) = &self.measure {
+            let _ = m.error.set(error_type.to_owned());
+        }
+    }
+
+    /// The metric attribute set of this span's operation, when it is measured.
+    pub(crate) fn stream(&self) -> Option<&Arc<[KeyValue]>> {
+        self.measure.as_ref().map(|m| &m.stream)
     }
 
     /// Records a broker failure (publish, ack...): status Error and `error.type`.
@@ -164,10 +205,14 @@ impl MessagingSpan {
         );
         span.set_attribute(KeyValue::new(attr::ERROR_TYPE, error_type.to_owned()));
         span.set_status(Status::error(error.to_string()));
+        self.failed_with(error_type);
     }
 
-    /// Ends the span now.
-    pub fn end(self) {
+    /// Ends the span now (and records its measurement).
+    pub fn end(mut self) {
+        if let Some(measure) = self.measure.take() {
+            measure.record();
+        }
         self.cx.span().end();
     }
 }
@@ -237,6 +282,9 @@ impl Processed {
     pub fn finish(self, disposition: Disposition) -> HandlerResult {
         self.span
             .set_attribute(KeyValue::new(attr::DISPOSITION, disposition.as_str()));
+        if let Some(m) = &self.span.measure {
+            m.metrics.disposition(&m.stream, disposition.as_str());
+        }
         self.span.end();
         self.outcome
     }
@@ -257,6 +305,7 @@ pub struct BatchProcessed {
 /// Builds and configures an [`Instrumenter`].
 pub struct InstrumenterBuilder {
     tracer: Option<BoxedTracer>,
+    meter: Option<opentelemetry::metrics::Meter>,
     conventions: Conventions,
     parenting: ProcessParenting,
     propagation: Option<Propagation>,
@@ -265,6 +314,7 @@ pub struct InstrumenterBuilder {
     retry: RetryPolicy,
     settle_spans: bool,
     body_size: bool,
+    metrics: bool,
 }
 
 impl fmt::Debug for InstrumenterBuilder {
@@ -277,6 +327,7 @@ impl fmt::Debug for InstrumenterBuilder {
             .field("retry", &self.retry)
             .field("settle_spans", &self.settle_spans)
             .field("body_size", &self.body_size)
+            .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
 }
@@ -301,6 +352,16 @@ impl InstrumenterBuilder {
         self.tracer = Some(BoxedTracer::new(Box::new(
             provider.tracer_with_scope(instrumentation_scope()),
         )));
+        self
+    }
+
+    /// Metrics go to this provider instead of the global one (which is otherwise
+    /// looked up at the first measurement).
+    pub fn meter_provider<P>(mut self, provider: &P) -> Self
+    where
+        P: opentelemetry::metrics::MeterProvider,
+    {
+        self.meter = Some(provider.meter_with_scope(instrumentation_scope()));
         self
     }
 
@@ -360,6 +421,13 @@ impl InstrumenterBuilder {
         self
     }
 
+    /// Whether to record the messaging metrics (default: on; see
+    /// [`crate::metrics`]). Off, no measurement is taken at all.
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
+        self
+    }
+
     /// Finishes the instrumenter.
     pub fn build(self) -> Instrumenter {
         Instrumenter {
@@ -373,12 +441,20 @@ impl InstrumenterBuilder {
                     Some(tracer) => TracerSource::Given(tracer),
                     None => TracerSource::Global(std::sync::OnceLock::new()),
                 },
+                metrics: Arc::new(Metrics::new(
+                    match self.meter {
+                        Some(meter) => MeterSource::Given(meter),
+                        None => MeterSource::Global,
+                    },
+                    self.conventions,
+                )),
                 conventions: self.conventions,
                 parenting: self.parenting,
                 capture_headers: self.capture_headers,
                 on_start: self.on_start,
                 retry: self.retry,
                 body_size: self.body_size,
+                metrics_on: self.metrics,
             }),
         }
     }
@@ -417,12 +493,14 @@ enum TracerSource {
 
 struct Inner {
     tracer: TracerSource,
+    metrics: Arc<Metrics>,
     conventions: Conventions,
     parenting: ProcessParenting,
     capture_headers: Vec<String>,
     on_start: Arc<dyn OnStart>,
     retry: RetryPolicy,
     body_size: bool,
+    metrics_on: bool,
 }
 
 /// Creates every messaging span: it names them, picks kind, parent and links, sets
@@ -462,6 +540,7 @@ impl Instrumenter {
     pub fn builder() -> InstrumenterBuilder {
         InstrumenterBuilder {
             tracer: None,
+            meter: None,
             conventions: Conventions::from_env(),
             parenting: ProcessParenting::default(),
             propagation: None,
@@ -470,6 +549,7 @@ impl Instrumenter {
             retry: RetryPolicy::default(),
             settle_spans: false,
             body_size: false,
+            metrics: true,
         }
     }
 
@@ -496,7 +576,18 @@ impl Instrumenter {
         };
         MessagingSpan {
             cx: parent.with_span(span),
+            measure: None,
         }
+    }
+
+    /// The meter mqtrace's metrics come from (scope [`instrumentation_scope`]): for
+    /// adapters' own instruments, such as Kafka's consumer lag.
+    pub fn meter(&self) -> opentelemetry::metrics::Meter {
+        self.inner.metrics.meter()
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// The conventions in force.
@@ -547,6 +638,7 @@ impl Instrumenter {
         &self.inner.retry
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
         d: &MessageDescription,
@@ -555,8 +647,9 @@ impl Instrumenter {
         links: Vec<Link>,
         body: Option<&[u8]>,
         extra: impl FnOnce(&mut Vec<KeyValue>),
+        measured: Option<Measured>,
     ) -> MessagingSpan {
-        self.start_at(d, kind, parent, links, body, extra, None)
+        self.start_at(d, kind, parent, links, body, extra, None, measured)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -569,6 +662,7 @@ impl Instrumenter {
         body: Option<&[u8]>,
         extra: impl FnOnce(&mut Vec<KeyValue>),
         start_time: Option<SystemTime>,
+        measured: Option<Measured>,
     ) -> MessagingSpan {
         let mut attributes = Vec::with_capacity(16);
         self.inner
@@ -582,6 +676,23 @@ impl Instrumenter {
             },
             &mut attributes,
         );
+        let measure = measured.filter(|_| self.inner.metrics_on).map(|what| {
+            let started = match start_time {
+                Some(t) => SystemTime::now()
+                    .duration_since(t)
+                    .ok()
+                    .and_then(|ago| Instant::now().checked_sub(ago))
+                    .unwrap_or_else(Instant::now),
+                None => Instant::now(),
+            };
+            Measure {
+                metrics: Arc::clone(&self.inner.metrics),
+                what,
+                stream: self.inner.metrics.stream(&attributes),
+                started,
+                error: std::sync::OnceLock::new(),
+            }
+        });
         let mut builder = SpanBuilder::from_name(self.inner.conventions.span_name(d))
             .with_kind(kind)
             .with_attributes(attributes)
@@ -589,7 +700,9 @@ impl Instrumenter {
         if let Some(t) = start_time {
             builder = builder.with_start_time(t);
         }
-        self.start_span(builder, parent)
+        let mut span = self.start_span(builder, parent);
+        span.measure = measure;
+        span
     }
 
     /// A `send` span (PRODUCER), child of the current context. Inject its context
@@ -603,6 +716,7 @@ impl Instrumenter {
             Vec::new(),
             body,
             |_| {},
+            Some(Measured::Send(1)),
         )
     }
 
@@ -615,6 +729,7 @@ impl Instrumenter {
             Vec::new(),
             body,
             |_| {},
+            None,
         )
     }
 
@@ -636,6 +751,9 @@ impl Instrumenter {
             links,
             None,
             |_| {},
+            Some(Measured::Send(
+                d.batch_message_count.unwrap_or(created.len() as u64),
+            )),
         )
     }
 
@@ -656,6 +774,7 @@ impl Instrumenter {
             links,
             None,
             |_| {},
+            Some(Measured::Client),
         )
     }
 
@@ -683,6 +802,7 @@ impl Instrumenter {
             None,
             |_| {},
             Some(started),
+            Some(Measured::Client),
         )
     }
 
@@ -715,6 +835,7 @@ impl Instrumenter {
             Vec::new(),
             None,
             |_| {},
+            None,
         )
     }
 
@@ -810,7 +931,17 @@ impl Instrumenter {
                     }
                 }
             },
+            Some(Measured::Process),
         );
+        if let Some(stream) = span.stream() {
+            let waited = message.broker_timestamp().map(|sent| {
+                SystemTime::now()
+                    .duration_since(sent)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0)
+            });
+            self.inner.metrics.consumed(stream, waited);
+        }
         (span, d)
     }
 
@@ -957,6 +1088,7 @@ impl Instrumenter {
             links,
             None,
             |_| {},
+            None,
         );
 
         // Each message's span starts when its turn comes; up to `concurrency`
@@ -1070,6 +1202,7 @@ impl Instrumenter {
                     },
                 ));
             },
+            Some(Measured::Send(1)),
         );
         self.inject(&span, carrier);
         forward::write_headers(

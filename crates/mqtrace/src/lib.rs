@@ -102,6 +102,7 @@ pub mod describe;
 pub mod embedded;
 pub mod forward;
 mod instrument;
+pub mod metrics;
 pub mod outcome;
 pub mod propagation;
 pub mod settle;

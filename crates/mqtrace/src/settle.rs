@@ -448,12 +448,20 @@ impl Instrumenter {
                 }
                 _ => None,
             };
-            if let Err(error) = settler.settle(settlement).await {
+            let started = std::time::Instant::now();
+            let result = settler.settle(settlement).await;
+            let seconds = started.elapsed().as_secs_f64();
+            let error_type = result.as_ref().err().map(|e| S::error_type(e));
+            if let Err(error) = &result {
                 settle_failed = true;
                 tracing::warn!(target: "mqtrace", error = %error, settlement = settlement.as_str(), "settlement failed; the broker hands the message out again");
                 if let Some(span) = &span {
-                    span.record_failure(&S::error_type(&error), &error);
+                    span.record_failure(error_type.as_deref().unwrap_or("_OTHER"), error);
                 }
+            }
+            if let (Some(name), Some(stream)) = (name, processed.span().stream()) {
+                self.metrics()
+                    .settled(stream, name, seconds, error_type.as_deref());
             }
             if let Some(span) = span {
                 span.end();

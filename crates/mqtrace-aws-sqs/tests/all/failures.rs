@@ -70,6 +70,20 @@ async fn transient_failure_is_redelivered_after_the_visibility_timeout() {
                 ~> send payments-RUN (this trace)
         "#,
     );
+    assert_tree(
+        &h.metrics(&[], &["server.port"]).await,
+        r#"
+        messaging.client.consumed.messages [{message}] Counter value=2 messaging.destination.name="payments-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="payments-RUN" messaging.operation.name="delete" messaging.operation.type="settle" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="payments-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.client.sent.messages [{message}] Counter value=1 messaging.destination.name="payments-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.process.duration [s] Histogram count=1 buckets=messaging error.type="timeout" messaging.destination.name="payments-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.process.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="payments-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        mqtrace.message.dispositions [{message}] Counter value=1 messaging.destination.name="payments-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" mqtrace.message.disposition="retried" server.address="127.0.0.1"
+        mqtrace.message.dispositions [{message}] Counter value=1 messaging.destination.name="payments-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" mqtrace.message.disposition="settled" server.address="127.0.0.1"
+        mqtrace.message.queue.duration [s] Histogram count=2 buckets=messaging messaging.destination.name="payments-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        "#,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,4 +99,20 @@ async fn own_loop_gets_process_and_delete_spans_and_the_core_decides() {
                 delete own-RUN [CLIENT] messaging.operation.name="delete"
         "#,
     );
+    assert_tree(
+        &h.metrics(&[], &["server.port"]).await,
+        r#"
+        messaging.client.consumed.messages [{message}] Counter value=2 messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="own-dead-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.client.operation.duration [s] Histogram count=2 buckets=messaging messaging.destination.name="own-RUN" messaging.operation.name="delete" messaging.operation.type="settle" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.client.operation.duration [s] Histogram count=2 buckets=messaging messaging.destination.name="own-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.client.sent.messages [{message}] Counter value=1 messaging.destination.name="own-dead-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.client.sent.messages [{message}] Counter value=2 messaging.destination.name="own-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.process.duration [s] Histogram count=1 buckets=messaging error.type="invalid_json" messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        messaging.process.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        mqtrace.message.dispositions [{message}] Counter value=1 messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" mqtrace.message.disposition="dead_lettered" server.address="127.0.0.1"
+        mqtrace.message.dispositions [{message}] Counter value=1 messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" mqtrace.message.disposition="settled" server.address="127.0.0.1"
+        mqtrace.message.queue.duration [s] Histogram count=2 buckets=messaging messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        "#,
+    );
 }

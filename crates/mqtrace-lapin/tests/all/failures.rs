@@ -15,7 +15,7 @@ use mqtrace_lapin::{FieldTableExtractor, QueueSpec, TracedConsumer, TracedPublis
 use mqtrace_testing::{SpanStatus, TreeOptions};
 use opentelemetry::propagation::Extractor;
 
-use crate::helpers::{assert_tree, drain, when_count, within, Harness};
+use crate::helpers::{assert_tree, drain, drain_at_least, when_count, within, Harness};
 
 const OUTCOME: &[&str] = &[
     "error.type",
@@ -69,7 +69,7 @@ async fn invalid_json_is_rejected_to_the_dead_letter_queue() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "never redelivered");
     assert_eq!((stats.dead_lettered, stats.retried), (1, 0));
     assert!(drain(&channel, queue.name()).await.is_empty());
-    let dead = drain(&channel, &dlq).await;
+    let dead = drain_at_least(&channel, &dlq, 1).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].data, b"{not json");
     // The broker's own record of the rejection.
@@ -195,7 +195,7 @@ async fn budget_spent_goes_to_the_dead_letter_exchange_with_metadata() {
     .unwrap();
     assert_eq!((stats.retried, stats.dead_lettered), (2, 1));
     assert!(drain(&channel, queue.name()).await.is_empty());
-    let dead = drain(&channel, &dlq).await;
+    let dead = drain_at_least(&channel, &dlq, 1).await;
     assert_eq!(dead.len(), 1, "exactly one dead letter");
     let d = &dead[0];
     assert_eq!(d.data, body);
@@ -239,6 +239,23 @@ async fn budget_spent_goes_to_the_dead_letter_exchange_with_metadata() {
                 mqtrace_testing::Kind::Producer
             ),
         ]
+    );
+    assert_tree(
+        &h.metrics(&[], &["server.port"]).await,
+        r#"
+messaging.client.consumed.messages [{message}] Counter value=3 messaging.destination.name="mail-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq" server.address="127.0.0.1"
+messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="mail-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="rabbitmq"
+messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="mail.dlx-RUN:mail-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="rabbitmq" server.address="127.0.0.1"
+messaging.client.operation.duration [s] Histogram count=2 buckets=messaging messaging.destination.name="mail-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="rabbitmq" server.address="127.0.0.1"
+messaging.client.operation.duration [s] Histogram count=3 buckets=messaging messaging.destination.name="mail-RUN" messaging.operation.name="ack" messaging.operation.type="settle" messaging.system.name="rabbitmq" server.address="127.0.0.1"
+messaging.client.sent.messages [{message}] Counter value=1 messaging.destination.name="mail-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="rabbitmq"
+messaging.client.sent.messages [{message}] Counter value=1 messaging.destination.name="mail.dlx-RUN:mail-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="rabbitmq" server.address="127.0.0.1"
+messaging.client.sent.messages [{message}] Counter value=2 messaging.destination.name="mail-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="rabbitmq" server.address="127.0.0.1"
+messaging.process.duration [s] Histogram count=3 buckets=messaging error.type="smtp" messaging.destination.name="mail-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq" server.address="127.0.0.1"
+mqtrace.message.dispositions [{message}] Counter value=1 messaging.destination.name="mail-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq" mqtrace.message.disposition="dead_lettered" server.address="127.0.0.1"
+mqtrace.message.dispositions [{message}] Counter value=2 messaging.destination.name="mail-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq" mqtrace.message.disposition="retried" server.address="127.0.0.1"
+mqtrace.message.queue.duration [s] Histogram count=3 buckets=messaging messaging.destination.name="mail-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq" server.address="127.0.0.1"
+        "#,
     );
 }
 

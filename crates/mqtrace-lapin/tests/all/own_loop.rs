@@ -10,7 +10,7 @@ use mqtrace::{Disposition, HandlerError, Settlement};
 use mqtrace_lapin::{ChannelExt as _, DeliveryTracer, QueueSpec};
 use mqtrace_testing::TreeOptions;
 
-use crate::helpers::{assert_tree, drain, within, Harness};
+use crate::helpers::{assert_tree, drain, drain_at_least, within, Harness};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_loop_gets_process_and_settle_spans_and_the_core_decides() {
@@ -73,7 +73,7 @@ async fn own_loop_gets_process_and_settle_spans_and_the_core_decides() {
             (Disposition::DeadLetter, Settlement::Reject),
         ]
     );
-    let dead = drain(&channel, &dlq).await;
+    let dead = drain_at_least(&channel, &dlq, 1).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].data, b"{not json");
     assert!(drain(&channel, queue.name()).await.is_empty());
@@ -100,6 +100,23 @@ async fn own_loop_gets_process_and_settle_spans_and_the_core_decides() {
             process own-RUN [CONSUMER] ERROR("key must be a string at line 1 column 2") error.type="invalid_json" messaging.operation.name="process" mqtrace.message.attempt=1 mqtrace.message.disposition="dead_lettered"
                 ~> send own-RUN (this trace)
                 nack own-RUN [CLIENT] messaging.operation.name="nack"
+        "#,
+    );
+    // The same run in metrics: two sends, two deliveries, one settled and one
+    // rejected to the dead-letter exchange, each settle call timed.
+    assert_tree(
+        &h.metrics(&[], &["server.port"]).await,
+        r#"
+messaging.client.consumed.messages [{message}] Counter value=2 messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq"
+messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="own-RUN" messaging.operation.name="ack" messaging.operation.type="settle" messaging.system.name="rabbitmq"
+messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="own-RUN" messaging.operation.name="nack" messaging.operation.type="settle" messaging.system.name="rabbitmq"
+messaging.client.operation.duration [s] Histogram count=2 buckets=messaging messaging.destination.name="own-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="rabbitmq"
+messaging.client.sent.messages [{message}] Counter value=2 messaging.destination.name="own-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="rabbitmq"
+messaging.process.duration [s] Histogram count=1 buckets=messaging error.type="invalid_json" messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq"
+messaging.process.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq"
+mqtrace.message.dispositions [{message}] Counter value=1 messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq" mqtrace.message.disposition="dead_lettered"
+mqtrace.message.dispositions [{message}] Counter value=1 messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq" mqtrace.message.disposition="settled"
+mqtrace.message.queue.duration [s] Histogram count=2 buckets=messaging messaging.destination.name="own-RUN" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="rabbitmq"
         "#,
     );
 }

@@ -86,6 +86,27 @@ async fn transient_failures_go_through_the_retry_topic_in_one_trace() {
                                 ~> send payments.retry-RUN (this trace)
         "#,
     );
+    assert_tree(
+        &h.metrics(&[], &["server.port"]).await,
+        r#"
+messaging.client.consumed.messages [{message}] Counter value=1 messaging.consumer.group.name="group-RUN" messaging.destination.name="payments-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.client.consumed.messages [{message}] Counter value=2 messaging.consumer.group.name="group-RUN" messaging.destination.name="payments.retry-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.consumer.group.name="group-RUN" messaging.destination.name="payments-RUN" messaging.destination.partition.id="0" messaging.operation.name="commit" messaging.operation.type="settle" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="payments-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.client.operation.duration [s] Histogram count=2 buckets=messaging messaging.consumer.group.name="group-RUN" messaging.destination.name="payments.retry-RUN" messaging.destination.partition.id="0" messaging.operation.name="commit" messaging.operation.type="settle" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.client.operation.duration [s] Histogram count=2 buckets=messaging messaging.destination.name="payments.retry-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.client.sent.messages [{message}] Counter value=1 messaging.destination.name="payments-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.client.sent.messages [{message}] Counter value=2 messaging.destination.name="payments.retry-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.process.duration [s] Histogram count=1 buckets=messaging error.type="timeout" messaging.consumer.group.name="group-RUN" messaging.destination.name="payments-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.process.duration [s] Histogram count=1 buckets=messaging error.type="timeout" messaging.consumer.group.name="group-RUN" messaging.destination.name="payments.retry-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.process.duration [s] Histogram count=1 buckets=messaging messaging.consumer.group.name="group-RUN" messaging.destination.name="payments.retry-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
+mqtrace.message.dispositions [{message}] Counter value=1 messaging.consumer.group.name="group-RUN" messaging.destination.name="payments-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" mqtrace.message.disposition="retried" server.address="127.0.0.1"
+mqtrace.message.dispositions [{message}] Counter value=1 messaging.consumer.group.name="group-RUN" messaging.destination.name="payments.retry-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" mqtrace.message.disposition="retried" server.address="127.0.0.1"
+mqtrace.message.dispositions [{message}] Counter value=1 messaging.consumer.group.name="group-RUN" messaging.destination.name="payments.retry-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" mqtrace.message.disposition="settled" server.address="127.0.0.1"
+mqtrace.message.queue.duration [s] Histogram count=1 buckets=messaging messaging.consumer.group.name="group-RUN" messaging.destination.name="payments-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
+mqtrace.message.queue.duration [s] Histogram count=2 buckets=messaging messaging.consumer.group.name="group-RUN" messaging.destination.name="payments.retry-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
+        "#,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,6 +98,22 @@ async fn own_loop_gets_process_and_commit_spans_and_the_core_decides() {
                 commit own-RUN [CLIENT] messaging.operation.name="commit"
         "#,
     );
+    assert_tree(
+        &h.metrics(&[], &["server.port"]).await,
+        r#"
+messaging.client.consumed.messages [{message}] Counter value=2 messaging.consumer.group.name="group-RUN" messaging.destination.name="own-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="own.dlq-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="kafka"
+messaging.client.operation.duration [s] Histogram count=2 buckets=messaging messaging.consumer.group.name="group-RUN" messaging.destination.name="own-RUN" messaging.destination.partition.id="0" messaging.operation.name="commit" messaging.operation.type="settle" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.client.operation.duration [s] Histogram count=2 buckets=messaging messaging.destination.name="own-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="kafka"
+messaging.client.sent.messages [{message}] Counter value=1 messaging.destination.name="own.dlq-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="kafka"
+messaging.client.sent.messages [{message}] Counter value=2 messaging.destination.name="own-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="kafka"
+messaging.process.duration [s] Histogram count=1 buckets=messaging error.type="invalid_json" messaging.consumer.group.name="group-RUN" messaging.destination.name="own-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
+messaging.process.duration [s] Histogram count=1 buckets=messaging messaging.consumer.group.name="group-RUN" messaging.destination.name="own-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
+mqtrace.message.dispositions [{message}] Counter value=1 messaging.consumer.group.name="group-RUN" messaging.destination.name="own-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" mqtrace.message.disposition="dead_lettered" server.address="127.0.0.1"
+mqtrace.message.dispositions [{message}] Counter value=1 messaging.consumer.group.name="group-RUN" messaging.destination.name="own-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" mqtrace.message.disposition="settled" server.address="127.0.0.1"
+mqtrace.message.queue.duration [s] Histogram count=2 buckets=messaging messaging.consumer.group.name="group-RUN" messaging.destination.name="own-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
+        "#,
+    );
 }
 
 /// An own loop whose consumer keeps `StatsContext` gets consumer lag on its
@@ -118,6 +134,8 @@ async fn own_loop_records_consumer_lag_from_the_statistics() {
         config.create_with_context(StatsContext::default()).unwrap();
     consumer.subscribe(&[&topic]).unwrap();
     let tracer = RecordTracer::new(instrumenter, h.config().create().unwrap()).config(&config);
+    let mut gauge = Vec::new();
+    let mut lags = Vec::new();
     for _ in 0..5 {
         let record = within(30, consumer.recv()).await.unwrap();
         if record.offset() == 0 {
@@ -125,10 +143,22 @@ async fn own_loop_records_consumer_lag_from_the_statistics() {
             tokio::time::sleep(Duration::from_millis(600)).await;
         }
         let lag = consumer.context().lag(&record);
+        lags.extend(lag);
         let processed = tracer
             .process_lagging(&record, lag, |_| async { Ok(()) })
             .await;
         tracer.settle(processed, &record, &consumer).await;
+        if lag.is_some() {
+            gauge.push(h.metrics(&[mqtrace_rdkafka::CONSUMER_LAG], &[]).await);
+        }
     }
     crate::helpers::assert_lag_of_five(&h.spans(10).await);
+    // The gauge moves with the records: after each, the lag it was processed at.
+    let line = |lag: i64| {
+        format!(
+            "mqtrace.kafka.consumer.lag [{{message}}] Gauge value={lag} messaging.consumer.group.name=\"group-RUN\" messaging.destination.name=\"own-lag-RUN\" messaging.destination.partition.id=\"0\" messaging.system.name=\"kafka\"\n"
+        )
+    };
+    assert_ne!(lags.first(), lags.last(), "{lags:?}");
+    assert_eq!(gauge, lags.iter().map(|&l| line(l)).collect::<Vec<_>>());
 }

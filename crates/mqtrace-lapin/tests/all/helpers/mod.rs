@@ -55,7 +55,23 @@ impl Harness {
         &self,
         configure: impl FnOnce(InstrumenterBuilder) -> InstrumenterBuilder,
     ) -> Instrumenter {
-        configure(Instrumenter::builder().tracer_provider(self.guard.provider().unwrap())).build()
+        configure(self.guard.instrumenter()).build()
+    }
+
+    /// Flushes the metrics and renders the streams of `names` (see
+    /// `RecordedMetric::render`), leaving out the attributes in `hide`; this run's
+    /// suffix shown as `RUN`.
+    pub async fn metrics(&self, names: &[&str], hide: &[&str]) -> String {
+        let provider = self.guard.meter_provider().expect("telemetry enabled");
+        let rendered = self
+            .collector
+            .flushed_metrics(provider, names, hide)
+            .await
+            .replace(&self.run, "RUN");
+        // In order once the run's suffix is gone, which sorted the names before.
+        let mut lines: Vec<&str> = rendered.lines().collect();
+        lines.sort_unstable();
+        lines.iter().map(|l| format!("{l}\n")).collect()
     }
 
     /// A channel in confirm mode.
@@ -104,6 +120,25 @@ pub async fn drain(channel: &Channel, queue: &str) -> Vec<lapin::message::Delive
         out.push(m.delivery);
     }
     out
+}
+
+/// Takes at least `n` messages from `queue`, waiting up to 10 s for them (a
+/// dead-letter exchange routes a rejected message asynchronously), then whatever
+/// else is there.
+pub async fn drain_at_least(
+    channel: &Channel,
+    queue: &str,
+    n: usize,
+) -> Vec<lapin::message::Delivery> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        out.extend(drain(channel, queue).await);
+        if out.len() >= n || tokio::time::Instant::now() >= deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Completes once `counter` reaches `n`.

@@ -63,7 +63,23 @@ impl Harness {
         &self,
         configure: impl FnOnce(InstrumenterBuilder) -> InstrumenterBuilder,
     ) -> Instrumenter {
-        configure(Instrumenter::builder().tracer_provider(self.guard.provider().unwrap())).build()
+        configure(self.guard.instrumenter()).build()
+    }
+
+    /// Flushes the metrics and renders the streams of `names` (see
+    /// `RecordedMetric::render`), leaving out the attributes in `hide`; this run's
+    /// suffix shown as `RUN`.
+    pub async fn metrics(&self, names: &[&str], hide: &[&str]) -> String {
+        let provider = self.guard.meter_provider().expect("telemetry enabled");
+        let rendered = self
+            .collector
+            .flushed_metrics(provider, names, hide)
+            .await
+            .replace(&self.run, "RUN");
+        // In order once the run's suffix is gone, which sorted the names before.
+        let mut lines: Vec<&str> = rendered.lines().collect();
+        lines.sort_unstable();
+        lines.iter().map(|l| format!("{l}\n")).collect()
     }
 
     pub fn config(&self) -> ClientConfig {

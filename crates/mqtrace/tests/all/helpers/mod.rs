@@ -53,8 +53,14 @@ impl Harness {
         &self,
         configure: impl FnOnce(InstrumenterBuilder) -> InstrumenterBuilder,
     ) -> Instrumenter {
-        let provider = self.guard.provider().expect("telemetry enabled");
-        configure(Instrumenter::builder().tracer_provider(provider)).build()
+        configure(self.guard.instrumenter()).build()
+    }
+
+    /// Flushes the metrics and renders the streams of `names` (see
+    /// `RecordedMetric::render`), leaving out the attributes in `hide`.
+    pub async fn metrics(&self, names: &[&str], hide: &[&str]) -> String {
+        let provider = self.guard.meter_provider().expect("telemetry enabled");
+        self.collector.flushed_metrics(provider, names, hide).await
     }
 
     /// Flushes and waits for exactly `count` spans; fails if a different number came.

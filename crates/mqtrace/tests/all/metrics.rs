@@ -1,0 +1,117 @@
+//! The messaging metrics, exported over real OTLP: values, units, kinds, buckets and
+//! attributes after a run with a success, a retry and dead letters.
+
+use mqtrace::embedded::{Message, TracedConsumer, TracedProducer};
+use mqtrace::{Conventions, HandlerError};
+
+use crate::helpers::{assert_tree, broker_with, Harness};
+
+/// Three orders: `ok` succeeds, `flaky` fails once and then succeeds, `bad` fails
+/// permanently and is dead-lettered. Settlement is timed whether or not settle
+/// spans are on (they are off here).
+async fn run(conventions: Conventions) -> String {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b.conventions(conventions));
+    let broker = broker_with(&[("orders", Some("orders.dlq")), ("orders.dlq", None)]);
+    let producer = TracedProducer::new(broker.clone(), instrumenter.clone());
+    for body in ["ok", "flaky", "bad"] {
+        producer.send("orders", Message::new(body)).await.unwrap();
+    }
+    let stats = TracedConsumer::new(broker.clone(), "orders", instrumenter)
+        .run_until_idle(|m| {
+            let (body, attempt) = (m.body.clone(), m.attempt);
+            async move {
+                match (&body[..], attempt) {
+                    (b"flaky", 1) => {
+                        Err(HandlerError::transient("try later").with_type("unavailable"))
+                    }
+                    (b"bad", _) => {
+                        Err(HandlerError::permanent("no such order").with_type("invalid"))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (stats.settled, stats.retried, stats.dead_lettered),
+        (2, 1, 1)
+    );
+    assert_eq!(broker.drain("orders.dlq").unwrap().len(), 1);
+    h.metrics(&[], &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_four_metrics_and_mqtrace_s_own() {
+    assert_tree(
+        &run(Conventions::V1_45).await,
+        r#"
+        messaging.client.consumed.messages [{message}] Counter value=4 messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="mqtrace"
+        messaging.client.operation.duration [s] Histogram count=4 buckets=messaging messaging.destination.name="orders" messaging.operation.name="ack" messaging.operation.type="settle" messaging.system.name="mqtrace"
+        messaging.client.operation.duration [s] Histogram count=4 buckets=messaging messaging.destination.name="orders" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="mqtrace"
+        messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="orders.dlq" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="mqtrace"
+        messaging.client.sent.messages [{message}] Counter value=4 messaging.destination.name="orders" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="mqtrace"
+        messaging.client.sent.messages [{message}] Counter value=1 messaging.destination.name="orders.dlq" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="mqtrace"
+        messaging.process.duration [s] Histogram count=1 buckets=messaging error.type="invalid" messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="mqtrace"
+        messaging.process.duration [s] Histogram count=1 buckets=messaging error.type="unavailable" messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="mqtrace"
+        messaging.process.duration [s] Histogram count=2 buckets=messaging messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="mqtrace"
+        mqtrace.message.dispositions [{message}] Counter value=1 messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="mqtrace" mqtrace.message.disposition="dead_lettered"
+        mqtrace.message.dispositions [{message}] Counter value=1 messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="mqtrace" mqtrace.message.disposition="retried"
+        mqtrace.message.dispositions [{message}] Counter value=2 messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="mqtrace" mqtrace.message.disposition="settled"
+        mqtrace.message.queue.duration [s] Histogram count=4 buckets=messaging messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="mqtrace"
+        "#,
+    );
+}
+
+fn names(rendered: &str) -> Vec<&str> {
+    let mut names: Vec<&str> = rendered
+        .lines()
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    names.dedup();
+    names
+}
+
+/// v1.24's metric names under legacy; both sets under dup, each with its
+/// version's attribute names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_and_dup_metric_names() {
+    let legacy = run(Conventions::Legacy).await;
+    assert_eq!(
+        names(&legacy),
+        [
+            "messaging.process.duration",
+            "messaging.process.messages",
+            "messaging.publish.duration",
+            "messaging.publish.messages",
+            "messaging.receive.duration",
+            "mqtrace.message.dispositions",
+            "mqtrace.message.queue.duration",
+        ]
+    );
+    assert!(
+        legacy.contains(r#"messaging.receive.duration [s] Histogram count=4 buckets=messaging messaging.destination.name="orders" messaging.system="mqtrace""#),
+        "settle calls, without v1.24's operation attribute:\n{legacy}"
+    );
+    assert!(
+        legacy.contains(r#"messaging.process.messages [{message}] Counter value=4 messaging.destination.name="orders" messaging.operation="deliver" messaging.system="mqtrace""#),
+        "{legacy}"
+    );
+    let dup = run(Conventions::Dup).await;
+    let dup_names = names(&dup);
+    for name in [
+        "messaging.client.consumed.messages",
+        "messaging.client.operation.duration",
+        "messaging.client.sent.messages",
+        "messaging.process.messages",
+        "messaging.publish.duration",
+        "messaging.publish.messages",
+    ] {
+        assert!(dup_names.contains(&name), "{name} missing:\n{dup}");
+    }
+    assert!(
+        dup.contains(r#"messaging.client.sent.messages [{message}] Counter value=4 messaging.destination.name="orders" messaging.operation="publish" messaging.operation.name="send" messaging.operation.type="send" messaging.system="mqtrace" messaging.system.name="mqtrace""#),
+        "{dup}"
+    );
+}
