@@ -87,7 +87,8 @@ async fn transient_failures_go_through_the_retry_topic_in_one_trace() {
         "#,
     );
     assert_tree(
-        &h.metrics(&[], &["server.port"]).await,
+        &h.metrics(Harness::LIFECYCLE_METRICS, &["server.port"])
+            .await,
         r#"
 messaging.client.consumed.messages [{message}] Counter value=1 messaging.consumer.group.name="group-RUN" messaging.destination.name="payments-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
 messaging.client.consumed.messages [{message}] Counter value=2 messaging.consumer.group.name="group-RUN" messaging.destination.name="payments.retry-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"

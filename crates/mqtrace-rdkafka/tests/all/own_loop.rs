@@ -99,7 +99,8 @@ async fn own_loop_gets_process_and_commit_spans_and_the_core_decides() {
         "#,
     );
     assert_tree(
-        &h.metrics(&[], &["server.port"]).await,
+        &h.metrics(Harness::LIFECYCLE_METRICS, &["server.port"])
+            .await,
         r#"
 messaging.client.consumed.messages [{message}] Counter value=2 messaging.consumer.group.name="group-RUN" messaging.destination.name="own-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="kafka" server.address="127.0.0.1"
 messaging.client.operation.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="own.dlq-RUN" messaging.operation.name="send" messaging.operation.type="send" messaging.system.name="kafka"

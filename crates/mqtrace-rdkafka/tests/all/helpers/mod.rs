@@ -66,6 +66,17 @@ impl Harness {
         configure(self.guard.instrumenter()).build()
     }
 
+    /// The lifecycle's metrics, without the lag gauge (whose presence depends on
+    /// when librdkafka's statistics arrive).
+    pub const LIFECYCLE_METRICS: &'static [&'static str] = &[
+        "messaging.client.consumed.messages",
+        "messaging.client.operation.duration",
+        "messaging.client.sent.messages",
+        "messaging.process.duration",
+        "mqtrace.message.dispositions",
+        "mqtrace.message.queue.duration",
+    ];
+
     /// Flushes the metrics and renders the streams of `names` (see
     /// `RecordedMetric::render`), leaving out the attributes in `hide`; this run's
     /// suffix shown as `RUN`.
