@@ -189,7 +189,7 @@ impl MessagingSpan {
     }
 
     /// The metric attribute set of this span's operation, when it is measured.
-    pub(crate) fn stream(&self) -> Option<&Arc<[KeyValue]>> {
+    pub(crate) fn stream(&self) -> Option<&Arc<crate::metrics::Stream>> {
         self.measure.as_ref().map(|m| &m.stream)
     }
 
@@ -283,7 +283,7 @@ impl Processed {
         self.span
             .set_attribute(KeyValue::new(attr::DISPOSITION, disposition.as_str()));
         if let Some(m) = &self.span.measure {
-            m.metrics.disposition(&m.stream, disposition.as_str());
+            m.metrics.disposition(&m.stream, disposition);
         }
         self.span.end();
         self.outcome
@@ -688,7 +688,7 @@ impl Instrumenter {
             Measure {
                 metrics: Arc::clone(&self.inner.metrics),
                 what,
-                stream: self.inner.metrics.stream(&attributes),
+                stream: self.inner.metrics.stream(d),
                 started,
                 error: std::sync::OnceLock::new(),
             }

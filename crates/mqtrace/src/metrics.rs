@@ -18,18 +18,22 @@
 //! messages are counted when processing starts rather than at a receive span, so
 //! each delivery is counted once whichever of the two an adapter instruments.
 //!
-//! Attribute sets are built once per stream and cached; recording a measurement
-//! on the success path does not allocate.
+//! Attribute sets are built once per stream and cached, with the sets derived
+//! from them (per disposition, settle call and error type) cached inside; recording
+//! a measurement on the success path does not allocate and hashes the attributes
+//! once per span.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Instant;
 
 use opentelemetry::metrics::{Counter, Histogram, Meter};
-use opentelemetry::{KeyValue, Value};
+use opentelemetry::KeyValue;
 
 use crate::conventions::{attr, Conventions, MetricNames};
+use crate::describe::{MessageDescription, MessagingSystem, OperationType};
+use crate::forward::Disposition;
 
 /// The histogram bucket advice of the messaging conventions, in seconds.
 pub const DURATION_BUCKETS: [f64; 14] = [
@@ -41,9 +45,203 @@ pub const QUEUE_DURATION: &str = "mqtrace.message.queue.duration";
 /// mqtrace's counter of deliveries by what happened to them.
 pub const DISPOSITIONS: &str = "mqtrace.message.dispositions";
 
-/// Attribute sets kept per instrumenter; past this many, sets are built per
-/// measurement instead of cached (a guard against unbounded error types).
+/// Streams kept per instrumenter, and error types kept per stream; past these,
+/// sets are built per measurement instead of cached (a guard against unbounded
+/// destinations or error types).
 const MAX_CACHED_SETS: usize = 4096;
+const MAX_ERROR_TYPES: usize = 64;
+
+/// One metric stream's attribute set, with the sets derived from it.
+pub(crate) struct Stream {
+    base: Arc<[KeyValue]>,
+    /// By [`Disposition`] (settled, retried, dead-lettered, dropped).
+    dispositions: [OnceLock<Arc<[KeyValue]>>; 4],
+    /// The settle calls of a process stream, by name.
+    settles: Mutex<Vec<(&'static str, Arc<Stream>)>>,
+    /// By `error.type`.
+    errors: Mutex<Vec<(Box<str>, Set)>>,
+}
+
+/// A cached attribute set.
+type Set = Arc<[KeyValue]>;
+
+impl Stream {
+    fn new(base: Arc<[KeyValue]>) -> Self {
+        Self {
+            base,
+            dispositions: Default::default(),
+            settles: Mutex::new(Vec::new()),
+            errors: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn with_error(&self, error_type: &str) -> Arc<[KeyValue]> {
+        let mut errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, set)) = errors.iter().find(|(e, _)| &**e == error_type) {
+            return Arc::clone(set);
+        }
+        let set: Arc<[KeyValue]> = self
+            .base
+            .iter()
+            .cloned()
+            .chain(std::iter::once(KeyValue::new(
+                attr::ERROR_TYPE,
+                error_type.to_owned(),
+            )))
+            .collect();
+        if errors.len() < MAX_ERROR_TYPES {
+            errors.push((error_type.into(), Arc::clone(&set)));
+        }
+        set
+    }
+
+    fn disposition(&self, disposition: Disposition) -> &[KeyValue] {
+        let index = match disposition {
+            Disposition::Settle => 0,
+            Disposition::Retry => 1,
+            Disposition::DeadLetter => 2,
+            Disposition::Drop => 3,
+        };
+        self.dispositions[index].get_or_init(|| {
+            self.base
+                .iter()
+                .cloned()
+                .chain(std::iter::once(KeyValue::new(
+                    attr::DISPOSITION,
+                    disposition.as_str(),
+                )))
+                .collect()
+        })
+    }
+
+    /// The stream of a settle call named `name` on this (process) stream: the
+    /// operation renamed, without v1.24's operation attribute (it had no settle).
+    fn settle(&self, name: &'static str) -> Arc<Stream> {
+        let mut settles = self.settles.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, stream)) = settles.iter().find(|(n, _)| *n == name) {
+            return Arc::clone(stream);
+        }
+        let base: Arc<[KeyValue]> = self
+            .base
+            .iter()
+            .filter(|kv| kv.key.as_str() != attr::LEGACY_OPERATION)
+            .map(|kv| match kv.key.as_str() {
+                attr::MESSAGING_OPERATION_NAME => {
+                    KeyValue::new(attr::MESSAGING_OPERATION_NAME, name)
+                }
+                attr::MESSAGING_OPERATION_TYPE => {
+                    KeyValue::new(attr::MESSAGING_OPERATION_TYPE, "settle")
+                }
+                _ => kv.clone(),
+            })
+            .collect();
+        let stream = Arc::new(Stream::new(base));
+        settles.push((name, Arc::clone(&stream)));
+        stream
+    }
+
+    #[cfg(test)]
+    fn attributes(&self) -> &[KeyValue] {
+        &self.base
+    }
+}
+
+/// A word-at-a-time hash (the multiply-rotate scheme of rustc's FxHasher) for
+/// the stream lookup: the attribute sets are ours, not an attacker's, and SipHash
+/// cost more than the rest of a measurement.
+#[derive(Default)]
+struct StreamHasher(u64);
+
+impl Hasher for StreamHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Streams = HashMap<u64, Vec<(StreamKey, Arc<Stream>)>, BuildHasherDefault<StreamHasher>>;
+
+/// The fields of a description that metric attributes come from.
+#[derive(Debug, PartialEq, Eq)]
+struct StreamKey {
+    system: MessagingSystem,
+    operation: OperationType,
+    operation_name: Box<str>,
+    destination: Option<Box<str>>,
+    legacy_name: Option<Box<str>>,
+    template: Option<Box<str>>,
+    unique: bool,
+    partition: Option<Box<str>>,
+    group: Option<Box<str>>,
+    server: Option<Box<str>>,
+    port: Option<u16>,
+}
+
+impl StreamKey {
+    fn of(d: &MessageDescription) -> Self {
+        let owned = |s: &Option<String>| s.as_deref().map(Box::from);
+        Self {
+            system: d.system,
+            operation: d.operation,
+            operation_name: d.operation_name().into(),
+            destination: owned(&d.destination.name),
+            legacy_name: owned(&d.destination.legacy_name),
+            template: owned(&d.destination.template),
+            unique: d.destination.temporary || d.destination.anonymous,
+            partition: owned(&d.partition),
+            group: owned(&d.consumer_group),
+            server: owned(&d.server_address),
+            port: d.server_port,
+        }
+    }
+
+    fn hash_of(d: &MessageDescription, h: &mut StreamHasher) {
+        d.system.hash(h);
+        d.operation.hash(h);
+        d.operation_name().hash(h);
+        d.destination.name.hash(h);
+        d.destination.legacy_name.hash(h);
+        d.destination.template.hash(h);
+        d.partition.hash(h);
+        d.consumer_group.hash(h);
+        d.server_address.hash(h);
+        d.server_port.hash(h);
+    }
+
+    fn matches(&self, d: &MessageDescription) -> bool {
+        let same = |a: &Option<Box<str>>, b: &Option<String>| a.as_deref() == b.as_deref();
+        self.system == d.system
+            && self.operation == d.operation
+            && &*self.operation_name == d.operation_name()
+            && same(&self.destination, &d.destination.name)
+            && same(&self.legacy_name, &d.destination.legacy_name)
+            && same(&self.template, &d.destination.template)
+            && self.unique == (d.destination.temporary || d.destination.anonymous)
+            && same(&self.partition, &d.partition)
+            && same(&self.group, &d.consumer_group)
+            && same(&self.server, &d.server_address)
+            && self.port == d.server_port
+    }
+}
 
 /// One version's instruments.
 struct Instruments {
@@ -129,7 +327,7 @@ pub(crate) struct Metrics {
     source: MeterSource,
     conventions: Conventions,
     meters: OnceLock<Meters>,
-    sets: RwLock<HashMap<u64, Vec<Arc<[KeyValue]>>>>,
+    streams: RwLock<Streams>,
     cached: std::sync::atomic::AtomicUsize,
 }
 
@@ -150,7 +348,7 @@ impl Metrics {
             source,
             conventions,
             meters: OnceLock::new(),
-            sets: RwLock::new(HashMap::new()),
+            streams: RwLock::new(Streams::default()),
             cached: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -173,98 +371,52 @@ impl Metrics {
     /// Records a settle call (timed by the lifecycle, with or without its span).
     pub(crate) fn settled(
         &self,
-        process: &[KeyValue],
+        process: &Stream,
         name: &'static str,
         seconds: f64,
         error_type: Option<&str>,
     ) {
-        let stream = self.derived_without(
-            process,
-            &[
-                KeyValue::new(attr::MESSAGING_OPERATION_NAME, name),
-                KeyValue::new(attr::MESSAGING_OPERATION_TYPE, "settle"),
-            ],
-            // v1.24 had no settle operation.
-            attr::LEGACY_OPERATION,
-        );
-        self.record(Measured::Client, seconds, &stream, error_type);
+        self.record(Measured::Client, seconds, &process.settle(name), error_type);
     }
 
-    /// The metric attribute set of a span's attributes.
-    pub(crate) fn stream(&self, span_attributes: &[KeyValue]) -> Arc<[KeyValue]> {
-        let unique_name = span_attributes.iter().any(|kv| {
-            matches!(
-                kv.key.as_str(),
-                attr::MESSAGING_DESTINATION_TEMPORARY | attr::MESSAGING_DESTINATION_ANONYMOUS
-            ) && kv.value == Value::Bool(true)
-        });
-        self.set(
-            span_attributes
-                .iter()
-                .filter(|kv| is_metric_attribute(kv.key.as_str()))
-                .filter(|kv| !(unique_name && kv.key.as_str() == attr::MESSAGING_DESTINATION_NAME)),
-        )
-    }
-
-    /// A set derived from `base`: its entries with `replaced` keys overridden,
-    /// then `added`.
-    pub(crate) fn derived(
-        &self,
-        base: &[KeyValue],
-        replaced: &[KeyValue],
-        added: &[KeyValue],
-    ) -> Arc<[KeyValue]> {
-        self.set(
-            base.iter()
-                .map(|kv| replaced.iter().find(|r| r.key == kv.key).unwrap_or(kv))
-                .chain(added.iter()),
-        )
-    }
-
-    /// [`Metrics::derived`] with `replaced` and without the key `removed`.
-    fn derived_without(
-        &self,
-        base: &[KeyValue],
-        replaced: &[KeyValue],
-        removed: &str,
-    ) -> Arc<[KeyValue]> {
-        self.set(
-            base.iter()
-                .filter(|kv| kv.key.as_str() != removed)
-                .map(|kv| replaced.iter().find(|r| r.key == kv.key).unwrap_or(kv)),
-        )
-    }
-
-    fn set<'a, I>(&self, items: I) -> Arc<[KeyValue]>
-    where
-        I: Iterator<Item = &'a KeyValue> + Clone,
-    {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        for kv in items.clone() {
-            kv.key.as_str().hash(&mut hasher);
-            hash_value(&kv.value, &mut hasher);
-        }
+    /// The metric stream of an operation: looked up by the description's fields
+    /// that metric attributes come from, built from the conventions' attributes
+    /// the first time.
+    pub(crate) fn stream(&self, d: &MessageDescription) -> Arc<Stream> {
+        let mut hasher = StreamHasher::default();
+        StreamKey::hash_of(d, &mut hasher);
         let hash = hasher.finish();
-        if let Ok(sets) = self.sets.read() {
-            if let Some(found) = sets
+        if let Ok(streams) = self.streams.read() {
+            if let Some((_, found)) = streams
                 .get(&hash)
-                .and_then(|bucket| bucket.iter().find(|set| set.iter().eq(items.clone())))
+                .and_then(|bucket| bucket.iter().find(|(key, _)| key.matches(d)))
             {
                 return Arc::clone(found);
             }
         }
-        let set: Arc<[KeyValue]> = items.cloned().collect();
+        let mut attributes = Vec::with_capacity(16);
+        self.conventions.attributes(d, false, &mut attributes);
+        let unique = d.destination.temporary || d.destination.anonymous;
+        let base: Arc<[KeyValue]> = attributes
+            .into_iter()
+            .filter(|kv| is_metric_attribute(kv.key.as_str()))
+            .filter(|kv| !(unique && kv.key.as_str() == attr::MESSAGING_DESTINATION_NAME))
+            .collect();
+        let stream = Arc::new(Stream::new(base));
         use std::sync::atomic::Ordering;
         if self.cached.load(Ordering::Relaxed) < MAX_CACHED_SETS {
-            if let Ok(mut sets) = self.sets.write() {
-                let bucket = sets.entry(hash).or_default();
-                if !bucket.iter().any(|s| s[..] == set[..]) {
-                    bucket.push(Arc::clone(&set));
-                    self.cached.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut streams) = self.streams.write() {
+                let bucket = streams.entry(hash).or_default();
+                match bucket.iter().find(|(key, _)| key.matches(d)) {
+                    Some((_, raced)) => return Arc::clone(raced),
+                    None => {
+                        bucket.push((StreamKey::of(d), Arc::clone(&stream)));
+                        self.cached.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         }
-        set
+        stream
     }
 
     /// Records a measured operation that took `seconds`.
@@ -272,20 +424,16 @@ impl Metrics {
         &self,
         what: Measured,
         seconds: f64,
-        stream: &Arc<[KeyValue]>,
+        stream: &Stream,
         error_type: Option<&str>,
     ) {
         let failed;
         let attributes: &[KeyValue] = match error_type {
             Some(e) => {
-                failed = self.derived(
-                    stream,
-                    &[],
-                    &[KeyValue::new(attr::ERROR_TYPE, e.to_owned())],
-                );
+                failed = stream.with_error(e);
                 &failed
             }
-            None => stream,
+            None => &stream.base,
         };
         for v in &self.meters().versions {
             match what {
@@ -300,34 +448,21 @@ impl Metrics {
     }
 
     /// Counts a delivery whose processing starts, with its queue time.
-    pub(crate) fn consumed(&self, stream: &[KeyValue], queue_time: Option<f64>) {
+    pub(crate) fn consumed(&self, stream: &Stream, queue_time: Option<f64>) {
         let meters = self.meters();
         for v in &meters.versions {
-            v.consumed.add(1, stream);
+            v.consumed.add(1, &stream.base);
         }
         if let Some(waited) = queue_time {
-            meters.queue_duration.record(waited, stream);
+            meters.queue_duration.record(waited, &stream.base);
         }
     }
 
     /// Counts a delivery's disposition.
-    pub(crate) fn disposition(&self, stream: &[KeyValue], disposition: &'static str) {
-        let set = self.derived(
-            stream,
-            &[],
-            &[KeyValue::new(attr::DISPOSITION, disposition)],
-        );
-        self.meters().dispositions.add(1, &set);
-    }
-}
-
-fn hash_value(value: &Value, hasher: &mut impl Hasher) {
-    match value {
-        Value::Bool(b) => b.hash(hasher),
-        Value::I64(i) => i.hash(hasher),
-        Value::F64(f) => f.to_bits().hash(hasher),
-        Value::String(s) => s.as_str().hash(hasher),
-        other => other.to_string().hash(hasher),
+    pub(crate) fn disposition(&self, stream: &Stream, disposition: Disposition) {
+        self.meters()
+            .dispositions
+            .add(1, stream.disposition(disposition));
     }
 }
 
@@ -356,7 +491,7 @@ fn is_metric_attribute(key: &str) -> bool {
 pub(crate) struct Measure {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) what: Measured,
-    pub(crate) stream: Arc<[KeyValue]>,
+    pub(crate) stream: Arc<Stream>,
     pub(crate) started: Instant,
     pub(crate) error: OnceLock<String>,
 }
@@ -381,85 +516,96 @@ mod tests {
         Metrics::new(MeterSource::Global, Conventions::V1_45)
     }
 
+    fn render(set: &[KeyValue]) -> Vec<String> {
+        set.iter()
+            .map(|kv| format!("{}={}", kv.key, kv.value))
+            .collect()
+    }
+
+    fn kafka(offset: i64, topic: &str) -> MessageDescription {
+        let mut d = MessageDescription::new(MessagingSystem::Kafka, OperationType::Process)
+            .destination(topic)
+            .message_id("m-1");
+        d.offset = Some(offset);
+        d
+    }
+
     #[test]
     fn streams_keep_only_metric_attributes_and_are_cached() {
         let m = metrics();
-        let span = [
-            KeyValue::new(attr::MESSAGING_SYSTEM_NAME, "kafka"),
-            KeyValue::new(attr::MESSAGING_OPERATION_NAME, "process"),
-            KeyValue::new(attr::MESSAGING_DESTINATION_NAME, "orders"),
-            KeyValue::new(attr::KAFKA_OFFSET, 41),
-            KeyValue::new(attr::MESSAGING_MESSAGE_ID, "m-1"),
-        ];
-        let a = m.stream(&span);
-        let keys: Vec<_> = a.iter().map(|kv| kv.key.as_str()).collect();
+        let a = m.stream(&kafka(41, "orders"));
         assert_eq!(
-            keys,
+            render(a.attributes()),
             [
-                "messaging.system.name",
-                "messaging.operation.name",
-                "messaging.destination.name"
+                "messaging.system.name=kafka",
+                "messaging.operation.name=process",
+                "messaging.operation.type=process",
+                "messaging.destination.name=orders"
             ]
         );
-        let mut other = span.to_vec();
-        other[3] = KeyValue::new(attr::KAFKA_OFFSET, 42);
-        let b = m.stream(&other);
-        assert!(Arc::ptr_eq(&a, &b), "same stream, one cached set");
-        other[2] = KeyValue::new(attr::MESSAGING_DESTINATION_NAME, "payments");
-        assert!(!Arc::ptr_eq(&a, &m.stream(&other)));
+        assert!(
+            Arc::ptr_eq(&a, &m.stream(&kafka(42, "orders"))),
+            "same stream, one entry"
+        );
+        assert!(!Arc::ptr_eq(&a, &m.stream(&kafka(41, "payments"))));
     }
 
     #[test]
     fn unique_destination_names_stay_off_metrics() {
         let m = metrics();
-        let span = [
-            KeyValue::new(attr::MESSAGING_SYSTEM_NAME, "rabbitmq"),
-            KeyValue::new(attr::MESSAGING_DESTINATION_NAME, "amq.gen-x1"),
-            KeyValue::new(attr::MESSAGING_DESTINATION_ANONYMOUS, true),
-        ];
-        let keys: Vec<_> = m
-            .stream(&span)
-            .iter()
-            .map(|kv| kv.key.as_str().to_owned())
-            .collect();
-        assert_eq!(keys, ["messaging.system.name"]);
+        let mut d = MessageDescription::new(MessagingSystem::RabbitMq, OperationType::Process)
+            .destination("amq.gen-x1");
+        d.destination.anonymous = true;
+        assert_eq!(
+            render(m.stream(&d).attributes()),
+            [
+                "messaging.system.name=rabbitmq",
+                "messaging.operation.name=process",
+                "messaging.operation.type=process"
+            ]
+        );
     }
 
     #[test]
-    fn derived_sets_replace_and_add() {
-        let m = metrics();
-        let base = m.stream(&[
-            KeyValue::new(attr::MESSAGING_OPERATION_NAME, "process"),
-            KeyValue::new(attr::MESSAGING_OPERATION_TYPE, "process"),
-        ]);
-        let settle = m.derived(
-            &base,
-            &[
-                KeyValue::new(attr::MESSAGING_OPERATION_NAME, "ack"),
-                KeyValue::new(attr::MESSAGING_OPERATION_TYPE, "settle"),
-            ],
-            &[KeyValue::new(attr::ERROR_TYPE, "io")],
-        );
-        let got: Vec<_> = settle
-            .iter()
-            .map(|kv| format!("{}={}", kv.key, kv.value))
-            .collect();
+    fn derived_sets_are_built_once_per_stream() {
+        let dup = Metrics::new(MeterSource::Global, Conventions::Dup);
+        let d = MessageDescription::new(MessagingSystem::Embedded, OperationType::Process);
+        let process = dup.stream(&d);
+        let ack = process.settle("ack");
+        assert!(Arc::ptr_eq(&ack, &process.settle("ack")));
         assert_eq!(
-            got,
+            render(&ack.with_error("io")),
             [
+                "messaging.system.name=mqtrace",
                 "messaging.operation.name=ack",
                 "messaging.operation.type=settle",
+                "messaging.system=mqtrace",
                 "error.type=io"
             ]
         );
-        let again = m.derived(
-            &base,
-            &[
-                KeyValue::new(attr::MESSAGING_OPERATION_NAME, "ack"),
-                KeyValue::new(attr::MESSAGING_OPERATION_TYPE, "settle"),
-            ],
-            &[KeyValue::new(attr::ERROR_TYPE, "io")],
+        assert!(Arc::ptr_eq(&ack.with_error("io"), &ack.with_error("io")));
+        assert_eq!(
+            render(process.disposition(Disposition::DeadLetter)),
+            [
+                "messaging.system.name=mqtrace",
+                "messaging.operation.name=process",
+                "messaging.operation.type=process",
+                "messaging.system=mqtrace",
+                "messaging.operation=deliver",
+                "mqtrace.message.disposition=dead_lettered"
+            ]
         );
-        assert!(Arc::ptr_eq(&settle, &again));
+    }
+
+    #[test]
+    fn the_stream_hash_reads_every_byte() {
+        let hash = |bytes: &[u8]| {
+            let mut h = StreamHasher::default();
+            h.write(bytes);
+            h.finish()
+        };
+        assert_ne!(hash(b"orders-1"), hash(b"orders-2"));
+        assert_ne!(hash(b"orders.dlq1"), hash(b"orders.dlq2"));
+        assert_ne!(hash(b"a"), hash(b"b"));
     }
 }
