@@ -137,6 +137,10 @@ struct DeadLetter {
     queue_url: String,
 }
 
+/// `error.type` of an invocation that failed as a whole
+/// (`partial_batch_responses(false)` and a failed record).
+pub const BATCH_FAILED_ERROR: &str = "batch_failed";
+
 /// The whole batch failed, on purpose: partial batch responses are off
 /// ([`TracedSqsHandler::partial_batch_responses`]) and a record failed, so the
 /// invocation fails and Lambda hands the whole batch out again. Return it as the
@@ -396,9 +400,16 @@ impl TracedSqsHandler {
         if let Some(invocation) = &invocation {
             let span = invocation.span();
             if failed > 0 {
-                span.set_attribute(KeyValue::new("mqtrace.batch.failed", failed as i64));
+                span.set_attribute(KeyValue::new(
+                    mqtrace::conventions::attr::BATCH_FAILED,
+                    failed as i64,
+                ));
             }
             if let Some(e) = &whole {
+                span.set_attribute(KeyValue::new(
+                    mqtrace::conventions::attr::ERROR_TYPE,
+                    BATCH_FAILED_ERROR,
+                ));
                 span.set_status(Status::error(e.to_string()));
             }
             span.end();

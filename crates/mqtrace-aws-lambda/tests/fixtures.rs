@@ -119,7 +119,7 @@ async fn message_attribute_contexts_are_linked_and_failures_reported() {
         ]
     );
     let tree = render(&run.at_return);
-    assert!(tree.starts_with("trace #1\norders-lambda [SERVER] faas.trigger=\"pubsub\"\n    orders process [CONSUMER] ERROR(\"1 of 2 messages failed\") faas.trigger=\"pubsub\""), "{tree}");
+    assert!(tree.starts_with("trace #1\norders-lambda [SERVER] faas.trigger=\"pubsub\"\n    orders process [CONSUMER] ERROR(\"1 of 2 messages failed\") error.type=\"declined\" faas.trigger=\"pubsub\""), "{tree}");
     assert!(tree.contains("process orders [CONSUMER] ERROR(\"declined\") error.type=\"declined\" faas.trigger=\"pubsub\""), "{tree}");
 }
 
@@ -159,7 +159,7 @@ async fn no_usable_context_means_no_link() {
         r#"
         trace #1
         orders-lambda [SERVER] faas.trigger="pubsub"
-            orders process [CONSUMER] ERROR("1 of 1 messages failed") faas.trigger="pubsub"
+            orders process [CONSUMER] ERROR("1 of 1 messages failed") error.type="declined" faas.trigger="pubsub"
                 process orders [CONSUMER] ERROR("declined") error.type="declined" faas.trigger="pubsub"
                     charge [INTERNAL]
         "#,
@@ -429,7 +429,7 @@ async fn fifo_groups_stop_at_their_first_failure() {
         r#"
         trace #1
         lambda [SERVER]
-            orders.fifo process [CONSUMER] ERROR("3 of 6 messages failed")
+            orders.fifo process [CONSUMER] ERROR("3 of 6 messages failed") error.type="_OTHER"
                 process orders.fifo [CONSUMER] mqtrace.message.disposition="settled"
                 process orders.fifo [CONSUMER] mqtrace.message.disposition="settled"
                 process orders.fifo [CONSUMER] ERROR("inventory down") error.type="unavailable" mqtrace.message.disposition="retried"
@@ -469,7 +469,9 @@ async fn without_partial_responses_a_failure_fails_the_invocation() {
     assert!(
         invocations
             .iter()
-            .any(|s| matches!(&s.status, mqtrace_testing::SpanStatus::Error(m) if m.contains("3 of 6 records failed"))),
+            .any(|s| matches!(&s.status, mqtrace_testing::SpanStatus::Error(m) if m.contains("3 of 6 records failed"))
+                && s.attr("error.type").and_then(|v| v.as_str()) == Some(mqtrace_aws_lambda::BATCH_FAILED_ERROR)
+                && s.attr("mqtrace.batch.failed_count").and_then(|v| v.as_i64()) == Some(3)),
         "{invocations:#?}"
     );
 }

@@ -22,6 +22,9 @@ use crate::metrics::{Measure, Measured, MeterSource, Metrics};
 use crate::outcome::{truncate, HandlerError, HandlerResult};
 use crate::propagation::Propagation;
 
+/// `error.type` when failures have no one type (the conventions' fallback).
+const OTHER_ERROR: &str = "_OTHER";
+
 /// Longest captured header value; longer values are cut at a character boundary.
 pub const MAX_CAPTURED_HEADER_LEN: usize = 256;
 
@@ -1094,6 +1097,7 @@ impl Instrumenter {
         // Each message's span starts when its turn comes; up to `concurrency`
         // handlers run at once, each in its own span's context, and the results
         // are finished in the messages' order.
+        let mut error_type: Option<String> = None;
         let (out, failed) = {
             let batch_cx = batch_span.context();
             let turns = messages.iter().zip(creations).map(|(message, creation)| {
@@ -1132,8 +1136,13 @@ impl Instrumenter {
             let mut out = Vec::with_capacity(messages.len());
             let mut failed = 0;
             while let Some((message, processed)) = futures_util::StreamExt::next(&mut turns).await {
-                if processed.outcome.is_err() {
+                if let Err(e) = &processed.outcome {
                     failed += 1;
+                    error_type = match error_type {
+                        None => Some(e.error_type().to_owned()),
+                        Some(t) if t == e.error_type() => Some(t),
+                        Some(_) => Some(OTHER_ERROR.to_owned()),
+                    };
                 }
                 out.push(finish(message, processed).await);
             }
@@ -1145,6 +1154,11 @@ impl Instrumenter {
         ));
         batch_span.set_attribute(KeyValue::new(attr::BATCH_FAILED, failed as i64));
         if failed > 0 {
+            // The failures' type when they share one, else `_OTHER`.
+            batch_span.set_attribute(KeyValue::new(
+                attr::ERROR_TYPE,
+                error_type.unwrap_or_else(|| OTHER_ERROR.to_owned()),
+            ));
             batch_span.cx.span().set_status(Status::error(format!(
                 "{failed} of {} messages failed",
                 out.len()

@@ -39,6 +39,7 @@ async fn batch_span_links_every_message_and_counts_outcomes() {
 
     assert_tree(
         &h.forest(7).await.render(&TreeOptions::only(&[
+            "error.type",
             "messaging.batch.message_count",
             "mqtrace.batch.failed_count",
             "mqtrace.batch.succeeded_count",
@@ -52,13 +53,13 @@ async fn batch_span_links_every_message_and_counts_outcomes() {
         trace #3
         send orders [PRODUCER] messaging.message.id="3"
         trace #4
-        process orders [CONSUMER] ERROR("1 of 3 messages failed") messaging.batch.message_count=3 mqtrace.batch.failed_count=1 mqtrace.batch.succeeded_count=2
+        process orders [CONSUMER] ERROR("1 of 3 messages failed") error.type="_OTHER" messaging.batch.message_count=3 mqtrace.batch.failed_count=1 mqtrace.batch.succeeded_count=2
             ~> send orders (trace #1) messaging.message.id="1"
             ~> send orders (trace #2) messaging.message.id="2"
             ~> send orders (trace #3) messaging.message.id="3"
             process orders [CONSUMER] messaging.message.id="1"
                 ~> send orders (trace #1)
-            process orders [CONSUMER] ERROR("bad") messaging.message.id="2"
+            process orders [CONSUMER] ERROR("bad") error.type="_OTHER" messaging.message.id="2"
                 ~> send orders (trace #2)
             process orders [CONSUMER] messaging.message.id="3"
                 ~> send orders (trace #3)
