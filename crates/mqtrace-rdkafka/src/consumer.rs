@@ -355,6 +355,8 @@ impl TracedConsumer {
             let give_up = missing
                 .as_ref()
                 .map(|(since, _)| *since + self.missing_topic_timeout);
+            // When the poll began: what a `poll` span covers.
+            let polled_at = std::time::SystemTime::now();
             let received = tokio::select! {
                 biased;
                 () = shutdown.as_mut() => break,
@@ -380,7 +382,7 @@ impl TracedConsumer {
                         message.partition(),
                         message.offset(),
                     );
-                    let settled = self.handle(message, &handler).await;
+                    let settled = self.handle(message, polled_at, &handler).await;
                     counters.record(&settled);
                     if settled.is_done() {
                         positions.insert((at.0, at.1), at.2 + 1);
@@ -511,7 +513,12 @@ impl TracedConsumer {
     }
 
     /// Processes and settles one record.
-    async fn handle<H, Fut>(&self, message: OwnedMessage, handler: &H) -> mqtrace::Settled
+    async fn handle<H, Fut>(
+        &self,
+        message: OwnedMessage,
+        polled_at: std::time::SystemTime,
+        handler: &H,
+    ) -> mqtrace::Settled
     where
         H: Fn(Record) -> Fut,
         Fut: Future<Output = HandlerResult>,
@@ -520,7 +527,7 @@ impl TracedConsumer {
         let lag = self.consumer.context().lag(&*inner);
         let processed = self
             .tracer
-            .process_lagging(&*inner, lag, |attempt| {
+            .process_polled(&*inner, Some(polled_at), lag, |attempt| {
                 handler(Record {
                     inner: Arc::clone(&inner),
                     attempt: attempt.number(),

@@ -25,7 +25,7 @@
 //! | operation | span name | kind | parent | links | attributes |
 //! |---|---|---|---|---|---|
 //! | send | `send {topic}` | PRODUCER | current span | — | `messaging.system.name = kafka`, `messaging.destination.name`, `kafka.message.key` (UTF-8 keys), `kafka.message.tombstone`, `messaging.message.body.size` (opt-in), `messaging.client.id`, `server.address`, `server.port`; from the delivery report `messaging.destination.partition.id`, `kafka.offset` (v1.45 names; see `mqtrace::conventions` for the others) |
-//! | poll (opt-in, `receive_spans`) | `poll {topic}` | CLIENT | current span | the record's producer | as process, without handler outcome |
+//! | poll (opt-in, `receive_spans`) | `poll {topic}` | CLIENT | current span | the record's producer | as process (partition, offset, key, group, lag), without handler outcome; covers the poll from when it began (`RecordTracer::process_polled`) |
 //! | process | `process {topic}` | CONSUMER | producer (by [`mqtrace::ProcessParenting`]) | producer | partition, offset, key, tombstone, `messaging.consumer.group.name`, `mqtrace.message.queue_time` (record timestamp), [`CONSUMER_LAG`], attempt, disposition |
 //! | retry / dead letter | `send {target topic}` | PRODUCER | process span | original message, processing attempt | as send, plus attempt and disposition |
 //! | commit (opt-in, `settle_spans`) | `commit {topic}` | CLIENT | process span | — | as process |

@@ -234,6 +234,24 @@ impl RecordTracer {
         F: FnOnce(Attempt) -> Fut,
         Fut: Future<Output = HandlerResult>,
     {
+        self.process_polled(record, None, lag, handler).await
+    }
+
+    /// [`RecordTracer::process_lagging`] for a record whose poll began at
+    /// `polled_at`: the `poll` span (with [`RecordTracer::receive_spans`]) then
+    /// covers the poll, not only the moment the record is in hand.
+    pub async fn process_polled<M, F, Fut>(
+        &self,
+        record: &M,
+        polled_at: Option<SystemTime>,
+        lag: Option<i64>,
+        handler: F,
+    ) -> Processed
+    where
+        M: Message,
+        F: FnOnce(Attempt) -> Fut,
+        Fut: Future<Output = HandlerResult>,
+    {
         if let Some(lag) = lag {
             self.lag.record(
                 &self.instrumenter,
@@ -249,13 +267,17 @@ impl RecordTracer {
             lag,
         };
         if self.receive_spans {
-            let d = self
-                .info
-                .describe(OperationType::Receive, record.topic())
-                .operation_named("poll");
-            self.instrumenter
-                .start_receive(&d, std::slice::from_ref(&incoming))
-                .end();
+            // The record's own attributes (partition, offset, key, group, lag), as
+            // a `poll`.
+            let d = incoming
+                .description()
+                .for_operation(OperationType::Receive, Some("poll"));
+            let one = std::slice::from_ref(&incoming);
+            let span = match polled_at {
+                Some(at) => self.instrumenter.start_receive_at(&d, one, at),
+                None => self.instrumenter.start_receive(&d, one),
+            };
+            span.end();
         }
         self.instrumenter.process_with(&incoming, handler).await
     }

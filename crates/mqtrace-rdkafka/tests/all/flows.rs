@@ -296,7 +296,9 @@ async fn poll_spans_link_the_record_when_asked() {
     let instrumenter = h.instrumenter(|b| b);
     h.producer(&instrumenter)
         .send(
-            FutureRecord::<str, str>::to(&topic).payload("x"),
+            FutureRecord::<str, str>::to(&topic)
+                .payload("x")
+                .key("order-7"),
             Duration::from_secs(10),
         )
         .await
@@ -317,16 +319,36 @@ async fn poll_spans_link_the_record_when_asked() {
     )
     .await
     .unwrap();
+    let spans = h.spans(3).await;
+    // The poll span covers the poll: it starts before the record is in hand (here
+    // the first poll also joins the group) and ends before processing starts.
+    let (poll, process) = (
+        spans.iter().find(|s| s.name.starts_with("poll")).unwrap(),
+        spans
+            .iter()
+            .find(|s| s.name.starts_with("process"))
+            .unwrap(),
+    );
+    assert!(poll.end_unix_nano > poll.start_unix_nano, "{poll:?}");
+    assert!(poll.end_unix_nano <= process.start_unix_nano);
     assert_tree(
-        &h.render(3, TreeOptions::only(&["messaging.operation.type"]))
-            .await,
+        &mqtrace_testing::Forest::new(spans)
+            .render(&TreeOptions::only(&[
+                "kafka.message.key",
+                "kafka.offset",
+                "messaging.consumer.group.name",
+                "messaging.destination.partition.id",
+                "messaging.operation.name",
+                "messaging.operation.type",
+            ]))
+            .replace(&h.name(""), "-RUN"),
         r#"
         trace #1
-        send polled-RUN [PRODUCER] messaging.operation.type="send"
-            process polled-RUN [CONSUMER] messaging.operation.type="process"
+        send polled-RUN [PRODUCER] kafka.message.key="order-7" kafka.offset=0 messaging.destination.partition.id="0" messaging.operation.name="send" messaging.operation.type="send"
+            process polled-RUN [CONSUMER] kafka.message.key="order-7" kafka.offset=0 messaging.consumer.group.name="group-RUN" messaging.destination.partition.id="0" messaging.operation.name="process" messaging.operation.type="process"
                 ~> send polled-RUN (this trace)
         trace #2
-        poll polled-RUN [CLIENT] messaging.operation.type="receive"
+        poll polled-RUN [CLIENT] kafka.message.key="order-7" kafka.offset=0 messaging.consumer.group.name="group-RUN" messaging.destination.partition.id="0" messaging.operation.name="poll" messaging.operation.type="receive"
             ~> send polled-RUN (trace #1)
         "#,
     );
