@@ -14,7 +14,10 @@
 # the Kafka restart tests get the tansu binary (MQTRACE_TEST_TANSU) and, when moto is
 # started here, its S3 endpoint (MQTRACE_TEST_S3_ENDPOINT) with a bucket for tansu.
 # The Lambda example's test gets cargo-lambda (MQTRACE_TEST_CARGO_LAMBDA, from PyPI,
-# cached), whose runtime API emulator it starts on loopback.
+# cached), whose runtime API emulator it starts on loopback. The conventions check
+# (scripts/semconv-check.mjs, run by the own-loop examples' tests) gets the
+# semantic-conventions registry as the npm package @opentelemetry/semantic-conventions
+# (MQTRACE_TEST_SEMCONV, cached).
 # Fixed ports, all on 127.0.0.1, overridable:
 #   MQTRACE_RABBITMQ_PORT (31672; Erlang distribution on +20000), MQTRACE_KAFKA_PORT
 #   (39092), MQTRACE_SQS_PORT (39324), MQTRACE_EPMD_PORT (34369).
@@ -33,6 +36,8 @@ TANSU=$CACHE/tools/bin/tansu
 MOTO=$CACHE/moto-venv/bin/moto_server
 CARGO_LAMBDA_VERSION=1.9.2
 CARGO_LAMBDA=$CACHE/cargo-lambda-venv/bin/cargo-lambda
+SEMCONV_VERSION=1.45.0
+SEMCONV=$CACHE/semconv-$SEMCONV_VERSION/node_modules/@opentelemetry/semantic-conventions
 
 log() { printf 'brokers: %s\n' "$*" >&2; }
 
@@ -76,6 +81,15 @@ install_cargo_lambda() {
   log "installing cargo-lambda $CARGO_LAMBDA_VERSION (PyPI) into $CACHE/cargo-lambda-venv"
   python3 -m venv "$CACHE/cargo-lambda-venv"
   "$CACHE/cargo-lambda-venv/bin/pip" install --quiet "cargo-lambda==$CARGO_LAMBDA_VERSION"
+}
+
+install_semconv() {
+  [ -f "$SEMCONV/package.json" ] && return
+  command -v npm >/dev/null || { log "npm is needed for the conventions check (Node.js)"; exit 1; }
+  log "installing @opentelemetry/semantic-conventions $SEMCONV_VERSION (npm) into $CACHE/semconv-$SEMCONV_VERSION"
+  mkdir -p "$CACHE/semconv-$SEMCONV_VERSION"
+  npm install --silent --no-audit --no-fund --prefix "$CACHE/semconv-$SEMCONV_VERSION" \
+    "@opentelemetry/semantic-conventions@$SEMCONV_VERSION" >&2
 }
 
 rabbitmq_env() {
@@ -166,6 +180,8 @@ start() {
   # emulator, which it starts itself on a port of its own.
   install_cargo_lambda
   echo "export MQTRACE_TEST_CARGO_LAMBDA=$CARGO_LAMBDA" >>"$STATE/env"
+  install_semconv
+  echo "export MQTRACE_TEST_SEMCONV=$SEMCONV" >>"$STATE/env"
   log "ready: source $STATE/env"
   cat "$STATE/env" >&2
 }

@@ -102,7 +102,8 @@ pub fn own_loop_payments(retry: Retry, dead_letter: &str) -> String {
 /// Runs an own-loop example with `env` (its broker's endpoint and a queue or topic
 /// named `payments-{run}`) and checks what every one of them must show: the
 /// consumer's counts and the whole span tree of [`own_loop_payments`], `spans`
-/// spans in all.
+/// spans in all; then that its spans and metrics pass the independent
+/// conventions check ([`crate::semconv`]).
 pub async fn check_own_loop(
     path: &str,
     env: &[(&str, &str)],
@@ -132,7 +133,17 @@ pub async fn check_own_loop(
         "mqtrace.message.disposition",
     ]);
     assert_tree(
-        &Forest::new(received).render(&options).replace(run, "RUN"),
+        &Forest::new(received.clone())
+            .render(&options)
+            .replace(run, "RUN"),
         &own_loop_payments(retry, dead_letter),
     );
+    // The example's metrics leave with its telemetry's shutdown, as its spans do.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while collector.metrics().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = collector.metrics();
+    assert!(!metrics.is_empty(), "the example exported no metrics");
+    crate::semconv::check(&received, &metrics);
 }

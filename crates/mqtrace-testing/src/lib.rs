@@ -5,6 +5,7 @@
 //! - [`Forest`] and [`TreeOptions`]: spans grouped into traces and rendered as
 //!   normalised trees (names, kinds, parents, links, attributes, status; no ids or
 //!   times) to compare with the expected text.
+//! - [`semconv`]: the independent conventions check of a run's spans and metrics.
 //! - [`brokers`]: the endpoints of the brokers the test script started, failing with
 //!   instructions when there are none.
 //! - [`examples`]: running an example binary against the brokers, and the span
@@ -19,6 +20,7 @@ mod collector;
 pub mod examples;
 pub mod faults;
 pub mod metric;
+pub mod semconv;
 mod span;
 mod tree_assert;
 

@@ -46,10 +46,7 @@ type Failure = Box<dyn std::error::Error + Send + Sync>;
 const TOPICS: [&str; 3] = ["orders", "orders.retry", "orders.dlq"];
 
 fn instrumenter(guard: &TelemetryGuard) -> Instrumenter {
-    match guard.provider() {
-        Some(p) => Instrumenter::builder().tracer_provider(p).build(),
-        None => Instrumenter::default(),
-    }
+    guard.instrumenter().build()
 }
 
 #[tokio::main]

@@ -22,7 +22,7 @@
 use std::time::Duration;
 
 use mqtrace::settle::ConsumerCounters;
-use mqtrace::{Attempt, HandlerError, HandlerResult, Instrumenter};
+use mqtrace::{Attempt, HandlerError, HandlerResult};
 use mqtrace_rdkafka::{FutureProducerExt as _, RecordTracer};
 use mqtrace_telemetry::TelemetryBuilder;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -45,10 +45,7 @@ async fn main() -> Result<(), Failure> {
         .service_name("payments")
         .install_global(false)
         .build()?;
-    let instrumenter = match telemetry.provider() {
-        Some(p) => Instrumenter::builder().tracer_provider(p).build(),
-        None => Instrumenter::default(),
-    };
+    let instrumenter = telemetry.instrumenter().build();
 
     let mut config = ClientConfig::new();
     config

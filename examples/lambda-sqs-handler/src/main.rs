@@ -19,7 +19,7 @@
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use lambda_runtime::{service_fn, Error, LambdaEvent};
-use mqtrace::{HandlerError, HandlerResult, Instrumenter};
+use mqtrace::{HandlerError, HandlerResult};
 use mqtrace_aws_lambda::TracedSqsHandler;
 use serde::Deserialize;
 use tracing::Instrument as _;
@@ -70,11 +70,10 @@ async fn main() -> Result<(), Error> {
         .quiet_targets(mqtrace_aws_lambda::CLIENT_TARGETS)
         .install_global(false)
         .build()?;
-    let provider = telemetry.provider().cloned().unwrap_or_default();
     tracing::subscriber::set_global_default(
         tracing_subscriber::registry().with(telemetry.tracing_layer()),
     )?;
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let instrumenter = telemetry.instrumenter().build();
     let traced = TracedSqsHandler::new(&instrumenter, telemetry.flusher());
     let handle = |event: LambdaEvent<SqsEvent>| {
         let traced = traced.clone();

@@ -53,6 +53,11 @@ async fn partial_batch_failures_and_spans() {
         2,
         "the tracing spans of the records that parsed"
     );
+    // The invocation, batch and record spans and the metrics, judged against the
+    // registry (the `tracing` handler spans are the application's).
+    let metrics = collector.metrics();
+    assert!(!metrics.is_empty(), "the function exported no metrics");
+    mqtrace_testing::semconv::check(&spans, &metrics);
 }
 
 /// Under a real Lambda runtime API: cargo-lambda's emulator (`cargo lambda watch

@@ -22,7 +22,7 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOpti
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use mqtrace::settle::ConsumerCounters;
-use mqtrace::{Attempt, HandlerError, HandlerResult, Instrumenter};
+use mqtrace::{Attempt, HandlerError, HandlerResult};
 use mqtrace_lapin::{ChannelExt as _, DeliveryTracer, QueueSpec, Server};
 use mqtrace_telemetry::TelemetryBuilder;
 
@@ -38,10 +38,7 @@ async fn main() -> Result<(), Failure> {
         .service_name("payments")
         .install_global(false)
         .build()?;
-    let instrumenter = match telemetry.provider() {
-        Some(p) => Instrumenter::builder().tracer_provider(p).build(),
-        None => Instrumenter::default(),
-    };
+    let instrumenter = telemetry.instrumenter().build();
 
     let connection = Connection::connect(&url, ConnectionProperties::default())
         .await

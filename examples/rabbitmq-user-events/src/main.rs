@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
-use mqtrace::{HandlerError, HandlerResult, Instrumenter};
+use mqtrace::{HandlerError, HandlerResult};
 use mqtrace_lapin::{declare_exchange, QueueSpec, Server, TracedConsumer, TracedPublisher};
 use mqtrace_telemetry::TelemetryBuilder;
 use serde::{Deserialize, Serialize};
@@ -58,10 +58,7 @@ async fn main() -> Result<(), Failure> {
     tracing::subscriber::set_global_default(
         tracing_subscriber::registry().with(mailer.tracing_layer()),
     )?;
-    let instrumenter = |guard: &mqtrace_telemetry::TelemetryGuard| match guard.provider() {
-        Some(p) => Instrumenter::builder().tracer_provider(p).build(),
-        None => Instrumenter::default(),
-    };
+    let instrumenter = |guard: &mqtrace_telemetry::TelemetryGuard| guard.instrumenter().build();
 
     // Topology: the exchange and both services' queues.
     let connection = Connection::connect(&url, ConnectionProperties::default())

@@ -36,10 +36,7 @@ struct Order {
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 
 fn instrumenter(guard: &TelemetryGuard) -> Instrumenter {
-    match guard.provider() {
-        Some(p) => Instrumenter::builder().tracer_provider(p).build(),
-        None => Instrumenter::default(),
-    }
+    guard.instrumenter().build()
 }
 
 #[tokio::main]

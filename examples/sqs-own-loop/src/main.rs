@@ -23,7 +23,7 @@ use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use aws_sdk_sqs::Client;
 use mqtrace::settle::ConsumerCounters;
-use mqtrace::{Attempt, HandlerError, HandlerResult, Instrumenter};
+use mqtrace::{Attempt, HandlerError, HandlerResult};
 use mqtrace_aws_sqs::{MessageTracer, SendMessageExt as _};
 use mqtrace_telemetry::TelemetryBuilder;
 
@@ -46,10 +46,7 @@ async fn main() -> Result<(), Failure> {
         .service_name("payments")
         .install_global(false)
         .build()?;
-    let instrumenter = match telemetry.provider() {
-        Some(p) => Instrumenter::builder().tracer_provider(p).build(),
-        None => Instrumenter::default(),
-    };
+    let instrumenter = telemetry.instrumenter().build();
     let queue = client
         .create_queue()
         .queue_name(&name)
