@@ -23,6 +23,8 @@ struct Run {
     failures: Vec<String>,
     /// What the collector had when `handle` returned, before any flush of ours.
     at_return: Vec<RecordedSpan>,
+    /// The metric streams the collector had then, rendered.
+    metrics_at_return: String,
 }
 
 async fn invoke(fixture: &str) -> Run {
@@ -40,7 +42,7 @@ async fn invoke(fixture: &str) -> Run {
         .build()
         .unwrap();
     let provider = guard.provider().unwrap().clone();
-    let instrumenter = Instrumenter::builder().tracer_provider(&provider).build();
+    let instrumenter = guard.instrumenter().build();
     let traced = TracedSqsHandler::new(&instrumenter, guard.flusher());
     let event: SqsEvent = serde_json::from_str(fixture).unwrap();
     let mut context = lambda_runtime::Context::default();
@@ -69,6 +71,11 @@ async fn invoke(fixture: &str) -> Run {
         .unwrap();
     // gRPC export finished inside `handle`: the collector has the spans now.
     let at_return = collector.spans();
+    let metrics_at_return = collector
+        .metrics()
+        .iter()
+        .map(|m| m.render(&[]) + "\n")
+        .collect();
     Run {
         failures: response
             .batch_item_failures
@@ -76,6 +83,7 @@ async fn invoke(fixture: &str) -> Run {
             .map(|f| f.item_identifier.clone())
             .collect(),
         at_return,
+        metrics_at_return,
     }
 }
 
@@ -121,6 +129,18 @@ async fn message_attribute_contexts_are_linked_and_failures_reported() {
     let tree = render(&run.at_return);
     assert!(tree.starts_with("trace #1\norders-lambda [SERVER] faas.trigger=\"pubsub\"\n    orders process [CONSUMER] ERROR(\"1 of 2 messages failed\") error.type=\"declined\" faas.trigger=\"pubsub\""), "{tree}");
     assert!(tree.contains("process orders [CONSUMER] ERROR(\"declined\") error.type=\"declined\" faas.trigger=\"pubsub\""), "{tree}");
+    // The metrics were flushed before `handle` returned too.
+    assert_tree(
+        &run.metrics_at_return,
+        r#"
+messaging.client.consumed.messages [{message}] Counter value=2 messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs"
+messaging.process.duration [s] Histogram count=1 buckets=messaging error.type="declined" messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs"
+messaging.process.duration [s] Histogram count=1 buckets=messaging messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs"
+mqtrace.message.dispositions [{message}] Counter value=1 messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" mqtrace.message.disposition="retried"
+mqtrace.message.dispositions [{message}] Counter value=1 messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs" mqtrace.message.disposition="settled"
+mqtrace.message.queue.duration [s] Histogram count=2 buckets=messaging messaging.destination.name="orders" messaging.operation.name="process" messaging.operation.type="process" messaging.system.name="aws.sqs"
+        "#,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
