@@ -12,7 +12,9 @@ use mqtrace::embedded::{
 };
 use mqtrace::{Disposition, HandlerError, HandlerResult, Instrumenter, Retryable};
 use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
-use mqtrace_testing::{Collector, Forest, Kind, RecordedSpan, TreeOptions};
+use mqtrace_testing::{
+    Collector, Forest, Kind, MetricValue, RecordedMetric, RecordedSpan, TreeOptions,
+};
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use serde::{Deserialize, Serialize};
 use tracing::instrument::WithSubscriber as _;
@@ -204,7 +206,13 @@ impl Services {
             worker.shutdown();
         })
         .await?;
-        print_report(args, &self.collector.spans(), stats, dead);
+        print_report(
+            args,
+            &self.collector.spans(),
+            &self.collector.metrics(),
+            stats,
+            dead,
+        );
         Ok(())
     }
 }
@@ -348,12 +356,8 @@ async fn run_embedded(
 }
 
 fn instrumenter(telemetry: &TelemetryGuard) -> Instrumenter {
-    let builder = Instrumenter::builder();
-    match telemetry.provider() {
-        Some(provider) => builder.tracer_provider(provider).build(),
-        // OTEL_SDK_DISABLED: spans go nowhere, the pipeline still runs.
-        None => builder.build(),
-    }
+    // With OTEL_SDK_DISABLED, spans and metrics go nowhere; the pipeline still runs.
+    telemetry.instrumenter().build()
 }
 
 /// Parse, then charge (which may fail transiently), then reserve stock.
@@ -412,7 +416,13 @@ fn complete(trace: &[RecordedSpan]) -> bool {
         && trace.iter().any(|s| s.kind == Kind::Consumer)
 }
 
-fn print_report(args: &DemoArgs, spans: &[RecordedSpan], stats: &ConsumerStats, dead: u64) {
+fn print_report(
+    args: &DemoArgs,
+    spans: &[RecordedSpan],
+    metrics: &[RecordedMetric],
+    stats: &ConsumerStats,
+    dead: u64,
+) {
     let forest = Forest::new(spans.to_vec());
     let options = TreeOptions {
         only: Some(
@@ -453,6 +463,7 @@ fn print_report(args: &DemoArgs, spans: &[RecordedSpan], stats: &ConsumerStats, 
             traces.len() - shown
         );
     }
+    let _ = write!(out, "{}", metrics_summary(metrics, !args.no_timings));
     let complete = traces.iter().filter(|t| complete(t)).count();
     let _ = writeln!(
         out,
@@ -464,4 +475,106 @@ fn print_report(args: &DemoArgs, spans: &[RecordedSpan], stats: &ConsumerStats, 
         traces.len(),
         complete
     );
+}
+
+/// What one destination's metrics say, summed over their streams.
+#[derive(Default)]
+struct DestinationMetrics {
+    sent: f64,
+    consumed: f64,
+    /// Process durations: bucket bounds and counts, merged.
+    process: Option<(Vec<f64>, Vec<u64>)>,
+    lag: Option<f64>,
+}
+
+/// One line per destination: messages sent and consumed, process time p50 / p99
+/// (the upper bound of the bucket holding it; left out with `timings` off, as they
+/// vary run to run) and the consumer lag where the broker reports one.
+fn metrics_summary(metrics: &[RecordedMetric], timings: bool) -> String {
+    use std::collections::BTreeMap;
+    let mut by: BTreeMap<String, DestinationMetrics> = BTreeMap::new();
+    for m in metrics {
+        let Some(dest) = m
+            .attributes
+            .get("messaging.destination.name")
+            .and_then(|v| v.as_str())
+        else {
+            continue;
+        };
+        let entry = by.entry(dest.to_owned()).or_default();
+        match (m.name.as_str(), &m.value) {
+            ("messaging.client.sent.messages", MetricValue::Number(n)) => entry.sent += n,
+            ("messaging.client.consumed.messages", MetricValue::Number(n)) => entry.consumed += n,
+            (mqtrace_rdkafka::CONSUMER_LAG, MetricValue::Number(n)) => entry.lag = Some(*n),
+            (
+                "messaging.process.duration",
+                MetricValue::Histogram {
+                    bounds, buckets, ..
+                },
+            ) => match &mut entry.process {
+                Some((_, counts)) if counts.len() == buckets.len() => {
+                    for (c, b) in counts.iter_mut().zip(buckets) {
+                        *c += b;
+                    }
+                }
+                _ => entry.process = Some((bounds.clone(), buckets.clone())),
+            },
+            _ => {}
+        }
+    }
+    if by.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("metrics by destination\n");
+    for (dest, m) in &by {
+        let mut line = format!("  {dest}: sent {} · consumed {}", m.sent, m.consumed);
+        if let (true, Some((bounds, counts))) = (timings, &m.process) {
+            line.push_str(&format!(
+                " · process p50 {} / p99 {}",
+                quantile(bounds, counts, 0.5),
+                quantile(bounds, counts, 0.99)
+            ));
+        }
+        if let Some(lag) = m.lag {
+            line.push_str(&format!(" · lag {lag}"));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push('\n');
+    out
+}
+
+/// The upper bound of the bucket holding quantile `q`, in milliseconds.
+fn quantile(bounds: &[f64], counts: &[u64], q: f64) -> String {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return "-".to_owned();
+    }
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return match bounds.get(i) {
+                Some(b) => format!("≤ {} ms", b * 1000.0),
+                None => format!("> {} ms", bounds.last().copied().unwrap_or(0.0) * 1000.0),
+            };
+        }
+    }
+    "-".to_owned()
+}
+
+#[cfg(test)]
+mod metric_tests {
+    use super::quantile;
+
+    #[test]
+    fn quantiles_are_bucket_upper_bounds() {
+        let bounds = [0.005, 0.01, 0.025];
+        assert_eq!(quantile(&bounds, &[6, 3, 1, 0], 0.5), "≤ 5 ms");
+        assert_eq!(quantile(&bounds, &[6, 3, 1, 0], 0.99), "≤ 25 ms");
+        assert_eq!(quantile(&bounds, &[0, 0, 0, 2], 0.5), "> 25 ms");
+        assert_eq!(quantile(&bounds, &[0, 0, 0, 0], 0.5), "-");
+    }
 }

@@ -61,6 +61,18 @@ fn default_run_connects_every_message() {
     assert_eq!(sent, 50);
     assert_eq!(processed + dead, sent, "lost = 0: {summary}");
     assert!(retried > 0 && dead > 0, "{summary}");
+    // The metrics say the same: every send and retry forward, every delivery.
+    let attempts = sent + retried;
+    assert!(
+        stdout.contains(&format!(
+            "  orders: sent {attempts} · consumed {attempts} · process p50 "
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("  orders.dlq: sent {dead} ·")),
+        "{stdout}"
+    );
     assert_eq!(traces, sent);
     assert_eq!(complete, traces, "{summary}");
     assert!(stdout.contains(r#"mqtrace.link.relationship="original_message""#));
