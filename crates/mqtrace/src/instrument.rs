@@ -17,6 +17,7 @@ use opentelemetry::{Context, InstrumentationScope, KeyValue};
 
 use crate::conventions::{attr, Conventions};
 use crate::describe::{MessageDescription, OperationType};
+use crate::exceptions::{ExceptionLogger, ExceptionSignals};
 use crate::forward::{self, Disposition, ForwardKind, RetryPolicy};
 use crate::metrics::{Measure, Measured, MeterSource, Metrics};
 use crate::outcome::{truncate, HandlerError, HandlerResult};
@@ -134,6 +135,8 @@ where
 pub struct MessagingSpan {
     cx: Context,
     measure: Option<Measure>,
+    /// Where failures go besides the span, and the span's operation.
+    exceptions: Option<(Arc<ExceptionSignals>, OperationType)>,
 }
 
 impl fmt::Debug for MessagingSpan {
@@ -150,6 +153,7 @@ impl Clone for MessagingSpan {
         Self {
             cx: self.cx.clone(),
             measure: None,
+            exceptions: self.exceptions.clone(),
         }
     }
 }
@@ -181,7 +185,19 @@ impl MessagingSpan {
 
     /// Records a handler failure.
     pub fn record_error(&self, error: &HandlerError) {
-        error.record(&self.cx.span());
+        let span = self.cx.span();
+        match &self.exceptions {
+            Some((signals, operation)) => {
+                error.record_on(&span, signals.span_events());
+                signals.log(
+                    *operation,
+                    error.error_type(),
+                    &error.to_string(),
+                    span.span_context(),
+                );
+            }
+            None => error.record(&span),
+        }
         self.failed_with(error.error_type());
     }
 
@@ -199,13 +215,27 @@ impl MessagingSpan {
     /// Records a broker failure (publish, ack...): status Error and `error.type`.
     pub fn record_failure(&self, error_type: &str, error: &dyn std::error::Error) {
         let span = self.cx.span();
-        span.add_event(
-            "exception",
-            vec![
-                KeyValue::new(attr::EXCEPTION_TYPE, error_type.to_owned()),
-                KeyValue::new(attr::EXCEPTION_MESSAGE, error.to_string()),
-            ],
-        );
+        let events = match &self.exceptions {
+            Some((signals, operation)) => {
+                signals.log(
+                    *operation,
+                    error_type,
+                    &error.to_string(),
+                    span.span_context(),
+                );
+                signals.span_events()
+            }
+            None => true,
+        };
+        if events {
+            span.add_event(
+                "exception",
+                vec![
+                    KeyValue::new(attr::EXCEPTION_TYPE, error_type.to_owned()),
+                    KeyValue::new(attr::EXCEPTION_MESSAGE, error.to_string()),
+                ],
+            );
+        }
         span.set_attribute(KeyValue::new(attr::ERROR_TYPE, error_type.to_owned()));
         span.set_status(Status::error(error.to_string()));
         self.failed_with(error_type);
@@ -309,6 +339,7 @@ pub struct BatchProcessed {
 pub struct InstrumenterBuilder {
     tracer: Option<BoxedTracer>,
     meter: Option<opentelemetry::metrics::Meter>,
+    logger: Option<Box<dyn ExceptionLogger>>,
     conventions: Conventions,
     parenting: ProcessParenting,
     propagation: Option<Propagation>,
@@ -365,6 +396,17 @@ impl InstrumenterBuilder {
         P: opentelemetry::metrics::MeterProvider,
     {
         self.meter = Some(provider.meter_with_scope(instrumentation_scope()));
+        self
+    }
+
+    /// Failures become `messaging.{operation}.exception` log records of this
+    /// provider (not under legacy conventions; see [`crate::exceptions`]).
+    pub fn logger_provider<P>(mut self, provider: &P) -> Self
+    where
+        P: opentelemetry::logs::LoggerProvider,
+        P::Logger: Send + Sync + 'static,
+    {
+        self.logger = Some(crate::exceptions::logger_of(provider));
         self
     }
 
@@ -451,6 +493,11 @@ impl InstrumenterBuilder {
                     },
                     self.conventions,
                 )),
+                exceptions: Arc::new(ExceptionSignals::new(
+                    self.conventions,
+                    self.logger,
+                    crate::exceptions::dup_from_env(),
+                )),
                 conventions: self.conventions,
                 parenting: self.parenting,
                 capture_headers: self.capture_headers,
@@ -497,6 +544,7 @@ enum TracerSource {
 struct Inner {
     tracer: TracerSource,
     metrics: Arc<Metrics>,
+    exceptions: Arc<ExceptionSignals>,
     conventions: Conventions,
     parenting: ProcessParenting,
     capture_headers: Vec<String>,
@@ -544,6 +592,7 @@ impl Instrumenter {
         InstrumenterBuilder {
             tracer: None,
             meter: None,
+            logger: None,
             conventions: Conventions::from_env(),
             parenting: ProcessParenting::default(),
             propagation: None,
@@ -580,6 +629,7 @@ impl Instrumenter {
         MessagingSpan {
             cx: parent.with_span(span),
             measure: None,
+            exceptions: None,
         }
     }
 
@@ -705,6 +755,7 @@ impl Instrumenter {
         }
         let mut span = self.start_span(builder, parent);
         span.measure = measure;
+        span.exceptions = Some((Arc::clone(&self.inner.exceptions), d.operation));
         span
     }
 

@@ -100,6 +100,7 @@ pub mod conventions;
 pub mod describe;
 #[cfg(feature = "embedded")]
 pub mod embedded;
+pub mod exceptions;
 pub mod forward;
 mod instrument;
 pub mod metrics;

@@ -112,14 +112,21 @@ impl HandlerError {
     /// Records the failure on a span: an `exception` event, status Error with the
     /// message, `error.type` and `mqtrace.error.retryable`.
     pub fn record(&self, span: &SpanRef<'_>) {
+        self.record_on(span, true);
+    }
+
+    /// [`HandlerError::record`], the `exception` event only when `event`.
+    pub(crate) fn record_on(&self, span: &SpanRef<'_>, event: bool) {
         let message = self.source.to_string();
-        span.add_event(
-            "exception",
-            vec![
-                KeyValue::new(attr::EXCEPTION_TYPE, self.error_type.to_string()),
-                KeyValue::new(attr::EXCEPTION_MESSAGE, message.clone()),
-            ],
-        );
+        if event {
+            span.add_event(
+                "exception",
+                vec![
+                    KeyValue::new(attr::EXCEPTION_TYPE, self.error_type.to_string()),
+                    KeyValue::new(attr::EXCEPTION_MESSAGE, message.clone()),
+                ],
+            );
+        }
         span.set_attribute(KeyValue::new(attr::ERROR_TYPE, self.error_type.to_string()));
         span.set_attribute(KeyValue::new(
             attr::ERROR_RETRYABLE,

@@ -11,6 +11,7 @@ mod helpers;
 
 mod batch;
 mod concurrency;
+mod exceptions;
 mod metrics;
 mod parenting;
 mod propagation;
