@@ -6,7 +6,7 @@ use std::time::Duration;
 use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::error::SdkError;
 use aws_sdk_sqs::operation::receive_message::ReceiveMessageError;
-use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
+use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
 use aws_sdk_sqs::Client;
 use mqtrace::settle::{ConsumerCounters, ConsumerStats, Settled};
 use mqtrace::{HandlerError, HandlerResult, Instrumenter, OperationType};
@@ -164,7 +164,16 @@ pub struct TracedConsumer {
     visibility_timeout: Option<i32>,
     receive_spans: bool,
     empty_receive_spans: bool,
+    queue_depth: Option<Duration>,
 }
+
+/// `mqtrace.aws_sqs.queue.messages`: SQS's approximate message counts of the
+/// queue, by `mqtrace.aws_sqs.queue.state` ([`QUEUE_STATE`]), when asked for with
+/// [`TracedConsumer::queue_depth_every`].
+pub const QUEUE_MESSAGES: &str = "mqtrace.aws_sqs.queue.messages";
+/// `mqtrace.aws_sqs.queue.state`: `visible` (`ApproximateNumberOfMessages`),
+/// `in_flight` (`…NotVisible`) or `delayed` (`…Delayed`).
+pub const QUEUE_STATE: &str = "mqtrace.aws_sqs.queue.state";
 
 // === impl TracedConsumer ===
 
@@ -179,6 +188,83 @@ impl TracedConsumer {
             visibility_timeout: None,
             receive_spans: true,
             empty_receive_spans: false,
+            queue_depth: None,
+        }
+    }
+
+    /// Reads the queue's approximate depth every `interval` while the consumer
+    /// runs (one `GetQueueAttributes` call each, beside the receives) and records
+    /// it as the [`QUEUE_MESSAGES`] gauge (default: off).
+    pub fn queue_depth_every(mut self, interval: Duration) -> Self {
+        self.queue_depth = Some(interval.max(Duration::from_millis(100)));
+        self
+    }
+
+    /// Beside the consumer loop: the queue depth every interval, until `stop`.
+    async fn watch_depth(&self, stop: &tokio::sync::Notify) {
+        let Some(every) = self.queue_depth else {
+            return;
+        };
+        let gauge = self
+            .tracer
+            .instrumenter()
+            .meter()
+            .i64_gauge(QUEUE_MESSAGES)
+            .with_unit("{message}")
+            .with_description("SQS's approximate message counts of the queue.")
+            .build();
+        let mut base = Vec::new();
+        let instrumenter = self.tracer.instrumenter();
+        instrumenter
+            .conventions()
+            .system_attributes(mqtrace::MessagingSystem::AwsSqs, &mut base);
+        base.push(opentelemetry::KeyValue::new(
+            mqtrace::conventions::attr::MESSAGING_DESTINATION_NAME,
+            crate::describe::queue_name(self.tracer.queue_url()).to_owned(),
+        ));
+        let sets: Vec<(QueueAttributeName, Vec<opentelemetry::KeyValue>)> = [
+            (QueueAttributeName::ApproximateNumberOfMessages, "visible"),
+            (
+                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+                "in_flight",
+            ),
+            (
+                QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+                "delayed",
+            ),
+        ]
+        .into_iter()
+        .map(|(name, state)| {
+            let mut set = base.clone();
+            set.push(opentelemetry::KeyValue::new(QUEUE_STATE, state));
+            (name, set)
+        })
+        .collect();
+        loop {
+            let request = self
+                .tracer
+                .client()
+                .get_queue_attributes()
+                .queue_url(self.tracer.queue_url())
+                .set_attribute_names(Some(sets.iter().map(|(n, _)| n.clone()).collect()));
+            tokio::select! {
+                () = stop.notified() => return,
+                answer = request.send() => match answer {
+                    Ok(out) => {
+                        let attributes = out.attributes.unwrap_or_default();
+                        for (name, set) in &sets {
+                            if let Some(n) = attributes.get(name).and_then(|v| v.parse::<i64>().ok()) {
+                                gauge.record(n, set);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(target: "mqtrace", error = %e, "reading the queue depth failed"),
+                },
+            }
+            tokio::select! {
+                () = stop.notified() => return,
+                () = tokio::time::sleep(every) => {}
+            }
         }
     }
 
@@ -238,6 +324,25 @@ impl TracedConsumer {
     /// [`ConsumeError::Refused`] when SQS refuses the consumer: the queue does not
     /// exist, or the credentials are not accepted.
     pub async fn run_until<H, Fut, S>(
+        &self,
+        handler: H,
+        shutdown: S,
+    ) -> Result<ConsumerStats, ConsumeError>
+    where
+        H: Fn(Received) -> Fut,
+        Fut: Future<Output = HandlerResult>,
+        S: Future<Output = ()>,
+    {
+        let stop = tokio::sync::Notify::new();
+        let consume = async {
+            let result = self.consume(handler, shutdown).await;
+            stop.notify_one();
+            result
+        };
+        tokio::join!(consume, self.watch_depth(&stop)).0
+    }
+
+    async fn consume<H, Fut, S>(
         &self,
         handler: H,
         shutdown: S,

@@ -98,7 +98,9 @@ pub use carrier::{
     MessageAttributes, MessageAttributesExtractor, MessageAttributesInjector,
     MAX_MESSAGE_ATTRIBUTES,
 };
-pub use consumer::{trace_context, ConsumeError, Received, TracedConsumer};
+pub use consumer::{
+    trace_context, ConsumeError, Received, TracedConsumer, QUEUE_MESSAGES, QUEUE_STATE,
+};
 pub use describe::{
     error_type, queue_name, MESSAGE_GROUP_ID, QUEUE_URL, RECEIVE_COUNT, SEQUENCE_NUMBER,
 };

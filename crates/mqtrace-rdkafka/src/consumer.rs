@@ -38,6 +38,101 @@ pub struct StatsContext {
     failed_commits: AtomicU64,
     /// The final commit while it waits for the cluster's answer.
     final_commit: Mutex<Option<FinalCommit>>,
+    /// The statistics as metrics, when made with [`StatsContext::metered`].
+    gauges: Option<StatsGauges>,
+}
+
+/// `mqtrace.kafka.partition.fetch_queue.messages`: records fetched and waiting in
+/// librdkafka's queue for the application, per topic and partition.
+pub const FETCH_QUEUE: &str = "mqtrace.kafka.partition.fetch_queue.messages";
+/// `mqtrace.kafka.client.queue.messages`: messages in the client's producer queue.
+pub const CLIENT_QUEUE: &str = "mqtrace.kafka.client.queue.messages";
+/// `mqtrace.kafka.broker.rtt.average`: the broker's request round-trip time over
+/// the last statistics window, in seconds, per broker (`mqtrace.kafka.broker`).
+pub const BROKER_RTT_AVERAGE: &str = "mqtrace.kafka.broker.rtt.average";
+/// `mqtrace.kafka.broker.rtt.p99`: its 99th percentile, in seconds.
+pub const BROKER_RTT_P99: &str = "mqtrace.kafka.broker.rtt.p99";
+/// The broker attribute of the round-trip gauges: librdkafka's broker name.
+pub const BROKER: &str = "mqtrace.kafka.broker";
+
+/// librdkafka's statistics bridged to gauges, recorded at every statistics
+/// callback.
+#[derive(Debug)]
+struct StatsGauges {
+    conventions: mqtrace::Conventions,
+    fetch_queue: opentelemetry::metrics::Gauge<i64>,
+    client_queue: opentelemetry::metrics::Gauge<i64>,
+    rtt_average: opentelemetry::metrics::Gauge<f64>,
+    rtt_p99: opentelemetry::metrics::Gauge<f64>,
+}
+
+impl StatsGauges {
+    fn new(instrumenter: &Instrumenter) -> Self {
+        let meter = instrumenter.meter();
+        let rtt = |name: &'static str, what: &'static str| {
+            meter
+                .f64_gauge(name)
+                .with_unit("s")
+                .with_description(what)
+                .build()
+        };
+        Self {
+            conventions: instrumenter.conventions(),
+            fetch_queue: meter
+                .i64_gauge(FETCH_QUEUE)
+                .with_unit("{message}")
+                .with_description("Records fetched and waiting for the application.")
+                .build(),
+            client_queue: meter
+                .i64_gauge(CLIENT_QUEUE)
+                .with_unit("{message}")
+                .with_description("Messages in the client's producer queue.")
+                .build(),
+            rtt_average: rtt(BROKER_RTT_AVERAGE, "Broker round-trip time, average."),
+            rtt_p99: rtt(BROKER_RTT_P99, "Broker round-trip time, 99th percentile."),
+        }
+    }
+
+    fn record(&self, statistics: &Statistics) {
+        let mut system = Vec::new();
+        self.conventions
+            .system_attributes(mqtrace::MessagingSystem::Kafka, &mut system);
+        self.client_queue.record(
+            i64::try_from(statistics.msg_cnt).unwrap_or(i64::MAX),
+            &system,
+        );
+        for broker in statistics.brokers.values() {
+            let Some(rtt) = &broker.rtt else { continue };
+            if rtt.cnt == 0 {
+                continue;
+            }
+            let mut attributes = system.clone();
+            attributes.push(opentelemetry::KeyValue::new(BROKER, broker.name.clone()));
+            // librdkafka reports microseconds.
+            self.rtt_average.record(rtt.avg as f64 / 1e6, &attributes);
+            self.rtt_p99.record(rtt.p99 as f64 / 1e6, &attributes);
+        }
+        for (name, topic) in &statistics.topics {
+            for (p, partition) in &topic.partitions {
+                // -1 is librdkafka's internal unassigned partition.
+                if *p < 0 || partition.fetchq_cnt < 0 {
+                    continue;
+                }
+                let mut attributes = system.clone();
+                attributes.push(opentelemetry::KeyValue::new(
+                    mqtrace::conventions::attr::MESSAGING_DESTINATION_NAME,
+                    name.clone(),
+                ));
+                self.conventions.position_attributes(
+                    mqtrace::MessagingSystem::Kafka,
+                    Some(&p.to_string()),
+                    None,
+                    &mut attributes,
+                );
+                self.fetch_queue.record(partition.fetchq_cnt, &attributes);
+            }
+        }
+    }
 }
 
 /// The offsets of a consumer's final commit, and whether the cluster stored them.
@@ -59,6 +154,17 @@ impl FinalCommit {
 }
 
 impl StatsContext {
+    /// A context that also records librdkafka's statistics as gauges, from the
+    /// instrumenter's meter: [`FETCH_QUEUE`] per partition, [`CLIENT_QUEUE`], and
+    /// [`BROKER_RTT_AVERAGE`] and [`BROKER_RTT_P99`] per broker (what
+    /// [`TracedConsumer`] uses).
+    pub fn metered(instrumenter: &Instrumenter) -> Self {
+        Self {
+            gauges: Some(StatsGauges::new(instrumenter)),
+            ..Self::default()
+        }
+    }
+
     /// Records behind the partition's high watermark after `record`, from the
     /// latest statistics; `None` before the first statistics arrived.
     pub fn lag<M: rdkafka::message::Message>(&self, record: &M) -> Option<i64> {
@@ -75,6 +181,9 @@ impl StatsContext {
 
 impl ClientContext for StatsContext {
     fn stats(&self, statistics: Statistics) {
+        if let Some(gauges) = &self.gauges {
+            gauges.record(&statistics);
+        }
         let Ok(mut high) = self.high.lock() else {
             return;
         };
@@ -263,7 +372,7 @@ impl TracedConsumer {
             config.set("statistics.interval.ms", "1000");
         }
         let consumer: StreamConsumer<StatsContext> =
-            config.create_with_context(StatsContext::default())?;
+            config.create_with_context(StatsContext::metered(&instrumenter))?;
         consumer.subscribe(topics)?;
         Ok(Self {
             consumer,

@@ -108,7 +108,10 @@ mod process;
 mod producer;
 
 pub use carrier::{HeadersExtractor, OwnedHeadersInjector};
-pub use consumer::{ConsumeError, Record, StatsContext, TracedConsumer};
+pub use consumer::{
+    ConsumeError, Record, StatsContext, TracedConsumer, BROKER, BROKER_RTT_AVERAGE, BROKER_RTT_P99,
+    CLIENT_QUEUE, FETCH_QUEUE,
+};
 pub use describe::{error_type, Server};
 pub use ext::{FutureProducerExt, FutureRecordExt, MessageExt};
 pub use mqtrace::settle::ConsumerStats;

@@ -320,3 +320,87 @@ fn the_consumer_loop_is_send() {
             .await
     });
 }
+
+/// Asked for, the consumer reads the queue's depth beside its receives: three
+/// messages waiting show as visible or in flight (SQS's approximate counts), none
+/// delayed; once all are deleted, none at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_depth_is_a_gauge_when_asked() {
+    let h = Harness::start().await;
+    let url = h.queue("depth", &[]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    let producer = TracedSqs::new(h.client.clone(), instrumenter.clone());
+    for i in 0..3 {
+        producer
+            .send(
+                h.client
+                    .send_message()
+                    .queue_url(&url)
+                    .message_body(format!("{i}")),
+            )
+            .await
+            .unwrap();
+    }
+    let seen = Arc::new(AtomicUsize::new(0));
+    let handled = Arc::clone(&seen);
+    let first_reading = Arc::new(tokio::sync::Mutex::new(String::new()));
+    let reading = Arc::clone(&first_reading);
+    let h = &h;
+    within(
+        60,
+        TracedConsumer::new(h.client.clone(), &url, &instrumenter)
+            .wait_time_seconds(1)
+            .queue_depth_every(std::time::Duration::from_millis(200))
+            .run_until(
+                move |_| {
+                    let (seen, reading) = (Arc::clone(&handled), Arc::clone(&reading));
+                    async move {
+                        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                            // The first reading, taken as the consumer started,
+                            // before anything was deleted.
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            *reading.lock().await =
+                                h.metrics(&[mqtrace_aws_sqs::QUEUE_MESSAGES], &[]).await;
+                        }
+                        HandlerResult::Ok(())
+                    }
+                },
+                async {
+                    when_count(&seen, 3).await;
+                    // Long enough for a reading after the last delete.
+                    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+                },
+            ),
+    )
+    .await
+    .unwrap();
+    let value = |rendered: &str, state: &str| -> i64 {
+        let line = rendered
+            .lines()
+            .find(|l| l.contains(&format!(r#"mqtrace.aws_sqs.queue.state="{state}""#)))
+            .unwrap_or_else(|| panic!("{state} missing:\n{rendered}"));
+        assert!(
+            line.starts_with("mqtrace.aws_sqs.queue.messages [{message}] Gauge value=")
+                && line.contains(r#"messaging.destination.name="depth-RUN""#)
+                && line.contains(r#"messaging.system.name="aws.sqs""#),
+            "{line}"
+        );
+        line.split("value=")
+            .nth(1)
+            .and_then(|v| v.split(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let first = first_reading.lock().await.clone();
+    assert_eq!(
+        value(&first, "visible") + value(&first, "in_flight"),
+        3,
+        "{first}"
+    );
+    assert_eq!(value(&first, "delayed"), 0, "{first}");
+    let last = h.metrics(&[mqtrace_aws_sqs::QUEUE_MESSAGES], &[]).await;
+    for state in ["visible", "in_flight", "delayed"] {
+        assert_eq!(value(&last, state), 0, "{last}");
+    }
+}

@@ -237,6 +237,40 @@ async fn consumer_lag_comes_from_the_statistics() {
     .await
     .unwrap();
     assert_lag_of_five(&h.spans(10).await);
+    // librdkafka's statistics as gauges: the partition's fetch queue and the
+    // broker's round-trip times, with their units and attributes.
+    let gauges = h
+        .metrics(
+            &[
+                mqtrace_rdkafka::FETCH_QUEUE,
+                mqtrace_rdkafka::BROKER_RTT_AVERAGE,
+                mqtrace_rdkafka::BROKER_RTT_P99,
+            ],
+            &[mqtrace_rdkafka::BROKER],
+        )
+        .await;
+    let lines: Vec<&str> = gauges.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("mqtrace.kafka.partition.fetch_queue.messages [{message}] Gauge value=")
+            && l.ends_with(r#"messaging.destination.name="lag-RUN" messaging.destination.partition.id="0" messaging.system.name="kafka""#)),
+        "{gauges}"
+    );
+    for name in [
+        "mqtrace.kafka.broker.rtt.average",
+        "mqtrace.kafka.broker.rtt.p99",
+    ] {
+        let rtt = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{name} [s] Gauge value=")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{gauges}"));
+        let value: f64 = rtt
+            .split("value=")
+            .nth(1)
+            .and_then(|v| v.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        assert!(value > 0.0 && value < 5.0, "{rtt}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
