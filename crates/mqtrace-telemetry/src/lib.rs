@@ -329,13 +329,21 @@ impl TelemetryBuilder {
             Some(p) => p,
             None => Protocol::from_env()?,
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
+        let metrics_on = match self.metrics {
+            Some(on) => on,
+            None => metrics_from_env()?,
+        };
+        // Shut down without waiting if the set-up fails below: dropping a runtime
+        // would panic on an async thread.
+        let built = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("mqtrace-otlp")
             .enable_all()
             .build()?;
+        let handle = built.handle().clone();
+        let mut runtime = ExportRuntime(Some(built));
         let exporter = {
-            let _entered = runtime.enter();
+            let _entered = handle.enter();
             build_exporter(protocol, self.endpoint.as_deref(), self.export_timeout)?
         };
         let counters = Arc::new(Counters::default());
@@ -352,7 +360,7 @@ impl TelemetryBuilder {
             counters: counters.clone(),
         };
         let mirror = if self.mirror_env && env_endpoint_set() {
-            let _entered = runtime.enter();
+            let _entered = handle.enter();
             Some(build_exporter(
                 Protocol::from_env()?,
                 None,
@@ -372,14 +380,10 @@ impl TelemetryBuilder {
             provider = provider.with_sampler(sampler);
         }
         let provider = provider.build();
-        let metrics_on = match self.metrics {
-            Some(on) => on,
-            None => metrics_from_env()?,
-        };
         let mut meters = SdkMeterProvider::builder().with_resource(service);
         if metrics_on {
             let exporter = {
-                let _entered = runtime.enter();
+                let _entered = handle.enter();
                 build_metric_exporter(protocol, self.endpoint.as_deref(), self.export_timeout)?
             };
             let mut reader = PeriodicReader::builder(exporter);
@@ -402,11 +406,22 @@ impl TelemetryBuilder {
         Ok(TelemetryGuard {
             provider: Some(provider),
             meters: Some(meters),
-            runtime: Some(runtime),
+            runtime: runtime.0.take(),
             counters,
             shutdown_timeout: self.shutdown_timeout,
             quiet: self.quiet,
         })
+    }
+}
+
+/// The exporter's runtime while the set-up may still fail.
+struct ExportRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for ExportRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

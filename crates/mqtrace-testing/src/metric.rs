@@ -57,6 +57,8 @@ pub struct RecordedMetric {
     pub attributes: BTreeMap<String, AttrValue>,
     /// The value.
     pub value: MetricValue,
+    /// Whether the exporter sent deltas (else cumulative points, or a gauge).
+    pub delta: bool,
 }
 
 impl RecordedMetric {
@@ -190,6 +192,7 @@ impl MetricStore {
                                 kind,
                                 attributes,
                                 value,
+                                delta,
                             },
                         );
                     }

@@ -38,6 +38,7 @@ fn metric(name: &str) -> RecordedMetric {
         kind: MetricKind::Histogram,
         attributes: BTreeMap::new(),
         value: MetricValue::Number(0.0),
+        delta: false,
     }
 }
 
