@@ -1,6 +1,8 @@
 //! Cost of mqtrace's span recipes (send with inject; process with extract, handler
 //! and finish), with an always-on sampler and with sampling off. Spans go to a
-//! processor that discards them, so export cost is not in the figures.
+//! processor that discards them, so export cost is not in the figures. The
+//! `metrics` group times process + settle with the messaging metrics off, into the
+//! no-op meter provider, and into an SDK meter provider.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -82,5 +84,56 @@ fn recipes(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, recipes);
+fn metrics(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metrics");
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(Discard)
+        .build();
+    let meters = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_reader(
+            opentelemetry_sdk::metrics::PeriodicReader::builder(
+                opentelemetry_sdk::metrics::InMemoryMetricExporter::default(),
+            )
+            .with_interval(std::time::Duration::from_secs(3600))
+            .build(),
+        )
+        .build();
+    let send =
+        MessageDescription::new(MessagingSystem::Kafka, OperationType::Send).destination("orders");
+    let base = || {
+        Instrumenter::builder()
+            .tracer_provider(&provider)
+            .conventions(Conventions::V1_45)
+    };
+    for (mode, instrumenter) in [
+        ("off", base().metrics(false).build()),
+        ("noop_provider", base().build()),
+        ("sdk_provider", base().meter_provider(&meters).build()),
+    ] {
+        let mut headers = Headers::new();
+        let span = instrumenter.start_send(&send, None);
+        instrumenter.inject(&span, &mut HeaderInjector(&mut headers));
+        span.end();
+        let incoming = Incoming {
+            headers,
+            body: vec![b'x'; 100],
+        };
+        group.bench_function(format!("process+settle/{mode}"), |b| {
+            b.iter(|| {
+                let processed = instrumenter
+                    .process(black_box(&incoming), async { Ok(()) })
+                    .now_or_never()
+                    .expect("ready");
+                instrumenter
+                    .settle(processed, FreeSettle)
+                    .now_or_never()
+                    .expect("ready")
+                    .is_done()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, recipes, metrics);
 criterion_main!(benches);

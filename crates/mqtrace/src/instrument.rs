@@ -242,9 +242,15 @@ impl MessagingSpan {
     }
 
     /// Ends the span now (and records its measurement).
-    pub fn end(mut self) {
+    pub fn end(self) {
+        self.end_measured_at(None);
+    }
+
+    /// Ends the span, its measurement taken as ending at `now` when given (a clock
+    /// reading the caller already has).
+    pub(crate) fn end_measured_at(mut self, now: Option<Instant>) {
         if let Some(measure) = self.measure.take() {
-            measure.record();
+            measure.record_at(now.unwrap_or_else(Instant::now));
         }
         self.cx.span().end();
     }
@@ -313,12 +319,17 @@ impl Processed {
 
     /// Records the disposition on the span and ends it. Returns the handler's result.
     pub fn finish(self, disposition: Disposition) -> HandlerResult {
+        self.finish_at(disposition, None)
+    }
+
+    /// [`Processed::finish`], the process measurement ending at `now` when given.
+    pub(crate) fn finish_at(self, disposition: Disposition, now: Option<Instant>) -> HandlerResult {
         self.span
             .set_attribute(KeyValue::new(attr::DISPOSITION, disposition.as_str()));
         if let Some(m) = &self.span.measure {
             m.metrics.disposition(&m.stream, disposition);
         }
-        self.span.end();
+        self.span.end_measured_at(now);
         self.outcome
     }
 }
@@ -961,6 +972,13 @@ impl Instrumenter {
         attempt: u32,
     ) -> (MessagingSpan, MessageDescription) {
         let d = message.description();
+        // One reading for the attribute and the metric.
+        let waited = message.broker_timestamp().map(|sent| {
+            SystemTime::now()
+                .duration_since(sent)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0)
+        });
         let span = self.start(
             &d,
             SpanKind::Consumer,
@@ -969,11 +987,7 @@ impl Instrumenter {
             Some(message.body()),
             |attributes| {
                 attributes.push(KeyValue::new(attr::ATTEMPT, i64::from(attempt)));
-                if let Some(sent) = message.broker_timestamp() {
-                    let waited = SystemTime::now()
-                        .duration_since(sent)
-                        .map(|d| d.as_secs_f64())
-                        .unwrap_or(0.0);
+                if let Some(waited) = waited {
                     attributes.push(KeyValue::new(attr::QUEUE_TIME, waited));
                 }
                 for name in &self.inner.capture_headers {
@@ -988,12 +1002,6 @@ impl Instrumenter {
             Some(Measured::Process),
         );
         if let Some(stream) = span.stream() {
-            let waited = message.broker_timestamp().map(|sent| {
-                SystemTime::now()
-                    .duration_since(sent)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0)
-            });
             self.inner.metrics.consumed(stream, waited);
         }
         (span, d)

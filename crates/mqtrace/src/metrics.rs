@@ -498,7 +498,12 @@ pub(crate) struct Measure {
 
 impl Measure {
     pub(crate) fn record(self) {
-        let seconds = self.started.elapsed().as_secs_f64();
+        self.record_at(Instant::now());
+    }
+
+    /// Records the measurement as ending at `now`.
+    pub(crate) fn record_at(self, now: Instant) {
+        let seconds = now.saturating_duration_since(self.started).as_secs_f64();
         self.metrics.record(
             self.what,
             seconds,

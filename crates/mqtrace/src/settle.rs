@@ -437,6 +437,8 @@ impl Instrumenter {
             disposition = Disposition::Retry;
         }
         let mut settle_failed = false;
+        // The settle call's end is the process span's too: one clock reading.
+        let mut ended = None;
         if settlement != Settlement::Leave {
             let name = settler.settle_name(settlement);
             let span = match name {
@@ -448,9 +450,15 @@ impl Instrumenter {
                 }
                 _ => None,
             };
-            let started = std::time::Instant::now();
+            // Timed only when measured (metrics on).
+            let timed = processed.span().stream().is_some();
+            let started = timed.then(std::time::Instant::now);
             let result = settler.settle(settlement).await;
-            let seconds = started.elapsed().as_secs_f64();
+            ended = started.map(|_| std::time::Instant::now());
+            let seconds = match (started, ended) {
+                (Some(s), Some(e)) => e.saturating_duration_since(s).as_secs_f64(),
+                _ => 0.0,
+            };
             let error_type = result.as_ref().err().map(|e| S::error_type(e));
             if let Err(error) = &result {
                 settle_failed = true;
@@ -467,7 +475,7 @@ impl Instrumenter {
                 span.end();
             }
         }
-        let _ = processed.finish(disposition);
+        let _ = processed.finish_at(disposition, ended);
         Settled {
             disposition,
             settlement,
