@@ -281,7 +281,7 @@ impl TracedConsumer {
     }
 
     /// The size limit of the dead-letter queue (default
-    /// [`DEFAULT_MAX_MESSAGE_BYTES`]): failure metadata and trace context are added
+    /// [`crate::DEFAULT_MAX_MESSAGE_BYTES`]): failure metadata and trace context are added
     /// to a dead-letter copy only as far as they fit within it.
     pub fn max_message_bytes(mut self, bytes: usize) -> Self {
         self.tracer = self.tracer.max_message_bytes(bytes);

@@ -3,7 +3,7 @@
 //!
 //! | conventions | `exception` span event | `messaging.{operation}.exception` log record |
 //! |---|---|---|
-//! | [`Conventions::Legacy`](crate::Conventions::Legacy) | yes | no |
+//! | [`Conventions::Legacy`] | yes | no |
 //! | v1.45, v1.44 | no (deprecated) | yes, when a logger provider is given |
 //! | dup | yes | yes, when a logger provider is given |
 //!

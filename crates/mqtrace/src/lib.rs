@@ -35,8 +35,15 @@
 //! (seconds, from the broker's timestamp), `mqtrace.message.disposition`
 //! (`settled`/`retried`/`dead_lettered`/`dropped`), `mqtrace.error.retryable`,
 //! `mqtrace.batch.succeeded_count` / `failed_count`, and captured headers as
-//! `messaging.header.<name>`. A failure sets status Error, `error.type`, and an
-//! `exception` event.
+//! `messaging.header.<name>`. A failure sets status Error and `error.type`; the
+//! exception goes to a log record or a span event as the conventions say
+//! ([`exceptions`]).
+//!
+//! # Metrics
+//!
+//! The messaging metrics of the conventions, and mqtrace's queue time and
+//! dispositions, are recorded once in the lifecycle ([`metrics`]), to
+//! [`InstrumenterBuilder::meter_provider`] or the global provider.
 //!
 //! # Customisation
 //!
@@ -44,6 +51,9 @@
 //!   (`OTEL_SEMCONV_STABILITY_OPT_IN=messaging/dup`, or
 //!   `MQTRACE_MESSAGING_CONVENTIONS=v1.45|v1.44|legacy|dup`).
 //! - [`InstrumenterBuilder::body_size`]: the opt-in `messaging.message.body.size`.
+//! - [`InstrumenterBuilder::meter_provider`], [`InstrumenterBuilder::metrics`]: where
+//!   the metrics go, or none; [`InstrumenterBuilder::logger_provider`]: exception log
+//!   records.
 //! - [`ProcessParenting`]: producer as parent and link (default), link only, parent only.
 //! - [`Propagation`]: W3C trace context and baggage (default), AWS X-Ray, underscore
 //!   keys, any order; extraction takes the first valid format.

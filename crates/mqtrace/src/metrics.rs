@@ -13,7 +13,7 @@
 //! destination name (left out for temporary and anonymous destinations, whose
 //! names are unique) or template, the partition, the consumer group,
 //! `server.address` and `server.port`, and `error.type` on failures, named by the
-//! [`Conventions`](crate::Conventions) in force; under `Dup` both metric sets are
+//! [`Conventions`] in force; under `Dup` both metric sets are
 //! recorded. Both duration histograms use the conventions' bucket advice. Consumed
 //! messages are counted when processing starts rather than at a receive span, so
 //! each delivery is counted once whichever of the two an adapter instruments.
