@@ -56,7 +56,9 @@ pub(crate) struct Stream {
     base: Arc<[KeyValue]>,
     /// By [`Disposition`] (settled, retried, dead-lettered, dropped).
     dispositions: [OnceLock<Arc<[KeyValue]>>; 4],
-    /// The settle calls of a process stream, by name.
+    /// The first settle call's stream (the one a consumer uses for nearly
+    /// every message), then the others by name.
+    first_settle: OnceLock<(&'static str, Arc<Stream>)>,
     settles: Mutex<Vec<(&'static str, Arc<Stream>)>>,
     /// By `error.type`.
     errors: Mutex<Vec<(Box<str>, Set)>>,
@@ -70,6 +72,7 @@ impl Stream {
         Self {
             base,
             dispositions: Default::default(),
+            first_settle: OnceLock::new(),
             settles: Mutex::new(Vec::new()),
             errors: Mutex::new(Vec::new()),
         }
@@ -117,10 +120,22 @@ impl Stream {
     /// The stream of a settle call named `name` on this (process) stream: the
     /// operation renamed, without v1.24's operation attribute (it had no settle).
     fn settle(&self, name: &'static str) -> Arc<Stream> {
+        let (first, stream) = self
+            .first_settle
+            .get_or_init(|| (name, Arc::new(self.settle_stream(name))));
+        if *first == name {
+            return Arc::clone(stream);
+        }
         let mut settles = self.settles.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((_, stream)) = settles.iter().find(|(n, _)| *n == name) {
             return Arc::clone(stream);
         }
+        let stream = Arc::new(self.settle_stream(name));
+        settles.push((name, Arc::clone(&stream)));
+        stream
+    }
+
+    fn settle_stream(&self, name: &'static str) -> Stream {
         let base: Arc<[KeyValue]> = self
             .base
             .iter()
@@ -135,9 +150,7 @@ impl Stream {
                 _ => kv.clone(),
             })
             .collect();
-        let stream = Arc::new(Stream::new(base));
-        settles.push((name, Arc::clone(&stream)));
-        stream
+        Stream::new(base)
     }
 
     #[cfg(test)]
@@ -179,6 +192,12 @@ impl Hasher for StreamHasher {
 }
 
 type Streams = HashMap<u64, Vec<(StreamKey, Arc<Stream>)>, BuildHasherDefault<StreamHasher>>;
+
+thread_local! {
+    /// The stream this thread used last, with its instrumenter's id and key.
+    static LAST_STREAM: std::cell::RefCell<Option<(u64, StreamKey, Arc<Stream>)>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 /// The fields of a description that metric attributes come from.
 #[derive(Debug, PartialEq, Eq)]
@@ -324,6 +343,8 @@ pub(crate) enum MeterSource {
 
 /// The metrics of one instrumenter: instruments and cached attribute sets.
 pub(crate) struct Metrics {
+    /// Tells this instrumenter's entry in the per-thread cache from others'.
+    id: u64,
     source: MeterSource,
     conventions: Conventions,
     meters: OnceLock<Meters>,
@@ -344,7 +365,9 @@ pub(crate) enum Measured {
 
 impl Metrics {
     pub(crate) fn new(source: MeterSource, conventions: Conventions) -> Self {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             source,
             conventions,
             meters: OnceLock::new(),
@@ -383,6 +406,25 @@ impl Metrics {
     /// that metric attributes come from, built from the conventions' attributes
     /// the first time.
     pub(crate) fn stream(&self, d: &MessageDescription) -> Arc<Stream> {
+        // A consumer's loop asks for the same stream message after message: the
+        // thread's last one first, without hashing or locking.
+        let last = LAST_STREAM.with(|last| {
+            last.borrow()
+                .as_ref()
+                .filter(|(id, key, _)| *id == self.id && key.matches(d))
+                .map(|(_, _, stream)| Arc::clone(stream))
+        });
+        if let Some(stream) = last {
+            return stream;
+        }
+        let stream = self.lookup(d);
+        LAST_STREAM.with(|last| {
+            *last.borrow_mut() = Some((self.id, StreamKey::of(d), Arc::clone(&stream)));
+        });
+        stream
+    }
+
+    fn lookup(&self, d: &MessageDescription) -> Arc<Stream> {
         let mut hasher = StreamHasher::default();
         StreamKey::hash_of(d, &mut hasher);
         let hash = hasher.finish();
