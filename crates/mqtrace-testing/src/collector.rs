@@ -169,6 +169,25 @@ impl Collector {
             .clear();
     }
 
+    /// [`Collector::flushed_metrics`] for a test whose names carry a run's suffix:
+    /// `run` shown as `RUN`, and the lines sorted after that (the suffix would
+    /// otherwise decide their order).
+    pub async fn flushed_metrics_of_run(
+        &self,
+        provider: &opentelemetry_sdk::metrics::SdkMeterProvider,
+        names: &[&str],
+        hide: &[&str],
+        run: &str,
+    ) -> String {
+        let rendered = self
+            .flushed_metrics(provider, names, hide)
+            .await
+            .replace(run, "RUN");
+        let mut lines: Vec<&str> = rendered.lines().collect();
+        lines.sort_unstable();
+        lines.iter().map(|l| format!("{l}\n")).collect()
+    }
+
     /// Flushes `provider` and returns the streams of the metrics named `names`
     /// (all when empty), rendered one per line (see [`RecordedMetric::render`]),
     /// attributes in `hide` left out.

@@ -89,15 +89,7 @@ fn metrics(c: &mut Criterion) {
     let provider = SdkTracerProvider::builder()
         .with_span_processor(Discard)
         .build();
-    let meters = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-        .with_reader(
-            opentelemetry_sdk::metrics::PeriodicReader::builder(
-                opentelemetry_sdk::metrics::InMemoryMetricExporter::default(),
-            )
-            .with_interval(std::time::Duration::from_secs(3600))
-            .build(),
-        )
-        .build();
+    let meters = common::idle_meters();
     let send =
         MessageDescription::new(MessagingSystem::Kafka, OperationType::Send).destination("orders");
     let base = || {

@@ -44,15 +44,7 @@ fn main() {
         .with_sampler(sampler)
         .with_span_processor(Discard)
         .build();
-    let meters = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-        .with_reader(
-            opentelemetry_sdk::metrics::PeriodicReader::builder(
-                opentelemetry_sdk::metrics::InMemoryMetricExporter::default(),
-            )
-            .with_interval(std::time::Duration::from_secs(3600))
-            .build(),
-        )
-        .build();
+    let meters = common::idle_meters();
     let mut builder = Instrumenter::builder().tracer_provider(&provider);
     match std::env::var("METRICS").as_deref() {
         Ok("off") => builder = builder.metrics(false),

@@ -53,6 +53,8 @@ const MAX_ERROR_TYPES: usize = 64;
 
 /// One metric stream's attribute set, with the sets derived from it.
 pub(crate) struct Stream {
+    /// What the stream was looked up by (`None` for derived streams).
+    key: Option<StreamKey>,
     base: Arc<[KeyValue]>,
     /// By [`Disposition`] (settled, retried, dead-lettered, dropped).
     dispositions: [OnceLock<Arc<[KeyValue]>>; 4],
@@ -68,8 +70,9 @@ pub(crate) struct Stream {
 type Set = Arc<[KeyValue]>;
 
 impl Stream {
-    fn new(base: Arc<[KeyValue]>) -> Self {
+    fn new(key: Option<StreamKey>, base: Arc<[KeyValue]>) -> Self {
         Self {
+            key,
             base,
             dispositions: Default::default(),
             first_settle: OnceLock::new(),
@@ -150,7 +153,11 @@ impl Stream {
                 _ => kv.clone(),
             })
             .collect();
-        Stream::new(base)
+        Stream::new(None, base)
+    }
+
+    fn matches(&self, d: &MessageDescription) -> bool {
+        self.key.as_ref().is_some_and(|k| k.matches(d))
     }
 
     #[cfg(test)]
@@ -191,11 +198,11 @@ impl Hasher for StreamHasher {
     }
 }
 
-type Streams = HashMap<u64, Vec<(StreamKey, Arc<Stream>)>, BuildHasherDefault<StreamHasher>>;
+type Streams = HashMap<u64, Vec<Arc<Stream>>, BuildHasherDefault<StreamHasher>>;
 
 thread_local! {
     /// The stream this thread used last, with its instrumenter's id and key.
-    static LAST_STREAM: std::cell::RefCell<Option<(u64, StreamKey, Arc<Stream>)>> =
+    static LAST_STREAM: std::cell::RefCell<Option<(u64, Arc<Stream>)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -411,15 +418,15 @@ impl Metrics {
         let last = LAST_STREAM.with(|last| {
             last.borrow()
                 .as_ref()
-                .filter(|(id, key, _)| *id == self.id && key.matches(d))
-                .map(|(_, _, stream)| Arc::clone(stream))
+                .filter(|(id, stream)| *id == self.id && stream.matches(d))
+                .map(|(_, stream)| Arc::clone(stream))
         });
         if let Some(stream) = last {
             return stream;
         }
         let stream = self.lookup(d);
         LAST_STREAM.with(|last| {
-            *last.borrow_mut() = Some((self.id, StreamKey::of(d), Arc::clone(&stream)));
+            *last.borrow_mut() = Some((self.id, Arc::clone(&stream)));
         });
         stream
     }
@@ -429,9 +436,9 @@ impl Metrics {
         StreamKey::hash_of(d, &mut hasher);
         let hash = hasher.finish();
         if let Ok(streams) = self.streams.read() {
-            if let Some((_, found)) = streams
+            if let Some(found) = streams
                 .get(&hash)
-                .and_then(|bucket| bucket.iter().find(|(key, _)| key.matches(d)))
+                .and_then(|bucket| bucket.iter().find(|s| s.matches(d)))
             {
                 return Arc::clone(found);
             }
@@ -444,15 +451,15 @@ impl Metrics {
             .filter(|kv| is_metric_attribute(kv.key.as_str()))
             .filter(|kv| !(unique && kv.key.as_str() == attr::MESSAGING_DESTINATION_NAME))
             .collect();
-        let stream = Arc::new(Stream::new(base));
+        let stream = Arc::new(Stream::new(Some(StreamKey::of(d)), base));
         use std::sync::atomic::Ordering;
         if self.cached.load(Ordering::Relaxed) < MAX_CACHED_SETS {
             if let Ok(mut streams) = self.streams.write() {
                 let bucket = streams.entry(hash).or_default();
-                match bucket.iter().find(|(key, _)| key.matches(d)) {
-                    Some((_, raced)) => return Arc::clone(raced),
+                match bucket.iter().find(|s| s.matches(d)) {
+                    Some(raced) => return Arc::clone(raced),
                     None => {
-                        bucket.push((StreamKey::of(d), Arc::clone(&stream)));
+                        bucket.push(Arc::clone(&stream));
                         self.cached.fetch_add(1, Ordering::Relaxed);
                     }
                 }

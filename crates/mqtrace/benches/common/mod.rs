@@ -1,5 +1,6 @@
 //! Pieces the benchmarks and the callgrind driver (`examples/lifecycle_cost.rs`)
-//! share: a processor that drops spans, a Kafka-like message, a free settlement.
+//! share: a processor that drops spans, a meter provider that never exports
+//! during a run, a Kafka-like message, a free settlement.
 
 use std::hint::black_box;
 
@@ -26,6 +27,20 @@ impl SpanProcessor for Discard {
     fn shutdown_with_timeout(&self, _: std::time::Duration) -> OTelSdkResult {
         Ok(())
     }
+}
+
+/// An SDK meter provider whose reader would export once an hour: measurements
+/// are aggregated as in a service, none leaves during a run.
+pub(crate) fn idle_meters() -> opentelemetry_sdk::metrics::SdkMeterProvider {
+    opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_reader(
+            opentelemetry_sdk::metrics::PeriodicReader::builder(
+                opentelemetry_sdk::metrics::InMemoryMetricExporter::default(),
+            )
+            .with_interval(std::time::Duration::from_secs(3600))
+            .build(),
+        )
+        .build()
 }
 
 /// A consumed Kafka-like record: partition, offset, group, headers and body.

@@ -82,15 +82,9 @@ impl Harness {
     /// suffix shown as `RUN`.
     pub async fn metrics(&self, names: &[&str], hide: &[&str]) -> String {
         let provider = self.guard.meter_provider().expect("telemetry enabled");
-        let rendered = self
-            .collector
-            .flushed_metrics(provider, names, hide)
+        self.collector
+            .flushed_metrics_of_run(provider, names, hide, &self.run)
             .await
-            .replace(&self.run, "RUN");
-        // In order once the run's suffix is gone, which sorted the names before.
-        let mut lines: Vec<&str> = rendered.lines().collect();
-        lines.sort_unstable();
-        lines.iter().map(|l| format!("{l}\n")).collect()
     }
 
     pub fn config(&self) -> ClientConfig {
