@@ -19,6 +19,20 @@ mod common;
 
 use common::{Discard, FreeSettle, Incoming};
 
+/// One message processed by an empty handler and ended through the core's
+/// lifecycle (decide, settle, record).
+fn process_and_settle(instrumenter: &Instrumenter, incoming: &Incoming) -> bool {
+    let processed = instrumenter
+        .process(incoming, async { Ok(()) })
+        .now_or_never()
+        .expect("ready");
+    instrumenter
+        .settle(processed, FreeSettle)
+        .now_or_never()
+        .expect("ready")
+        .is_done()
+}
+
 fn recipes(c: &mut Criterion) {
     let mut group = c.benchmark_group("spans");
     for (mode, sampler) in [
@@ -68,17 +82,7 @@ fn recipes(c: &mut Criterion) {
         });
         // The same, ended through the core's lifecycle (decide, settle, record).
         group.bench_function(format!("process+settle/{mode}"), |b| {
-            b.iter(|| {
-                let processed = instrumenter
-                    .process(black_box(&incoming), async { Ok(()) })
-                    .now_or_never()
-                    .expect("ready");
-                instrumenter
-                    .settle(processed, FreeSettle)
-                    .now_or_never()
-                    .expect("ready")
-                    .is_done()
-            })
+            b.iter(|| process_and_settle(&instrumenter, black_box(&incoming)))
         });
     }
     group.finish();
@@ -111,17 +115,7 @@ fn metrics(c: &mut Criterion) {
             body: vec![b'x'; 100],
         };
         group.bench_function(format!("process+settle/{mode}"), |b| {
-            b.iter(|| {
-                let processed = instrumenter
-                    .process(black_box(&incoming), async { Ok(()) })
-                    .now_or_never()
-                    .expect("ready");
-                instrumenter
-                    .settle(processed, FreeSettle)
-                    .now_or_never()
-                    .expect("ready")
-                    .is_done()
-            })
+            b.iter(|| process_and_settle(&instrumenter, black_box(&incoming)))
         });
     }
     group.finish();
