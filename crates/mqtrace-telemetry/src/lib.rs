@@ -45,8 +45,7 @@ use std::time::Duration;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{global, Context, KeyValue};
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
-use opentelemetry_sdk::metrics::{MeterProviderBuilder, PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{
     BatchConfig, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData, SpanExporter,
     SpanProcessor,
@@ -169,16 +168,6 @@ pub struct TelemetryBuilder {
     quiet: Vec<&'static str>,
     metrics: Option<bool>,
     metric_interval: Option<Duration>,
-    metric_readers: Vec<AddReader>,
-}
-
-/// Adds a reader of the application's to the meter provider being built.
-struct AddReader(Box<dyn FnOnce(MeterProviderBuilder) -> MeterProviderBuilder + Send>);
-
-impl fmt::Debug for AddReader {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AddReader")
-    }
 }
 
 impl Default for TelemetryBuilder {
@@ -198,7 +187,6 @@ impl Default for TelemetryBuilder {
             quiet: Vec::new(),
             metrics: None,
             metric_interval: None,
-            metric_readers: Vec::new(),
         }
     }
 }
@@ -303,23 +291,6 @@ impl TelemetryBuilder {
         self
     }
 
-    /// Another metric exporter, read on the same interval and at every flush:
-    /// what the demo uses for its summary.
-    pub fn metric_exporter<E>(mut self, exporter: E) -> Self
-    where
-        E: PushMetricExporter + 'static,
-    {
-        let mut reader = PeriodicReader::builder(exporter);
-        if let Some(interval) = self.metric_interval {
-            reader = reader.with_interval(interval);
-        }
-        let reader = reader.build();
-        self.metric_readers.push(AddReader(Box::new(move |builder| {
-            builder.with_reader(reader)
-        })));
-        self
-    }
-
     /// Builds the providers, and installs them unless told not to.
     pub fn build(self) -> Result<TelemetryGuard, TelemetryError> {
         if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true")) {
@@ -391,9 +362,6 @@ impl TelemetryBuilder {
                 reader = reader.with_interval(interval);
             }
             meters = meters.with_reader(reader.build());
-        }
-        for add in self.metric_readers {
-            meters = (add.0)(meters);
         }
         let meters = meters.build();
         if self.install_global {

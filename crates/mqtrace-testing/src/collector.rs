@@ -160,15 +160,6 @@ impl Collector {
             .all()
     }
 
-    /// Forgets the metrics received so far.
-    pub fn clear_metrics(&self) {
-        self.store
-            .metrics
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
-    }
-
     /// [`Collector::flushed_metrics`] for a test whose names carry a run's suffix:
     /// `run` shown as `RUN`, and the lines sorted after that (the suffix would
     /// otherwise decide their order).

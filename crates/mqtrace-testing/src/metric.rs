@@ -70,14 +70,6 @@ impl RecordedMetric {
         }
     }
 
-    /// The histogram's count (`None` for sums and gauges).
-    pub fn count(&self) -> Option<u64> {
-        match self.value {
-            MetricValue::Histogram { count, .. } => Some(count),
-            MetricValue::Number(_) => None,
-        }
-    }
-
     /// One line: name, unit, kind, value (histograms: count, and whether the
     /// buckets are the conventions' advice), then the attributes in key order,
     /// leaving out `hide`.
@@ -203,10 +195,6 @@ impl MetricStore {
 
     pub(crate) fn all(&self) -> Vec<RecordedMetric> {
         self.streams.values().cloned().collect()
-    }
-
-    pub(crate) fn clear(&mut self) {
-        self.streams.clear();
     }
 }
 
