@@ -1,6 +1,8 @@
 //! An OTLP trace and metrics receiver in the test process: gRPC and HTTP/protobuf,
-//! on loopback ports chosen by the OS. Spans and metrics arrive over real OTLP,
-//! exactly as a collector would receive them.
+//! on loopback ports chosen by the OS (or the addresses given). Spans and metrics
+//! arrive over real OTLP, exactly as a collector would receive them. `mqtrace view`
+//! and `mqtrace doctor` listen with it too, taking each trace request as it comes
+//! ([`Collector::start_with`]).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -28,7 +30,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use prost::Message as _;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::metric::{MetricStore, RecordedMetric};
 use crate::span::{AttrValue, Kind, RecordedEvent, RecordedLink, RecordedSpan, SpanStatus};
@@ -39,25 +41,87 @@ struct Store {
     requests: Mutex<u64>,
     notify: Notify,
     metrics: Mutex<MetricStore>,
+    /// Keep what arrives (off for a listener that only passes requests on).
+    keep: bool,
+    tap: Option<mpsc::Sender<ExportTraceServiceRequest>>,
 }
 
 impl Store {
-    fn add(&self, request: ExportTraceServiceRequest) {
-        let spans = convert(request);
-        self.spans
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend(spans);
+    async fn add(&self, request: ExportTraceServiceRequest) {
+        if self.keep {
+            let spans = spans_of(&request);
+            self.spans
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(spans);
+        }
         *self.requests.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        if let Some(tap) = &self.tap {
+            // A full tap holds the exporter back (it retries) rather than losing
+            // spans; a closed one has nobody left to tell.
+            let _ = tap.send(request).await;
+        }
         self.notify.notify_waiters();
     }
 
     fn add_metrics(&self, request: ExportMetricsServiceRequest) {
+        if !self.keep {
+            return;
+        }
         self.metrics
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .add(request);
     }
+}
+
+/// Where a [`Collector`] listens and what it does with what arrives.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CollectorConfig {
+    /// The gRPC receiver's address (`127.0.0.1:0`: a port the OS chooses).
+    pub grpc: SocketAddr,
+    /// The HTTP/protobuf receiver's address.
+    pub http: SocketAddr,
+    /// Keep spans and metrics for [`Collector::spans`] and [`Collector::metrics`]
+    /// (on by default; a listener that only uses the tap turns it off so its memory
+    /// stays bounded).
+    pub keep: bool,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            grpc: loopback,
+            http: loopback,
+            keep: true,
+        }
+    }
+}
+
+impl CollectorConfig {
+    /// Listens on these addresses.
+    pub fn listen(mut self, grpc: SocketAddr, http: SocketAddr) -> Self {
+        self.grpc = grpc;
+        self.http = http;
+        self
+    }
+
+    /// Whether spans and metrics are kept.
+    pub fn keep(mut self, keep: bool) -> Self {
+        self.keep = keep;
+        self
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for OTLP {what} on {addr}: {e}"),
+        )
+    })
 }
 
 /// A running in-process collector. Stops when dropped.
@@ -72,9 +136,23 @@ pub struct Collector {
 impl Collector {
     /// Starts both receivers on 127.0.0.1. Needs a tokio runtime.
     pub async fn start() -> std::io::Result<Self> {
-        let store = Arc::new(Store::default());
-        let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let http_listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_with(CollectorConfig::default(), None).await
+    }
+
+    /// Starts both receivers as `config` says. Every trace export request is also
+    /// sent, whole, to `tap` when one is given (a full tap makes the sender wait).
+    /// Needs a tokio runtime.
+    pub async fn start_with(
+        config: CollectorConfig,
+        tap: Option<mpsc::Sender<ExportTraceServiceRequest>>,
+    ) -> std::io::Result<Self> {
+        let store = Arc::new(Store {
+            keep: config.keep,
+            tap,
+            ..Store::default()
+        });
+        let grpc_listener = bind(config.grpc, "gRPC").await?;
+        let http_listener = bind(config.http, "HTTP").await?;
         let grpc = grpc_listener.local_addr()?;
         let http = http_listener.local_addr()?;
 
@@ -285,7 +363,7 @@ impl TraceService for GrpcReceiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.store.add(request.into_inner());
+        self.store.add(request.into_inner()).await;
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
@@ -333,7 +411,7 @@ async fn http_export(req: Request<Incoming>, store: &Store) -> Response<Full<Byt
     }
     match ExportTraceServiceRequest::decode(body) {
         Ok(request) => {
-            store.add(request);
+            store.add(request).await;
             let reply = ExportTraceServiceResponse {
                 partial_success: None,
             }
@@ -374,21 +452,24 @@ pub(crate) fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, AttrValue> {
         .collect()
 }
 
-fn convert(request: ExportTraceServiceRequest) -> Vec<RecordedSpan> {
+/// The spans of one OTLP trace export request (ids in hex, the service from the
+/// resource's `service.name`).
+pub fn spans_of(request: &ExportTraceServiceRequest) -> Vec<RecordedSpan> {
     let mut out = Vec::new();
-    for resource_spans in request.resource_spans {
+    for resource_spans in &request.resource_spans {
         let resource = resource_spans
             .resource
+            .as_ref()
             .map(|r| attributes(&r.attributes))
             .unwrap_or_default();
         let service = match resource.get("service.name") {
             Some(AttrValue::Str(s)) => s.clone(),
             _ => String::new(),
         };
-        for scope_spans in resource_spans.scope_spans {
-            for span in scope_spans.spans {
-                let status = match span.status {
-                    Some(s) if s.code == 2 => SpanStatus::Error(s.message),
+        for scope_spans in &resource_spans.scope_spans {
+            for span in &scope_spans.spans {
+                let status = match &span.status {
+                    Some(s) if s.code == 2 => SpanStatus::Error(s.message.clone()),
                     Some(s) if s.code == 1 => SpanStatus::Ok,
                     _ => SpanStatus::Unset,
                 };
@@ -398,7 +479,7 @@ fn convert(request: ExportTraceServiceRequest) -> Vec<RecordedSpan> {
                     span_id: hex(&span.span_id),
                     parent_span_id: (!span.parent_span_id.is_empty())
                         .then(|| hex(&span.parent_span_id)),
-                    name: span.name,
+                    name: span.name.clone(),
                     kind: Kind::from_otlp(span.kind),
                     start_unix_nano: span.start_time_unix_nano,
                     end_unix_nano: span.end_time_unix_nano,

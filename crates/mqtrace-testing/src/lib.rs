@@ -24,9 +24,10 @@ pub mod semconv;
 mod span;
 mod tree_assert;
 
-pub use collector::Collector;
+pub use collector::{spans_of, Collector, CollectorConfig};
 pub use metric::{MetricKind, MetricValue, RecordedMetric};
 pub use span::{
-    AttrValue, Forest, Kind, RecordedEvent, RecordedLink, RecordedSpan, SpanStatus, TreeOptions,
+    format_micros, AttrValue, Forest, Kind, RecordedEvent, RecordedLink, RecordedSpan, SpanStatus,
+    TreeOptions,
 };
 pub use tree_assert::{assert_tree, unindent};

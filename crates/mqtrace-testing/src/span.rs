@@ -203,6 +203,8 @@ impl TreeOptions {
 #[derive(Debug, Clone)]
 pub struct Forest {
     traces: Vec<Vec<RecordedSpan>>,
+    /// The number each trace is shown with (from 1, in order, unless renumbered).
+    numbers: Vec<usize>,
 }
 
 impl Forest {
@@ -220,11 +222,29 @@ impl Forest {
                 .or_default()
                 .push(span);
         }
-        let traces = order
+        let traces: Vec<Vec<RecordedSpan>> = order
             .into_iter()
             .filter_map(|id| by_trace.remove(&id))
             .collect();
-        Self { traces }
+        let numbers = (1..=traces.len()).collect();
+        Self { traces, numbers }
+    }
+
+    /// Shows each trace with the number `number` gives its trace id (a viewer that
+    /// numbers traces as they arrive keeps its numbers across renderings).
+    pub fn renumber(&mut self, number: impl Fn(&str) -> usize) {
+        self.numbers = self
+            .traces
+            .iter()
+            .map(|spans| spans.first().map_or(0, |s| number(&s.trace_id)))
+            .collect();
+    }
+
+    /// The index of the trace with this id.
+    pub fn position(&self, trace_id: &str) -> Option<usize> {
+        self.traces
+            .iter()
+            .position(|spans| spans.first().is_some_and(|s| s.trace_id == trace_id))
     }
 
     /// The traces, each a list of spans ordered by start time.
@@ -249,7 +269,8 @@ impl Forest {
         };
         let ids: HashMap<&str, &RecordedSpan> =
             spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
-        let mut out = format!("trace #{}\n", index + 1);
+        let number = self.numbers.get(index).copied().unwrap_or(index + 1);
+        let mut out = format!("trace #{number}\n");
         for root in spans.iter().filter(|s| {
             s.parent_span_id
                 .as_deref()
@@ -318,7 +339,8 @@ impl Forest {
                 return if target.trace_id == own_trace {
                     format!("{} (this trace)", target.name)
                 } else {
-                    format!("{} (trace #{})", target.name, i + 1)
+                    let number = self.numbers.get(i).copied().unwrap_or(i + 1);
+                    format!("{} (trace #{number})", target.name)
                 };
             }
         }
@@ -344,7 +366,8 @@ fn write_attributes(
     }
 }
 
-fn format_micros(micros: u64) -> String {
+/// A duration in µs, ms or s, as the trees show it.
+pub fn format_micros(micros: u64) -> String {
     if micros >= 1_000_000 {
         format!("{:.2}s", micros as f64 / 1e6)
     } else if micros >= 1_000 {
