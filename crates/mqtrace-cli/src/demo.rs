@@ -13,7 +13,8 @@ use mqtrace::embedded::{
 use mqtrace::{Disposition, HandlerError, HandlerResult, Instrumenter, Retryable};
 use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::{
-    Collector, Forest, Kind, MetricValue, RecordedMetric, RecordedSpan, TreeOptions,
+    Collector, CollectorConfig, Forest, Kind, MetricValue, RecordedMetric, RecordedSpan,
+    TreeOptions,
 };
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,10 @@ pub(crate) struct DemoArgs {
     /// Leave durations out of the printed trees (for comparing runs).
     #[arg(long)]
     no_timings: bool,
+    /// Also write every span to FILE as OTLP JSON lines, for `mqtrace view --load`
+    /// and `mqtrace doctor`.
+    #[arg(long, value_name = "FILE")]
+    save: Option<std::path::PathBuf>,
 }
 
 impl From<mqtrace_rdkafka::ConsumeError> for DemoError {
@@ -102,6 +107,8 @@ pub(crate) enum DemoError {
     Embedded(#[from] mqtrace::embedded::BrokerError),
     #[error("flush task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Capture(#[from] crate::capture::CaptureError),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -131,6 +138,8 @@ fn service(name: &str, collector: &Collector) -> Result<TelemetryGuard, DemoErro
 /// The two services of the demo, exporting to the in-process collector.
 pub(crate) struct Services {
     collector: Collector,
+    /// Writes the capture (`--save`) as trace requests arrive.
+    saving: Option<tokio::task::JoinHandle<Result<(), crate::capture::CaptureError>>>,
     producer: TelemetryGuard,
     worker: TelemetryGuard,
     /// The worker's `tracing` subscriber: handler spans nest under the process span.
@@ -139,8 +148,23 @@ pub(crate) struct Services {
 }
 
 impl Services {
-    async fn start(messages: u64) -> Result<Self, DemoError> {
-        let collector = Collector::start().await?;
+    async fn start(messages: u64, save: Option<&std::path::Path>) -> Result<Self, DemoError> {
+        let (collector, saving) = match save {
+            None => (Collector::start().await?, None),
+            Some(path) => {
+                let mut writer = crate::capture::Writer::create(path)?;
+                let (tap, mut requests) = tokio::sync::mpsc::channel(64);
+                let collector =
+                    Collector::start_with(CollectorConfig::default(), Some(tap)).await?;
+                let saving = tokio::task::spawn_blocking(move || {
+                    while let Some(request) = requests.blocking_recv() {
+                        writer.write(&request)?;
+                    }
+                    Ok(())
+                });
+                (collector, Some(saving))
+            }
+        };
         let producer = service("order-producer", &collector)?;
         let worker = service("order-worker", &collector)?;
         let dispatch =
@@ -152,6 +176,7 @@ impl Services {
         );
         Ok(Self {
             collector,
+            saving,
             producer,
             worker,
             dispatch,
@@ -213,6 +238,11 @@ impl Services {
             stats,
             dead,
         );
+        // Stopping the collector ends the tap, and so the capture.
+        drop(self.collector);
+        if let Some(saving) = self.saving {
+            saving.await??;
+        }
         Ok(())
     }
 }
@@ -297,7 +327,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), DemoError> {
     if !(0.0..=1.0).contains(&args.fail_rate) {
         return Err(DemoError::FailRate(args.fail_rate));
     }
-    let services = Services::start(args.messages).await?;
+    let services = Services::start(args.messages, args.save.as_deref()).await?;
     let (stats, dead) = if args.broker == "embedded" || args.broker.starts_with("embedded:") {
         run_embedded(&args, &services).await?
     } else if args.broker.starts_with("amqp://") || args.broker.starts_with("amqps://") {

@@ -3,11 +3,86 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use mqtrace_testing::{AttrValue, RecordedSpan};
+use clap::Args;
+use mqtrace_testing::{spans_of, AttrValue, RecordedSpan};
 
 use crate::journey::{destination, disposition, journeys, Index, Role, Via, RELATIONSHIP};
+use crate::view::{listen, print, stopped, ListenArgs, ViewError};
+
+/// Options of `mqtrace doctor`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  mqtrace demo --save run.jsonl && mqtrace doctor run.jsonl
+  mqtrace doctor collector-output.jsonl --allow link_only_parenting
+  mqtrace doctor --listen-for 2m        judge what services export to 127.0.0.1:4317/4318
+
+Exit status: 0 when nothing is wrong, 1 with findings, 2 when the capture cannot be read.")]
+pub(crate) struct DoctorArgs {
+    /// A capture: OTLP JSON lines, as `mqtrace view --save`, `mqtrace demo --save`
+    /// or the OpenTelemetry Collector's file exporter write them.
+    #[arg(value_name = "CAPTURE", required_unless_present = "listen_for")]
+    capture: Option<PathBuf>,
+    /// Listen for OTLP this long instead (Ctrl-C ends it early), then judge.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION", conflicts_with = "capture")]
+    listen_for: Option<Duration>,
+    #[command(flatten)]
+    listen: ListenArgs,
+    /// Publications this close to the end of the capture are not judged unconsumed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    grace: Duration,
+    /// A failed attempt marked for retry is judged only when the capture goes on
+    /// this long after it.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    retry_window: Duration,
+    /// Do not report this check (repeatable).
+    #[arg(long, value_name = "CHECK")]
+    allow: Vec<Check>,
+}
+
+/// Judges the capture or what arrives, prints the report, returns the number of
+/// findings.
+pub(crate) async fn run(args: DoctorArgs) -> Result<usize, ViewError> {
+    let spans = match &args.capture {
+        Some(path) => crate::capture::load(path)?.spans,
+        None => {
+            let (collector, mut requests) = listen(&args.listen).await?;
+            print(&format!(
+                "mqtrace doctor: listening for OTLP for {}: gRPC {}, HTTP {}/v1/traces\n",
+                humantime::format_duration(args.listen_for.unwrap_or_default()),
+                collector.grpc_endpoint(),
+                collector.http_endpoint()
+            ));
+            let mut spans = Vec::new();
+            let stop = stopped(args.listen_for);
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    request = requests.recv() => match request {
+                        Some(request) => spans.extend(spans_of(&request)),
+                        None => break,
+                    },
+                    () = &mut stop => break,
+                }
+            }
+            drop(collector);
+            while let Ok(request) = requests.try_recv() {
+                spans.extend(spans_of(&request));
+            }
+            spans
+        }
+    };
+    let options = Options {
+        grace: args.grace,
+        retry_window: args.retry_window,
+        allow: args.allow,
+    };
+    let findings = diagnose(&spans, &options);
+    print(&report(&spans, &findings));
+    Ok(findings.len())
+}
 
 /// The checks, in the order they are reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]

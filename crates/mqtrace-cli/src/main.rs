@@ -4,6 +4,13 @@
 //! handler makes child spans, transient failures that are retried, bad orders that
 //! end in the dead-letter queue) on the embedded broker or a real RabbitMQ, Kafka or SQS, collects the spans over real
 //! OTLP in-process, and prints them as trees with a summary.
+//!
+//! `mqtrace view` receives OTLP from any service and prints traces as they
+//! complete and the message journeys through them (sends, attempts, retry and
+//! dead-letter forwards, across traces), with `--save`/`--load` of OTLP JSON lines
+//! and a `--web` page. `mqtrace doctor` reads a capture (or listens for a while)
+//! and reports broken propagation with its likely cause and fix; it exits 1 when
+//! it finds any.
 #![forbid(unsafe_code)]
 // A command-line tool reports its errors on stderr.
 #![allow(clippy::print_stderr)]
@@ -15,6 +22,8 @@ mod journey;
 mod kafka;
 mod rabbit;
 mod sqs;
+mod view;
+mod web;
 
 use std::process::ExitCode;
 
@@ -32,6 +41,10 @@ struct Cli {
 enum Command {
     /// Run the order pipeline and print its traces.
     Demo(demo::DemoArgs),
+    /// Receive OTLP from any service and show traces and message journeys.
+    View(view::ViewArgs),
+    /// Find broken propagation in a capture, or in what arrives for a while.
+    Doctor(doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,7 +61,14 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Demo(args) => runtime.block_on(demo::run(args)).map_err(|e| e.to_string()),
+        Command::View(args) => runtime.block_on(view::run(args)).map_err(|e| e.to_string()),
+        Command::Doctor(args) => match runtime.block_on(doctor::run(args)) {
+            Ok(0) => Ok(()),
+            // Findings: reported on stdout already.
+            Ok(_) => return ExitCode::FAILURE,
+            Err(e) => Err(e.to_string()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

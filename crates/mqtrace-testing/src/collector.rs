@@ -43,7 +43,9 @@ struct Store {
     metrics: Mutex<MetricStore>,
     /// Keep what arrives (off for a listener that only passes requests on).
     keep: bool,
-    tap: Option<mpsc::Sender<ExportTraceServiceRequest>>,
+    /// Taken when the collector is dropped, so the tap's receiver ends even while
+    /// an exporter's connection lingers.
+    tap: Mutex<Option<mpsc::Sender<ExportTraceServiceRequest>>>,
 }
 
 impl Store {
@@ -56,7 +58,12 @@ impl Store {
                 .extend(spans);
         }
         *self.requests.lock().unwrap_or_else(PoisonError::into_inner) += 1;
-        if let Some(tap) = &self.tap {
+        let tap = self
+            .tap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(tap) = tap {
             // A full tap holds the exporter back (it retries) rather than losing
             // spans; a closed one has nobody left to tell.
             let _ = tap.send(request).await;
@@ -148,7 +155,7 @@ impl Collector {
     ) -> std::io::Result<Self> {
         let store = Arc::new(Store {
             keep: config.keep,
-            tap,
+            tap: Mutex::new(tap),
             ..Store::default()
         });
         let grpc_listener = bind(config.grpc, "gRPC").await?;
@@ -349,6 +356,16 @@ impl Collector {
                 return self.spans();
             }
         }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.store
+            .tap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 
