@@ -17,7 +17,8 @@
 # cached), whose runtime API emulator it starts on loopback. The conventions check
 # (scripts/semconv-check.mjs, run by the own-loop examples' tests) gets the
 # semantic-conventions registry as the npm package @opentelemetry/semantic-conventions
-# (MQTRACE_TEST_SEMCONV, cached).
+# (MQTRACE_TEST_SEMCONV, cached). The web page test of `mqtrace view` gets headless
+# Chromium (Debian's chromium package, MQTRACE_TEST_CHROMIUM).
 # Fixed ports, all on 127.0.0.1, overridable:
 #   MQTRACE_RABBITMQ_PORT (31672; Erlang distribution on +20000), MQTRACE_KAFKA_PORT
 #   (39092), MQTRACE_SQS_PORT (39324), MQTRACE_EPMD_PORT (34369).
@@ -81,6 +82,13 @@ install_cargo_lambda() {
   log "installing cargo-lambda $CARGO_LAMBDA_VERSION (PyPI) into $CACHE/cargo-lambda-venv"
   python3 -m venv "$CACHE/cargo-lambda-venv"
   "$CACHE/cargo-lambda-venv/bin/pip" install --quiet "cargo-lambda==$CARGO_LAMBDA_VERSION"
+}
+
+install_chromium() {
+  command -v chromium >/dev/null && return
+  log "installing chromium (Debian package) for the web page test of mqtrace view"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
 }
 
 install_semconv() {
@@ -182,6 +190,8 @@ start() {
   echo "export MQTRACE_TEST_CARGO_LAMBDA=$CARGO_LAMBDA" >>"$STATE/env"
   install_semconv
   echo "export MQTRACE_TEST_SEMCONV=$SEMCONV" >>"$STATE/env"
+  install_chromium
+  echo "export MQTRACE_TEST_CHROMIUM=$(command -v chromium)" >>"$STATE/env"
   log "ready: source $STATE/env"
   cat "$STATE/env" >&2
 }

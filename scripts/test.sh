@@ -13,6 +13,8 @@ fi
 # A fresh clone in CI reuses the build of earlier runs on the same machine.
 if [ "${CI:-}" = true ]; then
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/mqtrace/target}
+  # A fresh clone builds once: incremental state would only fill the disk.
+  export CARGO_INCREMENTAL=0
 fi
 # Spans of the suite go to the in-process collector only.
 unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_EXPORTER_OTLP_TRACES_ENDPOINT OTEL_SDK_DISABLED

@@ -262,8 +262,7 @@ pub(crate) fn diagnose(spans: &[RecordedSpan], options: &Options) -> Vec<Finding
     };
     let continued = continued_producers(&index);
     let xray = xray_only(&index);
-    for i in 0..spans.len() {
-        let span = &spans[i];
+    for (i, span) in spans.iter().enumerate() {
         let dest = destination(span);
         match index.role(i) {
             Role::Process => {
@@ -690,7 +689,7 @@ mod tests {
             Kind::Producer,
             "send orders",
             50,
-            &[id.clone()],
+            std::slice::from_ref(&id),
         );
         // The consumer started a new trace: no parent, no link.
         c.add(
@@ -700,7 +699,7 @@ mod tests {
             Kind::Consumer,
             "process orders",
             52,
-            &[id.clone()],
+            std::slice::from_ref(&id),
         );
         let findings = diagnose(&c.spans, &Options::default());
         assert_eq!(
@@ -820,7 +819,7 @@ mod tests {
             Kind::Producer,
             "send orders",
             50,
-            &[id.clone()],
+            std::slice::from_ref(&id),
         );
         // The consumer's trace comes from the Lambda's X-Ray segment (never in OTLP):
         // its id starts with the epoch seconds.
@@ -833,7 +832,7 @@ mod tests {
             Kind::Consumer,
             "process orders",
             52,
-            &[id.clone()],
+            std::slice::from_ref(&id),
         );
         assert_eq!(checks(&c), vec![Check::XrayOnly, Check::NotConsumed]);
         // The same missing parent in a random (W3C) trace is a missing span.
@@ -845,7 +844,7 @@ mod tests {
             Kind::Producer,
             "send orders",
             50,
-            &[id.clone()],
+            std::slice::from_ref(&id),
         );
         c.add(
             "worker",

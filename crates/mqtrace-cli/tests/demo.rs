@@ -92,6 +92,47 @@ fn unsupported_broker_and_bad_rate_fail_clearly() {
     assert!(stderr.contains("--fail-rate"), "{stderr}");
 }
 
+/// A run's capture (`--save`): `mqtrace doctor` finds nothing wrong in it, and
+/// `mqtrace view` follows each order as one journey.
+fn check_capture(capture: &std::path::Path, orders: usize) {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mqtrace"))
+            .args(args)
+            .arg(capture)
+            .output()
+            .expect("mqtrace runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, doctor) = run(&["doctor"]);
+    assert_eq!(code, Some(0), "{doctor}");
+    assert!(
+        doctor.starts_with("mqtrace doctor: no broken propagation in "),
+        "{doctor}"
+    );
+    assert!(
+        doctor.ends_with(&format!(" ({orders} message journeys)\n")),
+        "{doctor}"
+    );
+    let (code, view) = run(&["view", "--journeys-only", "--no-timings", "--load"]);
+    assert_eq!(code, Some(0), "{view}");
+    assert_eq!(
+        view.matches("\njourney #").count() + usize::from(view.starts_with("journey #")),
+        orders,
+        "{view}"
+    );
+    let _ = std::fs::remove_file(capture);
+}
+
+fn capture_path(broker: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "mqtrace-demo-{broker}-{}.jsonl",
+        std::process::id()
+    ))
+}
+
 /// On a real RabbitMQ the pipeline ends as it does on the embedded broker: the
 /// same seed gives the same retries and dead letters, and every trace is complete.
 #[test]
@@ -100,8 +141,11 @@ fn rabbitmq_run_matches_the_embedded_run() {
     let args = ["--messages", "30", "--seed", "11", "--show", "1"];
     let (ok, embedded, stderr) = demo(&args);
     assert!(ok, "embedded demo failed: {stderr}");
-    let (ok, rabbit, stderr) = demo(&[&args[..], &["--broker", &url]].concat());
+    let capture = capture_path("rabbitmq");
+    let save = ["--broker", &url, "--save", capture.to_str().unwrap()];
+    let (ok, rabbit, stderr) = demo(&[&args[..], &save].concat());
     assert!(ok, "RabbitMQ demo failed: {stderr}");
+    check_capture(&capture, 30);
     let summary = |out: &str| out.lines().last().unwrap().to_owned();
     assert_eq!(summary(&rabbit), summary(&embedded));
     assert!(
@@ -119,8 +163,11 @@ fn kafka_run_matches_the_embedded_run() {
     let (ok, embedded, stderr) = demo(&args);
     assert!(ok, "embedded demo failed: {stderr}");
     let broker = format!("kafka://{bootstrap}");
-    let (ok, kafka, stderr) = demo(&[&args[..], &["--broker", &broker]].concat());
+    let capture = capture_path("kafka");
+    let save = ["--broker", &broker, "--save", capture.to_str().unwrap()];
+    let (ok, kafka, stderr) = demo(&[&args[..], &save].concat());
     assert!(ok, "Kafka demo failed: {stderr}");
+    check_capture(&capture, 30);
     let summary = |out: &str| out.lines().last().unwrap().to_owned();
     assert_eq!(summary(&kafka), summary(&embedded));
     assert!(
@@ -138,8 +185,11 @@ fn sqs_run_matches_the_embedded_run() {
     let (ok, embedded, stderr) = demo(&args);
     assert!(ok, "embedded demo failed: {stderr}");
     let broker = format!("sqs://{}", endpoint.trim_start_matches("http://"));
-    let (ok, sqs, stderr) = demo(&[&args[..], &["--broker", &broker]].concat());
+    let capture = capture_path("sqs");
+    let save = ["--broker", &broker, "--save", capture.to_str().unwrap()];
+    let (ok, sqs, stderr) = demo(&[&args[..], &save].concat());
     assert!(ok, "SQS demo failed: {stderr}");
+    check_capture(&capture, 20);
     let summary = |out: &str| out.lines().last().unwrap().to_owned();
     assert_eq!(summary(&sqs), summary(&embedded));
     assert!(summary(&sqs).ends_with("traces 20 · complete 20"), "{sqs}");
