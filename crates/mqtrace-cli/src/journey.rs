@@ -33,6 +33,17 @@ pub(crate) enum Role {
     Other,
 }
 
+impl Role {
+    /// The hop a journey shows for this role.
+    pub(crate) fn hop_name(self) -> &'static str {
+        match self {
+            Self::Forward => "forward",
+            Self::Process => "process",
+            _ => "send",
+        }
+    }
+}
+
 /// How a span points at another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Via {
@@ -330,11 +341,7 @@ pub(crate) fn render(
     );
     for &i in &journey.hops {
         let span = &index.spans[i];
-        let what = match index.role(i) {
-            Role::Forward => "forward",
-            Role::Process => "process",
-            _ => "send",
-        };
+        let what = index.role(i).hop_name();
         let _ = write!(
             out,
             "  {what:<8} {:<24} {:<16} trace #{}",

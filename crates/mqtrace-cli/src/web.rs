@@ -37,11 +37,7 @@ pub(crate) fn data(window: &Window, live: bool) -> Value {
         let mut edges = Vec::new();
         for &i in &j.hops {
             let span = &index.spans[i];
-            let role = match index.role(i) {
-                Role::Forward => "forward",
-                Role::Process => "process",
-                _ => "send",
-            };
+            let role = index.role(i).hop_name();
             hops.push(json!({
                 "id": span.span_id,
                 "role": role,

@@ -33,14 +33,9 @@ fn printed_trees_match_the_golden_file() {
         "--no-timings",
     ]);
     assert!(ok, "demo failed: {stderr}");
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/demo.txt");
-    if std::env::var_os("MQTRACE_BLESS").is_some() {
-        std::fs::write(path, &stdout).unwrap();
-    }
-    let golden = std::fs::read_to_string(path).unwrap();
-    assert!(
-        stdout == golden,
-        "demo output differs from {path}\n--- got\n{stdout}"
+    mqtrace_testing::assert_golden(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/demo.txt"),
+        &stdout,
     );
 }
 

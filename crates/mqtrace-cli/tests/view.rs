@@ -142,14 +142,9 @@ fn a_demo_capture_shows_as_trees_journeys_and_a_summary() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/view.txt");
-    if std::env::var_os("MQTRACE_BLESS").is_some() {
-        std::fs::write(path, &stdout).unwrap();
-    }
-    let golden = std::fs::read_to_string(path).unwrap();
-    assert!(
-        stdout == golden,
-        "view output differs from {path}\n--- got\n{stdout}"
+    let golden = mqtrace_testing::assert_golden(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/view.txt"),
+        &stdout,
     );
     // The retried order is one journey through its forward; the malformed one ends
     // in the dead letters.

@@ -30,4 +30,4 @@ pub use span::{
     format_micros, AttrValue, Forest, Kind, RecordedEvent, RecordedLink, RecordedSpan, SpanStatus,
     TreeOptions,
 };
-pub use tree_assert::{assert_tree, unindent};
+pub use tree_assert::{assert_golden, assert_tree, unindent};

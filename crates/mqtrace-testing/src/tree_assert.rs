@@ -11,6 +11,25 @@ pub fn assert_tree(actual: &str, expected: &str) {
     );
 }
 
+/// Asserts `actual` equals the golden file at `path`; with `MQTRACE_BLESS` set in
+/// the environment, writes `actual` there first (after an intended change).
+/// Returns the golden text.
+#[track_caller]
+pub fn assert_golden(path: &str, actual: &str) -> String {
+    if std::env::var_os("MQTRACE_BLESS").is_some() {
+        if let Err(e) = std::fs::write(path, actual) {
+            panic!("cannot write {path}: {e}");
+        }
+    }
+    let golden = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {path}: {e} (MQTRACE_BLESS=1 writes it)"));
+    assert!(
+        actual == golden,
+        "output differs from {path} (MQTRACE_BLESS=1 rewrites it)\n--- got\n{actual}"
+    );
+    golden
+}
+
 /// Removes the common indentation of a raw string literal, its leading empty lines
 /// and trailing spaces; ends with exactly one newline.
 pub fn unindent(s: &str) -> String {
