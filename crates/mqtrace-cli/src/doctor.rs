@@ -1,7 +1,7 @@
 //! `mqtrace doctor`: broken propagation in a capture, each finding with the spans
 //! it is about, its likely cause and its fix.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -262,20 +262,21 @@ pub(crate) fn diagnose(spans: &[RecordedSpan], options: &Options) -> Vec<Finding
     };
     let continued = continued_producers(&index);
     let xray = xray_only(&index);
+    let facts = Facts::new(&index);
     for (i, span) in spans.iter().enumerate() {
         let dest = destination(span);
         match index.role(i) {
             Role::Process => {
                 if xray.contains(&i) {
                     add(Check::XrayOnly, format!("process spans on {dest}"), i);
-                } else if not_continued(&index, i) {
+                } else if not_continued(&index, &facts, i) {
                     add(
                         Check::ContextNotContinued,
                         format!("process spans on {dest}"),
                         i,
                     );
                 }
-                if retry_without_forward(&index, i) {
+                if retry_without_forward(&index, &facts, i) {
                     add(
                         Check::RetryWithoutForwardLink,
                         format!("attempts on {dest}"),
@@ -298,7 +299,7 @@ pub(crate) fn diagnose(spans: &[RecordedSpan], options: &Options) -> Vec<Finding
                 }
                 if disposition(span) == Some("retried")
                     && end.saturating_sub(span.end_unix_nano) >= nanos(options.retry_window)
-                    && !retried_later(&index, i)
+                    && !retried_later(&index, &facts, i)
                 {
                     add(Check::RetryNeverArrived, format!("attempts on {dest}"), i);
                 }
@@ -403,7 +404,7 @@ fn identity(span: &RecordedSpan) -> Option<(String, String)> {
 
 /// A process span with neither parent nor link to a publication, nor any link,
 /// whose message's publication is in the capture.
-fn not_continued(index: &Index<'_>, i: usize) -> bool {
+fn not_continued(index: &Index<'_>, facts: &Facts, i: usize) -> bool {
     let span = &index.spans[i];
     if !span.links.is_empty() || index.producer_of(i).is_some() {
         return false;
@@ -416,13 +417,56 @@ fn not_continued(index: &Index<'_>, i: usize) -> bool {
     {
         return false;
     }
-    let Some(id) = identity(span) else {
-        return false;
-    };
-    (0..index.spans.len()).any(|j| {
-        matches!(index.role(j), Role::Send | Role::Forward)
-            && identity(&index.spans[j]).as_ref() == Some(&id)
-    })
+    identity(span).is_some_and(|id| facts.published.contains(&id))
+}
+
+/// What the checks look up, built once per capture so that each check is linear.
+#[derive(Debug, Default)]
+struct Facts {
+    /// The identities of the publications.
+    published: HashSet<(String, String)>,
+    /// Process spans per publication they continue.
+    by_producer: HashMap<usize, Vec<usize>>,
+    /// Process spans per message identity.
+    by_identity: HashMap<(String, String), Vec<usize>>,
+    /// Forward spans per span they continue (the failed attempt among them).
+    forwards_of: HashMap<usize, Vec<usize>>,
+}
+
+impl Facts {
+    fn new(index: &Index<'_>) -> Self {
+        let mut facts = Self::default();
+        for i in 0..index.spans.len() {
+            match index.role(i) {
+                Role::Send | Role::Forward => {
+                    if let Some(id) = identity(&index.spans[i]) {
+                        facts.published.insert(id);
+                    }
+                    if index.role(i) == Role::Forward {
+                        for (c, _) in index.contexts(i) {
+                            if let Some(j) = index.find(c) {
+                                facts.forwards_of.entry(j).or_default().push(i);
+                            }
+                        }
+                    }
+                }
+                Role::Process => {
+                    if let Some((p, _)) = index.producer_of(i) {
+                        facts.by_producer.entry(p).or_default().push(i);
+                    }
+                    if let Some(id) = identity(&index.spans[i]) {
+                        facts.by_identity.entry(id).or_default().push(i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        facts
+    }
+
+    fn processes_of(&self, producer: usize) -> &[usize] {
+        self.by_producer.get(&producer).map_or(&[], Vec::as_slice)
+    }
 }
 
 /// Whether a trace id looks made by X-Ray: its first 8 hex digits are the epoch
@@ -491,7 +535,7 @@ fn missing(index: &Index<'_>, i: usize) -> bool {
 
 /// An attempt above 1 continuing a plain publication that no earlier attempt
 /// continued: the retry was re-published without the forward's links.
-fn retry_without_forward(index: &Index<'_>, i: usize) -> bool {
+fn retry_without_forward(index: &Index<'_>, facts: &Facts, i: usize) -> bool {
     if index.attempt(i).is_none_or(|a| a < 2) {
         return false;
     }
@@ -501,12 +545,10 @@ fn retry_without_forward(index: &Index<'_>, i: usize) -> bool {
     if index.role(p) != Role::Send {
         return false;
     }
-    let earlier = (0..index.spans.len()).any(|j| {
-        j != i
-            && index.role(j) == Role::Process
-            && index.producer_of(j).is_some_and(|(q, _)| q == p)
-            && index.spans[j].start_unix_nano <= index.spans[i].start_unix_nano
-    });
+    let earlier = facts
+        .processes_of(p)
+        .iter()
+        .any(|&j| j != i && index.spans[j].start_unix_nano <= index.spans[i].start_unix_nano);
     !earlier
 }
 
@@ -542,26 +584,20 @@ fn clock_skew(index: &Index<'_>, i: usize) -> bool {
 /// Whether a later attempt of the message processed at `i` is in the capture: the
 /// process span of a forward it made, a redelivery of the same publication, or
 /// the same message id with a higher attempt.
-fn retried_later(index: &Index<'_>, i: usize) -> bool {
+fn retried_later(index: &Index<'_>, facts: &Facts, i: usize) -> bool {
     let span = &index.spans[i];
-    let producer = index.producer_of(i).map(|(p, _)| p);
-    let id = identity(span);
-    let forwards: Vec<usize> = (0..index.spans.len())
-        .filter(|&f| {
-            index.role(f) == Role::Forward && index.contexts(f).any(|(c, _)| c == span.span_id)
-        })
-        .collect();
-    (0..index.spans.len()).any(|j| {
-        if j == i || index.role(j) != Role::Process {
-            return false;
-        }
-        let later = &index.spans[j];
-        let from = index.producer_of(j).map(|(p, _)| p);
-        from.is_some_and(|f| forwards.contains(&f))
-            || (later.start_unix_nano > span.start_unix_nano
-                && ((producer.is_some() && from == producer)
-                    || (id.is_some() && identity(later) == id)))
-    })
+    let after = |j: &&usize| **j != i && index.spans[**j].start_unix_nano > span.start_unix_nano;
+    let forwarded = facts
+        .forwards_of
+        .get(&i)
+        .is_some_and(|forwards| forwards.iter().any(|&f| !facts.processes_of(f).is_empty()));
+    let redelivered = index
+        .producer_of(i)
+        .is_some_and(|(p, _)| facts.processes_of(p).iter().any(|j| after(&j)));
+    let same_id = identity(span)
+        .and_then(|id| facts.by_identity.get(&id))
+        .is_some_and(|later| later.iter().any(|j| after(&j)));
+    forwarded || redelivered || same_id
 }
 
 /// Services that send no messaging spans while some of their spans have a parent

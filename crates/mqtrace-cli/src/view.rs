@@ -217,11 +217,12 @@ fn render_ready(window: &mut Window, ready: &[String], args: &ViewArgs) -> Strin
         }
     }
     let index = Index::new(&spans);
+    let ready: std::collections::HashSet<&str> = ready.iter().map(String::as_str).collect();
     for j in journey::journeys(&index) {
         let touched = j
             .hops
             .iter()
-            .any(|&i| ready.contains(&index.spans[i].trace_id));
+            .any(|&i| ready.contains(index.spans[i].trace_id.as_str()));
         if !touched {
             continue;
         }
