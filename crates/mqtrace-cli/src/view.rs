@@ -60,6 +60,10 @@ pub(crate) struct ViewArgs {
     /// Print journeys and the summary only, not each trace's tree.
     #[arg(long)]
     journeys_only: bool,
+    /// Print only the summary at the end (for high rates: printing every trace
+    /// would make the viewer the slowest part).
+    #[arg(long, conflicts_with = "journeys_only")]
+    summary_only: bool,
     /// Leave durations out (for comparing runs).
     #[arg(long)]
     no_timings: bool,
@@ -95,6 +99,7 @@ pub(crate) struct Window {
     order: VecDeque<String>,
     max: usize,
     dropped: u64,
+    received: u64,
     next_number: usize,
     journey_numbers: HashMap<String, usize>,
 }
@@ -106,12 +111,14 @@ impl Window {
             order: VecDeque::new(),
             max,
             dropped: 0,
+            received: 0,
             next_number: 1,
             journey_numbers: HashMap::new(),
         }
     }
 
     pub(crate) fn add(&mut self, spans: Vec<RecordedSpan>, now: Instant) {
+        self.received += spans.len() as u64;
         for span in spans {
             let next = &mut self.next_number;
             let trace = self.traces.entry(span.trace_id.clone()).or_insert_with(|| {
@@ -195,7 +202,7 @@ const KEY_ATTRIBUTES: &[&str] = &[
 /// What to print for the traces in `ready`: their trees (unless journeys only),
 /// then every journey with a hop in them.
 fn render_ready(window: &mut Window, ready: &[String], args: &ViewArgs) -> String {
-    if ready.is_empty() {
+    if ready.is_empty() || args.summary_only {
         return String::new();
     }
     let spans = window.spans();
@@ -257,8 +264,8 @@ fn render_summary(window: &Window, timings: bool) -> String {
     out.push_str(&journey::render_summaries(&mut summaries, timings));
     if window.dropped > 0 {
         out.push_str(&format!(
-            "dropped {} oldest traces (--max-traces {})\n",
-            window.dropped, window.max
+            "dropped {} oldest traces (--max-traces {}); {} spans received in all\n",
+            window.dropped, window.max, window.received
         ));
     }
     out
@@ -416,7 +423,7 @@ mod tests {
         assert!(kept.iter().all(|t| !t.ends_with('1')), "{kept:?}");
         assert_eq!(
             render_summary(&w, false).lines().last(),
-            Some("dropped 1 oldest traces (--max-traces 2)")
+            Some("dropped 1 oldest traces (--max-traces 2); 6 spans received in all")
         );
     }
 

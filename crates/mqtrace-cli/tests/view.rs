@@ -230,7 +230,7 @@ fn the_cap_drops_the_oldest_traces_and_says_so() {
     assert!(!stdout.contains("trace #1\n"), "{stdout}");
     assert!(
         stdout.ends_with(
-            "18 spans in 3 traces, 3 message journeys\norders: 3 messages, 4 attempts, 2 failed\ndropped 5 oldest traces (--max-traces 3)\n"
+            "18 spans in 3 traces, 3 message journeys\norders: 3 messages, 4 attempts, 2 failed\ndropped 5 oldest traces (--max-traces 3); 43 spans received in all\n"
         ),
         "{stdout}"
     );
@@ -539,4 +539,48 @@ fn help_has_examples_and_names_the_checks() {
         assert!(stdout.contains(check), "{check} missing from:\n{stdout}");
     }
     assert!(stdout.contains("Exit status: 0 when nothing is wrong, 1 with findings"));
+}
+
+/// The `span_rate` example, built with the tests.
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: cargo test builds it (or cargo build -p mqtrace-cli --examples)",
+        path.display()
+    );
+    path
+}
+
+/// Messaging rates with the default telemetry set-up lose no span: two services
+/// at 10,000 messages/s for 3 s export to `mqtrace view` in another process, which
+/// receives every span (the full 60 s run: scripts/span-rate.sh).
+#[test]
+fn ten_thousand_messages_a_second_with_the_defaults_lose_no_span() {
+    let mut view = Running::start(&[
+        "view",
+        "--grpc",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--summary-only",
+        "--max-traces",
+        "100",
+    ]);
+    let (grpc, _) = endpoints(&view.wait_for("listening for OTLP", Duration::from_secs(30)));
+    let out = Command::new(example("span_rate"))
+        .args(["--rate", "10000", "--seconds", "3", "--endpoint", &grpc])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(", processed 30000\n"), "{stdout}");
+    assert!(stdout.contains("producer: ended 30000 exported 30000 not exported 0\n"), "{stdout}");
+    assert!(stdout.contains("worker: ended 30000 exported 30000 not exported 0\n"), "{stdout}");
+    let (ok, output) = view.interrupt();
+    assert!(ok, "{output}");
+    assert!(output.contains("; 60000 spans received in all"), "{output}");
 }
