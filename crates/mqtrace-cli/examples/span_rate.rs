@@ -61,10 +61,7 @@ async fn main() -> Result<(), String> {
     let worker_telemetry = service("rate-worker", &args.endpoint)?;
     let broker = Broker::new();
     broker.declare_queue("orders", QueueOptions::default());
-    let producer = TracedProducer::new(
-        broker.clone(),
-        producer_telemetry.instrumenter().build(),
-    );
+    let producer = TracedProducer::new(broker.clone(), producer_telemetry.instrumenter().build());
     let consumer = Arc::new(TracedConsumer::new(
         broker.clone(),
         "orders",

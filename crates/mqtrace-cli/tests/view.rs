@@ -576,10 +576,20 @@ fn ten_thousand_messages_a_second_with_the_defaults_lose_no_span() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     println!("{stdout}");
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains(", processed 30000\n"), "{stdout}");
-    assert!(stdout.contains("producer: ended 30000 exported 30000 not exported 0\n"), "{stdout}");
-    assert!(stdout.contains("worker: ended 30000 exported 30000 not exported 0\n"), "{stdout}");
+    assert!(
+        stdout.contains("producer: ended 30000 exported 30000 not exported 0\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("worker: ended 30000 exported 30000 not exported 0\n"),
+        "{stdout}"
+    );
     let (ok, output) = view.interrupt();
     assert!(ok, "{output}");
     assert!(output.contains("; 60000 spans received in all"), "{output}");

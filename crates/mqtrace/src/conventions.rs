@@ -323,6 +323,15 @@ impl Conventions {
 
     /// The span name for a description.
     pub fn span_name(self, d: &MessageDescription) -> String {
+        // `a b` by concatenation, one allocation: `format!` cost about 900
+        // instructions per span (callgrind), most of it the formatting machinery.
+        fn joined(a: &str, b: &str) -> String {
+            let mut name = String::with_capacity(a.len() + 1 + b.len());
+            name.push_str(a);
+            name.push(' ');
+            name.push_str(b);
+            name
+        }
         if let Some(name) = &d.span_name {
             return name.clone();
         }
@@ -334,7 +343,7 @@ impl Conventions {
                     .flatten()
             });
             match dest {
-                Some(dest) => format!("{} {dest}", d.operation_name()),
+                Some(dest) => joined(d.operation_name(), dest),
                 None => d.operation_name().to_owned(),
             }
         } else {
@@ -350,7 +359,7 @@ impl Conventions {
             };
             let op = legacy_operation(d.operation).unwrap_or_else(|| d.operation_name());
             match dest {
-                Some(dest) => format!("{dest} {op}"),
+                Some(dest) => joined(dest, op),
                 None => op.to_owned(),
             }
         }

@@ -1,0 +1,91 @@
+//! One traced send, or one traced process, run many times with the real export
+//! path: the SDK's batch processor and OTLP/gRPC to a collector in another process.
+//! For instruction counts per stage under callgrind (`scripts/callgrind-breakdown.sh`
+//! runs it and attributes the counts):
+//!
+//! ```text
+//! ENDPOINT=http://127.0.0.1:4317 valgrind --tool=callgrind \
+//!   target/release/examples/export_cost send 20000
+//! ```
+//!
+//! `send`: a `send` span with the context injected into the message, through the
+//! embedded broker's traced producer. `process`: a message published untraced with a
+//! W3C `traceparent`, then extracted and processed under a `process` span with an
+//! empty handler and settled. Metrics are off (their cost is measured apart). The
+//! queue holds every span, so nothing is dropped; the run fails if any span was not
+//! exported.
+#![allow(missing_docs, clippy::print_stderr)]
+
+use mqtrace::embedded::{Broker, Message, QueueOptions, TracedConsumer, TracedProducer};
+use mqtrace_telemetry::TelemetryBuilder;
+use opentelemetry_sdk::trace::BatchConfigBuilder;
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn main() -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let mode = args.next().unwrap_or_else(|| "send".into());
+    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let endpoint = std::env::var("ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4317".to_owned());
+    let telemetry = TelemetryBuilder::default()
+        .service_name("export-cost")
+        .endpoint(endpoint)
+        .install_global(false)
+        .metrics(false)
+        .batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(n + 1_024)
+                .build(),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+    let instrumenter = telemetry.instrumenter().metrics(false).build();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let broker = Broker::new();
+    broker.declare_queue("orders", QueueOptions::default());
+    runtime.block_on(async {
+        match mode.as_str() {
+            "send" => {
+                let producer = TracedProducer::new(broker.clone(), instrumenter);
+                for i in 0..n {
+                    producer
+                        .send("orders", Message::new(i.to_be_bytes().to_vec()))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            "process" => {
+                for i in 0..n {
+                    broker
+                        .publish(
+                            "orders",
+                            Message::new(i.to_be_bytes().to_vec())
+                                .header("traceparent", TRACEPARENT),
+                        )
+                        .map_err(|e| e.to_string())?;
+                }
+                let consumer = TracedConsumer::new(broker.clone(), "orders", instrumenter);
+                for _ in 0..n {
+                    consumer
+                        .process_next(|_| async { Ok(()) })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            other => return Err(format!("mode {other:?}: use send or process")),
+        }
+        Ok::<(), String>(())
+    })?;
+    let stats = telemetry.shutdown();
+    if stats.not_exported() > 0 || stats.exported != n as u64 {
+        return Err(format!(
+            "{} of {} spans exported: is a collector listening?",
+            stats.exported, stats.ended
+        ));
+    }
+    eprintln!("{mode}: {n} spans exported");
+    Ok(())
+}
