@@ -10,8 +10,10 @@
 //! cargo run --release -p mqtrace-cli --example span_rate -- --rate 10000 --seconds 60
 //! ```
 //!
-//! `scripts/span-rate.sh` runs the full measurement (10,000 messages/s for 60 s);
-//! `crates/mqtrace-cli/tests/span_rate.rs` a test-sized one.
+//! `--collector-delay-ms` makes the collector slow (a proxy holds its answers back);
+//! `--sdk-batch-defaults` uses the SDK's batch settings instead of mqtrace's, to
+//! compare. `docs/benchmarks.md` ("Batch defaults") has the full runs;
+//! `crates/mqtrace-cli/tests/view.rs` runs test-sized ones.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,16 +35,26 @@ struct Args {
     /// The collector's OTLP/gRPC endpoint.
     #[arg(long, default_value = "http://127.0.0.1:4317")]
     endpoint: String,
+    /// Make the collector slow: a proxy in this process holds each of its answers
+    /// back this long (milliseconds).
+    #[arg(long)]
+    collector_delay_ms: Option<u64>,
+    /// Use the SDK's batch defaults instead of mqtrace's, to compare.
+    #[arg(long)]
+    sdk_batch_defaults: bool,
 }
 
-fn service(name: &str, endpoint: &str) -> Result<TelemetryGuard, String> {
-    TelemetryBuilder::default()
+fn service(name: &str, endpoint: &str, sdk_defaults: bool) -> Result<TelemetryGuard, String> {
+    let mut builder = TelemetryBuilder::default()
         .service_name(name)
         .endpoint(endpoint)
         .install_global(false)
-        .metrics(false)
-        .build()
-        .map_err(|e| format!("telemetry: {e}"))
+        .metrics(false);
+    if sdk_defaults {
+        builder =
+            builder.batch_config(opentelemetry_sdk::trace::BatchConfigBuilder::default().build());
+    }
+    builder.build().map_err(|e| format!("telemetry: {e}"))
 }
 
 fn line(name: &str, stats: &ExportStats) -> String {
@@ -57,8 +69,27 @@ fn line(name: &str, stats: &ExportStats) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), String> {
     let args = Args::parse();
-    let producer_telemetry = service("rate-producer", &args.endpoint)?;
-    let worker_telemetry = service("rate-worker", &args.endpoint)?;
+    let mut endpoint = args.endpoint.clone();
+    let _proxy = match args.collector_delay_ms {
+        Some(ms) => {
+            let upstream = args
+                .endpoint
+                .trim_start_matches("http://")
+                .parse()
+                .map_err(|e| format!("--endpoint {}: {e}", args.endpoint))?;
+            let proxy = mqtrace_testing::faults::Proxy::start(upstream)
+                .await
+                .map_err(|e| format!("proxy: {e}"))?;
+            proxy.set(mqtrace_testing::faults::Mode::Slow(Duration::from_millis(
+                ms,
+            )));
+            endpoint = format!("http://{}", proxy.addr());
+            Some(proxy)
+        }
+        None => None,
+    };
+    let producer_telemetry = service("rate-producer", &endpoint, args.sdk_batch_defaults)?;
+    let worker_telemetry = service("rate-worker", &endpoint, args.sdk_batch_defaults)?;
     let broker = Broker::new();
     broker.declare_queue("orders", QueueOptions::default());
     let producer = TracedProducer::new(broker.clone(), producer_telemetry.instrumenter().build());

@@ -20,7 +20,9 @@
 //!   `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL` is
 //!   `http/protobuf`. Endpoint, headers, timeout and compression come from the standard
 //!   `OTEL_EXPORTER_OTLP_*` variables unless set on the builder.
-//! - Batch span processor, configured by `OTEL_BSP_*`; sampler from
+//! - Batch span processor sized for messaging rates ([`default_batch_config`]:
+//!   16,384 queued, batches of 2,048, every second), each setting overridable by
+//!   its `OTEL_BSP_*` variable; sampler from
 //!   `OTEL_TRACES_SAMPLER` / `_ARG`; `OTEL_SDK_DISABLED=true` installs nothing.
 //! - Metrics (mqtrace's messaging metrics, see `mqtrace::metrics`): OTLP over the
 //!   same protocol and endpoint, read every `OTEL_METRIC_EXPORT_INTERVAL`
@@ -47,8 +49,8 @@ use opentelemetry::{global, Context, KeyValue};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{
-    BatchConfig, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData, SpanExporter,
-    SpanProcessor,
+    BatchConfig, BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, Span,
+    SpanData, SpanExporter, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 
@@ -191,6 +193,32 @@ impl Default for TelemetryBuilder {
     }
 }
 
+/// The batch queue for messaging rates: 16,384 spans, exported in batches of 2,048
+/// at least every second. Each of them that an `OTEL_BSP_*` variable sets is the
+/// variable's instead (`OTEL_BSP_MAX_QUEUE_SIZE`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`,
+/// `OTEL_BSP_SCHEDULE_DELAY`; `OTEL_BSP_EXPORT_TIMEOUT` and the rest are the SDK's).
+///
+/// The SDK's defaults (2,048, 512, 5 s) hold about 0.2 s of spans at 10,000 a
+/// second and send at most 512 per export round trip: a collector that takes
+/// 100 ms an export takes 5,120 spans a second, and the rest are dropped. These
+/// hold 1.6 s, take 20,480 a second through the same collector, and show spans
+/// within a second at low rates. The queue's worst case is about 16 MiB of span
+/// data. Measured in `docs/benchmarks.md` ("Batch defaults").
+pub fn default_batch_config() -> BatchConfig {
+    let unset = |name: &str| std::env::var_os(name).is_none();
+    let mut builder = BatchConfigBuilder::default();
+    if unset("OTEL_BSP_MAX_QUEUE_SIZE") {
+        builder = builder.with_max_queue_size(16_384);
+    }
+    if unset("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") {
+        builder = builder.with_max_export_batch_size(2_048);
+    }
+    if unset("OTEL_BSP_SCHEDULE_DELAY") {
+        builder = builder.with_scheduled_delay(Duration::from_secs(1));
+    }
+    builder.build()
+}
+
 /// Sets up telemetry with everything taken from the environment.
 pub fn init() -> Result<TelemetryGuard, TelemetryError> {
     TelemetryBuilder::default().build()
@@ -232,7 +260,8 @@ impl TelemetryBuilder {
         self
     }
 
-    /// Batch processor settings, overriding `OTEL_BSP_*`.
+    /// Batch processor settings, overriding `OTEL_BSP_*` and mqtrace's defaults
+    /// ([`default_batch_config`]).
     pub fn batch_config(mut self, config: BatchConfig) -> Self {
         self.batch = Some(config);
         self
@@ -322,10 +351,8 @@ impl TelemetryBuilder {
             inner: exporter,
             counters: counters.clone(),
         };
-        let mut processor = BatchSpanProcessor::builder(exporter);
-        if let Some(batch) = self.batch {
-            processor = processor.with_batch_config(batch);
-        }
+        let processor = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(self.batch.unwrap_or_else(default_batch_config));
         let processor = CountingProcessor {
             inner: processor.build(),
             counters: counters.clone(),

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -21,6 +22,9 @@ pub enum Mode {
     Refuse,
     /// Accepts connections and never answers, as a wedged server does.
     Hang,
+    /// Forwards, holding each chunk of the upstream's answers back this long: a
+    /// server that takes this long per request.
+    Slow(Duration),
 }
 
 /// A loopback TCP proxy in front of `upstream`. Every change of mode drops the
@@ -124,6 +128,31 @@ async fn connection(
             Mode::Forward => {
                 if let Ok(mut outbound) = TcpStream::connect(upstream).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            }
+            Mode::Slow(delay) => {
+                if let Ok(outbound) = TcpStream::connect(upstream).await {
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_upstream, mut to_upstream) = outbound.into_split();
+                    let requests = tokio::io::copy(&mut from_client, &mut to_upstream);
+                    let answers = async {
+                        let mut chunk = vec![0_u8; 64 * 1024];
+                        loop {
+                            match from_upstream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    tokio::time::sleep(delay).await;
+                                    if to_client.write_all(&chunk[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = requests => {}
+                        () = answers => {}
+                    }
                 }
             }
             // Holds the connection open, reading nothing and answering nothing.
