@@ -1,0 +1,401 @@
+//! What a service pays, measured as services run: this process is the service (one
+//! broker, one role, one variant), the collector is another process
+//! (`mqtrace view`), and the process reports its own CPU (user and system, every
+//! thread's, from `getrusage`) and wall time over the measured part as one JSON
+//! line. `scripts/service-cost.sh` runs every combination in interleaved
+//! rounds and writes the tables into `docs/benchmarks.md`.
+//!
+//! Roles: `produce` (at full speed, 500 in flight, each awaited to its broker
+//! acknowledgement: delivery report or publisher confirm), `consume` (records or
+//! deliveries already waiting, empty handler, commit or ack after each) and
+//! `worker` (the same with a 50 µs busy handler). Variants: `raw` (the plain
+//! client), `unsampled` (mqtrace, every span unsampled: built, never exported) and
+//! `exported` (mqtrace exporting every span over OTLP/gRPC to `--endpoint`). The
+//! exported variant's CPU includes the final flush; its wall time stops at the
+//! last message. CPU counts every thread (the client's, the runtime's,
+//! librdkafka's, the exporter's), from the first message (for consumers: the first
+//! record or delivery received) to the end.
+//!
+//! ```text
+//! service_cost kafka produce exported --messages 20000 --endpoint http://127.0.0.1:4317
+//! ```
+//!
+//! Needs the test brokers' variables (`source .mqtrace-test/env`).
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use mqtrace::{Attempt, HandlerResult, Instrumenter};
+use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
+use nix::sys::resource::{getrusage, UsageWho};
+use opentelemetry_sdk::trace::Sampler;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Broker {
+    Kafka,
+    Rabbitmq,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    Produce,
+    Consume,
+    Worker,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Variant {
+    Raw,
+    Unsampled,
+    Exported,
+}
+
+#[derive(Debug, Parser)]
+struct Args {
+    broker: Broker,
+    role: Role,
+    variant: Variant,
+    /// Messages in the measured part.
+    #[arg(long, default_value_t = 10_000)]
+    messages: usize,
+    /// The collector's OTLP/gRPC endpoint (the exported variant).
+    #[arg(long, default_value = "http://127.0.0.1:4317")]
+    endpoint: String,
+}
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+const IN_FLIGHT: usize = 500;
+const HANDLER: Duration = Duration::from_micros(50);
+
+/// This process's CPU time so far, user and system: every thread's, those that
+/// ended included (`getrusage`), in microseconds.
+fn cpu() -> (Duration, Duration) {
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(usage) => (time(usage.user_time()), time(usage.system_time())),
+        Err(_) => (Duration::ZERO, Duration::ZERO),
+    }
+}
+
+fn time(t: nix::sys::time::TimeVal) -> Duration {
+    let micros = t.tv_sec() * 1_000_000 + t.tv_usec();
+    Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+}
+
+/// The measured part of a run.
+struct Measure {
+    started: Instant,
+    cpu: (Duration, Duration),
+    wall: Option<Duration>,
+}
+
+impl Measure {
+    fn start() -> Result<Self, Failure> {
+        Ok(Self {
+            started: Instant::now(),
+            cpu: cpu(),
+            wall: None,
+        })
+    }
+
+    /// The last message is done: the wall time stops here.
+    fn last_message(&mut self) {
+        self.wall = Some(self.started.elapsed());
+    }
+
+    fn report(self, args: &Args) -> Result<(), Failure> {
+        let (user, sys) = cpu();
+        let (user, sys) = (
+            user.saturating_sub(self.cpu.0),
+            sys.saturating_sub(self.cpu.1),
+        );
+        let wall = self.wall.unwrap_or_else(|| self.started.elapsed());
+        println!(
+            "{}",
+            serde_json::json!({
+                "broker": format!("{:?}", args.broker).to_lowercase(),
+                "role": format!("{:?}", args.role).to_lowercase(),
+                "variant": format!("{:?}", args.variant).to_lowercase(),
+                "messages": args.messages,
+                "wall_s": wall.as_secs_f64(),
+                "cpu_s": (user + sys).as_secs_f64(),
+                "sys_s": sys.as_secs_f64(),
+            })
+        );
+        Ok(())
+    }
+}
+
+fn telemetry(args: &Args) -> Result<Option<(TelemetryGuard, Instrumenter)>, Failure> {
+    if args.variant == Variant::Raw {
+        return Ok(None);
+    }
+    let mut builder = TelemetryBuilder::default()
+        .service_name("service-cost")
+        .endpoint(&args.endpoint)
+        .install_global(false)
+        .metrics(false);
+    if args.variant == Variant::Unsampled {
+        builder = builder.sampler(Sampler::AlwaysOff);
+    }
+    let guard = builder.build()?;
+    let instrumenter = guard.instrumenter().metrics(false).build();
+    Ok(Some((guard, instrumenter)))
+}
+
+/// The handler: nothing, or 50 µs of work.
+async fn handle(role: Role) -> HandlerResult {
+    if role == Role::Worker {
+        let until = Instant::now() + HANDLER;
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    }
+    Ok(())
+}
+
+fn run_name(args: &Args) -> String {
+    format!(
+        "mqtrace-cost-{:?}-{:?}-{}-{}",
+        args.role,
+        args.variant,
+        std::process::id(),
+        fastrand::u32(..)
+    )
+    .to_lowercase()
+}
+
+fn env(name: &str) -> Result<String, Failure> {
+    std::env::var(name).map_err(|_| {
+        format!("{name} is not set: scripts/brokers.sh start, then source .mqtrace-test/env").into()
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Failure> {
+    let args = Args::parse();
+    let traced = telemetry(&args)?;
+    let measure = match args.broker {
+        Broker::Kafka => kafka::run(&args, traced.as_ref().map(|(_, i)| i)).await?,
+        Broker::Rabbitmq => rabbit::run(&args, traced.as_ref().map(|(_, i)| i)).await?,
+    };
+    if let Some((guard, _)) = traced {
+        let stats = tokio::task::spawn_blocking(move || guard.shutdown()).await?;
+        if args.variant == Variant::Exported && stats.not_exported() > 0 {
+            return Err(format!("{} spans not exported", stats.not_exported()).into());
+        }
+    }
+    measure.report(&args)
+}
+
+mod kafka {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::ClientConfig;
+
+    use super::IN_FLIGHT;
+    use super::{env, handle, run_name, Args, Attempt, Failure, Instrumenter, Measure, Role};
+    use futures_util::StreamExt as _;
+    use mqtrace_rdkafka::{FutureProducerExt as _, RecordTracer};
+
+    const BODY: &[u8] = &[b'x'; 100];
+
+    /// `n` records, `IN_FLIGHT` at a time, each awaited to its delivery report.
+    async fn send(producer: &FutureProducer, topic: &str, n: usize, traced: Option<&Instrumenter>) {
+        futures_util::stream::iter(0..n)
+            .map(|_| async move {
+                let record = FutureRecord::<(), [u8]>::to(topic).payload(BODY);
+                let sent = match traced {
+                    Some(i) => producer.send_traced(i, record, None).await,
+                    None => producer.send(record, None).await,
+                };
+                sent.map(|_| ()).map_err(|(e, _)| e)
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .for_each(|sent| async move {
+                if let Err(e) = sent {
+                    eprintln!("send failed: {e}");
+                }
+            })
+            .await;
+    }
+
+    pub(super) async fn run(
+        args: &Args,
+        instrumenter: Option<&Instrumenter>,
+    ) -> Result<Measure, Failure> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", env("MQTRACE_TEST_KAFKA_BOOTSTRAP")?)
+            .set("message.timeout.ms", "30000")
+            .set("linger.ms", "5");
+        let topic = run_name(args);
+        let admin: AdminClient<DefaultClientContext> = config.create()?;
+        let new = NewTopic::new(&topic, 1, TopicReplication::Fixed(1));
+        for result in admin.create_topics([&new], &AdminOptions::new()).await? {
+            result.map_err(|(t, code)| format!("cannot create {t}: {code}"))?;
+        }
+        let producer: FutureProducer = config.create()?;
+        if args.role == Role::Produce {
+            let mut measure = Measure::start()?;
+            send(&producer, &topic, args.messages, instrumenter).await;
+            measure.last_message();
+            return Ok(measure);
+        }
+        // The records wait in the topic before the consumer starts.
+        send(&producer, &topic, args.messages, None).await;
+        let mut consumer_config = config.clone();
+        consumer_config
+            .set("group.id", &topic)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false");
+        let consumer: StreamConsumer = consumer_config.create()?;
+        consumer.subscribe(&[&topic])?;
+        let tracer = instrumenter
+            .map(|i| RecordTracer::new(i.clone(), producer.clone()).config(&consumer_config));
+        let role = args.role;
+        // The clock starts at the first record: group join is not the service's cost.
+        let first = consumer.recv().await?;
+        let mut measure = Measure::start()?;
+        let mut record = first;
+        for n in 0..args.messages {
+            match &tracer {
+                Some(tracer) => {
+                    let processed = tracer.process(&record, |_: Attempt| handle(role)).await;
+                    tracer.settle(processed, &record, &consumer).await;
+                }
+                None => {
+                    let _ = handle(role).await;
+                    consumer.commit_message(&record, CommitMode::Async)?;
+                }
+            }
+            if n + 1 < args.messages {
+                record = consumer.recv().await?;
+            }
+        }
+        measure.last_message();
+        // The run's topic stays: deleting it under live clients crashed librdkafka's
+        // metadata cache against tansu.
+        Ok(measure)
+    }
+}
+
+mod rabbit {
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueDeleteOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+    use mqtrace_lapin::{ChannelExt as _, DeliveryTracer, QueueSpec};
+
+    use super::IN_FLIGHT;
+    use super::{env, handle, run_name, Args, Attempt, Failure, Instrumenter, Measure, Role};
+    use futures_util::StreamExt as _;
+
+    const BODY: &[u8] = &[b'x'; 100];
+
+    /// `n` messages, `IN_FLIGHT` at a time, each awaited to its publisher confirm.
+    async fn send(channel: &Channel, name: &str, n: usize, traced: Option<&Instrumenter>) {
+        futures_util::stream::iter(0..n)
+            .map(|_| async move {
+                match traced {
+                    Some(i) => channel
+                        .publish_traced(
+                            i,
+                            "".into(),
+                            name.into(),
+                            BasicPublishOptions::default(),
+                            BODY,
+                            BasicProperties::default(),
+                        )
+                        .await
+                        .map(|_| ()),
+                    None => match channel
+                        .basic_publish(
+                            "".into(),
+                            name.into(),
+                            BasicPublishOptions::default(),
+                            BODY,
+                            BasicProperties::default(),
+                        )
+                        .await
+                    {
+                        Ok(confirm) => confirm.await.map(|_| ()),
+                        Err(e) => Err(e),
+                    },
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .for_each(|sent| async move {
+                if let Err(e) = sent {
+                    eprintln!("publish failed: {e}");
+                }
+            })
+            .await;
+    }
+
+    pub(super) async fn run(
+        args: &Args,
+        instrumenter: Option<&Instrumenter>,
+    ) -> Result<Measure, Failure> {
+        let url = env("MQTRACE_TEST_RABBITMQ_URL")?;
+        let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let name = run_name(args);
+        let queue = QueueSpec::new(&name);
+        queue.declare(&channel).await?;
+        if args.role == Role::Produce {
+            let mut measure = Measure::start()?;
+            send(&channel, &name, args.messages, instrumenter).await;
+            measure.last_message();
+            let _ = channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            return Ok(measure);
+        }
+        send(&channel, &name, args.messages, None).await;
+        channel.basic_qos(20, BasicQosOptions::default()).await?;
+        let mut deliveries = channel
+            .basic_consume(
+                name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let tracer = instrumenter.map(|i| DeliveryTracer::new(i.clone(), &queue));
+        let role = args.role;
+        let mut measure: Option<Measure> = None;
+        for _ in 0..args.messages {
+            let delivery = deliveries.next().await.ok_or("the consumer stopped")??;
+            // The clock starts at the first delivery.
+            if measure.is_none() {
+                measure = Some(Measure::start()?);
+            }
+            match &tracer {
+                Some(tracer) => {
+                    let processed = tracer.process(&delivery, |_: Attempt| handle(role)).await;
+                    tracer.settle(processed, delivery, &channel).await;
+                }
+                None => {
+                    let _ = handle(role).await;
+                    delivery.ack(BasicAckOptions::default()).await?;
+                }
+            }
+        }
+        let mut measure = measure.ok_or("no delivery")?;
+        measure.last_message();
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = connection.close(200, "done".into()).await;
+        Ok(measure)
+    }
+}

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# What a traced service pays, measured as services run: each run is its own
+# process (crates/mqtrace-cli/examples/service_cost.rs: one broker, one role, one
+# variant), the collector is another (`mqtrace view`), and each run reports its
+# own CPU (user + system) and wall time per message. Variants run side by side in
+# interleaved rounds (raw, unsampled, exported, raw, ...), per broker and role; the
+# tables give the median of the rounds and replace the part of docs/benchmarks.md
+# between the service-cost markers.
+#
+#   scripts/service-cost.sh              ROUNDS=5 MESSAGES=10000 by default
+#
+# Starts the brokers when they are not running (scripts/brokers.sh). Not in CI.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROUNDS=${ROUNDS:-5}
+MESSAGES=${MESSAGES:-10000}
+TARGET=${CARGO_TARGET_DIR:-target}
+if [ -z "${MQTRACE_TEST_KAFKA_BOOTSTRAP:-}" ] || [ -z "${MQTRACE_TEST_RABBITMQ_URL:-}" ]; then
+  scripts/brokers.sh start
+  # shellcheck disable=SC1091
+  source .mqtrace-test/env
+fi
+cargo build --release --quiet -p mqtrace-cli --bin mqtrace --example service_cost
+OUT=$(mktemp -d)
+trap 'kill "$VIEW" 2>/dev/null || true; rm -rf "$OUT"' EXIT
+"$TARGET/release/mqtrace" view --summary-only --max-traces 100 --grpc 127.0.0.1:0 --http 127.0.0.1:0 >"$OUT/view.log" 2>&1 &
+VIEW=$!
+for _ in $(seq 50); do grep -q "listening for OTLP" "$OUT/view.log" && break; sleep 0.1; done
+ENDPOINT=$(grep -o 'gRPC http://[0-9.:]*' "$OUT/view.log" | cut -d' ' -f2)
+[ -n "$ENDPOINT" ] || { cat "$OUT/view.log" >&2; exit 1; }
+for broker in kafka rabbitmq; do
+  for role in produce consume worker; do
+    n=$MESSAGES
+    [ "$role" = worker ] && n=$((MESSAGES / 2))
+    for round in $(seq "$ROUNDS"); do
+      for variant in raw unsampled exported; do
+        echo "service-cost: $broker $role $variant, round $round/$ROUNDS" >&2
+        "$TARGET/release/examples/service_cost" "$broker" "$role" "$variant" \
+          --messages "$n" --endpoint "$ENDPOINT" >>"$OUT/results.jsonl"
+      done
+    done
+  done
+done
+python3 - "$OUT/results.jsonl" "$ROUNDS" "$MESSAGES" <<'PY'
+import json, re, statistics, sys, datetime
+path, rounds, messages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+runs = [json.loads(l) for l in open(path) if l.strip()]
+def med(broker, role, variant, key):
+    xs = []
+    for r in runs:
+        if (r["broker"], r["role"], r["variant"]) == (broker, role, variant):
+            per = {"cpu": r["cpu_s"], "sys": r["sys_s"], "wall": r["wall_s"]}[key]
+            xs.append(per / r["messages"] * 1e6)
+    return statistics.median(xs)
+ROLES = {"produce": "producer at full speed (500 in flight)",
+         "consume": "consumer at full speed (empty handler, commit/ack each)",
+         "worker": "worker (50 µs handler, commit/ack each)"}
+out = [f"<!-- service-cost:begin (scripts/service-cost.sh, {datetime.date.today()}, {rounds} rounds of {messages} messages, {messages // 2} for the worker) -->", ""]
+for broker in ("kafka", "rabbitmq"):
+    out += [f"**{ {'kafka': 'Kafka (rdkafka, tansu)', 'rabbitmq': 'RabbitMQ (lapin)'}[broker] }**, per message, medians of the rounds:", "",
+            "| role | CPU raw | CPU unsampled (added) | CPU exported (added) | of it system, raw → exported | wall raw | wall unsampled | wall exported | throughput exported/raw |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for role in ("produce", "consume", "worker"):
+        c = {v: med(broker, role, v, "cpu") for v in ("raw", "unsampled", "exported")}
+        s = {v: med(broker, role, v, "sys") for v in ("raw", "exported")}
+        w = {v: med(broker, role, v, "wall") for v in ("raw", "unsampled", "exported")}
+        out.append(f"| {ROLES[role]} | {c['raw']:.1f} µs | {c['unsampled']:.1f} µs (+{c['unsampled'] - c['raw']:.1f}) | "
+                   f"{c['exported']:.1f} µs (+{c['exported'] - c['raw']:.1f}) | {s['raw']:.1f} → {s['exported']:.1f} µs | "
+                   f"{w['raw']:.1f} µs | {w['unsampled']:.1f} µs | {w['exported']:.1f} µs | {w['raw'] / w['exported']:.2f} |")
+    out.append("")
+out.append("<!-- service-cost:end -->")
+table = "\n".join(out)
+doc = open("docs/benchmarks.md").read()
+new, count = re.subn(r"<!-- service-cost:begin.*?<!-- service-cost:end -->", lambda _: table, doc, flags=re.S)
+if count != 1:
+    sys.exit("docs/benchmarks.md has no service-cost markers")
+open("docs/benchmarks.md", "w").write(new)
+print(table)
+PY
