@@ -178,7 +178,14 @@ fn view_receives_over_grpc_and_http_and_saves_what_arrived() {
         "300ms",
         "--save",
         saved.to_str().unwrap(),
+        "--web",
+        "127.0.0.1:0",
     ]);
+    let page = view.wait_for("journeys drawn at ", Duration::from_secs(30));
+    let page = page
+        .trim_start_matches("journeys drawn at http://")
+        .trim_end_matches('/')
+        .to_owned();
     let (grpc, http) = endpoints(&view.wait_for("listening for OTLP", Duration::from_secs(30)));
     for (endpoint, protocol) in [(grpc, "grpc"), (http, "http/protobuf")] {
         let out = mqtrace()
@@ -198,6 +205,11 @@ fn view_receives_over_grpc_and_http_and_saves_what_arrived() {
         view.wait_for("trace #", Duration::from_secs(30));
     }
     view.wait_for("journey #16 ", Duration::from_secs(30));
+    // The page's live data, as it polls it.
+    let live = http_get(&page, "/api/journeys");
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+    assert!(live.contains("\"live\":true"), "{live}");
+    assert_eq!(live.matches("\"outcome\":").count(), 16, "{live}");
     let (ok, output) = view.interrupt();
     assert!(ok, "view failed:\n{output}");
     assert!(
@@ -235,6 +247,20 @@ fn the_cap_drops_the_oldest_traces_and_says_so() {
         "{stdout}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A plain HTTP/1.1 GET: the status line, headers and body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
 }
 
 fn chromium() -> PathBuf {
