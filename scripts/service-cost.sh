@@ -53,8 +53,8 @@ def med(broker, role, variant, key):
             xs.append(per / r["messages"] * 1e6)
     return statistics.median(xs)
 ROLES = {"produce": "producer at full speed (500 in flight)",
-         "consume": "consumer at full speed (empty handler, commit/ack each)",
-         "worker": "worker (50 µs handler, commit/ack each)"}
+         "consume": "consumer at full speed (empty handler)",
+         "worker": "worker (50 µs handler)"}
 out = [f"<!-- service-cost:begin (scripts/service-cost.sh, {datetime.date.today()}, {rounds} rounds of {messages} messages, {messages // 2} for the worker) -->", ""]
 for broker in ("kafka", "rabbitmq"):
     out += [f"**{ {'kafka': 'Kafka (rdkafka, tansu)', 'rabbitmq': 'RabbitMQ (lapin)'}[broker] }**, per message, medians of the rounds:", "",
@@ -64,8 +64,8 @@ for broker in ("kafka", "rabbitmq"):
         c = {v: med(broker, role, v, "cpu") for v in ("raw", "unsampled", "exported")}
         s = {v: med(broker, role, v, "sys") for v in ("raw", "exported")}
         w = {v: med(broker, role, v, "wall") for v in ("raw", "unsampled", "exported")}
-        out.append(f"| {ROLES[role]} | {c['raw']:.1f} µs | {c['unsampled']:.1f} µs (+{c['unsampled'] - c['raw']:.1f}) | "
-                   f"{c['exported']:.1f} µs (+{c['exported'] - c['raw']:.1f}) | {s['raw']:.1f} → {s['exported']:.1f} µs | "
+        out.append(f"| {ROLES[role]} | {c['raw']:.1f} µs | {c['unsampled']:.1f} µs ({c['unsampled'] - c['raw']:+.1f}) | "
+                   f"{c['exported']:.1f} µs ({c['exported'] - c['raw']:+.1f}) | {s['raw']:.1f} → {s['exported']:.1f} µs | "
                    f"{w['raw']:.1f} µs | {w['unsampled']:.1f} µs | {w['exported']:.1f} µs | {w['raw'] / w['exported']:.2f} |")
     out.append("")
 out.append("<!-- service-cost:end -->")

@@ -7,7 +7,10 @@
 //!
 //! Roles: `produce` (at full speed, 500 in flight, each awaited to its broker
 //! acknowledgement: delivery report or publisher confirm), `consume` (records or
-//! deliveries already waiting, empty handler, commit or ack after each) and
+//! deliveries already waiting, empty handler; the raw loops commit or ack each one,
+//! as hand-written loops do; traced, RabbitMQ acks each through `DeliveryTracer`
+//! and Kafka runs mqtrace's `TracedConsumer`, which commits stored offsets every
+//! 200 ms) and
 //! `worker` (the same with a 50 µs busy handler). Variants: `raw` (the plain
 //! client), `unsampled` (mqtrace, every span unsampled: built, never exported) and
 //! `exported` (mqtrace exporting every span over OTLP/gRPC to `--endpoint`). The
@@ -197,9 +200,12 @@ mod kafka {
     use rdkafka::ClientConfig;
 
     use super::IN_FLIGHT;
-    use super::{env, handle, run_name, Args, Attempt, Failure, Instrumenter, Measure, Role};
+    use super::{env, handle, run_name, Args, Failure, Instrumenter, Measure, Role};
     use futures_util::StreamExt as _;
-    use mqtrace_rdkafka::{FutureProducerExt as _, RecordTracer};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use mqtrace_rdkafka::{FutureProducerExt as _, TracedConsumer, TracedProducer};
 
     const BODY: &[u8] = &[b'x'; 100];
 
@@ -252,31 +258,72 @@ mod kafka {
             .set("group.id", &topic)
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false");
-        let consumer: StreamConsumer = consumer_config.create()?;
-        consumer.subscribe(&[&topic])?;
-        let tracer = instrumenter
-            .map(|i| RecordTracer::new(i.clone(), producer.clone()).config(&consumer_config));
         let role = args.role;
-        // The clock starts at the first record: group join is not the service's cost.
-        let first = consumer.recv().await?;
-        let mut measure = Measure::start()?;
-        let mut record = first;
-        for n in 0..args.messages {
-            match &tracer {
-                Some(tracer) => {
-                    let processed = tracer.process(&record, |_: Attempt| handle(role)).await;
-                    tracer.settle(processed, &record, &consumer).await;
-                }
-                None => {
-                    let _ = handle(role).await;
-                    consumer.commit_message(&record, CommitMode::Async)?;
+        let n = args.messages;
+        let Some(instrumenter) = instrumenter else {
+            // The hand-written loop: commit each record, asynchronously.
+            let consumer: StreamConsumer = consumer_config.create()?;
+            consumer.subscribe(&[&topic])?;
+            // The clock starts at the first record: group join is not the service's cost.
+            let mut record = consumer.recv().await?;
+            let mut measure = Measure::start()?;
+            for done in 1..=n {
+                let _ = handle(role).await;
+                consumer.commit_message(&record, CommitMode::Async)?;
+                if done < n {
+                    record = consumer.recv().await?;
                 }
             }
-            if n + 1 < args.messages {
-                record = consumer.recv().await?;
+            measure.last_message();
+            return Ok(measure);
+        };
+        // mqtrace's full consumer: stored offsets, committed every 200 ms.
+        let consumer = TracedConsumer::from_config(
+            &consumer_config,
+            &[&topic],
+            TracedProducer::new(producer.clone(), instrumenter.clone()),
+            instrumenter.clone(),
+        )?;
+        let handled = Arc::new(AtomicUsize::new(0));
+        let measure: Arc<Mutex<Option<Measure>>> = Arc::new(Mutex::new(None));
+        let (count, clock) = (Arc::clone(&handled), Arc::clone(&measure));
+        let all_done = {
+            let handled = Arc::clone(&handled);
+            async move {
+                while handled.load(Ordering::Relaxed) < n {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
             }
-        }
-        measure.last_message();
+        };
+        consumer
+            .run_until(
+                move |_| {
+                    let (count, clock) = (Arc::clone(&count), Arc::clone(&clock));
+                    async move {
+                        if let Ok(mut m) = clock.lock() {
+                            if m.is_none() {
+                                *m = Measure::start().ok();
+                            }
+                        }
+                        let result = handle(role).await;
+                        if count.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                            if let Ok(mut m) = clock.lock() {
+                                if let Some(m) = m.as_mut() {
+                                    m.last_message();
+                                }
+                            }
+                        }
+                        result
+                    }
+                },
+                all_done,
+            )
+            .await?;
+        let measure = measure
+            .lock()
+            .map_err(|_| "poisoned")?
+            .take()
+            .ok_or("no record")?;
         // The run's topic stays: deleting it under live clients crashed librdkafka's
         // metadata cache against tansu.
         Ok(measure)

@@ -19,6 +19,29 @@ use crate::describe::ClientInfo;
 use crate::process::RecordTracer;
 use crate::producer::TracedProducer;
 
+/// How often the full consumer commits the offsets it stored, at most.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// Records settled since the last commit that make the next one due at once.
+const COMMIT_EVERY: u64 = 1_000;
+
+/// Commits the offsets stored so far, asynchronously. Nothing stored since the
+/// last commit is not a failure.
+fn commit_stored<C: Consumer<StatsContext>>(consumer: &C) {
+    consumer
+        .context()
+        .stored_commits
+        .fetch_add(1, Ordering::Relaxed);
+    match consumer.commit_consumer_state(CommitMode::Async) {
+        Ok(()) => {}
+        Err(rdkafka::error::KafkaError::ConsumerCommit(
+            rdkafka::types::RDKafkaErrorCode::NoOffset,
+        )) => {}
+        Err(e) => {
+            tracing::warn!(target: "mqtrace", error = %e, "cannot commit the stored offsets; a later commit covers them, or the records are processed again");
+        }
+    }
+}
+
 /// Attempts of the final commit when a consumer stops.
 const FINAL_COMMIT_ATTEMPTS: u32 = 10;
 
@@ -36,6 +59,11 @@ const FINAL_COMMIT_WAIT: Duration = Duration::from_millis(500);
 pub struct StatsContext {
     high: Mutex<HashMap<String, HashMap<i32, i64>>>,
     failed_commits: AtomicU64,
+    /// Commits of the stored offsets the consumer asked for.
+    stored_commits: AtomicU64,
+    /// Commit the stored offsets when partitions are revoked (the full consumer,
+    /// which stores offsets and commits them in batches).
+    commit_stored_on_revoke: std::sync::atomic::AtomicBool,
     /// The final commit while it waits for the cluster's answer.
     final_commit: Mutex<Option<FinalCommit>>,
     /// The statistics as metrics, when made with [`StatsContext::metered`].
@@ -177,6 +205,13 @@ impl StatsContext {
     pub fn failed_commits(&self) -> u64 {
         self.failed_commits.load(Ordering::Relaxed)
     }
+
+    /// Commits of the stored offsets the full consumer asked for so far: one per
+    /// interval with settled records, one per revocation (the final commit at stop
+    /// is apart).
+    pub fn stored_commits(&self) -> u64 {
+        self.stored_commits.load(Ordering::Relaxed)
+    }
 }
 
 impl ClientContext for StatsContext {
@@ -199,6 +234,20 @@ impl ClientContext for StatsContext {
 }
 
 impl ConsumerContext for StatsContext {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        // Settled records' offsets go out before the partitions move, so their new
+        // owner does not handle them again. Asynchronous: this runs inside a poll.
+        if matches!(rebalance, rdkafka::consumer::Rebalance::Revoke(_))
+            && self.commit_stored_on_revoke.load(Ordering::Relaxed)
+        {
+            commit_stored(consumer);
+        }
+    }
+
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Err(e) = &result {
             self.failed_commits.fetch_add(1, Ordering::Relaxed);
@@ -358,8 +407,12 @@ impl std::fmt::Debug for TracedConsumer {
 
 impl TracedConsumer {
     /// Creates the consumer from `config` (which needs `group.id`) and subscribes
-    /// to `topics`. Auto-commit is turned off: the consumer commits each record
-    /// after settling it. `forwarder` publishes retries and dead letters.
+    /// to `topics`. librdkafka's auto-commit is turned off: settling a record
+    /// stores its offset ([`RecordTracer::store_offsets`]), and the consumer
+    /// commits the stored offsets every 200 ms (at once after 1,000 records),
+    /// when partitions are revoked, and at stop: a commit request per interval
+    /// rather than per record, never past a record not yet settled. `forwarder`
+    /// publishes retries and dead letters.
     pub fn from_config(
         config: &ClientConfig,
         topics: &[&str],
@@ -367,12 +420,17 @@ impl TracedConsumer {
         instrumenter: Instrumenter,
     ) -> KafkaResult<Self> {
         let mut config = config.clone();
-        config.set("enable.auto.commit", "false");
+        config
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
         if config.get("statistics.interval.ms").is_none() {
             config.set("statistics.interval.ms", "1000");
         }
-        let consumer: StreamConsumer<StatsContext> =
-            config.create_with_context(StatsContext::metered(&instrumenter))?;
+        let context = StatsContext::metered(&instrumenter);
+        context
+            .commit_stored_on_revoke
+            .store(true, Ordering::Relaxed);
+        let consumer: StreamConsumer<StatsContext> = config.create_with_context(context)?;
         consumer.subscribe(topics)?;
         Ok(Self {
             consumer,
@@ -380,7 +438,8 @@ impl TracedConsumer {
                 instrumenter,
                 forwarder,
                 ClientInfo::from_config(&config),
-            ),
+            )
+            .store_offsets(true),
             missing_topic_timeout: Duration::from_secs(10),
         })
     }
@@ -460,7 +519,19 @@ impl TracedConsumer {
         // record since: when, and the error.
         let mut missing: Option<(tokio::time::Instant, rdkafka::error::KafkaError)> = None;
         let mut refused = None;
+        // Settled records whose stored offsets are not committed yet, and since when.
+        let mut uncommitted: u64 = 0;
+        let mut commit_due = tokio::time::Instant::now() + COMMIT_INTERVAL;
         loop {
+            if uncommitted > 0
+                && (uncommitted >= COMMIT_EVERY || tokio::time::Instant::now() >= commit_due)
+            {
+                commit_stored(&self.consumer);
+                uncommitted = 0;
+            }
+            if uncommitted == 0 {
+                commit_due = tokio::time::Instant::now() + COMMIT_INTERVAL;
+            }
             let give_up = missing
                 .as_ref()
                 .map(|(since, _)| *since + self.missing_topic_timeout);
@@ -469,6 +540,8 @@ impl TracedConsumer {
             let received = tokio::select! {
                 biased;
                 () = shutdown.as_mut() => break,
+                // Idle with settled records not committed: commit them on time.
+                () = tokio::time::sleep_until(commit_due), if uncommitted > 0 => continue,
                 () = sleep_until(give_up) => {
                     // Partitions assigned after all: the report was passing (a
                     // cluster coming back), not a topic that is not there.
@@ -495,6 +568,7 @@ impl TracedConsumer {
                     counters.record(&settled);
                     if settled.is_done() {
                         positions.insert((at.0, at.1), at.2 + 1);
+                        uncommitted += 1;
                     }
                 }
                 Err(e) => {

@@ -43,9 +43,14 @@
 //! | permanent error, or budget spent | forwarded to the dead-letter topic with `mqtrace-error-type`, `mqtrace-error-message`, `mqtrace-failed-at`, `mqtrace-original-traceparent`, same key and bytes, then committed |
 //! | forward failed | not committed; the consumer seeks back (asynchronously, never blocking) and handles the record again |
 //!
-//! Records are handled one at a time: per-partition order holds and no offset
-//! passes a record whose handler has not finished. Commits during the run are
-//! asynchronous (a failed one is covered by the next); when the consumer stops it
+//! "Committed" is coalesced in the full consumer: settling stores the record's
+//! offset, and the consumer commits the stored offsets every 200 ms (at once after
+//! 1,000 records), when partitions are revoked, and at stop: one commit request
+//! per interval rather than one per record ([`RecordTracer::store_offsets`]; an
+//! own loop commits each record unless it turns that on and commits the stored
+//! offsets itself). Records are handled one at a time: per-partition order holds
+//! and no offset passes a record whose handler has not finished. Commits during the
+//! run are asynchronous (a failed one is covered by the next); when the consumer stops it
 //! commits the position after the last settled record of each partition it still
 //! holds and waits for the cluster's answer, serving the consumer's events
 //! meanwhile, trying again for up to five seconds (a restarted cluster's group

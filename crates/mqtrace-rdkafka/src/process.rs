@@ -135,6 +135,7 @@ pub struct RecordTracer {
     receive_spans: bool,
     forward_timeout: Duration,
     lag: LagGauge,
+    store_offsets: bool,
 }
 
 // === impl RecordTracer ===
@@ -160,7 +161,19 @@ impl RecordTracer {
             receive_spans: false,
             forward_timeout: Duration::from_secs(30),
             lag: LagGauge::default(),
+            store_offsets: false,
         }
+    }
+
+    /// Settle by storing each record's offset in the client
+    /// (`rd_kafka_offsets_store`: no request to the cluster) instead of committing
+    /// it (default: an asynchronous commit per record). Something must then commit
+    /// the stored offsets (`Consumer::commit_consumer_state`), as
+    /// [`TracedConsumer`](crate::TracedConsumer) does every 200 ms, before a
+    /// rebalance and at stop. The consumer needs `enable.auto.offset.store=false`.
+    pub fn store_offsets(mut self, on: bool) -> Self {
+        self.store_offsets = on;
+        self
     }
 
     /// What the spans say about the consumer, from its configuration:
@@ -435,9 +448,16 @@ where
         let result = match settlement {
             Settlement::Ack | Settlement::Reject => {
                 let mut offsets = TopicPartitionList::new();
+                let store = self.tracer.store_offsets;
                 offsets
                     .add_partition_offset(r.topic(), r.partition(), Offset::Offset(r.offset() + 1))
-                    .and_then(|()| self.consumer.commit(&offsets, CommitMode::Async))
+                    .and_then(|()| {
+                        if store {
+                            self.consumer.store_offsets(&offsets)
+                        } else {
+                            self.consumer.commit(&offsets, CommitMode::Async)
+                        }
+                    })
             }
             // Back to the record, so it is handled again rather than lost. A zero
             // timeout makes librdkafka seek asynchronously: nothing blocks.

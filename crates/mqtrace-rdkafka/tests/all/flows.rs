@@ -481,3 +481,44 @@ async fn an_injected_context_is_replaced_not_doubled() {
         "the send span's context, not the stale one"
     );
 }
+
+/// The full consumer coalesces its commits: 300 records settle with a handful of
+/// commit requests (one per 200 ms at most, then the final one), not one per
+/// record, and the group's committed offset is past the last record at stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_coalesced_and_none_is_lost() {
+    let h = Harness::start().await;
+    let topic = h.name("coalesced");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    send_numbered(&h.producer(&instrumenter), &topic, 300).await;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let done = Arc::clone(&seen);
+    let consumer = h.consumer(&[&topic], &instrumenter);
+    let started = std::time::Instant::now();
+    let stats = within(
+        60,
+        consumer.run_until(
+            move |_| {
+                let done = Arc::clone(&done);
+                async move {
+                    done.fetch_add(1, Ordering::SeqCst);
+                    HandlerResult::Ok(())
+                }
+            },
+            when_count(&seen, 300),
+        ),
+    )
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!((stats.settled, stats.settle_failures), (300, 0));
+    let commits = rdkafka::consumer::Consumer::context(consumer.inner()).stored_commits();
+    // One per 200 ms of the run at most (the final commit at stop is apart).
+    let most = took.as_millis() / 200 + 1;
+    assert!(
+        (1..=most).contains(&u128::from(commits)) && commits < 50,
+        "{commits} commit requests for 300 records in {took:?}"
+    );
+    assert_eq!(crate::helpers::committed_offset(&h, &topic).await, 300);
+}
