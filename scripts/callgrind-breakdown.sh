@@ -18,11 +18,8 @@ cargo build --release --quiet -p mqtrace-telemetry --example export_cost
 cargo build --release --quiet -p mqtrace-cli --bin mqtrace
 OUT=$(mktemp -d)
 trap 'kill "$VIEW" 2>/dev/null || true; rm -rf "$OUT"' EXIT
-"$TARGET/release/mqtrace" view --summary-only --max-traces 100 --grpc 127.0.0.1:0 --http 127.0.0.1:0 >"$OUT/view.log" 2>&1 &
-VIEW=$!
-for _ in $(seq 50); do grep -q "listening for OTLP" "$OUT/view.log" && break; sleep 0.1; done
-ENDPOINT=$(grep -o 'gRPC http://[0-9.:]*' "$OUT/view.log" | cut -d' ' -f2)
-[ -n "$ENDPOINT" ] || { cat "$OUT/view.log" >&2; exit 1; }
+# shellcheck source=scripts/view-collector.sh
+source scripts/view-collector.sh
 for mode in send process; do
   for n in "$N" "$((2 * N))"; do
     ENDPOINT=$ENDPOINT valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$mode.$n" \

@@ -29,6 +29,7 @@
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use futures_util::StreamExt as _;
 use mqtrace::{Attempt, HandlerResult, Instrumenter};
 use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use nix::sys::resource::{getrusage, UsageWho};
@@ -147,6 +148,24 @@ fn telemetry(args: &Args) -> Result<Option<(TelemetryGuard, Instrumenter)>, Fail
     Ok(Some((guard, instrumenter)))
 }
 
+/// Runs `send` `n` times, `IN_FLIGHT` at a time, and reports the failures.
+async fn in_flight<F, Fut, E>(n: usize, send: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    futures_util::stream::iter(0..n)
+        .map(|_| send())
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|sent| async move {
+            if let Err(e) = sent {
+                eprintln!("send failed: {e}");
+            }
+        })
+        .await;
+}
+
 /// The handler: nothing, or 50 µs of work.
 async fn handle(role: Role) -> HandlerResult {
     if role == Role::Worker {
@@ -199,9 +218,8 @@ mod kafka {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use rdkafka::ClientConfig;
 
-    use super::IN_FLIGHT;
+    use super::in_flight;
     use super::{env, handle, run_name, Args, Failure, Instrumenter, Measure, Role};
-    use futures_util::StreamExt as _;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
@@ -211,22 +229,15 @@ mod kafka {
 
     /// `n` records, `IN_FLIGHT` at a time, each awaited to its delivery report.
     async fn send(producer: &FutureProducer, topic: &str, n: usize, traced: Option<&Instrumenter>) {
-        futures_util::stream::iter(0..n)
-            .map(|_| async move {
-                let record = FutureRecord::<(), [u8]>::to(topic).payload(BODY);
-                let sent = match traced {
-                    Some(i) => producer.send_traced(i, record, None).await,
-                    None => producer.send(record, None).await,
-                };
-                sent.map(|_| ()).map_err(|(e, _)| e)
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .for_each(|sent| async move {
-                if let Err(e) = sent {
-                    eprintln!("send failed: {e}");
-                }
-            })
-            .await;
+        in_flight(n, || async move {
+            let record = FutureRecord::<(), [u8]>::to(topic).payload(BODY);
+            let sent = match traced {
+                Some(i) => producer.send_traced(i, record, None).await,
+                None => producer.send(record, None).await,
+            };
+            sent.map(|_| ()).map_err(|(e, _)| e)
+        })
+        .await;
     }
 
     pub(super) async fn run(
@@ -339,7 +350,7 @@ mod rabbit {
     use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
     use mqtrace_lapin::{ChannelExt as _, DeliveryTracer, QueueSpec};
 
-    use super::IN_FLIGHT;
+    use super::in_flight;
     use super::{env, handle, run_name, Args, Attempt, Failure, Instrumenter, Measure, Role};
     use futures_util::StreamExt as _;
 
@@ -347,42 +358,35 @@ mod rabbit {
 
     /// `n` messages, `IN_FLIGHT` at a time, each awaited to its publisher confirm.
     async fn send(channel: &Channel, name: &str, n: usize, traced: Option<&Instrumenter>) {
-        futures_util::stream::iter(0..n)
-            .map(|_| async move {
-                match traced {
-                    Some(i) => channel
-                        .publish_traced(
-                            i,
-                            "".into(),
-                            name.into(),
-                            BasicPublishOptions::default(),
-                            BODY,
-                            BasicProperties::default(),
-                        )
-                        .await
-                        .map(|_| ()),
-                    None => match channel
-                        .basic_publish(
-                            "".into(),
-                            name.into(),
-                            BasicPublishOptions::default(),
-                            BODY,
-                            BasicProperties::default(),
-                        )
-                        .await
-                    {
-                        Ok(confirm) => confirm.await.map(|_| ()),
-                        Err(e) => Err(e),
-                    },
-                }
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .for_each(|sent| async move {
-                if let Err(e) = sent {
-                    eprintln!("publish failed: {e}");
-                }
-            })
-            .await;
+        in_flight(n, || async move {
+            match traced {
+                Some(i) => channel
+                    .publish_traced(
+                        i,
+                        "".into(),
+                        name.into(),
+                        BasicPublishOptions::default(),
+                        BODY,
+                        BasicProperties::default(),
+                    )
+                    .await
+                    .map(|_| ()),
+                None => match channel
+                    .basic_publish(
+                        "".into(),
+                        name.into(),
+                        BasicPublishOptions::default(),
+                        BODY,
+                        BasicProperties::default(),
+                    )
+                    .await
+                {
+                    Ok(confirm) => confirm.await.map(|_| ()),
+                    Err(e) => Err(e),
+                },
+            }
+        })
+        .await;
     }
 
     pub(super) async fn run(
