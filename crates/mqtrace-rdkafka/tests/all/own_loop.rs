@@ -163,3 +163,46 @@ async fn own_loop_records_consumer_lag_from_the_statistics() {
     assert_ne!(lags.first(), lags.last(), "{lags:?}");
     assert_eq!(gauge, lags.iter().map(|&l| line(l)).collect::<Vec<_>>());
 }
+
+/// `store_offsets(true)`: settling stores each record's offset and commits
+/// nothing; the loop's own commit of the stored offsets then moves the group past
+/// every settled record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_loop_stores_offsets_for_a_commit_of_its_own() {
+    let h = Harness::start().await;
+    let topic = h.name("stored");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    crate::helpers::send_numbered(&h.producer(&instrumenter), &topic, 5).await;
+    let mut config = h.consumer_config();
+    config
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    let consumer: StreamConsumer = config.create().unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let producer: FutureProducer = h.config().create().unwrap();
+    let tracer = RecordTracer::new(instrumenter, producer)
+        .config(&config)
+        .store_offsets(true);
+    for _ in 0..5 {
+        let record = within(30, consumer.recv()).await.unwrap();
+        let processed = tracer.process(&record, |_| async { Ok(()) }).await;
+        let settled = tracer.settle(processed, &record, &consumer).await;
+        assert_eq!(
+            (
+                settled.disposition,
+                settled.settlement,
+                settled.settle_failed
+            ),
+            (Disposition::Settle, Settlement::Ack, false)
+        );
+    }
+    // A per-record asynchronous commit would have landed by now: the group has no
+    // committed offset at all (librdkafka's OFFSET_INVALID, -1001).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(committed_offset(&h, &topic).await, -1001);
+    consumer
+        .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .unwrap();
+    assert_eq!(committed_offset(&h, &topic).await, 5);
+}
