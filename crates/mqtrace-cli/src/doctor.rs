@@ -116,19 +116,12 @@ pub(crate) enum Check {
 }
 
 impl Check {
-    pub(crate) fn code(self) -> &'static str {
-        match self {
-            Self::ContextNotContinued => "context_not_continued",
-            Self::XrayOnly => "xray_only",
-            Self::MissingSpans => "missing_spans",
-            Self::NotConsumed => "not_consumed",
-            Self::ContextOmitted => "context_omitted",
-            Self::RetryWithoutForwardLink => "retry_without_forward_link",
-            Self::LinkOnlyParenting => "link_only_parenting",
-            Self::NoMessagingSpans => "no_messaging_spans",
-            Self::NegativeQueueTime => "negative_queue_time",
-            Self::RetryNeverArrived => "retry_never_arrived",
-        }
+    /// The check's name, as `--allow` takes it (clap's value name, so the two
+    /// cannot drift apart).
+    pub(crate) fn code(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
     }
 
     fn cause(self) -> &'static str {

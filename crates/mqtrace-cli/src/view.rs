@@ -279,6 +279,31 @@ pub(crate) fn print(text: &str) {
     let _ = stdout.flush();
 }
 
+/// One trace request: into the capture being saved, then into the window.
+fn keep(
+    request: &ExportTraceServiceRequest,
+    window: &Mutex<Window>,
+    writer: Option<&mut capture::Writer>,
+) -> Result<(), ViewError> {
+    if let Some(w) = writer {
+        w.write(request)?;
+    }
+    window
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .add(spans_of(request), Instant::now());
+    Ok(())
+}
+
+/// What is printed last: every trace not printed yet, its journeys, the summary.
+fn closing(window: &Mutex<Window>, args: &ViewArgs) -> String {
+    let mut w = window.lock().unwrap_or_else(PoisonError::into_inner);
+    let ready = w.ready(Instant::now(), None);
+    let mut text = render_ready(&mut w, &ready, args);
+    text.push_str(&render_summary(&w, !args.no_timings));
+    text
+}
+
 /// Starts the receivers; each trace request goes to the returned channel.
 pub(crate) async fn listen(
     listen: &ListenArgs,
@@ -330,15 +355,11 @@ pub(crate) async fn run(args: ViewArgs) -> Result<(), ViewError> {
         // Traces numbered by when they started, whatever order their services
         // exported them in.
         spans.sort_by(|a, b| (a.start_unix_nano, &a.name).cmp(&(b.start_unix_nano, &b.name)));
-        let text = {
-            let mut w = window.lock().unwrap_or_else(PoisonError::into_inner);
-            w.add(spans, Instant::now());
-            let ready = w.ready(Instant::now(), None);
-            let mut text = render_ready(&mut w, &ready, &args);
-            text.push_str(&render_summary(&w, !args.no_timings));
-            text
-        };
-        print(&text);
+        window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(spans, Instant::now());
+        print(&closing(&window, &args));
         if args.web.is_some() {
             stopped(args.duration).await;
         }
@@ -364,11 +385,7 @@ pub(crate) async fn run(args: ViewArgs) -> Result<(), ViewError> {
         tokio::select! {
             request = requests.recv() => {
                 let Some(request) = request else { break };
-                if let Some(w) = writer.as_mut() {
-                    w.write(&request)?;
-                }
-                let spans = spans_of(&request);
-                window.lock().unwrap_or_else(PoisonError::into_inner).add(spans, Instant::now());
+                keep(&request, &window, writer.as_mut())?;
             }
             _ = tick.tick() => {
                 let text = {
@@ -384,22 +401,9 @@ pub(crate) async fn run(args: ViewArgs) -> Result<(), ViewError> {
     drop(collector);
     // What arrived since the last tick, then the summary.
     while let Ok(request) = requests.try_recv() {
-        if let Some(w) = writer.as_mut() {
-            w.write(&request)?;
-        }
-        window
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .add(spans_of(&request), Instant::now());
+        keep(&request, &window, writer.as_mut())?;
     }
-    let text = {
-        let mut w = window.lock().unwrap_or_else(PoisonError::into_inner);
-        let ready = w.ready(Instant::now(), None);
-        let mut text = render_ready(&mut w, &ready, &args);
-        text.push_str(&render_summary(&w, !args.no_timings));
-        text
-    };
-    print(&text);
+    print(&closing(&window, &args));
     Ok(())
 }
 
