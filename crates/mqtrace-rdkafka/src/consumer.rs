@@ -24,28 +24,65 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// Records settled since the last commit that make the next one due at once.
 const COMMIT_EVERY: u64 = 1_000;
 
-/// Commits the offsets stored so far, asynchronously. Nothing stored since the
-/// last commit is not a failure.
-fn commit_stored<C: Consumer<StatsContext>>(consumer: &C) {
+/// Commits the offsets stored so far, asynchronously: what a rebalance callback
+/// can do, since it runs inside a poll. Nothing stored since the last commit is
+/// not a failure. (rdkafka 0.39 does not report the answer to an asynchronous
+/// commit, rust-rdkafka#856; the consumer's own commits are synchronous, on a
+/// blocking thread, for that reason.)
+fn commit_stored_async<C: Consumer<StatsContext>>(consumer: &C) {
     consumer
         .context()
         .stored_commits
         .fetch_add(1, Ordering::Relaxed);
     match consumer.commit_consumer_state(CommitMode::Async) {
-        Ok(()) => {}
-        Err(rdkafka::error::KafkaError::ConsumerCommit(
-            rdkafka::types::RDKafkaErrorCode::NoOffset,
-        )) => {}
+        Ok(()) | Err(NOTHING_STORED) => {}
         Err(e) => {
             tracing::warn!(target: "mqtrace", error = %e, "cannot commit the stored offsets; a later commit covers them, or the records are processed again");
         }
     }
 }
 
+/// librdkafka's answer to a commit of stored offsets when none were stored since
+/// the last one.
+const NOTHING_STORED: rdkafka::error::KafkaError =
+    rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset);
+
+/// Commits on a blocking thread and waits there for the cluster's answer, so the
+/// answer is known (and a failure counted in [`StatsContext::failed_commits`])
+/// while the consumer's task goes on serving its events. `offsets` of `None`
+/// commits the stored offsets. librdkafka bounds the wait: a commit waiting for
+/// an absent coordinator gives up after `session.timeout.ms`.
+fn commit_on_blocking_thread(
+    consumer: &Arc<StreamConsumer<StatsContext>>,
+    offsets: Option<TopicPartitionList>,
+) -> tokio::task::JoinHandle<KafkaResult<()>> {
+    let consumer = Arc::clone(consumer);
+    tokio::task::spawn_blocking(move || {
+        let result = match &offsets {
+            Some(offsets) => consumer.commit(offsets, CommitMode::Sync),
+            None => {
+                consumer
+                    .context()
+                    .stored_commits
+                    .fetch_add(1, Ordering::Relaxed);
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    Err(NOTHING_STORED) => Ok(()),
+                    other => other,
+                }
+            }
+        };
+        if let Err(e) = &result {
+            consumer.context().commit_failed(e);
+        }
+        result
+    })
+}
+
 /// Attempts of the final commit when a consumer stops.
 const FINAL_COMMIT_ATTEMPTS: u32 = 10;
 
-/// How long one attempt of the final commit waits for the cluster's answer.
+/// How long the final commit waits between attempts, and at most for all of them
+/// together, [`FINAL_COMMIT_ATTEMPTS`] times this.
 const FINAL_COMMIT_WAIT: Duration = Duration::from_millis(500);
 
 /// A consumer context that keeps what mqtrace reads from librdkafka: the high
@@ -64,8 +101,6 @@ pub struct StatsContext {
     /// Commit the stored offsets when partitions are revoked (the full consumer,
     /// which stores offsets and commits them in batches).
     commit_stored_on_revoke: std::sync::atomic::AtomicBool,
-    /// The final commit while it waits for the cluster's answer.
-    final_commit: Mutex<Option<FinalCommit>>,
     /// The statistics as metrics, when made with [`StatsContext::metered`].
     gauges: Option<StatsGauges>,
 }
@@ -163,24 +198,6 @@ impl StatsGauges {
     }
 }
 
-/// The offsets of a consumer's final commit, and whether the cluster stored them.
-#[derive(Debug)]
-struct FinalCommit {
-    offsets: TopicPartitionList,
-    stored: Option<bool>,
-}
-
-impl FinalCommit {
-    /// Whether a commit of `committed` was one of these offsets exactly.
-    fn answered_by(&self, committed: &TopicPartitionList) -> bool {
-        self.offsets.elements().iter().all(|ours| {
-            committed
-                .find_partition(ours.topic(), ours.partition())
-                .is_some_and(|e| e.offset() == ours.offset())
-        })
-    }
-}
-
 impl StatsContext {
     /// A context that also records librdkafka's statistics as gauges, from the
     /// instrumenter's meter: [`FETCH_QUEUE`] per partition, [`CLIENT_QUEUE`], and
@@ -201,9 +218,17 @@ impl StatsContext {
         Some((hi - record.offset() - 1).max(0))
     }
 
-    /// Commits the cluster reported failed so far.
+    /// Commits the cluster reported failed so far: [`TracedConsumer`]'s, which
+    /// wait for the answer. (An own loop's asynchronous commits are not counted:
+    /// rdkafka 0.39 does not report their answers, rust-rdkafka#856.)
     pub fn failed_commits(&self) -> u64 {
         self.failed_commits.load(Ordering::Relaxed)
+    }
+
+    /// Counts and logs a commit the cluster did not store.
+    fn commit_failed(&self, error: &rdkafka::error::KafkaError) {
+        self.failed_commits.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(target: "mqtrace", error = %error, "commit failed; a later commit covers it, or the records are processed again");
     }
 
     /// Commits of the stored offsets the full consumer asked for so far: one per
@@ -244,19 +269,13 @@ impl ConsumerContext for StatsContext {
         if matches!(rebalance, rdkafka::consumer::Rebalance::Revoke(_))
             && self.commit_stored_on_revoke.load(Ordering::Relaxed)
         {
-            commit_stored(consumer);
+            commit_stored_async(consumer);
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         if let Err(e) = &result {
-            self.failed_commits.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: "mqtrace", error = %e, "commit failed; a later commit covers it, or the records are processed again");
-        }
-        if let Ok(mut pending) = self.final_commit.lock() {
-            if let Some(f) = pending.as_mut().filter(|f| f.answered_by(offsets)) {
-                f.stored = Some(result.is_ok());
-            }
+            self.commit_failed(e);
         }
     }
 }
@@ -346,7 +365,7 @@ impl Record {
 /// that fails is not committed: the consumer seeks back to the record and handles
 /// it again, so the partition waits rather than lose it.
 pub struct TracedConsumer {
-    consumer: StreamConsumer<StatsContext>,
+    consumer: Arc<StreamConsumer<StatsContext>>,
     tracer: RecordTracer,
     missing_topic_timeout: Duration,
 }
@@ -365,6 +384,25 @@ pub enum ConsumeError {
         /// What the consumer did before it stopped.
         stats: ConsumerStats,
     },
+}
+
+/// Serves `events` until `until` completes (its output) or `deadline` passes
+/// (`None`). The stream yields only records, and serves the rest (rebalances,
+/// statistics) on the way; a record received here is not handled: its offset is
+/// not committed, and the group reads it again.
+async fn serve_until<F: Future>(
+    events: &mut rdkafka::consumer::MessageStream<'_, StatsContext>,
+    until: F,
+    deadline: tokio::time::Instant,
+) -> Option<F::Output> {
+    let mut until = std::pin::pin!(until);
+    loop {
+        tokio::select! {
+            output = &mut until => break Some(output),
+            () = tokio::time::sleep_until(deadline) => break None,
+            _ = futures_util::StreamExt::next(events) => {}
+        }
+    }
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -433,7 +471,7 @@ impl TracedConsumer {
         let consumer: StreamConsumer<StatsContext> = config.create_with_context(context)?;
         consumer.subscribe(topics)?;
         Ok(Self {
-            consumer,
+            consumer: Arc::new(consumer),
             tracer: RecordTracer::with_forwarder(
                 instrumenter,
                 forwarder,
@@ -522,12 +560,23 @@ impl TracedConsumer {
         // Settled records whose stored offsets are not committed yet, and since when.
         let mut uncommitted: u64 = 0;
         let mut commit_due = tokio::time::Instant::now() + COMMIT_INTERVAL;
+        // The commit of stored offsets waiting for the cluster's answer, if any.
+        let mut committing = None;
         loop {
             if uncommitted > 0
                 && (uncommitted >= COMMIT_EVERY || tokio::time::Instant::now() >= commit_due)
             {
-                commit_stored(&self.consumer);
-                uncommitted = 0;
+                // One commit in flight at a time: while the cluster is slow to
+                // answer, the next one waits and then covers both.
+                if committing
+                    .as_ref()
+                    .is_none_or(tokio::task::JoinHandle::<KafkaResult<()>>::is_finished)
+                {
+                    committing = Some(commit_on_blocking_thread(&self.consumer, None));
+                    uncommitted = 0;
+                } else {
+                    commit_due = tokio::time::Instant::now() + COMMIT_INTERVAL;
+                }
             }
             if uncommitted == 0 {
                 commit_due = tokio::time::Instant::now() + COMMIT_INTERVAL;
@@ -590,7 +639,7 @@ impl TracedConsumer {
                 }
             }
         }
-        self.final_commit(&positions).await;
+        self.final_commit(&positions, committing).await;
         counters.settle_failures(
             self.consumer
                 .context()
@@ -610,16 +659,18 @@ impl TracedConsumer {
     }
 
     /// Commits the position after the last settled record of each partition still
-    /// assigned, and waits for the cluster's answer. Asynchronous commits may have
-    /// failed while the cluster was away; this one is tried again for a few seconds
-    /// (the group coordinator can take that long to come back) before giving up,
-    /// leaving the records to be read again. It never blocks a thread: the answer
-    /// arrives through the consumer's events, which are served meanwhile, and so are
-    /// the rebalances a returning group may need before it accepts a commit.
-    async fn final_commit(&self, positions: &HashMap<(String, i32), i64>) {
-        if positions.is_empty() {
-            return;
-        }
+    /// assigned, and waits for the cluster's answer, after the interval commit
+    /// still in flight (`committing`). Commits may fail while the cluster is away;
+    /// this one is tried again for a few seconds (the group coordinator can take
+    /// that long to come back) before giving up, leaving the records to be read
+    /// again. It never blocks the consumer's task: each attempt waits on a blocking
+    /// thread, while the task serves the consumer's events, and so the rebalances
+    /// a returning group may need before it accepts a commit.
+    async fn final_commit(
+        &self,
+        positions: &HashMap<(String, i32), i64>,
+        committing: Option<tokio::task::JoinHandle<KafkaResult<()>>>,
+    ) {
         // Only partitions still assigned: one that moved to another member in a
         // rebalance has its progress committed there, and this position is older.
         let assigned = self.consumer.assignment().ok();
@@ -635,63 +686,35 @@ impl TracedConsumer {
                 tracing::warn!(target: "mqtrace", error = %e, topic, "cannot commit this partition's position");
             }
         }
+        let deadline = tokio::time::Instant::now() + FINAL_COMMIT_WAIT * FINAL_COMMIT_ATTEMPTS;
+        let mut events = self.consumer.stream();
+        if let Some(mut earlier) = committing {
+            if serve_until(&mut events, &mut earlier, deadline)
+                .await
+                .is_none()
+            {
+                tracing::warn!(target: "mqtrace", "the last interval commit got no answer in time; records after the last committed offset may be processed again");
+                return;
+            }
+        }
         if offsets.count() == 0 {
             return;
         }
-        let context = self.consumer.context();
-        let set = |f: Option<FinalCommit>| {
-            if let Ok(mut pending) = context.final_commit.lock() {
-                *pending = f;
-            }
-        };
-        let stored = || {
-            context
-                .final_commit
-                .lock()
-                .ok()
-                .and_then(|f| f.as_ref().and_then(|f| f.stored))
-        };
         let mut last_error = String::from("no answer from the cluster");
         for _ in 0..FINAL_COMMIT_ATTEMPTS {
-            set(Some(FinalCommit {
-                offsets: offsets.clone(),
-                stored: None,
-            }));
-            if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
-                last_error = e.to_string();
-                tokio::time::sleep(FINAL_COMMIT_WAIT).await;
-                continue;
+            let mut attempt = commit_on_blocking_thread(&self.consumer, Some(offsets.clone()));
+            match serve_until(&mut events, &mut attempt, deadline).await {
+                Some(Ok(Ok(()))) => return,
+                Some(Ok(Err(e))) => last_error = e.to_string(),
+                Some(Err(e)) => last_error = e.to_string(),
+                None => break,
             }
-            let deadline = tokio::time::Instant::now() + FINAL_COMMIT_WAIT;
-            let mut events = self.consumer.stream();
-            let answer = loop {
-                if let Some(answer) = stored() {
-                    break Some(answer);
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    break None;
-                }
-                // Serves the consumer's events, a little at a time: the commit's
-                // answer is one of them, and the stream yields only records. A record
-                // received here is not handled: its offset is not committed, and the
-                // group reads it again.
-                let slice = deadline.min(tokio::time::Instant::now() + Duration::from_millis(20));
-                let _ = tokio::time::timeout_at(slice, futures_util::StreamExt::next(&mut events))
-                    .await;
-            };
-            match answer {
-                Some(true) => {
-                    set(None);
-                    return;
-                }
-                Some(false) => {
-                    last_error = String::from("the cluster refused it");
-                    tokio::time::sleep(FINAL_COMMIT_WAIT).await;
-                }
-                None => last_error = String::from("no answer from the cluster"),
+            if tokio::time::Instant::now() + FINAL_COMMIT_WAIT >= deadline {
+                break;
             }
+            // The pause serves the consumer's events too.
+            serve_until(&mut events, tokio::time::sleep(FINAL_COMMIT_WAIT), deadline).await;
         }
-        set(None);
         tracing::warn!(target: "mqtrace", error = %last_error, "final commit failed; records after the last committed offset are processed again");
     }
 
@@ -717,6 +740,8 @@ impl TracedConsumer {
                 })
             })
             .await;
-        self.tracer.settle(processed, &*inner, &self.consumer).await
+        self.tracer
+            .settle(processed, &*inner, &*self.consumer)
+            .await
     }
 }

@@ -484,7 +484,9 @@ async fn an_injected_context_is_replaced_not_doubled() {
 
 /// The full consumer coalesces its commits: 300 records settle with a handful of
 /// commit requests (one per 200 ms at most, then the final one), not one per
-/// record, and the group's committed offset is past the last record at stop.
+/// record, and the group's committed offset is past the last record at stop. The
+/// stop waits for the final commit's answer, which arrives: it takes well under
+/// the 5 s the consumer gives an answer that does not come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_are_coalesced_and_none_is_lost() {
     let h = Harness::start().await;
@@ -495,6 +497,7 @@ async fn commits_are_coalesced_and_none_is_lost() {
     let seen = Arc::new(AtomicUsize::new(0));
     let done = Arc::clone(&seen);
     let consumer = h.consumer(&[&topic], &instrumenter);
+    let told = std::sync::Mutex::new(None);
     let started = std::time::Instant::now();
     let stats = within(
         60,
@@ -506,12 +509,20 @@ async fn commits_are_coalesced_and_none_is_lost() {
                     HandlerResult::Ok(())
                 }
             },
-            when_count(&seen, 300),
+            async {
+                when_count(&seen, 300).await;
+                *told.lock().unwrap() = Some(std::time::Instant::now());
+            },
         ),
     )
     .await
     .unwrap();
     let took = started.elapsed();
+    let stopping = told.lock().unwrap().map(|at| at.elapsed());
+    assert!(
+        stopping.is_some_and(|t| t < std::time::Duration::from_secs(2)),
+        "the consumer took {stopping:?} to stop after the last record"
+    );
     assert_eq!((stats.settled, stats.settle_failures), (300, 0));
     let commits = rdkafka::consumer::Consumer::context(consumer.inner()).stored_commits();
     // One per 200 ms of the run at most (the final commit at stop is apart).
