@@ -8,9 +8,9 @@
 //! Roles: `produce` (at full speed, 500 in flight, each awaited to its broker
 //! acknowledgement: delivery report or publisher confirm), `consume` (records or
 //! deliveries already waiting, empty handler; the raw loops commit or ack each one,
-//! as hand-written loops do; traced, RabbitMQ acks each through `DeliveryTracer`
-//! and Kafka runs mqtrace's `TracedConsumer`, which commits stored offsets every
-//! 200 ms) and
+//! as hand-written loops do; traced, each runs mqtrace's `TracedConsumer`, which
+//! on Kafka commits stored offsets every 200 ms and on RabbitMQ coalesces acks
+//! into `multiple` ones) and
 //! `worker` (the same with a 50 µs busy handler). Variants: `raw` (the plain
 //! client), `unsampled` (mqtrace, every span unsampled: built, never exported) and
 //! `exported` (mqtrace exporting every span over OTLP/gRPC to `--endpoint`). The
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use futures_util::StreamExt as _;
-use mqtrace::{Attempt, HandlerResult, Instrumenter};
+use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use nix::sys::resource::{getrusage, UsageWho};
 use opentelemetry_sdk::trace::Sampler;
@@ -177,6 +177,61 @@ async fn handle(role: Role) -> HandlerResult {
     Ok(())
 }
 
+/// A full consumer's handler that counts: the clock starts at the first message
+/// handled and its wall time stops at the `n`-th, when `all_done` completes.
+#[derive(Clone)]
+struct Clocked {
+    n: usize,
+    handled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    measure: std::sync::Arc<std::sync::Mutex<Option<Measure>>>,
+}
+
+impl Clocked {
+    fn new(n: usize) -> Self {
+        Self {
+            n,
+            handled: std::sync::Arc::default(),
+            measure: std::sync::Arc::default(),
+        }
+    }
+
+    async fn handle(&self, role: Role) -> HandlerResult {
+        use std::sync::atomic::Ordering;
+        if let Ok(mut m) = self.measure.lock() {
+            if m.is_none() {
+                *m = Measure::start().ok();
+            }
+        }
+        let result = handle(role).await;
+        if self.handled.fetch_add(1, Ordering::Relaxed) + 1 == self.n {
+            if let Ok(mut m) = self.measure.lock() {
+                if let Some(m) = m.as_mut() {
+                    m.last_message();
+                }
+            }
+        }
+        result
+    }
+
+    fn all_done(&self) -> impl std::future::Future<Output = ()> + use<> {
+        let (handled, n) = (std::sync::Arc::clone(&self.handled), self.n);
+        async move {
+            while handled.load(std::sync::atomic::Ordering::Relaxed) < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    fn take(&self) -> Result<Measure, Failure> {
+        Ok(self
+            .measure
+            .lock()
+            .map_err(|_| "poisoned")?
+            .take()
+            .ok_or("no message handled")?)
+    }
+}
+
 fn run_name(args: &Args) -> String {
     format!(
         "mqtrace-cost-{:?}-{:?}-{}-{}",
@@ -219,9 +274,7 @@ mod kafka {
     use rdkafka::ClientConfig;
 
     use super::in_flight;
-    use super::{env, handle, run_name, Args, Failure, Instrumenter, Measure, Role};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
+    use super::{env, handle, run_name, Args, Clocked, Failure, Instrumenter, Measure, Role};
 
     use mqtrace_rdkafka::{FutureProducerExt as _, TracedConsumer, TracedProducer};
 
@@ -295,46 +348,18 @@ mod kafka {
             TracedProducer::new(producer.clone(), instrumenter.clone()),
             instrumenter.clone(),
         )?;
-        let handled = Arc::new(AtomicUsize::new(0));
-        let measure: Arc<Mutex<Option<Measure>>> = Arc::new(Mutex::new(None));
-        let (count, clock) = (Arc::clone(&handled), Arc::clone(&measure));
-        let all_done = {
-            let handled = Arc::clone(&handled);
-            async move {
-                while handled.load(Ordering::Relaxed) < n {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-            }
-        };
+        let clocked = Clocked::new(n);
+        let handler = clocked.clone();
         consumer
             .run_until(
                 move |_| {
-                    let (count, clock) = (Arc::clone(&count), Arc::clone(&clock));
-                    async move {
-                        if let Ok(mut m) = clock.lock() {
-                            if m.is_none() {
-                                *m = Measure::start().ok();
-                            }
-                        }
-                        let result = handle(role).await;
-                        if count.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                            if let Ok(mut m) = clock.lock() {
-                                if let Some(m) = m.as_mut() {
-                                    m.last_message();
-                                }
-                            }
-                        }
-                        result
-                    }
+                    let handler = handler.clone();
+                    async move { handler.handle(role).await }
                 },
-                all_done,
+                clocked.all_done(),
             )
             .await?;
-        let measure = measure
-            .lock()
-            .map_err(|_| "poisoned")?
-            .take()
-            .ok_or("no record")?;
+        let measure = clocked.take()?;
         // The run's topic stays: deleting it under live clients crashed librdkafka's
         // metadata cache against tansu.
         Ok(measure)
@@ -348,10 +373,13 @@ mod rabbit {
     };
     use lapin::types::FieldTable;
     use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-    use mqtrace_lapin::{ChannelExt as _, DeliveryTracer, QueueSpec};
+    use mqtrace_lapin::{ChannelExt as _, QueueSpec, TracedConsumer};
+
+    /// Deliveries the broker pushes ahead, raw and traced.
+    const PREFETCH: u16 = 20;
 
     use super::in_flight;
-    use super::{env, handle, run_name, Args, Attempt, Failure, Instrumenter, Measure, Role};
+    use super::{env, handle, run_name, Args, Clocked, Failure, Instrumenter, Measure, Role};
     use futures_util::StreamExt as _;
 
     const BODY: &[u8] = &[b'x'; 100];
@@ -412,7 +440,32 @@ mod rabbit {
             return Ok(measure);
         }
         send(&channel, &name, args.messages, None).await;
-        channel.basic_qos(20, BasicQosOptions::default()).await?;
+        let role = args.role;
+        if let Some(instrumenter) = instrumenter {
+            // mqtrace's full consumer: coalesced acks.
+            let clocked = Clocked::new(args.messages);
+            let handler = clocked.clone();
+            TracedConsumer::new(&url, queue, instrumenter.clone())
+                .prefetch(PREFETCH)
+                .run_until(
+                    move |_| {
+                        let handler = handler.clone();
+                        async move { handler.handle(role).await }
+                    },
+                    clocked.all_done(),
+                )
+                .await?;
+            let measure = clocked.take()?;
+            let _ = channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = connection.close(200, "done".into()).await;
+            return Ok(measure);
+        }
+        // The hand-written loop: ack each delivery.
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await?;
         let mut deliveries = channel
             .basic_consume(
                 name.as_str().into(),
@@ -421,8 +474,6 @@ mod rabbit {
                 FieldTable::default(),
             )
             .await?;
-        let tracer = instrumenter.map(|i| DeliveryTracer::new(i.clone(), &queue));
-        let role = args.role;
         let mut measure: Option<Measure> = None;
         for _ in 0..args.messages {
             let delivery = deliveries.next().await.ok_or("the consumer stopped")??;
@@ -430,16 +481,8 @@ mod rabbit {
             if measure.is_none() {
                 measure = Some(Measure::start()?);
             }
-            match &tracer {
-                Some(tracer) => {
-                    let processed = tracer.process(&delivery, |_: Attempt| handle(role)).await;
-                    tracer.settle(processed, delivery, &channel).await;
-                }
-                None => {
-                    let _ = handle(role).await;
-                    delivery.ack(BasicAckOptions::default()).await?;
-                }
-            }
+            let _ = handle(role).await;
+            delivery.ack(BasicAckOptions::default()).await?;
         }
         let mut measure = measure.ok_or("no delivery")?;
         measure.last_message();

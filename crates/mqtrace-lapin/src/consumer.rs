@@ -1,6 +1,7 @@
 //! Traced consuming: process spans, settlement by outcome, reconnection.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use mqtrace::HandlerError;
 use mqtrace::{HandlerResult, Instrumenter};
 use tokio::task::JoinSet;
 
+use crate::acks::{AckBatch, ACK_DELAY};
 use crate::carrier::FieldTableExtractor;
 use crate::describe::Server;
 use crate::process::{DeliveryTracer, Parts};
@@ -134,6 +136,8 @@ pub struct TracedConsumer {
     concurrency: usize,
     consumer_tag: String,
     backoff: (Duration, Duration),
+    /// Ack frames sent, shared by the consumer's clones.
+    ack_frames: Arc<AtomicU64>,
 }
 
 // === impl TracedConsumer ===
@@ -152,7 +156,17 @@ impl TracedConsumer {
             concurrency: 1,
             consumer_tag: String::new(),
             backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+            ack_frames: Arc::default(),
         }
+    }
+
+    /// `basic.ack` frames sent so far. Acks are coalesced (unless settle spans
+    /// are on, which describe one ack each): a delivery settled by an ack waits
+    /// up to 5 ms, or until half the prefetch window is settled, and one ack
+    /// with `multiple` covers every settled delivery below the lowest one still
+    /// being handled. A crash in between means redelivery, never loss.
+    pub fn ack_frames(&self) -> u64 {
+        self.ack_frames.load(Ordering::Relaxed)
     }
 
     /// Unacknowledged deliveries the broker may push ahead (QoS; default 10).
@@ -270,10 +284,31 @@ impl TracedConsumer {
         counters.connection();
         let mut consumed = false;
         let mut tasks = JoinSet::new();
+        // Coalesced acks, unless each ack has a span of its own.
+        let acks = (!self.tracer.instrumenter().settle_spans_on())
+            .then(|| Arc::new(AckBatch::counting(Arc::clone(&self.ack_frames))));
+        // Half the window settled is flushed at once, so the broker keeps sending.
+        let flush_at = usize::from(self.prefetch / 2).max(1);
+        let mut flush_due: Option<tokio::time::Instant> = None;
         let shutdown_asked = loop {
+            if let Some(acks) = &acks {
+                let pending = acks.pending();
+                if pending >= flush_at {
+                    counters.settle_failures(acks.flush(&channel).await);
+                    flush_due = None;
+                } else if pending > 0 && flush_due.is_none() {
+                    flush_due = Some(tokio::time::Instant::now() + ACK_DELAY);
+                }
+            }
             tokio::select! {
                 biased;
                 () = shutdown.as_mut() => break true,
+                () = sleep_until(flush_due) => {
+                    flush_due = None;
+                    if let Some(acks) = &acks {
+                        counters.settle_failures(acks.flush(&channel).await);
+                    }
+                }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     if let Err(e) = joined {
                         tracing::warn!(target: "mqtrace", error = %e, "consumer task failed");
@@ -286,8 +321,15 @@ impl TracedConsumer {
                         let channel = channel.clone();
                         let handler = handler.clone();
                         let counters = counters.clone();
+                        let acks = acks.clone();
+                        if let Some(acks) = &acks {
+                            acks.arrived(delivery.delivery_tag);
+                        }
                         tasks.spawn(async move {
-                            counters.record(&this.handle(&channel, delivery, handler).await);
+                            let settled = this
+                                .handle(&channel, delivery, handler, acks.as_deref())
+                                .await;
+                            counters.record(&settled);
                         });
                     }
                     Some(Err(e)) => {
@@ -305,6 +347,10 @@ impl TracedConsumer {
                 tracing::warn!(target: "mqtrace", error = %e, "consumer task failed");
             }
         }
+        // After a lost connection these fail, and the broker delivers them again.
+        if let Some(acks) = &acks {
+            counters.settle_failures(acks.flush(&channel).await);
+        }
         if shutdown_asked {
             let _ = channel.close(200, "consumer stopped".into()).await;
             let _ = connection.close(200, "consumer stopped".into()).await;
@@ -318,6 +364,7 @@ impl TracedConsumer {
         channel: &Channel,
         delivery: lapin::message::Delivery,
         handler: H,
+        acks: Option<&AckBatch>,
     ) -> Settled
     where
         H: Fn(Message) -> Fut,
@@ -360,9 +407,22 @@ impl TracedConsumer {
                 })
             })
             .await;
-        self.tracer
-            .settle_parts(processed, parts, acker, channel)
-            .await
+        let settled = self
+            .tracer
+            .settle_parts(processed, parts, acker, channel, acks)
+            .await;
+        if let Some(acks) = acks {
+            acks.finished(delivery_tag);
+        }
+        settled
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -96,6 +96,7 @@
 
 #![forbid(unsafe_code)]
 
+mod acks;
 mod carrier;
 mod consumer;
 mod describe;

@@ -16,6 +16,7 @@ use mqtrace::{
 use opentelemetry::propagation::Extractor;
 use opentelemetry::KeyValue;
 
+use crate::acks::AckBatch;
 use crate::carrier::{FieldTableExtractor, FieldTableInjector};
 use crate::describe::{delivery_description, error_type, publish_description, Server};
 use crate::publisher::record_confirmation;
@@ -163,7 +164,8 @@ impl DeliveryTracer {
             properties: &properties,
             body: &data,
         };
-        self.settle_parts(processed, parts, acker, channel).await
+        self.settle_parts(processed, parts, acker, channel, None)
+            .await
     }
 
     pub(crate) fn incoming<'a>(&'a self, parts: Parts<'a>) -> Incoming<'a> {
@@ -180,6 +182,7 @@ impl DeliveryTracer {
         parts: Parts<'_>,
         acker: Acker,
         channel: &Channel,
+        acks: Option<&AckBatch>,
     ) -> Settled {
         let (retry_exchange, retry_key) = match &self.retry_via {
             Some((e, k)) => (e.as_str(), k.as_str()),
@@ -188,6 +191,7 @@ impl DeliveryTracer {
         let settler = LapinSettler {
             parts,
             acker,
+            acks,
             channel,
             tracer: self,
             retry_exchange,
@@ -297,6 +301,8 @@ impl Extractor for HeadersOf<'_> {
 struct LapinSettler<'a> {
     parts: Parts<'a>,
     acker: Acker,
+    /// The full consumer's coalesced acks; `None` acks each delivery at once.
+    acks: Option<&'a AckBatch>,
     channel: &'a Channel,
     tracer: &'a DeliveryTracer,
     retry_exchange: &'a str,
@@ -391,7 +397,14 @@ impl Settler for LapinSettler<'_> {
         settlement: Settlement,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send {
         let acker = self.acker;
+        let coalesced = self
+            .acks
+            .filter(|_| settlement == Settlement::Ack)
+            .map(|acks| acks.acked(self.parts.delivery_tag));
         async move {
+            if coalesced.is_some() {
+                return Ok(());
+            }
             let done = match settlement {
                 Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
                 Settlement::Redeliver | Settlement::Reject => {

@@ -693,7 +693,10 @@ impl Instrumenter {
         }
     }
 
-    pub(crate) fn settle_spans_on(&self) -> bool {
+    /// Whether settle spans are on: an adapter that coalesces settlements (one
+    /// ack for many deliveries) does so only when they are off, since a settle
+    /// span describes one call for one delivery.
+    pub fn settle_spans_on(&self) -> bool {
         self.settle_spans
     }
 

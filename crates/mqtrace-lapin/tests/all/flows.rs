@@ -176,6 +176,91 @@ async fn missing_or_malformed_trace_headers_start_new_roots() {
     );
 }
 
+/// The full consumer coalesces its acks: 300 deliveries, handled four at a time
+/// and finishing out of order, with a permanent failure (a nack to the
+/// dead-letter queue) every 50, go out with far fewer ack frames than messages;
+/// at stop nothing is left unacknowledged (the queue is empty once the
+/// consumer's connection closes) and exactly the failures are dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_are_coalesced_and_none_is_lost() {
+    const MESSAGES: usize = 300;
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let (_connection, channel) = h.channel().await;
+    let dlq = h.name("ledger.dead");
+    let queue = QueueSpec::new(h.name("ledger")).dead_letter(h.name("ledger.dlx"), &dlq);
+    queue.declare(&channel).await.unwrap();
+    let publisher = TracedPublisher::new(channel.clone(), instrumenter.clone());
+    for n in 0..MESSAGES {
+        publisher
+            .publish(
+                "".into(),
+                queue.name().into(),
+                BasicPublishOptions::default(),
+                n.to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&seen);
+    let consumer = TracedConsumer::new(&h.url, queue.clone(), instrumenter)
+        .prefetch(20)
+        .concurrency(4);
+    let stats = within(
+        60,
+        consumer.run_until(
+            move |message| {
+                let counted = Arc::clone(&counted);
+                async move {
+                    let n: u64 = std::str::from_utf8(message.body())
+                        .ok()
+                        .and_then(|b| b.parse().ok())
+                        .unwrap_or(1);
+                    // Uneven handling times: later deliveries finish first.
+                    tokio::time::sleep(std::time::Duration::from_millis(n % 4)).await;
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    if n.is_multiple_of(50) {
+                        return Err(mqtrace::HandlerError::permanent("bad ledger line"));
+                    }
+                    HandlerResult::Ok(())
+                }
+            },
+            when_count(&seen, MESSAGES),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (stats.settled, stats.dead_lettered, stats.settle_failures),
+        (294, 6, 0)
+    );
+    let frames = consumer.ack_frames();
+    println!(
+        "rabbitmq coalesced acks: {frames} ack frames for {} acked deliveries",
+        MESSAGES - 6
+    );
+    assert!(
+        (1..150).contains(&frames),
+        "{frames} ack frames for {} acked deliveries",
+        MESSAGES - 6
+    );
+    assert!(
+        crate::helpers::drain(&channel, queue.name())
+            .await
+            .is_empty(),
+        "every delivery was acknowledged before the consumer closed"
+    );
+    let mut dead: Vec<String> = crate::helpers::drain_at_least(&channel, &dlq, 6)
+        .await
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        .collect();
+    dead.sort_by_key(|d| d.parse::<u64>().unwrap_or(u64::MAX));
+    assert_eq!(dead, ["0", "50", "100", "150", "200", "250"]);
+}
+
 /// The consumer's loop can be spawned on tokio (its future is `Send`).
 #[test]
 fn the_consumer_loop_is_send() {

@@ -1,0 +1,204 @@
+//! Coalesced acknowledgements for the full consumer: one `basic.ack` with
+//! `multiple` for a run of settled deliveries, instead of a frame per message.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use lapin::options::BasicAckOptions;
+use lapin::Channel;
+
+/// How long a settled delivery's ack may wait for others to join it.
+pub(crate) const ACK_DELAY: Duration = Duration::from_millis(5);
+
+/// The deliveries of one channel between their arrival and their ack.
+///
+/// A delivery is *in flight* from its arrival until its handler has finished and
+/// it was settled; one settled by an ack is *pending* until its ack is sent. A
+/// flush acks, with one `multiple` frame, every pending delivery below the
+/// lowest one still in flight, and each pending delivery above it on its own:
+/// `multiple` never covers a delivery whose handler is still running, and one
+/// rejected on its own (a nack) is no longer outstanding, so a later `multiple`
+/// passes over it.
+#[derive(Debug, Default)]
+pub(crate) struct AckBatch {
+    state: Mutex<State>,
+    /// Ack frames sent, across channels: what a test or benchmark compares with
+    /// the messages acked.
+    frames: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    in_flight: BTreeSet<u64>,
+    pending: BTreeSet<u64>,
+}
+
+/// The acks one flush sends: a `multiple` up to a tag, and single ones.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Flush {
+    pub(crate) multiple: Option<u64>,
+    pub(crate) single: Vec<u64>,
+    /// Deliveries these frames ack.
+    pub(crate) messages: u64,
+}
+
+impl AckBatch {
+    /// A batch that counts its frames in `frames`.
+    pub(crate) fn counting(frames: Arc<AtomicU64>) -> Self {
+        Self {
+            state: Mutex::default(),
+            frames,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent sets behind.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A delivery arrived.
+    pub(crate) fn arrived(&self, tag: u64) {
+        self.state().in_flight.insert(tag);
+    }
+
+    /// A delivery was settled by an ack, which waits for the next flush: its
+    /// handling is over.
+    pub(crate) fn acked(&self, tag: u64) {
+        let mut state = self.state();
+        state.in_flight.remove(&tag);
+        state.pending.insert(tag);
+    }
+
+    /// A delivery's handling is over, however it was settled (a nack has been
+    /// sent by then).
+    pub(crate) fn finished(&self, tag: u64) {
+        self.state().in_flight.remove(&tag);
+    }
+
+    /// Acks waiting to be sent.
+    pub(crate) fn pending(&self) -> usize {
+        self.state().pending.len()
+    }
+
+    /// Takes what a flush sends now. Every delivery below the lowest in flight
+    /// has been settled: acked (pending) or nacked on its own. Deliveries not yet
+    /// taken from the consumer's stream have higher tags than any that arrived.
+    pub(crate) fn take(&self) -> Flush {
+        let mut state = self.state();
+        let floor = state.in_flight.first().copied().unwrap_or(u64::MAX);
+        let above = state.pending.split_off(&floor);
+        let below = std::mem::take(&mut state.pending);
+        Flush {
+            multiple: below.last().copied(),
+            messages: (below.len() + above.len()) as u64,
+            single: above.into_iter().collect(),
+        }
+    }
+
+    /// Sends what is pending on `channel`. Returns the deliveries whose ack could
+    /// not be sent (the broker hands them out again).
+    pub(crate) async fn flush(&self, channel: &Channel) -> u64 {
+        let flush = self.take();
+        let mut failed = 0;
+        let mut send = async |tag: u64, multiple: bool, covers: u64| {
+            self.frames.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = channel.basic_ack(tag, BasicAckOptions { multiple }).await {
+                tracing::warn!(target: "mqtrace", error = %e, delivery_tag = tag, "cannot acknowledge; the broker delivers again");
+                failed += covers;
+            }
+        };
+        let singles = flush.single.len() as u64;
+        if let Some(tag) = flush.multiple {
+            send(tag, true, flush.messages - singles).await;
+        }
+        for tag in flush.single {
+            send(tag, false, 1).await;
+        }
+        failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(arrived: &[u64]) -> AckBatch {
+        let b = AckBatch::default();
+        for t in arrived {
+            b.arrived(*t);
+        }
+        b
+    }
+
+    #[test]
+    fn in_order_acks_go_out_as_one_multiple() {
+        let b = batch(&[1, 2, 3]);
+        for t in [1, 2, 3] {
+            b.acked(t);
+        }
+        assert_eq!(
+            b.take(),
+            Flush {
+                multiple: Some(3),
+                single: vec![],
+                messages: 3
+            }
+        );
+        assert_eq!(b.pending(), 0);
+        assert_eq!(b.take().messages, 0);
+    }
+
+    #[test]
+    fn a_delivery_still_handled_bounds_the_multiple() {
+        // 3 is still running: 1 and 2 go as a multiple, 4 and 5 on their own.
+        let b = batch(&[1, 2, 3, 4, 5]);
+        for t in [1, 2, 4, 5] {
+            b.acked(t);
+        }
+        assert_eq!(
+            b.take(),
+            Flush {
+                multiple: Some(2),
+                single: vec![4, 5],
+                messages: 4
+            }
+        );
+        b.acked(3);
+        assert_eq!(b.take().multiple, Some(3));
+    }
+
+    #[test]
+    fn a_nacked_delivery_is_passed_over() {
+        // 2 was nacked on its own (finished without an ack): the multiple up to 3
+        // no longer covers it at the broker, and is not held back by it.
+        let b = batch(&[1, 2, 3]);
+        b.acked(1);
+        b.finished(2);
+        b.acked(3);
+        assert_eq!(
+            b.take(),
+            Flush {
+                multiple: Some(3),
+                single: vec![],
+                messages: 2
+            }
+        );
+    }
+
+    #[test]
+    fn nothing_pending_sends_nothing() {
+        let b = batch(&[1]);
+        assert_eq!(
+            b.take(),
+            Flush {
+                multiple: None,
+                single: vec![],
+                messages: 0
+            }
+        );
+    }
+}
