@@ -9,6 +9,9 @@
 # a change by them.
 #
 #   scripts/callgrind-breakdown.sh [N]     (default N = 5000; prints a Markdown table)
+#
+# VARIANT=unsampled counts the same with every span unsampled, VARIANT=raw the
+# embedded broker alone (no mqtrace): what the other two are compared with.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N=${1:-5000}
@@ -22,7 +25,7 @@ trap 'kill "$VIEW" 2>/dev/null || true; rm -rf "$OUT"' EXIT
 source scripts/view-collector.sh
 for mode in send process; do
   for n in "$N" "$((2 * N))"; do
-    ENDPOINT=$ENDPOINT valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$mode.$n" \
+    ENDPOINT=$ENDPOINT VARIANT=${VARIANT:-exported} valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$mode.$n" \
       "$TARGET/release/examples/export_cost" "$mode" "$n" 2>"$OUT/valgrind.$mode.$n.log" \
       || { tail -20 "$OUT/valgrind.$mode.$n.log" >&2; exit 1; }
     callgrind_annotate --threshold=100 "$OUT/cg.$mode.$n" >"$OUT/annotate.$mode.$n" 2>/dev/null

@@ -14,11 +14,16 @@
 //! empty handler and settled. Metrics are off (their cost is measured apart). The
 //! queue holds every span, so nothing is dropped; the run fails if any span was not
 //! exported.
+//!
+//! `VARIANT=unsampled` runs the same with every span unsampled (`AlwaysOff`: built,
+//! never exported), and `VARIANT=raw` the same messages through the embedded broker
+//! with no mqtrace at all (published, received, acked): the floor that the other
+//! two are counted against.
 #![allow(missing_docs, clippy::print_stderr)]
 
 use mqtrace::embedded::{Broker, Message, QueueOptions, TracedConsumer, TracedProducer};
 use mqtrace_telemetry::TelemetryBuilder;
-use opentelemetry_sdk::trace::BatchConfigBuilder;
+use opentelemetry_sdk::trace::{BatchConfigBuilder, Sampler};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -27,7 +32,15 @@ fn main() -> Result<(), String> {
     let mode = args.next().unwrap_or_else(|| "send".into());
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let endpoint = std::env::var("ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4317".to_owned());
+    let variant = std::env::var("VARIANT").unwrap_or_else(|_| "exported".to_owned());
+    let sampler = match variant.as_str() {
+        "exported" => Sampler::AlwaysOn,
+        "unsampled" => Sampler::AlwaysOff,
+        "raw" => return raw(&mode, n),
+        other => return Err(format!("VARIANT={other:?}: use exported, unsampled or raw")),
+    };
     let telemetry = TelemetryBuilder::default()
+        .sampler(sampler)
         .service_name("export-cost")
         .endpoint(endpoint)
         .install_global(false)
@@ -80,12 +93,47 @@ fn main() -> Result<(), String> {
         Ok::<(), String>(())
     })?;
     let stats = telemetry.shutdown();
-    if stats.not_exported() > 0 || stats.exported != n as u64 {
+    let expected = if variant == "unsampled" { 0 } else { n as u64 };
+    if stats.not_exported() > 0 || stats.exported != expected {
         return Err(format!(
             "{} of {} spans exported: is a collector listening?",
             stats.exported, stats.ended
         ));
     }
     eprintln!("{mode}: {n} spans exported");
+    Ok(())
+}
+
+/// The same messages through the embedded broker with no mqtrace: `send` publishes
+/// each, `process` receives and acks each.
+fn raw(mode: &str, n: usize) -> Result<(), String> {
+    let broker = Broker::new();
+    broker.declare_queue("orders", QueueOptions::default());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        for i in 0..n {
+            let mut message = Message::new(i.to_be_bytes().to_vec());
+            if mode == "process" {
+                message = message.header("traceparent", TRACEPARENT);
+            }
+            broker
+                .publish("orders", message)
+                .map_err(|e| e.to_string())?;
+        }
+        if mode == "process" {
+            for _ in 0..n {
+                broker
+                    .receive("orders")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ack();
+            }
+        }
+        Ok::<(), String>(())
+    })?;
+    eprintln!("{mode}: {n} messages, no mqtrace");
     Ok(())
 }

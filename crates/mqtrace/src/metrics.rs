@@ -20,8 +20,11 @@
 //!
 //! Attribute sets are built once per stream and cached, with the sets derived
 //! from them (per disposition, settle call and error type) cached inside; recording
-//! a measurement on the success path does not allocate and hashes the attributes
-//! once per span.
+//! a measurement on the success path does not allocate. With the
+//! `bound-instruments` feature (on through `mqtrace-telemetry`'s defaults) each
+//! cached set is bound to its instruments at its first measurement, and the SDK
+//! then records without hashing the attributes; without it, the SDK hashes each
+//! measurement's set. Failures (sets with `error.type`) are recorded unbound.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -64,13 +67,19 @@ pub(crate) struct Stream {
     settles: Mutex<Vec<(&'static str, Arc<Stream>)>>,
     /// By `error.type`.
     errors: Mutex<Vec<(Box<str>, Set)>>,
+    /// Whether the stream is kept (in the instrumenter's cache, or inside a kept
+    /// stream), so that binding instruments to its set once pays off.
+    kept: bool,
+    /// The instruments bound to `base`, each at its first measurement.
+    #[cfg(feature = "bound-instruments")]
+    bound: bound::Handles,
 }
 
 /// A cached attribute set.
 type Set = Arc<[KeyValue]>;
 
 impl Stream {
-    fn new(key: Option<StreamKey>, base: Arc<[KeyValue]>) -> Self {
+    fn new(key: Option<StreamKey>, base: Arc<[KeyValue]>, kept: bool) -> Self {
         Self {
             key,
             base,
@@ -78,6 +87,9 @@ impl Stream {
             first_settle: OnceLock::new(),
             settles: Mutex::new(Vec::new()),
             errors: Mutex::new(Vec::new()),
+            kept,
+            #[cfg(feature = "bound-instruments")]
+            bound: bound::Handles::default(),
         }
     }
 
@@ -101,14 +113,17 @@ impl Stream {
         set
     }
 
-    fn disposition(&self, disposition: Disposition) -> &[KeyValue] {
-        let index = match disposition {
+    fn disposition_index(disposition: Disposition) -> usize {
+        match disposition {
             Disposition::Settle => 0,
             Disposition::Retry => 1,
             Disposition::DeadLetter => 2,
             Disposition::Drop => 3,
-        };
-        self.dispositions[index].get_or_init(|| {
+        }
+    }
+
+    fn disposition(&self, disposition: Disposition) -> &[KeyValue] {
+        self.dispositions[Self::disposition_index(disposition)].get_or_init(|| {
             self.base
                 .iter()
                 .cloned()
@@ -153,7 +168,7 @@ impl Stream {
                 _ => kv.clone(),
             })
             .collect();
-        Stream::new(None, base)
+        Stream::new(None, base, self.kept)
     }
 
     fn matches(&self, d: &MessageDescription) -> bool {
@@ -163,6 +178,51 @@ impl Stream {
     #[cfg(test)]
     fn attributes(&self) -> &[KeyValue] {
         &self.base
+    }
+}
+
+/// Instruments bound to a kept stream's attribute set: the SDK resolves the set
+/// to its data point once, at the first measurement, and every later one skips
+/// the per-call hashing. Each instrument is bound only when first used, so a
+/// stream has no data points on instruments it never records to.
+#[cfg(feature = "bound-instruments")]
+mod bound {
+    use std::sync::OnceLock;
+
+    use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram};
+    use opentelemetry::KeyValue;
+
+    /// One conventions version's instruments (two under `Dup`).
+    #[derive(Default)]
+    pub(super) struct Version {
+        pub(super) send_duration: OnceLock<BoundHistogram<f64>>,
+        pub(super) client_duration: OnceLock<BoundHistogram<f64>>,
+        pub(super) process_duration: OnceLock<BoundHistogram<f64>>,
+        pub(super) sent: OnceLock<BoundCounter<u64>>,
+        pub(super) consumed: OnceLock<BoundCounter<u64>>,
+    }
+
+    #[derive(Default)]
+    pub(super) struct Handles {
+        pub(super) versions: [Version; 2],
+        pub(super) queue_duration: OnceLock<BoundHistogram<f64>>,
+        pub(super) dispositions: [OnceLock<BoundCounter<u64>>; 4],
+    }
+
+    pub(super) fn histogram<'a>(
+        slot: &'a OnceLock<BoundHistogram<f64>>,
+        instrument: &Histogram<f64>,
+        attributes: &[KeyValue],
+    ) -> &'a BoundHistogram<f64> {
+        slot.get_or_init(|| instrument.bind(attributes))
+    }
+
+    pub(super) fn counter<'a>(
+        slot: &'a OnceLock<BoundCounter<u64>>,
+        instrument: &Counter<u64>,
+        attributes: &[KeyValue],
+    ) -> &'a BoundCounter<u64> {
+        slot.get_or_init(|| instrument.bind(attributes))
     }
 }
 
@@ -451,9 +511,10 @@ impl Metrics {
             .filter(|kv| is_metric_attribute(kv.key.as_str()))
             .filter(|kv| !(unique && kv.key.as_str() == attr::MESSAGING_DESTINATION_NAME))
             .collect();
-        let stream = Arc::new(Stream::new(Some(StreamKey::of(d)), base));
         use std::sync::atomic::Ordering;
-        if self.cached.load(Ordering::Relaxed) < MAX_CACHED_SETS {
+        let kept = self.cached.load(Ordering::Relaxed) < MAX_CACHED_SETS;
+        let stream = Arc::new(Stream::new(Some(StreamKey::of(d)), base, kept));
+        if kept {
             if let Ok(mut streams) = self.streams.write() {
                 let bucket = streams.entry(hash).or_default();
                 match bucket.iter().find(|s| s.matches(d)) {
@@ -476,6 +537,28 @@ impl Metrics {
         stream: &Stream,
         error_type: Option<&str>,
     ) {
+        let meters = self.meters();
+        #[cfg(feature = "bound-instruments")]
+        if error_type.is_none() && stream.kept {
+            for (v, b) in meters.versions.iter().zip(&stream.bound.versions) {
+                let base = &stream.base;
+                match what {
+                    Measured::Send(n) => {
+                        bound::histogram(&b.send_duration, &v.send_duration, base).record(seconds);
+                        bound::counter(&b.sent, &v.sent, base).add(n);
+                    }
+                    Measured::Client => {
+                        bound::histogram(&b.client_duration, &v.client_duration, base)
+                            .record(seconds);
+                    }
+                    Measured::Process => {
+                        bound::histogram(&b.process_duration, &v.process_duration, base)
+                            .record(seconds);
+                    }
+                }
+            }
+            return;
+        }
         let failed;
         let attributes: &[KeyValue] = match error_type {
             Some(e) => {
@@ -484,7 +567,7 @@ impl Metrics {
             }
             None => &stream.base,
         };
-        for v in &self.meters().versions {
+        for v in &meters.versions {
             match what {
                 Measured::Send(n) => {
                     v.send_duration.record(seconds, attributes);
@@ -499,6 +582,18 @@ impl Metrics {
     /// Counts a delivery whose processing starts, with its queue time.
     pub(crate) fn consumed(&self, stream: &Stream, queue_time: Option<f64>) {
         let meters = self.meters();
+        #[cfg(feature = "bound-instruments")]
+        if stream.kept {
+            let base = &stream.base;
+            for (v, b) in meters.versions.iter().zip(&stream.bound.versions) {
+                bound::counter(&b.consumed, &v.consumed, base).add(1);
+            }
+            if let Some(waited) = queue_time {
+                bound::histogram(&stream.bound.queue_duration, &meters.queue_duration, base)
+                    .record(waited);
+            }
+            return;
+        }
         for v in &meters.versions {
             v.consumed.add(1, &stream.base);
         }
@@ -509,9 +604,14 @@ impl Metrics {
 
     /// Counts a delivery's disposition.
     pub(crate) fn disposition(&self, stream: &Stream, disposition: Disposition) {
-        self.meters()
-            .dispositions
-            .add(1, stream.disposition(disposition));
+        let meters = self.meters();
+        #[cfg(feature = "bound-instruments")]
+        if stream.kept {
+            let slot = &stream.bound.dispositions[Stream::disposition_index(disposition)];
+            bound::counter(slot, &meters.dispositions, stream.disposition(disposition)).add(1);
+            return;
+        }
+        meters.dispositions.add(1, stream.disposition(disposition));
     }
 }
 
