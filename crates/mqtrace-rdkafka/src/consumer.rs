@@ -19,9 +19,10 @@ use crate::describe::ClientInfo;
 use crate::process::RecordTracer;
 use crate::producer::TracedProducer;
 
-/// How often the full consumer commits the offsets it stored, at most.
+/// How often the full consumer commits the offsets it stored, at most (default).
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
-/// Records settled since the last commit that make the next one due at once.
+/// Records settled since the last commit that make the next one due at once
+/// (default).
 const COMMIT_EVERY: u64 = 1_000;
 
 /// Commits the offsets stored so far, asynchronously: what a rebalance callback
@@ -98,6 +99,8 @@ pub struct StatsContext {
     failed_commits: AtomicU64,
     /// Commits of the stored offsets the consumer asked for.
     stored_commits: AtomicU64,
+    /// Rebalances that revoked partitions from this consumer.
+    revocations: AtomicU64,
     /// Commit the stored offsets when partitions are revoked (the full consumer,
     /// which stores offsets and commits them in batches).
     commit_stored_on_revoke: std::sync::atomic::AtomicBool,
@@ -237,6 +240,12 @@ impl StatsContext {
     pub fn stored_commits(&self) -> u64 {
         self.stored_commits.load(Ordering::Relaxed)
     }
+
+    /// Rebalances that revoked this consumer's partitions so far (the full
+    /// consumer commits its settled records' offsets at each).
+    pub fn revocations(&self) -> u64 {
+        self.revocations.load(Ordering::Relaxed)
+    }
 }
 
 impl ClientContext for StatsContext {
@@ -266,9 +275,11 @@ impl ConsumerContext for StatsContext {
     ) {
         // Settled records' offsets go out before the partitions move, so their new
         // owner does not handle them again. Asynchronous: this runs inside a poll.
-        if matches!(rebalance, rdkafka::consumer::Rebalance::Revoke(_))
-            && self.commit_stored_on_revoke.load(Ordering::Relaxed)
-        {
+        if !matches!(rebalance, rdkafka::consumer::Rebalance::Revoke(_)) {
+            return;
+        }
+        self.revocations.fetch_add(1, Ordering::Relaxed);
+        if self.commit_stored_on_revoke.load(Ordering::Relaxed) {
             commit_stored_async(consumer);
         }
     }
@@ -368,6 +379,8 @@ pub struct TracedConsumer {
     consumer: Arc<StreamConsumer<StatsContext>>,
     tracer: RecordTracer,
     missing_topic_timeout: Duration,
+    /// At most this long, or this many settled records, between commits.
+    commit_every: (Duration, u64),
 }
 
 /// Why [`TracedConsumer::run_until`] stopped before being asked to.
@@ -479,6 +492,7 @@ impl TracedConsumer {
             )
             .store_offsets(true),
             missing_topic_timeout: Duration::from_secs(10),
+            commit_every: (COMMIT_INTERVAL, COMMIT_EVERY),
         })
     }
 
@@ -524,6 +538,16 @@ impl TracedConsumer {
         self
     }
 
+    /// How often the stored offsets are committed: at most `interval` after a
+    /// record is settled, or at once when `records` are settled since the last
+    /// commit (default 200 ms, 1,000 records). Commits on revocation and at stop
+    /// happen either way. Longer means fewer commit requests, and more records
+    /// handled again after a crash.
+    pub fn commit_every(mut self, interval: Duration, records: u64) -> Self {
+        self.commit_every = (interval, records.max(1));
+        self
+    }
+
     /// The consumer.
     pub fn inner(&self) -> &StreamConsumer<StatsContext> {
         &self.consumer
@@ -559,12 +583,13 @@ impl TracedConsumer {
         let mut refused = None;
         // Settled records whose stored offsets are not committed yet, and since when.
         let mut uncommitted: u64 = 0;
-        let mut commit_due = tokio::time::Instant::now() + COMMIT_INTERVAL;
+        let (interval, every) = self.commit_every;
+        let mut commit_due = tokio::time::Instant::now() + interval;
         // The commit of stored offsets waiting for the cluster's answer, if any.
         let mut committing = None;
         loop {
             if uncommitted > 0
-                && (uncommitted >= COMMIT_EVERY || tokio::time::Instant::now() >= commit_due)
+                && (uncommitted >= every || tokio::time::Instant::now() >= commit_due)
             {
                 // One commit in flight at a time: while the cluster is slow to
                 // answer, the next one waits and then covers both.
@@ -575,11 +600,11 @@ impl TracedConsumer {
                     committing = Some(commit_on_blocking_thread(&self.consumer, None));
                     uncommitted = 0;
                 } else {
-                    commit_due = tokio::time::Instant::now() + COMMIT_INTERVAL;
+                    commit_due = tokio::time::Instant::now() + interval;
                 }
             }
             if uncommitted == 0 {
-                commit_due = tokio::time::Instant::now() + COMMIT_INTERVAL;
+                commit_due = tokio::time::Instant::now() + interval;
             }
             let give_up = missing
                 .as_ref()

@@ -533,3 +533,85 @@ async fn commits_are_coalesced_and_none_is_lost() {
     );
     assert_eq!(crate::helpers::committed_offset(&h, &topic).await, 300);
 }
+
+/// Partitions revoked in a rebalance: the member losing them commits the offsets
+/// of the records it settled first, so whoever owns the partition next starts
+/// after them and no record is handled twice. Interval commits are off (an hour
+/// apart), so only the commit on revocation can carry that progress: without it
+/// the next owner starts again from offset 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_commits_the_settled_records_first() {
+    const RECORDS: usize = 150;
+    let h = Harness::start().await;
+    let topic = h.name("rebalanced");
+    h.topics(&[&topic]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    send_numbered(&h.producer(&instrumenter), &topic, RECORDS).await;
+    // How often each record was handled, by either member.
+    let handled = Arc::new(std::sync::Mutex::new(vec![0u32; RECORDS]));
+    let distinct = Arc::new(AtomicUsize::new(0));
+    let member = |name: &'static str| {
+        let (handled, distinct) = (Arc::clone(&handled), Arc::clone(&distinct));
+        move |record: mqtrace_rdkafka::Record| {
+            let (handled, distinct) = (Arc::clone(&handled), Arc::clone(&distinct));
+            async move {
+                let n: usize = record.json()?;
+                tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+                let mut counts = handled.lock().unwrap();
+                if let Some(c) = counts.get_mut(n) {
+                    if *c == 0 {
+                        distinct.fetch_add(1, Ordering::SeqCst);
+                    }
+                    *c += 1;
+                }
+                let _ = name;
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let consumer = || {
+        h.consumer(&[&topic], &instrumenter)
+            .commit_every(std::time::Duration::from_secs(3600), u64::MAX)
+    };
+    let first = consumer();
+    let joined_late = async {
+        // The second member joins once the first is well into the partition (made
+        // only then: a member that subscribed and does not poll holds up the
+        // group's rebalance).
+        when_count(&distinct, 5).await;
+        let second = consumer();
+        second
+            .run_until(member("second"), when_count(&distinct, RECORDS))
+            .await
+    };
+    let (a, b) = within(
+        90,
+        futures_util::future::join(
+            first.run_until(member("first"), when_count(&distinct, RECORDS)),
+            joined_late,
+        ),
+    )
+    .await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let revoked = rdkafka::consumer::Consumer::context(first.inner()).revocations();
+    assert!(
+        revoked >= 1,
+        "the second member's arrival revoked the first's partition"
+    );
+    let counts = handled.lock().unwrap().clone();
+    println!(
+        "kafka rebalance: {RECORDS} records, first member settled {} (revoked {revoked} times), second {}, handled twice {}",
+        a.settled,
+        b.settled,
+        counts.iter().filter(|c| **c > 1).count()
+    );
+    assert!(
+        counts.iter().all(|c| *c == 1),
+        "each record handled once across the rebalance: {counts:?}"
+    );
+    assert_eq!((a.settled + b.settled) as usize, RECORDS);
+    assert_eq!(
+        crate::helpers::committed_offset(&h, &topic).await,
+        RECORDS as i64
+    );
+}
