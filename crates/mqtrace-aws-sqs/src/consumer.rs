@@ -9,7 +9,7 @@ use aws_sdk_sqs::operation::receive_message::ReceiveMessageError;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
 use aws_sdk_sqs::Client;
 use mqtrace::settle::{ConsumerCounters, ConsumerStats, Settled};
-use mqtrace::{HandlerError, HandlerResult, Instrumenter, OperationType};
+use mqtrace::{Attempt, HandlerError, HandlerResult, Instrumenter, OperationType};
 
 use crate::carrier::MessageAttributesExtractor;
 use crate::describe::{describe, error_type};
@@ -473,15 +473,20 @@ impl TracedConsumer {
         H: Fn(Received) -> Fut,
         Fut: Future<Output = HandlerResult>,
     {
-        let processed = self
-            .tracer
-            .process(message.message(), |attempt| {
-                handler(Received {
-                    message: message.message().clone(),
-                    attempt: attempt.number(),
-                })
+        let handle = |attempt: Attempt| {
+            handler(Received {
+                message: message.message().clone(),
+                attempt: attempt.number(),
             })
-            .await;
+        };
+        // A receive span counted the message as consumed.
+        let processed = if self.receive_spans {
+            self.tracer
+                .process_received(message.message(), handle)
+                .await
+        } else {
+            self.tracer.process(message.message(), handle).await
+        };
         self.tracer.settle(processed, message.message()).await
     }
 }

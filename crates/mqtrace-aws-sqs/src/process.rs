@@ -234,7 +234,22 @@ impl MessageTracer {
         Incoming {
             message,
             queue_url: &self.queue_url,
+            received: false,
         }
+    }
+
+    /// [`MessageTracer::process`] for a message received under a receive span
+    /// of the consumer's, which counted it as consumed.
+    pub(crate) async fn process_received<F, Fut>(&self, message: &Message, handler: F) -> Processed
+    where
+        F: FnOnce(Attempt) -> Fut,
+        Fut: Future<Output = HandlerResult>,
+    {
+        let incoming = Incoming {
+            received: true,
+            ..self.incoming(message)
+        };
+        self.instrumenter.process_with(&incoming, handler).await
     }
 
     /// Runs `handler` inside the message's `process` span (CONSUMER; message id,
@@ -297,6 +312,8 @@ pub(crate) fn receive_count(message: &Message) -> Option<u32> {
 pub(crate) struct Incoming<'a> {
     message: &'a Message,
     queue_url: &'a str,
+    /// Received under a receive span, which counted it as consumed.
+    received: bool,
 }
 
 impl Inbound for Incoming<'_> {
@@ -338,6 +355,10 @@ impl Inbound for Incoming<'_> {
 
     fn delivery_count(&self) -> Option<u32> {
         receive_count(self.message)
+    }
+
+    fn counted_at_receive(&self) -> bool {
+        self.received
     }
 }
 

@@ -278,6 +278,7 @@ impl RecordTracer {
             record,
             info: &self.info,
             lag,
+            polled: self.receive_spans,
         };
         if self.receive_spans {
             // The record's own attributes (partition, offset, key, group, lag), as
@@ -319,6 +320,8 @@ struct Incoming<'a, M> {
     record: &'a M,
     info: &'a ClientInfo,
     lag: Option<i64>,
+    /// Received under a `poll` span, which counted it as consumed.
+    polled: bool,
 }
 
 impl<M: Message> Inbound for Incoming<'_, M> {
@@ -348,6 +351,10 @@ impl<M: Message> Inbound for Incoming<'_, M> {
     fn broker_timestamp(&self) -> Option<SystemTime> {
         let ms = u64::try_from(self.record.timestamp().to_millis()?).ok()?;
         UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+    }
+
+    fn counted_at_receive(&self) -> bool {
+        self.polled
     }
 }
 

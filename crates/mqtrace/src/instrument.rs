@@ -96,6 +96,13 @@ pub trait Inbound {
     fn delivery_count(&self) -> Option<u32> {
         None
     }
+    /// Whether the message arrived under a receive span of mqtrace's
+    /// ([`Instrumenter::start_receive`]), which counted it in
+    /// `messaging.client.consumed.messages`: its processing then does not count
+    /// it again, as the conventions ask (default: false, counted at processing).
+    fn counted_at_receive(&self) -> bool {
+        false
+    }
 }
 
 /// What a start hook sees.
@@ -826,8 +833,23 @@ impl Instrumenter {
     }
 
     /// A `receive` span (CLIENT) for one poll, linking each received message's
-    /// creation context (with its message id on the link).
+    /// creation context (with its message id on the link). The messages are
+    /// counted in `messaging.client.consumed.messages` here, with the receive's
+    /// operation name; their [`Inbound::counted_at_receive`] should say so, or
+    /// their processing counts them again.
     pub fn start_receive<'a, M>(&self, d: &MessageDescription, messages: &'a [M]) -> MessagingSpan
+    where
+        M: Inbound + 'a,
+    {
+        self.receive_span(d, messages, None)
+    }
+
+    fn receive_span<'a, M>(
+        &self,
+        d: &MessageDescription,
+        messages: &'a [M],
+        started: Option<SystemTime>,
+    ) -> MessagingSpan
     where
         M: Inbound + 'a,
     {
@@ -835,15 +857,20 @@ impl Instrumenter {
             .iter()
             .filter_map(|m| Self::message_link(m, &self.creation_of(m)))
             .collect();
-        self.start(
+        let span = self.start_at(
             d,
             SpanKind::Client,
             &Context::current(),
             links,
             None,
             |_| {},
+            started,
             Some(Measured::Client),
-        )
+        );
+        if let (Some(stream), false) = (span.stream(), messages.is_empty()) {
+            self.inner.metrics.received(stream, messages.len() as u64);
+        }
+        span
     }
 
     /// A `receive` span like [`Instrumenter::start_receive`], started at
@@ -858,20 +885,7 @@ impl Instrumenter {
     where
         M: Inbound + 'a,
     {
-        let links = messages
-            .iter()
-            .filter_map(|m| Self::message_link(m, &self.creation_of(m)))
-            .collect();
-        self.start_at(
-            d,
-            SpanKind::Client,
-            &Context::current(),
-            links,
-            None,
-            |_| {},
-            Some(started),
-            Some(Measured::Client),
-        )
+        self.receive_span(d, messages, Some(started))
     }
 
     /// The producer's context carried by a message (invalid when there is none).
@@ -1005,7 +1019,9 @@ impl Instrumenter {
             Some(Measured::Process),
         );
         if let Some(stream) = span.stream() {
-            self.inner.metrics.consumed(stream, waited);
+            self.inner
+                .metrics
+                .consumed(stream, waited, message.counted_at_receive());
         }
         (span, d)
     }

@@ -5,7 +5,7 @@
 //! | `messaging.client.operation.duration` | histogram | `s` | when a send, receive, forward or settle call ends (settle calls are timed whether or not settle spans are on) |
 //! | `messaging.process.duration` | histogram | `s` | when a message's process span ends (handler, forward and settlement) |
 //! | `messaging.client.sent.messages` | counter | `{message}` | per message sent (a batch send counts its entries; forwards count) |
-//! | `messaging.client.consumed.messages` | counter | `{message}` | per delivery, when its processing starts |
+//! | `messaging.client.consumed.messages` | counter | `{message}` | per delivery, once: at the receive span it arrived under (operation `receive` or `poll`), else when its processing starts |
 //! | `mqtrace.message.queue.duration` | histogram | `s` | per delivery with a broker timestamp: publish to the start of processing |
 //! | `mqtrace.message.dispositions` | counter | `{message}` | per delivery, with `mqtrace.message.disposition` (`settled`, `retried`, `dead_lettered`, `dropped`) |
 //!
@@ -15,8 +15,10 @@
 //! `server.address` and `server.port`, and `error.type` on failures, named by the
 //! [`Conventions`] in force; under `Dup` both metric sets are
 //! recorded. Both duration histograms use the conventions' bucket advice. Consumed
-//! messages are counted when processing starts rather than at a receive span, so
-//! each delivery is counted once whichever of the two an adapter instruments.
+//! messages are counted once per delivery, as the conventions ask: by the receive
+//! span where there is one (the SQS consumer's receives, Kafka's opt-in `poll`
+//! spans), else when processing starts. Under legacy names (v1.24) receives count
+//! `messaging.receive.messages` and processing `messaging.process.messages`.
 //!
 //! Attribute sets are built once per stream and cached, with the sets derived
 //! from them (per disposition, settle call and error type) cached inside; recording
@@ -200,6 +202,7 @@ mod bound {
         pub(super) process_duration: OnceLock<BoundHistogram<f64>>,
         pub(super) sent: OnceLock<BoundCounter<u64>>,
         pub(super) consumed: OnceLock<BoundCounter<u64>>,
+        pub(super) received: OnceLock<BoundCounter<u64>>,
     }
 
     #[derive(Default)]
@@ -336,6 +339,12 @@ struct Instruments {
     process_duration: Histogram<f64>,
     sent: Counter<u64>,
     consumed: Counter<u64>,
+    /// Messages counted at receive: `consumed` itself where one metric counts
+    /// consumption once (v1.44 on), v1.24's `messaging.receive.messages` apart.
+    received: Counter<u64>,
+    /// Whether `received` is `consumed`: a message counted at receive is then
+    /// not counted again at processing.
+    counted_once: bool,
 }
 
 impl Instruments {
@@ -354,20 +363,37 @@ impl Instruments {
         } else {
             histogram(names.client_duration, "Duration of messaging operations.")
         };
+        let counter = |name: &'static str, what: &'static str| {
+            meter
+                .u64_counter(name)
+                .with_unit("{message}")
+                .with_description(what)
+                .build()
+        };
+        let consumed = counter(
+            names.processed_messages,
+            "Messages delivered to the consumer.",
+        );
+        let counted_once = names.received_messages == names.processed_messages;
+        let received = if counted_once {
+            consumed.clone()
+        } else {
+            counter(
+                names.received_messages,
+                "Messages received by the consumer.",
+            )
+        };
         Self {
             send_duration,
             client_duration,
             process_duration: histogram(names.process_duration, "Duration of processing."),
-            sent: meter
-                .u64_counter(names.sent_messages)
-                .with_unit("{message}")
-                .with_description("Messages the producer attempted to send.")
-                .build(),
-            consumed: meter
-                .u64_counter(names.processed_messages)
-                .with_unit("{message}")
-                .with_description("Messages delivered to the consumer.")
-                .build(),
+            sent: counter(
+                names.sent_messages,
+                "Messages the producer attempted to send.",
+            ),
+            consumed,
+            received,
+            counted_once,
         }
     }
 }
@@ -579,14 +605,33 @@ impl Metrics {
         }
     }
 
-    /// Counts a delivery whose processing starts, with its queue time.
-    pub(crate) fn consumed(&self, stream: &Stream, queue_time: Option<f64>) {
+    /// Counts `n` messages received under a receive span, on its stream.
+    pub(crate) fn received(&self, stream: &Stream, n: u64) {
+        let meters = self.meters();
+        #[cfg(feature = "bound-instruments")]
+        if stream.kept {
+            for (v, b) in meters.versions.iter().zip(&stream.bound.versions) {
+                bound::counter(&b.received, &v.received, &stream.base).add(n);
+            }
+            return;
+        }
+        for v in &meters.versions {
+            v.received.add(n, &stream.base);
+        }
+    }
+
+    /// Counts a delivery whose processing starts, unless its receive counted it
+    /// already (where one metric counts consumption once), and records its queue
+    /// time.
+    pub(crate) fn consumed(&self, stream: &Stream, queue_time: Option<f64>, received: bool) {
         let meters = self.meters();
         #[cfg(feature = "bound-instruments")]
         if stream.kept {
             let base = &stream.base;
             for (v, b) in meters.versions.iter().zip(&stream.bound.versions) {
-                bound::counter(&b.consumed, &v.consumed, base).add(1);
+                if !(received && v.counted_once) {
+                    bound::counter(&b.consumed, &v.consumed, base).add(1);
+                }
             }
             if let Some(waited) = queue_time {
                 bound::histogram(&stream.bound.queue_duration, &meters.queue_duration, base)
@@ -594,7 +639,11 @@ impl Metrics {
             }
             return;
         }
-        for v in &meters.versions {
+        for v in meters
+            .versions
+            .iter()
+            .filter(|v| !(received && v.counted_once))
+        {
             v.consumed.add(1, &stream.base);
         }
         if let Some(waited) = queue_time {

@@ -353,3 +353,62 @@ async fn a_missing_queue_stops_the_consumer_with_an_error() {
         other => panic!("expected the consumer to be refused, got {other:?}"),
     }
 }
+
+/// With receive spans (the consumer's default) each message is counted as
+/// consumed once, by the receive it arrived in (`messaging.operation.name =
+/// receive`), and not again when it is processed, as the conventions ask; a
+/// transient failure's redelivery arrives in a receive of its own and counts
+/// again. Without receive spans the count moves to processing (the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_messages_are_counted_at_receive_once() {
+    let h = Harness::start().await;
+    let url = h
+        .queue(
+            "ledger",
+            &[(QueueAttributeName::VisibilityTimeout, "1".into())],
+        )
+        .await;
+    let instrumenter = h.instrumenter(|b| b);
+    let sqs = TracedSqs::new(h.client.clone(), instrumenter.clone());
+    for n in 0..3 {
+        sqs.send(
+            h.client
+                .send_message()
+                .queue_url(&url)
+                .message_body(n.to_string()),
+        )
+        .await
+        .unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let stats = within(
+        30,
+        TracedConsumer::new(h.client.clone(), &url, &instrumenter)
+            .wait_time_seconds(1)
+            .run_until(
+                move |m| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let first_try_of_zero = m.body() == "0" && m.attempt() == 1;
+                    async move {
+                        if first_try_of_zero {
+                            Err(HandlerError::transient("ledger locked"))
+                        } else {
+                            Ok(())
+                        }
+                    }
+                },
+                when_count(&calls, 4),
+            ),
+    )
+    .await
+    .unwrap();
+    assert_eq!((stats.settled, stats.retried), (3, 1));
+    assert_tree(
+        &h.metrics(&["messaging.client.consumed.messages"], &["server.port"])
+            .await,
+        r#"
+        messaging.client.consumed.messages [{message}] Counter value=4 messaging.destination.name="ledger-RUN" messaging.operation.name="receive" messaging.operation.type="receive" messaging.system.name="aws.sqs" server.address="127.0.0.1"
+        "#,
+    );
+}

@@ -386,6 +386,14 @@ async fn poll_spans_link_the_record_when_asked() {
             ~> send polled-RUN (trace #1)
         "#,
     );
+    // The record is counted as consumed once, by its poll, not again at processing.
+    assert_tree(
+        &h.metrics(&["messaging.client.consumed.messages"], &["server.port"])
+            .await,
+        r#"
+        messaging.client.consumed.messages [{message}] Counter value=1 messaging.consumer.group.name="group-RUN" messaging.destination.name="polled-RUN" messaging.destination.partition.id="0" messaging.operation.name="poll" messaging.operation.type="receive" messaging.system.name="kafka" server.address="127.0.0.1"
+        "#,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

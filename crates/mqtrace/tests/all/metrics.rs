@@ -115,3 +115,56 @@ async fn legacy_and_dup_metric_names() {
         "{dup}"
     );
 }
+
+/// A delivery received under a receive span and marked so
+/// (`Inbound::counted_at_receive`): the receive counts it as consumed, with its
+/// own operation name, and processing does not count it again; v1.24's names
+/// count it at both, `messaging.receive.messages` and `messaging.process.messages`,
+/// as that version had them. Under dup both sets, each as its version says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_span_counts_its_messages_as_consumed_once() {
+    use mqtrace::{Inbound, MessageDescription, MessagingSystem, OperationType};
+    struct Received(mqtrace::embedded::Delivery);
+    impl Inbound for Received {
+        fn description(&self) -> MessageDescription {
+            self.0.description()
+        }
+        fn headers(&self) -> impl opentelemetry::propagation::Extractor + '_ {
+            self.0.headers()
+        }
+        fn body(&self) -> &[u8] {
+            self.0.body()
+        }
+        fn counted_at_receive(&self) -> bool {
+            true
+        }
+    }
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b.conventions(Conventions::Dup));
+    let broker = broker_with(&[("orders", None)]);
+    broker.publish("orders", Message::new("one")).unwrap();
+    let delivery = Received(broker.receive("orders").await.unwrap());
+    let d = MessageDescription::new(MessagingSystem::Embedded, OperationType::Receive)
+        .destination("orders");
+    instrumenter
+        .start_receive(&d, std::slice::from_ref(&delivery))
+        .end();
+    let processed = instrumenter.process(&delivery, async { Ok(()) }).await;
+    let _ = processed.finish(mqtrace::Disposition::Settle);
+    assert_tree(
+        &h.metrics(
+            &[
+                "messaging.client.consumed.messages",
+                "messaging.receive.messages",
+                "messaging.process.messages",
+            ],
+            &[],
+        )
+        .await,
+        r#"
+        messaging.client.consumed.messages [{message}] Counter value=1 messaging.destination.name="orders" messaging.operation="receive" messaging.operation.name="receive" messaging.operation.type="receive" messaging.system="mqtrace" messaging.system.name="mqtrace"
+        messaging.process.messages [{message}] Counter value=1 messaging.destination.name="orders" messaging.operation="deliver" messaging.operation.name="process" messaging.operation.type="process" messaging.system="mqtrace" messaging.system.name="mqtrace"
+        messaging.receive.messages [{message}] Counter value=1 messaging.destination.name="orders" messaging.operation="receive" messaging.operation.name="receive" messaging.operation.type="receive" messaging.system="mqtrace" messaging.system.name="mqtrace"
+        "#,
+    );
+}
