@@ -13,7 +13,9 @@ use mqtrace::{Attempt, HandlerError, HandlerResult, Instrumenter, OperationType}
 
 use crate::carrier::MessageAttributesExtractor;
 use crate::describe::{describe, error_type};
-use crate::process::{carriers, receive_count, system_attribute, Incoming, MessageTracer};
+use crate::process::{
+    carriers, receive_count, system_attribute, DeleteBatch, Incoming, MessageTracer,
+};
 
 /// A received message as the handler sees it.
 #[derive(Debug, Clone)]
@@ -165,6 +167,8 @@ pub struct TracedConsumer {
     receive_spans: bool,
     empty_receive_spans: bool,
     queue_depth: Option<Duration>,
+    /// `DeleteMessageBatch` calls made, shared by the consumer's clones.
+    delete_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// `mqtrace.aws_sqs.queue.messages`: SQS's approximate message counts of the
@@ -189,7 +193,18 @@ impl TracedConsumer {
             receive_spans: true,
             empty_receive_spans: false,
             queue_depth: None,
+            delete_requests: std::sync::Arc::default(),
         }
+    }
+
+    /// `DeleteMessageBatch` calls made so far. The messages of a receive that are
+    /// deleted (settled, or forwarded to the dead-letter queue) go together in
+    /// one call once the last of them is handled, unless settle spans are on
+    /// (each describes one `DeleteMessage`). A message whose delete fails is
+    /// received again after its visibility timeout: duplicated, never lost.
+    pub fn delete_requests(&self) -> u64 {
+        self.delete_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Reads the queue's approximate depth every `interval` while the consumer
@@ -392,13 +407,16 @@ impl TracedConsumer {
                     None => groups.push((group, vec![m])),
                 }
             }
+            // The receive's deletes go together, unless each has a settle span.
+            let deletes = (!self.tracer.instrumenter().settle_spans_on())
+                .then(|| DeleteBatch::counting(std::sync::Arc::clone(&self.delete_requests)));
             let dispositions =
                 futures_util::future::join_all(groups.into_iter().map(|(_, members)| {
-                    let handler = &handler;
+                    let (handler, deletes) = (&handler, deletes.as_ref());
                     async move {
                         let mut out = Vec::with_capacity(members.len());
                         for m in members {
-                            out.push(self.handle(m, handler).await);
+                            out.push(self.handle(m, handler, deletes).await);
                         }
                         out
                     }
@@ -406,6 +424,9 @@ impl TracedConsumer {
                 .await;
             for settled in dispositions.into_iter().flatten() {
                 counters.record(&settled);
+            }
+            if let Some(deletes) = deletes {
+                counters.settle_failures(self.tracer.delete_batch(deletes).await);
             }
         }
         Ok(counters.snapshot())
@@ -468,7 +489,12 @@ impl TracedConsumer {
     }
 
     /// Processes and settles one message.
-    async fn handle<H, Fut>(&self, message: &Received, handler: &H) -> Settled
+    async fn handle<H, Fut>(
+        &self,
+        message: &Received,
+        handler: &H,
+        deletes: Option<&DeleteBatch>,
+    ) -> Settled
     where
         H: Fn(Received) -> Fut,
         Fut: Future<Output = HandlerResult>,
@@ -487,6 +513,8 @@ impl TracedConsumer {
         } else {
             self.tracer.process(message.message(), handle).await
         };
-        self.tracer.settle(processed, message.message()).await
+        self.tracer
+            .settle_into(processed, message.message(), deletes)
+            .await
     }
 }

@@ -269,11 +269,67 @@ impl MessageTracer {
     /// Settles a processed message (delete, leave, or forward to the dead-letter
     /// queue and delete) and ends the process span with the disposition.
     pub async fn settle(&self, processed: Processed, message: &Message) -> Settled {
+        self.settle_into(processed, message, None).await
+    }
+
+    /// [`MessageTracer::settle`], with a delete that joins `deletes` (sent by the
+    /// caller once the receive's messages are done) instead of a call of its own.
+    pub(crate) async fn settle_into(
+        &self,
+        processed: Processed,
+        message: &Message,
+        deletes: Option<&DeleteBatch>,
+    ) -> Settled {
         let settler = SqsSettler {
             tracer: self,
             message,
+            deletes,
         };
         self.instrumenter.settle(processed, settler).await
+    }
+
+    /// Deletes the messages of `batch` with `DeleteMessageBatch`, ten at a time.
+    /// Returns how many could not be deleted (visible again after their
+    /// timeout, and received again).
+    pub(crate) async fn delete_batch(&self, batch: DeleteBatch) -> u64 {
+        let handles = batch.take();
+        let mut failed = 0;
+        for chunk in handles.chunks(10) {
+            let entries: Vec<_> = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(i, handle)| {
+                    aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(handle)
+                        .build()
+                        .ok()
+                })
+                .collect();
+            let unbuilt = (chunk.len() - entries.len()) as u64;
+            batch
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let result = self
+                .client
+                .delete_message_batch()
+                .queue_url(&self.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await;
+            let lost = match result {
+                Ok(out) => out.failed().len() as u64,
+                Err(e) => {
+                    tracing::warn!(target: "mqtrace", error = %e, queue = %self.queue_url, "SQS batch delete failed; the messages are received again");
+                    chunk.len() as u64
+                }
+            };
+            if lost > 0 {
+                tracing::warn!(target: "mqtrace", messages = lost, queue = %self.queue_url, "SQS did not delete these messages; they are received again");
+            }
+            failed += lost + unbuilt;
+        }
+        failed
     }
 }
 
@@ -362,10 +418,47 @@ impl Inbound for Incoming<'_> {
     }
 }
 
+/// The receipt handles of one receive's settled messages, deleted together after
+/// the last of them is handled: one `DeleteMessageBatch` call for up to ten
+/// messages instead of a `DeleteMessage` each.
+#[derive(Debug)]
+pub(crate) struct DeleteBatch {
+    handles: std::sync::Mutex<Vec<String>>,
+    /// `DeleteMessageBatch` calls made, shared by the consumer's batches.
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl DeleteBatch {
+    pub(crate) fn counting(requests: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self {
+            handles: std::sync::Mutex::default(),
+            requests,
+        }
+    }
+
+    fn push(&self, handle: &str) {
+        self.handles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(handle.to_owned());
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .handles
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
 /// SQS's operations on one message, for the core's lifecycle.
 struct SqsSettler<'a> {
     tracer: &'a MessageTracer,
     message: &'a Message,
+    /// The consumer's batched deletes; `None` deletes the message at once.
+    deletes: Option<&'a DeleteBatch>,
 }
 
 impl Settler for SqsSettler<'_> {
@@ -397,7 +490,16 @@ impl Settler for SqsSettler<'_> {
         self,
         settlement: Settlement,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send {
-        let request = matches!(settlement, Settlement::Ack | Settlement::Reject).then(|| {
+        let delete = matches!(settlement, Settlement::Ack | Settlement::Reject);
+        // Joined to the receive's batch: no call of its own.
+        let batched = match (delete, self.deletes, self.message.receipt_handle()) {
+            (true, Some(batch), Some(handle)) => {
+                batch.push(handle);
+                true
+            }
+            _ => false,
+        };
+        let request = (delete && !batched).then(|| {
             self.tracer
                 .client
                 .delete_message()

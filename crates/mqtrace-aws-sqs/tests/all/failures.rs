@@ -412,3 +412,79 @@ async fn consumed_messages_are_counted_at_receive_once() {
         "#,
     );
 }
+
+/// The deletes of one receive go together in one `DeleteMessageBatch`: six
+/// messages, one dead-lettered (forwarded, then deleted) and one failing once
+/// (left for redelivery, deleted when it succeeds), end with every message
+/// deleted in a few batch calls, none left in the queue once its visibility
+/// timeout has passed, and exactly the dead letter in the dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receives_deletes_go_in_one_batch() {
+    let h = Harness::start().await;
+    let url = h
+        .queue(
+            "batched",
+            &[(QueueAttributeName::VisibilityTimeout, "1".into())],
+        )
+        .await;
+    let dlq = h.queue("batched-dead", &[]).await;
+    let instrumenter = h.instrumenter(|b| b);
+    let sqs = TracedSqs::new(h.client.clone(), instrumenter.clone());
+    for n in 0..6 {
+        sqs.send(
+            h.client
+                .send_message()
+                .queue_url(&url)
+                .message_body(n.to_string()),
+        )
+        .await
+        .unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let consumer = TracedConsumer::new(h.client.clone(), &url, &instrumenter)
+        .dead_letter_queue(&dlq)
+        .wait_time_seconds(1);
+    let stats = within(
+        30,
+        consumer.run_until(
+            move |m| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let outcome = match (m.body(), m.attempt()) {
+                    ("4", 1) => Err(HandlerError::transient("busy")),
+                    ("5", _) => Err(HandlerError::permanent("bad line")),
+                    _ => Ok(()),
+                };
+                async move { outcome }
+            },
+            when_count(&calls, 7),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            stats.settled,
+            stats.retried,
+            stats.dead_lettered,
+            stats.settle_failures
+        ),
+        (5, 1, 1, 0)
+    );
+    let requests = consumer.delete_requests();
+    println!("sqs batched deletes: 6 messages deleted with {requests} DeleteMessageBatch calls");
+    assert!(
+        (1..=3).contains(&requests),
+        "{requests} batch calls for 6 deletes"
+    );
+    // Anything not deleted would be visible again by now.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(h.drain(&url).await.is_empty(), "every message was deleted");
+    let dead: Vec<_> = h
+        .drain(&dlq)
+        .await
+        .iter()
+        .filter_map(|m| m.body().map(str::to_owned))
+        .collect();
+    assert_eq!(dead, ["5"]);
+}
