@@ -7,15 +7,17 @@
 # tables give the median of the rounds and replace the part of docs/benchmarks.md
 # between the service-cost markers.
 #
-#   scripts/service-cost.sh              ROUNDS=5 MESSAGES=10000 by default
+#   scripts/service-cost.sh              ROUNDS=5 MESSAGES=10000 SQS_MESSAGES=500 by default
 #
 # Starts the brokers when they are not running (scripts/brokers.sh). Not in CI.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROUNDS=${ROUNDS:-5}
 MESSAGES=${MESSAGES:-10000}
+# The SQS emulator answers in milliseconds, not microseconds: fewer messages.
+SQS_MESSAGES=${SQS_MESSAGES:-500}
 TARGET=${CARGO_TARGET_DIR:-target}
-if [ -z "${MQTRACE_TEST_KAFKA_BOOTSTRAP:-}" ] || [ -z "${MQTRACE_TEST_RABBITMQ_URL:-}" ]; then
+if [ -z "${MQTRACE_TEST_KAFKA_BOOTSTRAP:-}" ] || [ -z "${MQTRACE_TEST_RABBITMQ_URL:-}" ] || [ -z "${MQTRACE_TEST_SQS_ENDPOINT:-}" ]; then
   scripts/brokers.sh start
   # shellcheck disable=SC1091
   source .mqtrace-test/env
@@ -25,10 +27,11 @@ OUT=$(mktemp -d)
 trap 'kill "$VIEW" 2>/dev/null || true; rm -rf "$OUT"' EXIT
 # shellcheck source=scripts/view-collector.sh
 source scripts/view-collector.sh
-for broker in kafka rabbitmq; do
+for broker in kafka rabbitmq sqs; do
   for role in produce consume worker; do
     n=$MESSAGES
-    [ "$role" = worker ] && n=$((MESSAGES / 2))
+    [ "$broker" = sqs ] && n=$SQS_MESSAGES
+    [ "$role" = worker ] && n=$((n / 2))
     for round in $(seq "$ROUNDS"); do
       for variant in raw unsampled exported; do
         echo "service-cost: $broker $role $variant, round $round/$ROUNDS" >&2
@@ -38,9 +41,9 @@ for broker in kafka rabbitmq; do
     done
   done
 done
-python3 - "$OUT/results.jsonl" "$ROUNDS" "$MESSAGES" <<'PY'
+python3 - "$OUT/results.jsonl" "$ROUNDS" "$MESSAGES" "$SQS_MESSAGES" <<'PY'
 import json, re, statistics, sys, datetime
-path, rounds, messages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, rounds, messages, sqs_messages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 runs = [json.loads(l) for l in open(path) if l.strip()]
 def med(broker, role, variant, key):
     xs = []
@@ -52,9 +55,11 @@ def med(broker, role, variant, key):
 ROLES = {"produce": "producer at full speed (500 in flight)",
          "consume": "consumer at full speed (empty handler)",
          "worker": "worker (50 µs handler)"}
-out = [f"<!-- service-cost:begin (scripts/service-cost.sh, {datetime.date.today()}, {rounds} rounds of {messages} messages, {messages // 2} for the worker) -->", ""]
-for broker in ("kafka", "rabbitmq"):
-    out += [f"**{ {'kafka': 'Kafka (rdkafka, tansu)', 'rabbitmq': 'RabbitMQ (lapin)'}[broker] }**, per message, medians of the rounds:", "",
+out = [f"<!-- service-cost:begin (scripts/service-cost.sh, {datetime.date.today()}, {rounds} rounds of {messages} messages, {messages // 2} for the worker; SQS {sqs_messages} and {sqs_messages // 2}) -->", ""]
+TITLES = {"kafka": "Kafka (rdkafka, tansu)", "rabbitmq": "RabbitMQ (lapin)",
+          "sqs": "SQS (aws-sdk-sqs, the moto emulator)"}
+for broker in ("kafka", "rabbitmq", "sqs"):
+    out += [f"**{TITLES[broker]}**, per message, medians of the rounds:", "",
             "| role | CPU raw | CPU unsampled (added) | CPU exported (added) | of it system, raw → exported | wall raw | wall unsampled | wall exported | throughput exported/raw |",
             "|---|---|---|---|---|---|---|---|---|"]
     for role in ("produce", "consume", "worker"):

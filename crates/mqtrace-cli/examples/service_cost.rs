@@ -19,6 +19,10 @@
 //! librdkafka's, the exporter's), from the first message (for consumers: the first
 //! record or delivery received) to the end.
 //!
+//! SQS (the local emulator) runs the same roles: the raw consumer receives ten at
+//! a time and deletes each message; the traced one is mqtrace's `TracedConsumer`,
+//! which deletes a receive's messages with one `DeleteMessageBatch`.
+//!
 //! ```text
 //! service_cost kafka produce exported --messages 20000 --endpoint http://127.0.0.1:4317
 //! ```
@@ -39,6 +43,7 @@ use opentelemetry_sdk::trace::Sampler;
 enum Broker {
     Kafka,
     Rabbitmq,
+    Sqs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -256,6 +261,7 @@ async fn main() -> Result<(), Failure> {
     let measure = match args.broker {
         Broker::Kafka => kafka::run(&args, traced.as_ref().map(|(_, i)| i)).await?,
         Broker::Rabbitmq => rabbit::run(&args, traced.as_ref().map(|(_, i)| i)).await?,
+        Broker::Sqs => sqs::run(&args, traced.as_ref().map(|(_, i)| i)).await?,
     };
     if let Some((guard, _)) = traced {
         let stats = tokio::task::spawn_blocking(move || guard.shutdown()).await?;
@@ -490,6 +496,120 @@ mod rabbit {
             .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
             .await;
         let _ = connection.close(200, "done".into()).await;
+        Ok(measure)
+    }
+}
+
+mod sqs {
+    use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+    use aws_sdk_sqs::Client;
+    use mqtrace_aws_sqs::{TracedConsumer, TracedSqs};
+
+    use super::in_flight;
+    use super::{env, handle, run_name, Args, Clocked, Failure, Instrumenter, Measure, Role};
+
+    const BODY: &str = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+
+    fn client(endpoint: &str) -> Client {
+        let config = aws_sdk_sqs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(endpoint)
+            .credentials_provider(Credentials::new("test", "test", None, None, "service-cost"))
+            .build();
+        Client::from_conf(config)
+    }
+
+    /// `n` messages, `IN_FLIGHT` at a time, each awaited to SQS's answer.
+    async fn send(client: &Client, url: &str, n: usize, traced: Option<&Instrumenter>) {
+        let sqs = traced.map(|i| TracedSqs::new(client.clone(), i.clone()));
+        in_flight(n, || {
+            let request = client.send_message().queue_url(url).message_body(BODY);
+            let sqs = sqs.as_ref();
+            async move {
+                match sqs {
+                    Some(sqs) => sqs.send(request).await.map(drop),
+                    None => request.send().await.map(drop),
+                }
+            }
+        })
+        .await;
+    }
+
+    pub(super) async fn run(
+        args: &Args,
+        instrumenter: Option<&Instrumenter>,
+    ) -> Result<Measure, Failure> {
+        let client = client(&env("MQTRACE_TEST_SQS_ENDPOINT")?);
+        let url = client
+            .create_queue()
+            .queue_name(run_name(args))
+            .send()
+            .await?
+            .queue_url
+            .ok_or("no queue URL")?;
+        let measure = measured(args, instrumenter, &client, &url).await;
+        let _ = client.delete_queue().queue_url(&url).send().await;
+        measure
+    }
+
+    async fn measured(
+        args: &Args,
+        instrumenter: Option<&Instrumenter>,
+        client: &Client,
+        url: &str,
+    ) -> Result<Measure, Failure> {
+        if args.role == Role::Produce {
+            let mut measure = Measure::start()?;
+            send(client, url, args.messages, instrumenter).await;
+            measure.last_message();
+            return Ok(measure);
+        }
+        send(client, url, args.messages, None).await;
+        let role = args.role;
+        if let Some(instrumenter) = instrumenter {
+            // mqtrace's full consumer: a receive's deletes in one batch call.
+            let clocked = Clocked::new(args.messages);
+            let handler = clocked.clone();
+            TracedConsumer::new(client.clone(), url, instrumenter)
+                .wait_time_seconds(1)
+                .run_until(
+                    move |_| {
+                        let handler = handler.clone();
+                        async move { handler.handle(role).await }
+                    },
+                    clocked.all_done(),
+                )
+                .await?;
+            return clocked.take();
+        }
+        // The hand-written loop: receive ten, delete each.
+        let mut measure: Option<Measure> = None;
+        let mut done = 0;
+        while done < args.messages {
+            let out = client
+                .receive_message()
+                .queue_url(url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await?;
+            for message in out.messages.unwrap_or_default() {
+                if measure.is_none() {
+                    measure = Some(Measure::start()?);
+                }
+                let _ = handle(role).await;
+                client
+                    .delete_message()
+                    .queue_url(url)
+                    .set_receipt_handle(message.receipt_handle)
+                    .send()
+                    .await?;
+                done += 1;
+            }
+        }
+        let mut measure = measure.ok_or("no message")?;
+        measure.last_message();
         Ok(measure)
     }
 }
