@@ -105,7 +105,7 @@ pub use describe::{
     error_type, queue_name, MESSAGE_GROUP_ID, QUEUE_URL, RECEIVE_COUNT, SEQUENCE_NUMBER,
 };
 pub use mqtrace::settle::ConsumerStats;
-pub use process::MessageTracer;
+pub use process::{DeleteBatch, MessageTracer};
 pub use producer::{
     message_size, SendMessageExt, SqsPropagation, TracedSqs, CONTEXT_OMITTED,
     DEFAULT_MAX_MESSAGE_BYTES, MAX_BATCH_ENTRIES,

@@ -272,8 +272,20 @@ impl MessageTracer {
         self.settle_into(processed, message, None).await
     }
 
-    /// [`MessageTracer::settle`], with a delete that joins `deletes` (sent by the
-    /// caller once the receive's messages are done) instead of a call of its own.
+    /// [`MessageTracer::settle`], with the delete (after a success, or after a
+    /// forward to the dead-letter queue) joining `batch` instead of a call of its
+    /// own: for an own loop that deletes a receive's messages together, with
+    /// [`MessageTracer::delete_batch`] once the last of them is settled. Settle
+    /// spans, when on, then cover joining the batch.
+    pub async fn settle_batched(
+        &self,
+        processed: Processed,
+        message: &Message,
+        batch: &DeleteBatch,
+    ) -> Settled {
+        self.settle_into(processed, message, Some(batch)).await
+    }
+
     pub(crate) async fn settle_into(
         &self,
         processed: Processed,
@@ -289,9 +301,9 @@ impl MessageTracer {
     }
 
     /// Deletes the messages of `batch` with `DeleteMessageBatch`, ten at a time.
-    /// Returns how many could not be deleted (visible again after their
-    /// timeout, and received again).
-    pub(crate) async fn delete_batch(&self, batch: DeleteBatch) -> u64 {
+    /// Returns how many could not be deleted: they are visible again after their
+    /// timeout and received again (duplicated, never lost); failures are logged.
+    pub async fn delete_batch(&self, batch: DeleteBatch) -> u64 {
         let handles = batch.take();
         let mut failed = 0;
         for chunk in handles.chunks(10) {
@@ -419,16 +431,35 @@ impl Inbound for Incoming<'_> {
 }
 
 /// The receipt handles of one receive's settled messages, deleted together after
-/// the last of them is handled: one `DeleteMessageBatch` call for up to ten
+/// the last of them is handled ([`MessageTracer::settle_batched`], then
+/// [`MessageTracer::delete_batch`]): one `DeleteMessageBatch` call for up to ten
 /// messages instead of a `DeleteMessage` each.
-#[derive(Debug)]
-pub(crate) struct DeleteBatch {
+#[derive(Debug, Default)]
+pub struct DeleteBatch {
     handles: std::sync::Mutex<Vec<String>>,
     /// `DeleteMessageBatch` calls made, shared by the consumer's batches.
     requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl DeleteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Messages waiting in the batch to be deleted.
+    pub fn len(&self) -> usize {
+        self.handles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no message waits in the batch.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub(crate) fn counting(requests: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
         Self {
             handles: std::sync::Mutex::default(),

@@ -369,17 +369,7 @@ async fn consumed_messages_are_counted_at_receive_once() {
         )
         .await;
     let instrumenter = h.instrumenter(|b| b);
-    let sqs = TracedSqs::new(h.client.clone(), instrumenter.clone());
-    for n in 0..3 {
-        sqs.send(
-            h.client
-                .send_message()
-                .queue_url(&url)
-                .message_body(n.to_string()),
-        )
-        .await
-        .unwrap();
-    }
+    h.send_numbered(&url, 3, &instrumenter).await;
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&calls);
     let stats = within(
@@ -429,17 +419,7 @@ async fn a_receives_deletes_go_in_one_batch() {
         .await;
     let dlq = h.queue("batched-dead", &[]).await;
     let instrumenter = h.instrumenter(|b| b);
-    let sqs = TracedSqs::new(h.client.clone(), instrumenter.clone());
-    for n in 0..6 {
-        sqs.send(
-            h.client
-                .send_message()
-                .queue_url(&url)
-                .message_body(n.to_string()),
-        )
-        .await
-        .unwrap();
-    }
+    h.send_numbered(&url, 6, &instrumenter).await;
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&calls);
     let consumer = TracedConsumer::new(h.client.clone(), &url, &instrumenter)

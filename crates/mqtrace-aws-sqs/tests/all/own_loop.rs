@@ -116,3 +116,79 @@ async fn own_loop_gets_process_and_delete_spans_and_the_core_decides() {
         "#,
     );
 }
+
+/// An own loop deletes a receive's messages together: each settled with
+/// `settle_batched` into one `DeleteBatch`, deleted by `delete_batch` once the
+/// receive's last message is settled. Nothing is left in the queue after the
+/// visibility timeout; a message settled by leaving it (a transient failure) is
+/// not in the batch and comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_loop_deletes_a_receive_with_one_batch_call() {
+    let h = Harness::start().await;
+    let queue = h
+        .queue(
+            "own-batch",
+            &[(
+                aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout,
+                "1".into(),
+            )],
+        )
+        .await;
+    let instrumenter = h.instrumenter(|b| b);
+    h.send_numbered(&queue, 4, &instrumenter).await;
+    let tracer = MessageTracer::new(h.client.clone(), &queue, &instrumenter);
+    let (mut settled, mut failed_once) = (0, false);
+    while settled < 4 {
+        let out = within(
+            30,
+            h.client
+                .receive_message()
+                .queue_url(&queue)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .message_attribute_names("All")
+                .message_system_attribute_names(MessageSystemAttributeName::All)
+                .send(),
+        )
+        .await
+        .unwrap();
+        let batch = mqtrace_aws_sqs::DeleteBatch::new();
+        let mut deleted_here = 0;
+        for message in out.messages() {
+            // "3" fails once: left on the queue, so not in the batch.
+            let fail = message.body() == Some("3") && !failed_once;
+            let processed = tracer
+                .process(message, |_| async move {
+                    if fail {
+                        Err(HandlerError::transient("later"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await;
+            match tracer
+                .settle_batched(processed, message, &batch)
+                .await
+                .disposition
+            {
+                Disposition::Settle => deleted_here += 1,
+                Disposition::Retry => failed_once = true,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(batch.len(), deleted_here);
+        assert_eq!(
+            tracer.delete_batch(batch).await,
+            0,
+            "every delete went through"
+        );
+        settled += deleted_here;
+    }
+    assert!(failed_once);
+    // Anything not deleted would be visible again by now.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert!(
+        h.drain(&queue).await.is_empty(),
+        "every message was deleted"
+    );
+}

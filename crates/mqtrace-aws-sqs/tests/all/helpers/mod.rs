@@ -99,6 +99,21 @@ impl Harness {
     }
 
     /// Every message left on a queue (received with a short wait, then deleted).
+    /// Sends the bodies `0`, `1`, … `n - 1` to the queue, traced, one at a time.
+    pub async fn send_numbered(&self, url: &str, n: usize, instrumenter: &Instrumenter) {
+        let sqs = mqtrace_aws_sqs::TracedSqs::new(self.client.clone(), instrumenter.clone());
+        for i in 0..n {
+            sqs.send(
+                self.client
+                    .send_message()
+                    .queue_url(url)
+                    .message_body(i.to_string()),
+            )
+            .await
+            .unwrap();
+        }
+    }
+
     pub async fn drain(&self, url: &str) -> Vec<aws_sdk_sqs::types::Message> {
         let mut out = Vec::new();
         loop {
