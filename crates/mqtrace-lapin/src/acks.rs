@@ -122,6 +122,95 @@ impl AckBatch {
     }
 }
 
+/// Coalesced acks for a consumer loop of your own, on one channel: what
+/// [`crate::TracedConsumer`] does. Settle with
+/// [`crate::DeliveryTracer::settle_coalesced`]: a delivery settled by an ack
+/// joins the pending run, and a task of the coalescer's sends the run as one
+/// `basic.ack` with `multiple` within 5 ms (sooner with [`AckCoalescer::flush`]).
+/// Nacks go at once. A crash before the ack means redelivery, never loss.
+///
+/// A loop that hands deliveries to concurrent tasks calls
+/// [`AckCoalescer::arrived`] with each delivery tag in the order the stream
+/// yields them, so a `multiple` never covers a delivery still being handled. A
+/// loop that settles each delivery before taking the next needs not.
+///
+/// Made inside a tokio runtime; the flushing task ends with the last clone. Call
+/// [`AckCoalescer::flush`] before dropping it or closing the channel: acks still
+/// pending then are not sent, and their deliveries come again.
+#[derive(Debug, Clone)]
+pub struct AckCoalescer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    batch: AckBatch,
+    channel: Channel,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl AckCoalescer {
+    /// Coalesces the acks of deliveries from `channel`.
+    pub fn new(channel: Channel) -> Self {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let shared = Arc::new(Shared {
+            batch: AckBatch::default(),
+            channel,
+            wake: Arc::clone(&wake),
+        });
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            loop {
+                // The first ack of a run wakes the task; a tick now and then tells
+                // it whether the coalescer is gone.
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                match weak.upgrade() {
+                    Some(shared) if shared.batch.pending() > 0 => {}
+                    Some(_) => continue,
+                    None => break,
+                }
+                tokio::time::sleep(ACK_DELAY).await;
+                let Some(shared) = weak.upgrade() else { break };
+                shared.batch.flush(&shared.channel).await;
+            }
+        });
+        Self { shared }
+    }
+
+    /// A delivery was taken from the consumer's stream: call in the stream's
+    /// order before handing it to a concurrent task.
+    pub fn arrived(&self, delivery_tag: u64) {
+        self.shared.batch.arrived(delivery_tag);
+    }
+
+    /// Sends the pending acks now (before closing the channel, say). Returns the
+    /// deliveries whose ack could not be sent: the broker delivers them again.
+    pub async fn flush(&self) -> u64 {
+        self.shared.batch.flush(&self.shared.channel).await
+    }
+
+    /// `basic.ack` frames sent so far.
+    pub fn frames(&self) -> u64 {
+        self.shared.batch.frames.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn batch(&self) -> &AckBatch {
+        &self.shared.batch
+    }
+
+    pub(crate) fn channel(&self) -> &Channel {
+        &self.shared.channel
+    }
+
+    /// An ack joined the run: the flushing task sends it within [`ACK_DELAY`].
+    pub(crate) fn poke(&self) {
+        self.shared.wake.notify_one();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,6 +105,7 @@ mod process;
 mod publisher;
 mod topology;
 
+pub use acks::AckCoalescer;
 pub use carrier::{FieldTableExtractor, FieldTableInjector};
 pub use consumer::{ConsumeError, Message, TracedConsumer};
 pub use describe::{error_type, Server};

@@ -120,3 +120,99 @@ mqtrace.message.queue.duration [s] Histogram count=2 buckets=messaging messaging
         "#,
     );
 }
+
+/// An own loop coalesces its acks through `AckCoalescer`: deliveries handed to
+/// concurrent tasks (their tags recorded in the stream's order), a permanent
+/// failure every 25 rejected at once, the acks sent as `multiple` runs. Far
+/// fewer ack frames than acked deliveries; once the consumer's channel closes
+/// nothing is left in the queue, and exactly the failures are dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_loop_coalesces_acks() {
+    const MESSAGES: usize = 100;
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let (_connection, channel) = h.channel().await;
+    let dlq = h.name("own-acks.dead");
+    let queue = QueueSpec::new(h.name("own-acks")).dead_letter(h.name("own-acks.dlx"), &dlq);
+    queue.declare(&channel).await.unwrap();
+    for n in 0..MESSAGES {
+        channel
+            .publish_traced(
+                &instrumenter,
+                "".into(),
+                queue.name().into(),
+                BasicPublishOptions::default(),
+                n.to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let (consumer_connection, consumer_channel) = h.channel().await;
+    consumer_channel
+        .basic_qos(20, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let tracer = std::sync::Arc::new(DeliveryTracer::new(instrumenter, &queue));
+    let acks = mqtrace_lapin::AckCoalescer::new(consumer_channel.clone());
+    let mut deliveries = consumer_channel
+        .basic_consume(
+            queue.name().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..MESSAGES {
+        let delivery = within(30, deliveries.next()).await.unwrap().unwrap();
+        acks.arrived(delivery.delivery_tag);
+        let (tracer, acks) = (std::sync::Arc::clone(&tracer), acks.clone());
+        tasks.spawn(async move {
+            let n: u64 = std::str::from_utf8(&delivery.data)
+                .ok()
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(1);
+            let processed = tracer
+                .process(&delivery, |_| async move {
+                    // Later deliveries finish first now and then.
+                    tokio::time::sleep(std::time::Duration::from_millis(n % 3)).await;
+                    if n.is_multiple_of(25) {
+                        Err(HandlerError::permanent("bad line"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await;
+            tracer.settle_coalesced(processed, delivery, &acks).await
+        });
+    }
+    let mut dispositions = Vec::new();
+    while let Some(settled) = tasks.join_next().await {
+        dispositions.push(settled.unwrap().disposition);
+    }
+    assert_eq!(acks.flush().await, 0);
+    let settled = dispositions
+        .iter()
+        .filter(|d| **d == Disposition::Settle)
+        .count();
+    assert_eq!(settled, MESSAGES - 4);
+    let frames = acks.frames();
+    println!("rabbitmq own loop: {frames} ack frames for {settled} acked deliveries");
+    assert!((1..50).contains(&frames), "{frames} ack frames");
+    drop(deliveries);
+    consumer_channel.close(200, "done".into()).await.unwrap();
+    consumer_connection.close(200, "done".into()).await.unwrap();
+    assert!(
+        drain(&channel, queue.name()).await.is_empty(),
+        "every delivery was acknowledged"
+    );
+    let mut dead: Vec<String> = drain_at_least(&channel, &dlq, 4)
+        .await
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        .collect();
+    dead.sort_by_key(|d| d.parse::<u64>().unwrap_or(u64::MAX));
+    assert_eq!(dead, ["0", "25", "50", "75"]);
+}
