@@ -27,6 +27,10 @@ pub(crate) struct AckBatch {
     /// Ack frames sent, across channels: what a test or benchmark compares with
     /// the messages acked.
     frames: Arc<AtomicU64>,
+    /// Held by a flush from taking its acks until they are sent, so the frames
+    /// of two flushes never cross (a `multiple` overtaken by a later one would
+    /// name a delivery the broker no longer knows).
+    flushing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +54,7 @@ impl AckBatch {
         Self {
             state: Mutex::default(),
             frames,
+            flushing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -87,11 +92,16 @@ impl AckBatch {
     /// Takes what a flush sends now. Every delivery below the lowest in flight
     /// has been settled: acked (pending) or nacked on its own. Deliveries not yet
     /// taken from the consumer's stream have higher tags than any that arrived.
-    pub(crate) fn take(&self) -> Flush {
+    /// `singles`: the pending deliveries above the lowest in flight too, each to
+    /// be acked on its own; otherwise they stay pending for a later run.
+    pub(crate) fn take(&self, singles: bool) -> Flush {
         let mut state = self.state();
         let floor = state.in_flight.first().copied().unwrap_or(u64::MAX);
-        let above = state.pending.split_off(&floor);
+        let mut above = state.pending.split_off(&floor);
         let below = std::mem::take(&mut state.pending);
+        if !singles {
+            state.pending = std::mem::take(&mut above);
+        }
         Flush {
             multiple: below.last().copied(),
             messages: (below.len() + above.len()) as u64,
@@ -102,7 +112,19 @@ impl AckBatch {
     /// Sends what is pending on `channel`. Returns the deliveries whose ack could
     /// not be sent (the broker hands them out again).
     pub(crate) async fn flush(&self, channel: &Channel) -> u64 {
-        let flush = self.take();
+        self.send(channel, true).await
+    }
+
+    /// Sends the run below the lowest delivery in flight as one `multiple`, and
+    /// leaves the acks above it pending (a later run takes them, or the timed
+    /// flush). Returns the deliveries whose ack could not be sent.
+    pub(crate) async fn flush_run(&self, channel: &Channel) -> u64 {
+        self.send(channel, false).await
+    }
+
+    async fn send(&self, channel: &Channel, singles: bool) -> u64 {
+        let _one_at_a_time = self.flushing.lock().await;
+        let flush = self.take(singles);
         let mut failed = 0;
         let mut send = async |tag: u64, multiple: bool, covers: u64| {
             self.frames.fetch_add(1, Ordering::Relaxed);
@@ -126,7 +148,8 @@ impl AckBatch {
 /// [`crate::TracedConsumer`] does. Settle with
 /// [`crate::DeliveryTracer::settle_coalesced`]: a delivery settled by an ack
 /// joins the pending run, and a task of the coalescer's sends the run as one
-/// `basic.ack` with `multiple` within 5 ms (sooner with [`AckCoalescer::flush`]).
+/// `basic.ack` with `multiple` within 5 ms, at once when half the prefetch window
+/// is pending ([`AckCoalescer::prefetch`]), or when [`AckCoalescer::flush`] says.
 /// Nacks go at once. A crash before the ack means redelivery, never loss.
 ///
 /// A loop that hands deliveries to concurrent tasks calls
@@ -147,6 +170,8 @@ struct Shared {
     batch: AckBatch,
     channel: Channel,
     wake: Arc<tokio::sync::Notify>,
+    /// Pending acks that are sent at once rather than after the delay.
+    flush_at: std::sync::atomic::AtomicUsize,
 }
 
 impl AckCoalescer {
@@ -157,6 +182,7 @@ impl AckCoalescer {
             batch: AckBatch::default(),
             channel,
             wake: Arc::clone(&wake),
+            flush_at: std::sync::atomic::AtomicUsize::new(5),
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
@@ -178,6 +204,16 @@ impl AckCoalescer {
             }
         });
         Self { shared }
+    }
+
+    /// The channel's prefetch count (`basic_qos`; default taken: 10): half of it
+    /// settled is acked at once rather than after the delay, so the broker
+    /// keeps delivering while a run waits.
+    pub fn prefetch(self, count: u16) -> Self {
+        self.shared
+            .flush_at
+            .store(usize::from(count / 2).max(1), Ordering::Relaxed);
+        self
     }
 
     /// A delivery was taken from the consumer's stream: call in the stream's
@@ -205,9 +241,16 @@ impl AckCoalescer {
         &self.shared.channel
     }
 
-    /// An ack joined the run: the flushing task sends it within [`ACK_DELAY`].
-    pub(crate) fn poke(&self) {
-        self.shared.wake.notify_one();
+    /// After a settlement: half the prefetch window pending is sent now, less
+    /// by the flushing task within [`ACK_DELAY`].
+    pub(crate) async fn settled(&self) {
+        let pending = self.shared.batch.pending();
+        if pending >= self.shared.flush_at.load(Ordering::Relaxed) {
+            self.shared.batch.flush_run(&self.shared.channel).await;
+        }
+        if self.shared.batch.pending() > 0 {
+            self.shared.wake.notify_one();
+        }
     }
 }
 
@@ -230,7 +273,7 @@ mod tests {
             b.acked(t);
         }
         assert_eq!(
-            b.take(),
+            b.take(true),
             Flush {
                 multiple: Some(3),
                 single: vec![],
@@ -238,7 +281,7 @@ mod tests {
             }
         );
         assert_eq!(b.pending(), 0);
-        assert_eq!(b.take().messages, 0);
+        assert_eq!(b.take(true).messages, 0);
     }
 
     #[test]
@@ -249,7 +292,7 @@ mod tests {
             b.acked(t);
         }
         assert_eq!(
-            b.take(),
+            b.take(true),
             Flush {
                 multiple: Some(2),
                 single: vec![4, 5],
@@ -257,7 +300,26 @@ mod tests {
             }
         );
         b.acked(3);
-        assert_eq!(b.take().multiple, Some(3));
+        assert_eq!(b.take(true).multiple, Some(3));
+    }
+
+    #[test]
+    fn a_run_leaves_the_acks_above_a_delivery_still_handled() {
+        let b = batch(&[1, 2, 3, 4]);
+        for t in [1, 2, 4] {
+            b.acked(t);
+        }
+        assert_eq!(
+            b.take(false),
+            Flush {
+                multiple: Some(2),
+                single: vec![],
+                messages: 2
+            }
+        );
+        assert_eq!(b.pending(), 1, "4 waits for 3");
+        b.acked(3);
+        assert_eq!(b.take(false).multiple, Some(4));
     }
 
     #[test]
@@ -269,7 +331,7 @@ mod tests {
         b.finished(2);
         b.acked(3);
         assert_eq!(
-            b.take(),
+            b.take(true),
             Flush {
                 multiple: Some(3),
                 single: vec![],
@@ -282,7 +344,7 @@ mod tests {
     fn nothing_pending_sends_nothing() {
         let b = batch(&[1]);
         assert_eq!(
-            b.take(),
+            b.take(true),
             Flush {
                 multiple: None,
                 single: vec![],

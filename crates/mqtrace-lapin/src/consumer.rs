@@ -292,11 +292,14 @@ impl TracedConsumer {
         let mut flush_due: Option<tokio::time::Instant> = None;
         let shutdown_asked = loop {
             if let Some(acks) = &acks {
-                let pending = acks.pending();
-                if pending >= flush_at {
-                    counters.settle_failures(acks.flush(&channel).await);
+                if acks.pending() >= flush_at {
+                    counters.settle_failures(acks.flush_run(&channel).await);
+                }
+                // What is left (acks above a delivery still being handled) goes
+                // with the timed flush, which sends every pending ack.
+                if acks.pending() == 0 {
                     flush_due = None;
-                } else if pending > 0 && flush_due.is_none() {
+                } else if flush_due.is_none() {
                     flush_due = Some(tokio::time::Instant::now() + ACK_DELAY);
                 }
             }

@@ -192,9 +192,8 @@ impl DeliveryTracer {
             )
             .await;
         acks.batch().finished(tag);
-        if acks.batch().pending() > 0 {
-            acks.poke();
-        }
+        // A run that cannot be sent is logged; the broker delivers it again.
+        acks.settled().await;
         settled
     }
 

@@ -154,7 +154,7 @@ async fn own_loop_coalesces_acks() {
         .await
         .unwrap();
     let tracer = std::sync::Arc::new(DeliveryTracer::new(instrumenter, &queue));
-    let acks = mqtrace_lapin::AckCoalescer::new(consumer_channel.clone());
+    let acks = mqtrace_lapin::AckCoalescer::new(consumer_channel.clone()).prefetch(20);
     let mut deliveries = consumer_channel
         .basic_consume(
             queue.name().into(),
