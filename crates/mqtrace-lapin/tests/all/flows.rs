@@ -190,19 +190,7 @@ async fn acks_are_coalesced_and_none_is_lost() {
     let dlq = h.name("ledger.dead");
     let queue = QueueSpec::new(h.name("ledger")).dead_letter(h.name("ledger.dlx"), &dlq);
     queue.declare(&channel).await.unwrap();
-    let publisher = TracedPublisher::new(channel.clone(), instrumenter.clone());
-    for n in 0..MESSAGES {
-        publisher
-            .publish(
-                "".into(),
-                queue.name().into(),
-                BasicPublishOptions::default(),
-                n.to_string().as_bytes(),
-                BasicProperties::default(),
-            )
-            .await
-            .unwrap();
-    }
+    crate::helpers::publish_numbered(&channel, &instrumenter, queue.name(), MESSAGES).await;
     let seen = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&seen);
     let consumer = TracedConsumer::new(&h.url, queue.clone(), instrumenter)
@@ -214,10 +202,7 @@ async fn acks_are_coalesced_and_none_is_lost() {
             move |message| {
                 let counted = Arc::clone(&counted);
                 async move {
-                    let n: u64 = std::str::from_utf8(message.body())
-                        .ok()
-                        .and_then(|b| b.parse().ok())
-                        .unwrap_or(1);
+                    let n = crate::helpers::number_of(message.body());
                     // Uneven handling times: later deliveries finish first.
                     tokio::time::sleep(std::time::Duration::from_millis(n % 4)).await;
                     counted.fetch_add(1, Ordering::SeqCst);
@@ -252,12 +237,7 @@ async fn acks_are_coalesced_and_none_is_lost() {
             .is_empty(),
         "every delivery was acknowledged before the consumer closed"
     );
-    let mut dead: Vec<String> = crate::helpers::drain_at_least(&channel, &dlq, 6)
-        .await
-        .iter()
-        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
-        .collect();
-    dead.sort_by_key(|d| d.parse::<u64>().unwrap_or(u64::MAX));
+    let dead = crate::helpers::drain_numbers(&channel, &dlq, 6).await;
     assert_eq!(dead, ["0", "50", "100", "150", "200", "250"]);
 }
 

@@ -135,19 +135,7 @@ async fn own_loop_coalesces_acks() {
     let dlq = h.name("own-acks.dead");
     let queue = QueueSpec::new(h.name("own-acks")).dead_letter(h.name("own-acks.dlx"), &dlq);
     queue.declare(&channel).await.unwrap();
-    for n in 0..MESSAGES {
-        channel
-            .publish_traced(
-                &instrumenter,
-                "".into(),
-                queue.name().into(),
-                BasicPublishOptions::default(),
-                n.to_string().as_bytes(),
-                BasicProperties::default(),
-            )
-            .await
-            .unwrap();
-    }
+    crate::helpers::publish_numbered(&channel, &instrumenter, queue.name(), MESSAGES).await;
     let (consumer_connection, consumer_channel) = h.channel().await;
     consumer_channel
         .basic_qos(20, lapin::options::BasicQosOptions::default())
@@ -170,10 +158,7 @@ async fn own_loop_coalesces_acks() {
         acks.arrived(delivery.delivery_tag);
         let (tracer, acks) = (std::sync::Arc::clone(&tracer), acks.clone());
         tasks.spawn(async move {
-            let n: u64 = std::str::from_utf8(&delivery.data)
-                .ok()
-                .and_then(|b| b.parse().ok())
-                .unwrap_or(1);
+            let n = crate::helpers::number_of(&delivery.data);
             let processed = tracer
                 .process(&delivery, |_| async move {
                     // Later deliveries finish first now and then.
@@ -208,11 +193,6 @@ async fn own_loop_coalesces_acks() {
         drain(&channel, queue.name()).await.is_empty(),
         "every delivery was acknowledged"
     );
-    let mut dead: Vec<String> = drain_at_least(&channel, &dlq, 4)
-        .await
-        .iter()
-        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
-        .collect();
-    dead.sort_by_key(|d| d.parse::<u64>().unwrap_or(u64::MAX));
+    let dead = crate::helpers::drain_numbers(&channel, &dlq, 4).await;
     assert_eq!(dead, ["0", "25", "50", "75"]);
 }

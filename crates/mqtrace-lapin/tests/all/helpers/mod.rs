@@ -151,3 +151,45 @@ pub async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
         .await
         .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
 }
+
+/// Publishes the bodies `0`, `1`, … `n - 1` to `queue` through the default
+/// exchange, traced and confirmed one at a time.
+pub async fn publish_numbered(
+    channel: &Channel,
+    instrumenter: &Instrumenter,
+    queue: &str,
+    n: usize,
+) {
+    let publisher = mqtrace_lapin::TracedPublisher::new(channel.clone(), instrumenter.clone());
+    for i in 0..n {
+        publisher
+            .publish(
+                "".into(),
+                queue.into(),
+                lapin::options::BasicPublishOptions::default(),
+                i.to_string().as_bytes(),
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// The number a `publish_numbered` body carries (1 for anything else).
+pub fn number_of(body: &[u8]) -> u64 {
+    std::str::from_utf8(body)
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(1)
+}
+
+/// The bodies of at least `n` messages drained from `queue`, in number order.
+pub async fn drain_numbers(channel: &Channel, queue: &str, n: usize) -> Vec<String> {
+    let mut bodies: Vec<String> = drain_at_least(channel, queue, n)
+        .await
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        .collect();
+    bodies.sort_by_key(|d| d.parse::<u64>().unwrap_or(u64::MAX));
+    bodies
+}
