@@ -10,7 +10,7 @@ use lapin::options::BasicAckOptions;
 use lapin::Channel;
 
 /// How long a settled delivery's ack may wait for others to join it.
-pub(crate) const ACK_DELAY: Duration = Duration::from_millis(5);
+const ACK_DELAY: Duration = Duration::from_millis(5);
 
 /// The deliveries of one channel between their arrival and their ack.
 ///
@@ -177,9 +177,15 @@ struct Shared {
 impl AckCoalescer {
     /// Coalesces the acks of deliveries from `channel`.
     pub fn new(channel: Channel) -> Self {
+        Self::counting(channel, Arc::default())
+    }
+
+    /// A coalescer that counts its frames in `frames` (the full consumer's,
+    /// across its connections).
+    pub(crate) fn counting(channel: Channel, frames: Arc<AtomicU64>) -> Self {
         let wake = Arc::new(tokio::sync::Notify::new());
         let shared = Arc::new(Shared {
-            batch: AckBatch::default(),
+            batch: AckBatch::counting(frames),
             channel,
             wake: Arc::clone(&wake),
             flush_at: std::sync::atomic::AtomicUsize::new(5),

@@ -16,7 +16,7 @@ use mqtrace::HandlerError;
 use mqtrace::{HandlerResult, Instrumenter};
 use tokio::task::JoinSet;
 
-use crate::acks::{AckBatch, ACK_DELAY};
+use crate::acks::AckCoalescer;
 use crate::carrier::FieldTableExtractor;
 use crate::describe::Server;
 use crate::process::{DeliveryTracer, Parts};
@@ -285,33 +285,14 @@ impl TracedConsumer {
         let mut consumed = false;
         let mut tasks = JoinSet::new();
         // Coalesced acks, unless each ack has a span of its own.
-        let acks = (!self.tracer.instrumenter().settle_spans_on())
-            .then(|| Arc::new(AckBatch::counting(Arc::clone(&self.ack_frames))));
-        // Half the window settled is flushed at once, so the broker keeps sending.
-        let flush_at = usize::from(self.prefetch / 2).max(1);
-        let mut flush_due: Option<tokio::time::Instant> = None;
+        let acks = (!self.tracer.instrumenter().settle_spans_on()).then(|| {
+            AckCoalescer::counting(channel.clone(), Arc::clone(&self.ack_frames))
+                .prefetch(self.prefetch)
+        });
         let shutdown_asked = loop {
-            if let Some(acks) = &acks {
-                if acks.pending() >= flush_at {
-                    counters.settle_failures(acks.flush_run(&channel).await);
-                }
-                // What is left (acks above a delivery still being handled) goes
-                // with the timed flush, which sends every pending ack.
-                if acks.pending() == 0 {
-                    flush_due = None;
-                } else if flush_due.is_none() {
-                    flush_due = Some(tokio::time::Instant::now() + ACK_DELAY);
-                }
-            }
             tokio::select! {
                 biased;
                 () = shutdown.as_mut() => break true,
-                () = sleep_until(flush_due) => {
-                    flush_due = None;
-                    if let Some(acks) = &acks {
-                        counters.settle_failures(acks.flush(&channel).await);
-                    }
-                }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     if let Err(e) = joined {
                         tracing::warn!(target: "mqtrace", error = %e, "consumer task failed");
@@ -326,11 +307,12 @@ impl TracedConsumer {
                         let counters = counters.clone();
                         let acks = acks.clone();
                         if let Some(acks) = &acks {
+                            // In the stream's order, before the task starts.
                             acks.arrived(delivery.delivery_tag);
                         }
                         tasks.spawn(async move {
                             let settled = this
-                                .handle(&channel, delivery, handler, acks.as_deref())
+                                .handle(&channel, delivery, handler, acks.as_ref())
                                 .await;
                             counters.record(&settled);
                         });
@@ -352,7 +334,7 @@ impl TracedConsumer {
         }
         // After a lost connection these fail, and the broker delivers them again.
         if let Some(acks) = &acks {
-            counters.settle_failures(acks.flush(&channel).await);
+            counters.settle_failures(acks.flush().await);
         }
         if shutdown_asked {
             let _ = channel.close(200, "consumer stopped".into()).await;
@@ -367,7 +349,7 @@ impl TracedConsumer {
         channel: &Channel,
         delivery: lapin::message::Delivery,
         handler: H,
-        acks: Option<&AckBatch>,
+        acks: Option<&AckCoalescer>,
     ) -> Settled
     where
         H: Fn(Message) -> Fut,
@@ -410,22 +392,18 @@ impl TracedConsumer {
                 })
             })
             .await;
-        let settled = self
-            .tracer
-            .settle_parts(processed, parts, acker, channel, acks)
-            .await;
-        if let Some(acks) = acks {
-            acks.finished(delivery_tag);
+        match acks {
+            Some(acks) => {
+                self.tracer
+                    .settle_parts_coalesced(processed, parts, acker, acks)
+                    .await
+            }
+            None => {
+                self.tracer
+                    .settle_parts(processed, parts, acker, channel, None)
+                    .await
+            }
         }
-        settled
-    }
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

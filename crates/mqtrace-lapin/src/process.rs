@@ -179,19 +179,27 @@ impl DeliveryTracer {
         delivery: Delivery,
         acks: &AckCoalescer,
     ) -> Settled {
-        let tag = delivery.delivery_tag;
-        let parts = Parts::of(&delivery);
-        let batch = (!self.instrumenter.settle_spans_on()).then(|| acks.batch());
+        if self.instrumenter.settle_spans_on() {
+            return self.settle(processed, delivery, acks.channel()).await;
+        }
+        let acker = delivery.acker.clone();
+        self.settle_parts_coalesced(processed, Parts::of(&delivery), acker, acks)
+            .await
+    }
+
+    /// Settles with the ack joining `acks`'s run (what the full consumer and
+    /// [`DeliveryTracer::settle_coalesced`] share).
+    pub(crate) async fn settle_parts_coalesced(
+        &self,
+        processed: Processed,
+        parts: Parts<'_>,
+        acker: Acker,
+        acks: &AckCoalescer,
+    ) -> Settled {
         let settled = self
-            .settle_parts(
-                processed,
-                parts,
-                delivery.acker.clone(),
-                acks.channel(),
-                batch,
-            )
+            .settle_parts(processed, parts, acker, acks.channel(), Some(acks.batch()))
             .await;
-        acks.batch().finished(tag);
+        acks.batch().finished(parts.delivery_tag);
         // A run that cannot be sent is logged; the broker delivers it again.
         acks.settled().await;
         settled
