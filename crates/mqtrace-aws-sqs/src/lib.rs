@@ -43,6 +43,12 @@
 //! | transient error | left for the visibility timeout and the queue's redrive policy; with a dead-letter queue set and the retry budget spent (by receive count), forwarded there and deleted |
 //! | permanent error | forwarded to the dead-letter queue with `mqtrace-error-type`, `mqtrace-attempt`, `mqtrace-error-message`, `mqtrace-failed-at`, `mqtrace-original-traceparent` (as many as fit in the 10 attributes and the size limit, in that order) and the original body, then deleted; without one, deleted (`dropped` on the span) |
 //!
+//! "Deleted" is batched in the full consumer (unless settle spans are on): a
+//! receive's deletes go in one `DeleteMessageBatch` once the last of its messages
+//! is handled; a message whose delete fails is received again. An own loop does
+//! the same with [`MessageTracer::settle_batched`] into a [`DeleteBatch`], then
+//! [`MessageTracer::delete_batch`].
+//!
 //! # Customisation
 //!
 //! Spans (conventions, parenting, formats, header capture, hooks, retry budget) are

@@ -47,6 +47,12 @@
 //! Nothing is acknowledged before the handler has finished, and a forward is
 //! confirmed before the ack, so a crash duplicates at worst.
 //!
+//! "Ack" is coalesced in the full consumer (unless settle spans are on): a settled
+//! delivery's ack waits up to 5 ms, or until half the prefetch window is settled,
+//! and one `basic.ack` with `multiple` covers the run below the lowest delivery
+//! still being handled; nacks go at once. An own loop does the same with an
+//! [`AckCoalescer`] and [`DeliveryTracer::settle_coalesced`].
+//!
 //! # Customisation
 //!
 //! Everything about the spans (conventions, parenting, propagation formats, header

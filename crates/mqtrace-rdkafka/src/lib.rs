@@ -49,13 +49,15 @@
 //! per interval rather than one per record ([`RecordTracer::store_offsets`]; an
 //! own loop commits each record unless it turns that on and commits the stored
 //! offsets itself). Records are handled one at a time: per-partition order holds
-//! and no offset passes a record whose handler has not finished. Commits during the
-//! run are asynchronous (a failed one is covered by the next); when the consumer stops it
-//! commits the position after the last settled record of each partition it still
-//! holds and waits for the cluster's answer, serving the consumer's events
-//! meanwhile, trying again for up to five seconds (a restarted cluster's group
-//! coordinator can take that long). Failed commits, refused at once or reported
-//! by the cluster, are counted in `ConsumerStats::settle_failures`.
+//! and no offset passes a record whose handler has not finished. The full
+//! consumer's commits wait for the cluster's answer on a blocking thread, one at
+//! a time, while it goes on serving its events (a failed one is covered by the
+//! next; rdkafka 0.39 reports no answer to an asynchronous commit); when the
+//! consumer stops it commits the position after the last settled record of each
+//! partition it still holds and waits for the answer, trying again for up to five
+//! seconds (a restarted cluster's group coordinator can take that long). Failed
+//! commits are counted in `ConsumerStats::settle_failures`; the commit made when
+//! partitions are revoked runs inside a poll and stays asynchronous.
 //!
 //! # Customisation
 //!
