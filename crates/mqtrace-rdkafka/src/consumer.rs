@@ -205,10 +205,13 @@ impl StatsContext {
     /// A context that also records librdkafka's statistics as gauges, from the
     /// instrumenter's meter: [`FETCH_QUEUE`] per partition, [`CLIENT_QUEUE`], and
     /// [`BROKER_RTT_AVERAGE`] and [`BROKER_RTT_P99`] per broker (what
-    /// [`TracedConsumer`] uses).
+    /// [`TracedConsumer`] uses); none when the instrumenter's metrics are off.
     pub fn metered(instrumenter: &Instrumenter) -> Self {
         Self {
-            gauges: Some(StatsGauges::new(instrumenter)),
+            // Off with the instrumenter's metrics.
+            gauges: instrumenter
+                .metrics_on()
+                .then(|| StatsGauges::new(instrumenter)),
             ..Self::default()
         }
     }

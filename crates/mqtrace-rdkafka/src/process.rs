@@ -265,7 +265,7 @@ impl RecordTracer {
         F: FnOnce(Attempt) -> Fut,
         Fut: Future<Output = HandlerResult>,
     {
-        if let Some(lag) = lag {
+        if let Some(lag) = lag.filter(|_| self.instrumenter.metrics_on()) {
             self.lag.record(
                 &self.instrumenter,
                 &self.info,

@@ -700,6 +700,13 @@ impl Instrumenter {
         }
     }
 
+    /// Whether the messaging metrics are on ([`InstrumenterBuilder::metrics`]):
+    /// an adapter's own instruments (Kafka's lag and statistics gauges) follow
+    /// the same switch.
+    pub fn metrics_on(&self) -> bool {
+        self.inner.metrics_on
+    }
+
     /// Whether settle spans are on: an adapter that coalesces settlements (one
     /// ack for many deliveries) does so only when they are off, since a settle
     /// span describes one call for one delivery.

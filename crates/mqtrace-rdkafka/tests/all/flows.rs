@@ -198,12 +198,15 @@ async fn missing_or_malformed_trace_headers_start_new_roots() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumer_lag_comes_from_the_statistics() {
+/// Five records through the full consumer, statistics every 100 ms and the
+/// first record held long enough for them to arrive; checks the lag on the
+/// process spans and returns librdkafka's statistics and the lag as gauges, as
+/// the collector received them.
+async fn lag_run(metrics: bool) -> String {
     let h = Harness::start().await;
     let topic = h.name("lag");
     h.topics(&[&topic]).await;
-    let instrumenter = h.instrumenter(|b| b);
+    let instrumenter = h.instrumenter(|b| b.metrics(metrics));
     let producer = h.producer(&instrumenter);
     send_numbered(&producer, &topic, 5).await;
     let mut config = h.consumer_config();
@@ -237,19 +240,37 @@ async fn consumer_lag_comes_from_the_statistics() {
     .await
     .unwrap();
     assert_lag_of_five(&h.spans(10).await);
-    // librdkafka's statistics as gauges: the partition's fetch queue and the
-    // broker's round-trip times, with their units and attributes.
-    let gauges = h
-        .metrics(
-            &[
-                mqtrace_rdkafka::FETCH_QUEUE,
-                mqtrace_rdkafka::BROKER_RTT_AVERAGE,
-                mqtrace_rdkafka::BROKER_RTT_P99,
-            ],
-            &[mqtrace_rdkafka::BROKER],
-        )
-        .await;
+    h.metrics(
+        &[
+            mqtrace_rdkafka::FETCH_QUEUE,
+            mqtrace_rdkafka::BROKER_RTT_AVERAGE,
+            mqtrace_rdkafka::BROKER_RTT_P99,
+            mqtrace_rdkafka::CONSUMER_LAG,
+        ],
+        &[mqtrace_rdkafka::BROKER],
+    )
+    .await
+}
+
+/// With the instrumenter's metrics off, the Kafka gauges are off too: the lag
+/// stays on the process spans, and the collector receives none of librdkafka's
+/// statistics nor the lag gauge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_off_turns_the_kafka_gauges_off() {
+    let gauges = lag_run(false).await;
+    assert_eq!(gauges.trim(), "", "{gauges}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_comes_from_the_statistics() {
+    let gauges = lag_run(true).await;
     let lines: Vec<&str> = gauges.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("mqtrace.kafka.consumer.lag [{message}] Gauge value=")),
+        "{gauges}"
+    );
     assert!(
         lines.iter().any(|l| l.starts_with("mqtrace.kafka.partition.fetch_queue.messages [{message}] Gauge value=")
             && l.ends_with(r#"messaging.destination.name="lag-RUN" messaging.destination.partition.id="0" messaging.system.name="kafka""#)),
