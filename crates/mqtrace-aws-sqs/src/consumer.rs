@@ -209,7 +209,8 @@ impl TracedConsumer {
 
     /// Reads the queue's approximate depth every `interval` while the consumer
     /// runs (one `GetQueueAttributes` call each, beside the receives) and records
-    /// it as the [`QUEUE_MESSAGES`] gauge (default: off).
+    /// it as the [`QUEUE_MESSAGES`] gauge (default: off; off too when the
+    /// instrumenter's metrics are).
     pub fn queue_depth_every(mut self, interval: Duration) -> Self {
         self.queue_depth = Some(interval.max(Duration::from_millis(100)));
         self
@@ -217,7 +218,11 @@ impl TracedConsumer {
 
     /// Beside the consumer loop: the queue depth every interval, until `stop`.
     async fn watch_depth(&self, stop: &tokio::sync::Notify) {
-        let Some(every) = self.queue_depth else {
+        // Off with the instrumenter's metrics: no gauge, and no calls for it.
+        let Some(every) = self
+            .queue_depth
+            .filter(|_| self.tracer.instrumenter().metrics_on())
+        else {
             return;
         };
         let gauge = self

@@ -404,3 +404,36 @@ async fn queue_depth_is_a_gauge_when_asked() {
         assert_eq!(value(&last, state), 0, "{last}");
     }
 }
+
+/// With the instrumenter's metrics off, the queue depth asked for with
+/// `queue_depth_every` is off too: no gauge reaches the collector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_off_turns_the_queue_depth_off() {
+    let h = Harness::start().await;
+    let url = h.queue("depth-off", &[]).await;
+    let instrumenter = h.instrumenter(|b| b.metrics(false));
+    h.send_numbered(&url, 2, &instrumenter).await;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let handled = Arc::clone(&seen);
+    within(
+        60,
+        TracedConsumer::new(h.client.clone(), &url, &instrumenter)
+            .wait_time_seconds(1)
+            .queue_depth_every(std::time::Duration::from_millis(100))
+            .run_until(
+                move |_| {
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    async { HandlerResult::Ok(()) }
+                },
+                async {
+                    when_count(&seen, 2).await;
+                    // Several readings' time, were there readings.
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                },
+            ),
+    )
+    .await
+    .unwrap();
+    let depth = h.metrics(&[mqtrace_aws_sqs::QUEUE_MESSAGES], &[]).await;
+    assert_eq!(depth.trim(), "", "{depth}");
+}
