@@ -1,5 +1,6 @@
-//! Coalesced acknowledgements for the full consumer: one `basic.ack` with
-//! `multiple` for a run of settled deliveries, instead of a frame per message.
+//! Coalesced acknowledgements, for the full consumer and own loops alike: one
+//! `basic.ack` with `multiple` for a run of settled deliveries, instead of a
+//! frame per message.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +18,8 @@ const ACK_DELAY: Duration = Duration::from_millis(5);
 /// A delivery is *in flight* from its arrival until its handler has finished and
 /// it was settled; one settled by an ack is *pending* until its ack is sent. A
 /// flush acks, with one `multiple` frame, every pending delivery below the
-/// lowest one still in flight, and each pending delivery above it on its own:
+/// lowest one still in flight, and (unless it is only a run) each pending
+/// delivery above it on its own:
 /// `multiple` never covers a delivery whose handler is still running, and one
 /// rejected on its own (a nack) is no longer outstanding, so a later `multiple`
 /// passes over it.
