@@ -12,6 +12,7 @@
 //!   tree the own-loop examples share.
 //! - [`faults`]: a proxy that refuses, hangs or forwards connections, and a
 //!   Kafka-protocol broker with durable storage that a test kills and restarts.
+//! - [`turns`]: timed tests run alone in their test binary, the rest share it.
 #![forbid(unsafe_code)]
 
 pub mod bench;
@@ -23,6 +24,7 @@ pub mod metric;
 pub mod semconv;
 mod span;
 mod tree_assert;
+pub mod turns;
 
 pub use collector::{spans_of, Collector, CollectorConfig};
 pub use metric::{MetricKind, MetricValue, RecordedMetric};

@@ -21,7 +21,7 @@ use crate::helpers::{drain, when_count, within, Harness};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collector_unreachable_then_hanging_then_back() {
-    let h = Harness::start().await;
+    let h = Harness::start_alone().await;
     let proxy = Proxy::start(h.collector.grpc_addr()).await.unwrap();
     let guard = TelemetryBuilder::default()
         .service_name("mqtrace-lapin-collector-faults")

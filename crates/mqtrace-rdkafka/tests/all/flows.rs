@@ -518,7 +518,7 @@ async fn an_injected_context_is_replaced_not_doubled() {
 /// the 5 s the consumer gives an answer that does not come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_are_coalesced_and_none_is_lost() {
-    let h = Harness::start().await;
+    let h = Harness::start_alone().await;
     let topic = h.name("coalesced");
     h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);

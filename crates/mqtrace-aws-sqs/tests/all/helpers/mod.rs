@@ -22,6 +22,8 @@ pub struct Harness {
     pub client: Client,
     /// Distinguishes this test's queues from every other's.
     pub run: String,
+    /// This test's turn on the machine (`mqtrace_testing::turns`).
+    pub turn: mqtrace_testing::turns::Turn,
 }
 
 /// A client for the emulator: any region, static test credentials.
@@ -43,6 +45,15 @@ pub fn client(endpoint: &str) -> Client {
 
 impl Harness {
     pub async fn start() -> Self {
+        Self::started(mqtrace_testing::turns::Turn::shared().await).await
+    }
+
+    /// For a test that judges time: it runs with no other test of the binary.
+    pub async fn start_alone() -> Self {
+        Self::started(mqtrace_testing::turns::Turn::alone().await).await
+    }
+
+    async fn started(turn: mqtrace_testing::turns::Turn) -> Self {
         let endpoint = brokers::sqs_endpoint();
         let collector = mqtrace_testing::Collector::start().await.unwrap();
         let guard = TelemetryBuilder::default()
@@ -61,6 +72,7 @@ impl Harness {
             guard,
             client: client(&endpoint),
             run: format!("{:08x}", fastrand::u32(..)),
+            turn,
         }
     }
 

@@ -20,10 +20,21 @@ pub struct Harness {
     pub url: String,
     /// Distinguishes this test's queues and exchanges from every other's.
     pub run: String,
+    /// This test's turn on the machine (`mqtrace_testing::turns`).
+    pub turn: mqtrace_testing::turns::Turn,
 }
 
 impl Harness {
     pub async fn start() -> Self {
+        Self::started(mqtrace_testing::turns::Turn::shared().await).await
+    }
+
+    /// For a test that judges time: it runs with no other test of the binary.
+    pub async fn start_alone() -> Self {
+        Self::started(mqtrace_testing::turns::Turn::alone().await).await
+    }
+
+    async fn started(turn: mqtrace_testing::turns::Turn) -> Self {
         let url = brokers::rabbitmq_url();
         let collector = mqtrace_testing::Collector::start().await.unwrap();
         let guard = TelemetryBuilder::default()
@@ -43,6 +54,7 @@ impl Harness {
             guard,
             url,
             run,
+            turn,
         }
     }
 

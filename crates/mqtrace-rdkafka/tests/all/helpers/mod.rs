@@ -24,6 +24,8 @@ pub struct Harness {
     pub bootstrap: String,
     /// Distinguishes this test's topics and group from every other's.
     pub run: String,
+    /// This test's turn on the machine (`mqtrace_testing::turns`).
+    pub turn: mqtrace_testing::turns::Turn,
 }
 
 impl Harness {
@@ -31,8 +33,21 @@ impl Harness {
         Self::start_at(brokers::kafka_bootstrap()).await
     }
 
+    /// For a test that judges time: it runs with no other test of the binary.
+    pub async fn start_alone() -> Self {
+        Self::started(
+            brokers::kafka_bootstrap(),
+            mqtrace_testing::turns::Turn::alone().await,
+        )
+        .await
+    }
+
     /// Against the broker at `bootstrap` (a test's own broker).
     pub async fn start_at(bootstrap: String) -> Self {
+        Self::started(bootstrap, mqtrace_testing::turns::Turn::shared().await).await
+    }
+
+    async fn started(bootstrap: String, turn: mqtrace_testing::turns::Turn) -> Self {
         let collector = mqtrace_testing::Collector::start().await.unwrap();
         let guard = TelemetryBuilder::default()
             .service_name("mqtrace-rdkafka-test")
@@ -51,6 +66,7 @@ impl Harness {
             guard,
             bootstrap,
             run,
+            turn,
         }
     }
 
