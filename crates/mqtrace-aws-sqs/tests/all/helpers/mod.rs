@@ -23,7 +23,7 @@ pub struct Harness {
     /// Distinguishes this test's queues from every other's.
     pub run: String,
     /// This test's turn on the machine (`mqtrace_testing::turns`).
-    pub turn: mqtrace_testing::turns::Turn,
+    _turn: mqtrace_testing::turns::Turn,
 }
 
 /// A client for the emulator: any region, static test credentials.
@@ -72,7 +72,7 @@ impl Harness {
             guard,
             client: client(&endpoint),
             run: format!("{:08x}", fastrand::u32(..)),
-            turn,
+            _turn: turn,
         }
     }
 

@@ -21,7 +21,7 @@ pub struct Harness {
     /// Distinguishes this test's queues and exchanges from every other's.
     pub run: String,
     /// This test's turn on the machine (`mqtrace_testing::turns`).
-    pub turn: mqtrace_testing::turns::Turn,
+    _turn: mqtrace_testing::turns::Turn,
 }
 
 impl Harness {
@@ -54,7 +54,7 @@ impl Harness {
             guard,
             url,
             run,
-            turn,
+            _turn: turn,
         }
     }
 

@@ -25,7 +25,7 @@ pub struct Harness {
     /// Distinguishes this test's topics and group from every other's.
     pub run: String,
     /// This test's turn on the machine (`mqtrace_testing::turns`).
-    pub turn: mqtrace_testing::turns::Turn,
+    _turn: mqtrace_testing::turns::Turn,
 }
 
 impl Harness {
@@ -66,7 +66,7 @@ impl Harness {
             guard,
             bootstrap,
             run,
-            turn,
+            _turn: turn,
         }
     }
 
