@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use mqtrace_testing::turns::Turn;
+
 fn mqtrace() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_mqtrace"));
     command
@@ -134,6 +136,7 @@ fn endpoints(line: &str) -> (String, String) {
 /// an intended change with `MQTRACE_BLESS=1 cargo test -p mqtrace-cli`.
 #[test]
 fn a_demo_capture_shows_as_trees_journeys_and_a_summary() {
+    let _turn = Turn::shared_blocking();
     let dir = scratch("golden");
     let capture = demo_capture(&dir);
     let (out, stdout) = run(&["view", "--load", capture.to_str().unwrap(), "--no-timings"]);
@@ -166,6 +169,7 @@ fn a_demo_capture_shows_as_trees_journeys_and_a_summary() {
 /// every span in a capture that reads back.
 #[test]
 fn view_receives_over_grpc_and_http_and_saves_what_arrived() {
+    let _turn = Turn::shared_blocking();
     let dir = scratch("live");
     let saved = dir.join("saved.jsonl");
     let mut view = Running::start(&[
@@ -227,6 +231,7 @@ fn view_receives_over_grpc_and_http_and_saves_what_arrived() {
 
 #[test]
 fn the_cap_drops_the_oldest_traces_and_says_so() {
+    let _turn = Turn::shared_blocking();
     let dir = scratch("cap");
     let capture = demo_capture(&dir);
     let (out, stdout) = run(&[
@@ -298,6 +303,7 @@ fn headless(chromium: &Path, profile: &Path, args: &[&str]) -> Output {
 /// order and the parents and links between them; the test keeps a screenshot.
 #[test]
 fn the_web_page_draws_the_journeys_in_headless_chromium() {
+    let _turn = Turn::shared_blocking();
     let chromium = chromium();
     let dir = scratch("web");
     let capture = demo_capture(&dir);
@@ -404,6 +410,7 @@ fn hops(section: &str) -> Vec<&str> {
 /// report names the spans, the cause and the fix.
 #[test]
 fn doctor_passes_the_demo_and_names_a_broken_propagation() {
+    let _turn = Turn::shared_blocking();
     let dir = scratch("doctor");
     let capture = demo_capture(&dir);
     let (out, stdout) = run(&["doctor", capture.to_str().unwrap()]);
@@ -477,6 +484,7 @@ fn doctor_passes_the_demo_and_names_a_broken_propagation() {
 /// `doctor --listen-for` judges what arrives meanwhile.
 #[test]
 fn doctor_listens_for_a_while() {
+    let _turn = Turn::shared_blocking();
     let mut doctor = Running::start(&[
         "doctor",
         "--listen-for",
@@ -504,6 +512,7 @@ fn doctor_listens_for_a_while() {
 
 #[test]
 fn bad_input_gets_a_clear_error() {
+    let _turn = Turn::shared_blocking();
     let dir = scratch("bad");
     let bad = dir.join("bad.jsonl");
     std::fs::write(&bad, "{\"resourceSpans\":[]}\nnot json\n").unwrap();
@@ -545,6 +554,7 @@ fn bad_input_gets_a_clear_error() {
 
 #[test]
 fn help_has_examples_and_names_the_checks() {
+    let _turn = Turn::shared_blocking();
     let (out, stdout) = run(&["view", "--help"]);
     assert!(out.status.success());
     assert!(stdout.contains("Examples:\n  mqtrace view "), "{stdout}");
@@ -622,6 +632,7 @@ fn span_rate(args: &[&str]) -> (bool, String, u64) {
 /// receives every span (the full 60 s runs: docs/benchmarks.md).
 #[test]
 fn ten_thousand_messages_a_second_with_the_defaults_lose_no_span() {
+    let _turn = Turn::alone_blocking();
     let (ok, stdout, received) = span_rate(&["--rate", "10000", "--seconds", "3"]);
     assert!(ok, "{stdout}");
     assert!(stdout.contains(", processed 30000\n"), "{stdout}");
@@ -641,6 +652,7 @@ fn ten_thousand_messages_a_second_with_the_defaults_lose_no_span() {
 /// the defaults are for).
 #[test]
 fn the_batch_defaults_keep_up_with_a_slow_collector() {
+    let _turn = Turn::alone_blocking();
     let slow = [
         "--rate",
         "10000",

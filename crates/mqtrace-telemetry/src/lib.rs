@@ -56,6 +56,9 @@ use opentelemetry_sdk::Resource;
 
 use mqtrace::Propagation;
 
+#[cfg(feature = "otlp-grpc")]
+mod direct;
+
 /// `tracing` targets whose spans [`TelemetryGuard::tracing_layer`] does not export:
 /// transports and the OpenTelemetry pipeline itself. Each broker adapter lists its
 /// client's own targets (`mqtrace_lapin::CLIENT_TARGETS`...), added with
@@ -170,6 +173,7 @@ pub struct TelemetryBuilder {
     quiet: Vec<&'static str>,
     metrics: Option<bool>,
     metric_interval: Option<Duration>,
+    direct_encoding: bool,
 }
 
 impl Default for TelemetryBuilder {
@@ -189,6 +193,7 @@ impl Default for TelemetryBuilder {
             quiet: Vec::new(),
             metrics: None,
             metric_interval: None,
+            direct_encoding: true,
         }
     }
 }
@@ -292,6 +297,19 @@ impl TelemetryBuilder {
         self
     }
 
+    /// Whether spans going over plain OTLP/gRPC are encoded straight from the
+    /// SDK's span data (on by default), or through the SDK's OTLP exporter. Either
+    /// way the collector receives the same request; the direct encoding skips the
+    /// SDK exporter's copy of each batch and its intermediate protobuf structs,
+    /// which were most of what an exported span cost the service
+    /// (`docs/benchmarks.md`). Used only where the SDK's exporter would add
+    /// nothing: an `http://` endpoint, and no `OTEL_EXPORTER_OTLP_*HEADERS` or
+    /// `*COMPRESSION` set; anything else goes through the SDK's exporter.
+    pub fn direct_encoding(mut self, on: bool) -> Self {
+        self.direct_encoding = on;
+        self
+    }
+
     /// The timeout of one export call, overriding `OTEL_EXPORTER_OTLP_TIMEOUT`.
     pub fn export_timeout(mut self, timeout: Duration) -> Self {
         self.export_timeout = Some(timeout);
@@ -344,7 +362,12 @@ impl TelemetryBuilder {
         let mut runtime = ExportRuntime(Some(built));
         let exporter = {
             let _entered = handle.enter();
-            build_exporter(protocol, self.endpoint.as_deref(), self.export_timeout)?
+            build_span_exporter(
+                protocol,
+                self.endpoint.as_deref(),
+                self.export_timeout,
+                self.direct_encoding,
+            )?
         };
         let counters = Arc::new(Counters::default());
         let exporter = CountingExporter {
@@ -359,10 +382,11 @@ impl TelemetryBuilder {
         };
         let mirror = if self.mirror_env && env_endpoint_set() {
             let _entered = handle.enter();
-            Some(build_exporter(
+            Some(build_span_exporter(
                 Protocol::from_env()?,
                 None,
                 self.export_timeout,
+                self.direct_encoding,
             )?)
         } else {
             None
@@ -469,6 +493,116 @@ fn resource(service_name: Option<String>, attributes: Vec<KeyValue>) -> Resource
                 .build()
         }
     }
+}
+
+/// The span exporter the set-up chose: mqtrace's direct OTLP/gRPC encoding, or
+/// the SDK's OTLP exporter.
+#[derive(Debug)]
+enum TraceExporter {
+    Sdk(Box<opentelemetry_otlp::SpanExporter>),
+    #[cfg(feature = "otlp-grpc")]
+    Direct(direct::DirectExporter),
+}
+
+impl SpanExporter for TraceExporter {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        // One box per batch: the two exporters' futures are of different types.
+        let export: std::pin::Pin<
+            Box<dyn std::future::Future<Output = OTelSdkResult> + Send + '_>,
+        > = match self {
+            TraceExporter::Sdk(e) => Box::pin(e.export(batch)),
+            #[cfg(feature = "otlp-grpc")]
+            TraceExporter::Direct(e) => Box::pin(e.export(batch)),
+        };
+        export
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        match self {
+            TraceExporter::Sdk(e) => e.shutdown_with_timeout(timeout),
+            #[cfg(feature = "otlp-grpc")]
+            TraceExporter::Direct(e) => e.shutdown_with_timeout(timeout),
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        match self {
+            TraceExporter::Sdk(e) => e.force_flush(),
+            #[cfg(feature = "otlp-grpc")]
+            TraceExporter::Direct(e) => e.force_flush(),
+        }
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        match self {
+            TraceExporter::Sdk(e) => e.set_resource(resource),
+            #[cfg(feature = "otlp-grpc")]
+            TraceExporter::Direct(e) => e.set_resource(resource),
+        }
+    }
+}
+
+#[allow(unused_variables)]
+fn build_span_exporter(
+    protocol: Protocol,
+    endpoint: Option<&str>,
+    timeout: Option<Duration>,
+    direct: bool,
+) -> Result<TraceExporter, TelemetryError> {
+    #[cfg(feature = "otlp-grpc")]
+    if direct && protocol == Protocol::Grpc {
+        if let Some((endpoint, timeout)) = plain_grpc(endpoint, timeout) {
+            return direct::DirectExporter::new(&endpoint, timeout)
+                .map(TraceExporter::Direct)
+                .map_err(TelemetryError::Exporter);
+        }
+    }
+    build_exporter(protocol, endpoint, timeout).map(|e| TraceExporter::Sdk(Box::new(e)))
+}
+
+/// The endpoint and timeout of a plain OTLP/gRPC export (an `http://` endpoint,
+/// no headers, no compression), read as the SDK's exporter reads them; `None`
+/// when the set-up asks for more than the direct encoding does.
+#[cfg(feature = "otlp-grpc")]
+fn plain_grpc(endpoint: Option<&str>, timeout: Option<Duration>) -> Option<(String, Duration)> {
+    let env = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let asks_more = [
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+    ]
+    .iter()
+    .any(|name| env(name).is_some());
+    if asks_more {
+        return None;
+    }
+    let endpoint = match endpoint {
+        Some(e) => e.trim().to_owned(),
+        None => env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            .unwrap_or_else(|| "http://localhost:4317".to_owned()),
+    };
+    if !endpoint.starts_with("http://") {
+        return None;
+    }
+    let timeout = timeout
+        .or_else(|| {
+            env("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+                .or_else(|| env("OTEL_EXPORTER_OTLP_TIMEOUT"))
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis)
+        })
+        .unwrap_or(Duration::from_secs(10));
+    Some((endpoint, timeout))
 }
 
 #[allow(unused_variables)]

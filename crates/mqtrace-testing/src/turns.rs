@@ -32,4 +32,15 @@ impl Turn {
     pub async fn alone() -> Self {
         Self::Alone(TURNS.write().await)
     }
+
+    /// [`Turn::shared`] for a test that is not async (never call it on an async
+    /// thread).
+    pub fn shared_blocking() -> Self {
+        Self::Shared(TURNS.blocking_read())
+    }
+
+    /// [`Turn::alone`] for a test that is not async.
+    pub fn alone_blocking() -> Self {
+        Self::Alone(TURNS.blocking_write())
+    }
 }

@@ -25,6 +25,8 @@
 //! Names the `opentelemetry-semantic-conventions` crate has are taken from it (it is
 //! generated from v1.42); [`attr`] defines the rest.
 
+use std::borrow::Cow;
+
 use opentelemetry::{KeyValue, Value};
 
 use crate::describe::{MessageDescription, MessagingSystem, OperationType};
@@ -375,7 +377,7 @@ impl Conventions {
             if t.operation_attributes {
                 out.push(KeyValue::new(
                     attr::MESSAGING_OPERATION_NAME,
-                    d.operation_name().to_owned(),
+                    operation_name_value(d),
                 ));
                 out.push(KeyValue::new(
                     attr::MESSAGING_OPERATION_TYPE,
@@ -515,6 +517,17 @@ impl Names {
         if let (true, Some(offset)) = (kafka, offset) {
             out.push(KeyValue::new(self.kafka_offset, offset));
         }
+    }
+}
+
+/// The operation's name as a value: a static name (the operation type's, or
+/// one an adapter set with [`MessageDescription::operation_named`]) is shared,
+/// not copied for each message.
+fn operation_name_value(d: &MessageDescription) -> Value {
+    match &d.operation_name {
+        None => Value::from(d.operation.as_str()),
+        Some(Cow::Borrowed(name)) => Value::from(*name),
+        Some(Cow::Owned(name)) => Value::from(name.clone()),
     }
 }
 
