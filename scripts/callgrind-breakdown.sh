@@ -12,6 +12,8 @@
 #
 #   scripts/callgrind-breakdown.sh [N]     (default N = 5000; prints a Markdown table)
 #
+# VARIANT=sdk-exporter counts the same through the SDK's OTLP exporter instead of
+# mqtrace's direct encoding (TelemetryBuilder::direct_encoding(false)).
 # VARIANT=unsampled counts the same with every span unsampled, VARIANT=raw the
 # embedded broker alone (no mqtrace): what the other two are compared with.
 set -euo pipefail
@@ -41,6 +43,7 @@ out, n = sys.argv[1], int(sys.argv[2])
 STAGES = [
     ("carrier (inject, extract, headers)", r"mqtrace::(propagation|w3c)|mqtrace::embedded::Header|opentelemetry::propagation|percent_encoding"),
     ("embedded broker (the example's queue)", r"mqtrace::embedded"),
+    ("mqtrace's OTLP encoding (mqtrace_telemetry::direct)", r"mqtrace_telemetry::direct"),
     ("mqtrace recipe (description, names, attributes, lifecycle)", r"mqtrace(_telemetry)?::"),
     ("SDK span start and end (ids, sampler, attributes)", r"opentelemetry_sdk::trace::(span::|tracer|sampler|id_generator|provider)|opentelemetry::|rand::|rand_core"),
     ("SDK batch queue", r"opentelemetry_sdk::trace::span_processor|std::sync::mpmc|std::sync::mpsc|crossbeam"),
@@ -49,7 +52,7 @@ STAGES = [
     ("gRPC transport (tonic, h2, hyper, sockets)", r"tonic::|h2::|hyper(_util)?::|tower::|http::|http_body|bytes::|tokio::(io|net)|mio::|indexmap"),
     ("async runtime and threads", r"tokio::|futures_|std::thread|parking_lot"),
     ("string formatting (core::fmt)", r"core::fmt|alloc::fmt|as core::fmt::|pad_integral"),
-    ("hashing (SipHash: the exporter groups spans by scope)", r"core::hash|sip::Hasher|hashbrown"),
+    ("hashing (SipHash, hash maps)", r"core::hash|sip::Hasher|hashbrown"),
     ("generic std code (iterators, collecting, clones, drops)", r"core::iter|alloc::vec|core::ptr::drop_in_place|alloc::raw_vec|core::slice|alloc::string|alloc::sync|core::ops::function|alloc::borrow|core::option|core::result|std::collections"),
     ("memory allocation", r"malloc|free|realloc|calloc|__rust_alloc|__rust_dealloc|__rdl_|alloc::alloc|tcache|arena_"),
     ("memory copies", r"mem(cpy|move|set|cmp)|__memcpy|__memmove|__memset|strlen"),
@@ -58,10 +61,11 @@ line = re.compile(r"^\s*([\d,]+)(?: \([^)]*\))?\s+(.*)$")
 # Entry points of the export path, for the inclusive table: (step, symbol pattern).
 EXPORT_STEPS = [
     ("span end into the batch queue (the processor's on_end)", r"CountingProcessor<.*SpanProcessor>::on_end"),
-    ("the batch thread's export (conversion, the exporter's call)", r"BatchSpanProcessor::export_batch_sync"),
-    ("OTLP conversion, its allocations and formatting included", r"group_spans_by_resource_and_scope"),
-    ("dropping the converted request", r"drop_in_place<opentelemetry_proto::proto::tonic::trace::v1::ResourceSpans>"),
-    ("protobuf encoding of the request (tonic's body)", r"ProstEncoder<.*Encoder>::encode"),
+    ("the batch thread's export (encoding, the exporter's call)", r"BatchSpanProcessor::export_batch_sync"),
+    ("mqtrace's direct encoding of the request", r"mqtrace_telemetry::direct::encode_request"),
+    ("SDK exporter: OTLP conversion, its allocations and formatting included", r"group_spans_by_resource_and_scope"),
+    ("SDK exporter: dropping the converted request", r"drop_in_place<opentelemetry_proto::proto::tonic::trace::v1::ResourceSpans>"),
+    ("SDK exporter: protobuf encoding of the request (tonic's body)", r"ProstEncoder<.*Encoder>::encode"),
 ]
 def inclusive(path):
     totals = {name: 0 for name, _ in EXPORT_STEPS}

@@ -15,6 +15,8 @@
 //! queue holds every span, so nothing is dropped; the run fails if any span was not
 //! exported.
 //!
+//! `VARIANT=sdk-exporter` exports through the SDK's OTLP exporter instead of
+//! mqtrace's direct encoding (`TelemetryBuilder::direct_encoding(false)`).
 //! `VARIANT=unsampled` runs the same with every span unsampled (`AlwaysOff`: built,
 //! never exported), and `VARIANT=raw` the same messages through the embedded broker
 //! with no mqtrace at all (published, received, acked): the floor that the other
@@ -33,11 +35,16 @@ fn main() -> Result<(), String> {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let endpoint = std::env::var("ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4317".to_owned());
     let variant = std::env::var("VARIANT").unwrap_or_else(|_| "exported".to_owned());
-    let sampler = match variant.as_str() {
-        "exported" => Sampler::AlwaysOn,
-        "unsampled" => Sampler::AlwaysOff,
+    let (sampler, direct) = match variant.as_str() {
+        "exported" => (Sampler::AlwaysOn, true),
+        "sdk-exporter" => (Sampler::AlwaysOn, false),
+        "unsampled" => (Sampler::AlwaysOff, true),
         "raw" => return raw(&mode, n),
-        other => return Err(format!("VARIANT={other:?}: use exported, unsampled or raw")),
+        other => {
+            return Err(format!(
+                "VARIANT={other:?}: use exported, sdk-exporter, unsampled or raw"
+            ))
+        }
     };
     let telemetry = TelemetryBuilder::default()
         .sampler(sampler)
@@ -45,6 +52,7 @@ fn main() -> Result<(), String> {
         .endpoint(endpoint)
         .install_global(false)
         .metrics(false)
+        .direct_encoding(direct)
         .batch_config(
             BatchConfigBuilder::default()
                 .with_max_queue_size(n + 1_024)

@@ -428,7 +428,9 @@ type ScopeGroup<'a> = (&'a InstrumentationScope, Vec<(usize, SpanParts)>, usize)
 
 /// Writes an `ExportTraceServiceRequest` for `spans` into `buf`: one resource,
 /// its spans grouped by instrumentation scope in the order the scopes first
-/// appear (as the SDK's exporter groups them).
+/// appear (as the SDK's exporter groups them). Never inlined: one call a batch,
+/// and a symbol of its own in `scripts/callgrind-breakdown.sh`.
+#[inline(never)]
 pub(crate) fn encode_request(spans: &[SpanData], resource: &EncodedResource, buf: &mut Vec<u8>) {
     let mut groups: Vec<ScopeGroup<'_>> = Vec::new();
     for (i, span) in spans.iter().enumerate() {
