@@ -71,6 +71,10 @@ struct Args {
     /// The collector's OTLP/gRPC endpoint (the exported variant).
     #[arg(long, default_value = "http://127.0.0.1:4317")]
     endpoint: String,
+    /// Export through the SDK's OTLP exporter instead of mqtrace's direct
+    /// encoding (`TelemetryBuilder::direct_encoding(false)`).
+    #[arg(long)]
+    sdk_exporter: bool,
 }
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -144,7 +148,8 @@ fn telemetry(args: &Args) -> Result<Option<(TelemetryGuard, Instrumenter)>, Fail
         .service_name("service-cost")
         .endpoint(&args.endpoint)
         .install_global(false)
-        .metrics(false);
+        .metrics(false)
+        .direct_encoding(!args.sdk_exporter);
     if args.variant == Variant::Unsampled {
         builder = builder.sampler(Sampler::AlwaysOff);
     }
