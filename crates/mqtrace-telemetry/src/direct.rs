@@ -11,7 +11,11 @@
 //!
 //! It speaks plain OTLP/gRPC (`http://` endpoints, no compression, no extra
 //! headers); [`crate::TelemetryBuilder`] keeps the SDK's exporter for any other
-//! set-up, so every `OTEL_EXPORTER_OTLP_*` setting it reads keeps its effect.
+//! set-up, so every `OTEL_EXPORTER_OTLP_*` setting it reads keeps its effect. A
+//! failed export is retried as the SDK's exporter retries by default: the codes
+//! the OTLP specification calls retryable, three times at most, with backoff
+//! from 100 ms to 1.6 s, within the export timeout (a `RESOURCE_EXHAUSTED`
+//! answer's retry delay is not read: it is not retried).
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -471,7 +475,7 @@ pub(crate) fn encode_request(spans: &[SpanData], resource: &EncodedResource, buf
 }
 
 /// A request already written; the codec copies it into tonic's buffer.
-struct Encoded(Vec<u8>);
+struct Encoded(bytes::Bytes);
 
 /// The codec of the export call: the request goes as written; the answer's
 /// partial success is read, the rest skipped.
@@ -535,9 +539,47 @@ impl Decoder for ResponseDecoder {
     }
 }
 
+const MAX_RETRIES: u32 = 3;
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LAST_RETRY: Duration = Duration::from_millis(1600);
+
+/// One export call.
+async fn send(channel: Channel, request: bytes::Bytes) -> Result<Rejected, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connecting: {e}")))?;
+    grpc.unary(
+        tonic::Request::new(Encoded(request)),
+        PathAndQuery::from_static(EXPORT_PATH),
+        ExportCodec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Up to 100 ms, so that exporters that failed together do not retry together.
+fn jitter() -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    Duration::from_nanos(u64::from(nanos % 100_000_000))
+}
+
+/// Waits before a retry: on the runtime's timer inside a tokio runtime, else by
+/// sleeping the thread (the SDK's batch thread polls exports on a plain thread).
+async fn pause(wait: Duration) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::time::sleep(wait).await;
+    } else {
+        std::thread::sleep(wait);
+    }
+}
+
 /// The direct OTLP/gRPC span exporter.
 pub(crate) struct DirectExporter {
     channel: Channel,
+    timeout: Duration,
     resource: EncodedResource,
     shut_down: AtomicBool,
 }
@@ -559,6 +601,7 @@ impl DirectExporter {
             .connect_lazy();
         Ok(Self {
             channel,
+            timeout,
             resource: EncodedResource::default(),
             shut_down: AtomicBool::new(false),
         })
@@ -576,29 +619,45 @@ impl SpanExporter for DirectExporter {
             encode_request(&batch, &self.resource, &mut request);
         }
         drop(batch);
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        let request = bytes::Bytes::from(request);
+        let channel = self.channel.clone();
+        let deadline = self.timeout;
         async move {
             if shut_down {
                 return Err(OTelSdkError::AlreadyShutdown);
             }
-            grpc.ready()
-                .await
-                .map_err(|e| OTelSdkError::InternalFailure(format!("OTLP export: {e}")))?;
-            let answer = grpc
-                .unary(
-                    tonic::Request::new(Encoded(request)),
-                    PathAndQuery::from_static(EXPORT_PATH),
-                    ExportCodec,
-                )
-                .await
-                .map_err(|status| {
-                    OTelSdkError::InternalFailure(format!(
-                        "OTLP export: {} {}",
+            let started = std::time::Instant::now();
+            let mut delay = FIRST_RETRY;
+            let mut retries = 0;
+            let answer = loop {
+                let status = match send(channel.clone(), request.clone()).await {
+                    Ok(answer) => break answer,
+                    Err(status) => status,
+                };
+                // As the OTLP specification (and the SDK's exporter) retries: the
+                // codes that say the collector may take it later, with backoff,
+                // within the export's timeout.
+                let wait = delay + jitter();
+                let retryable = matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Aborted
+                        | tonic::Code::OutOfRange
+                        | tonic::Code::DataLoss
+                );
+                if !retryable || retries == MAX_RETRIES || started.elapsed() + wait >= deadline {
+                    return Err(OTelSdkError::InternalFailure(format!(
+                        "OTLP export: {} {} ({retries} retries)",
                         status.code(),
                         status.message()
-                    ))
-                })?
-                .into_inner();
+                    )));
+                }
+                retries += 1;
+                pause(wait).await;
+                delay = (delay * 2).min(LAST_RETRY);
+            };
             if answer.spans > 0 || !answer.message.is_empty() {
                 tracing::warn!(
                     rejected_spans = answer.spans,
@@ -867,6 +926,39 @@ mod tests {
         assert!(down.export(spans).await.is_err());
         down.shutdown().unwrap();
         assert!(down.export(Vec::new()).await.is_err(), "shut down");
+    }
+
+    /// A collector that comes up while an export is failing gets the batch: the
+    /// refused connection is retried with backoff, as by the SDK's exporter.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_export_is_retried_until_the_collector_is_up() {
+        use opentelemetry_sdk::trace::SpanExporter as _;
+
+        let free = |_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (grpc, http) = (free(0), free(1));
+        let mut rng = fastrand::Rng::with_seed(5);
+        let spans: Vec<SpanData> = (0..10).map(|_| span(&mut rng, &scopes())).collect();
+        let exporter =
+            super::DirectExporter::new(&format!("http://{grpc}"), Duration::from_secs(5)).unwrap();
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            mqtrace_testing::Collector::start_with(
+                mqtrace_testing::CollectorConfig::default().listen(grpc, http),
+                None,
+            )
+            .await
+            .unwrap()
+        });
+        let started = std::time::Instant::now();
+        exporter.export(spans).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        let collector = late.await.unwrap();
+        assert_eq!(collector.spans().len(), 10);
     }
 
     #[test]
