@@ -231,9 +231,10 @@ fn kv_len(key: &str, value: &Value) -> usize {
 }
 
 fn put_kv(buf: &mut Vec<u8>, tag: u32, key: &str, value: &Value) {
-    put_len(buf, tag, kv_len(key, value));
+    let any = any_len(value);
+    put_len(buf, tag, bytes_len(1, key.as_bytes()) + field_len(2, any));
     put_bytes(buf, 1, key.as_bytes());
-    put_len(buf, 2, any_len(value));
+    put_len(buf, 2, any);
     put_any(buf, value);
 }
 

@@ -470,7 +470,15 @@ fn env_endpoint_set() -> bool {
         "OTEL_EXPORTER_OTLP_ENDPOINT",
     ]
     .iter()
-    .any(|v| std::env::var(v).is_ok_and(|e| !e.trim().is_empty()))
+    .any(|name| env_value(name).is_some())
+}
+
+/// An environment variable's value, trimmed; `None` when unset or blank.
+fn env_value(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 fn resource(service_name: Option<String>, attributes: Vec<KeyValue>) -> Resource {
@@ -574,12 +582,7 @@ fn build_span_exporter(
 /// when the set-up asks for more than the direct encoding does.
 #[cfg(feature = "otlp-grpc")]
 fn plain_grpc(endpoint: Option<&str>, timeout: Option<Duration>) -> Option<(String, Duration)> {
-    let env = |name: &str| {
-        std::env::var(name)
-            .ok()
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
-    };
+    let env = env_value;
     let asks_more = [
         "OTEL_EXPORTER_OTLP_HEADERS",
         "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
