@@ -20,7 +20,9 @@
 //! `VARIANT=unsampled` runs the same with every span unsampled (`AlwaysOff`: built,
 //! never exported), and `VARIANT=raw` the same messages through the embedded broker
 //! with no mqtrace at all (published, received, acked): the floor that the other
-//! two are counted against.
+//! two are counted against. `VARIANT=by-hand` writes the same spans by hand with
+//! the OpenTelemetry API (the same names, kinds, parent, link and attributes, the
+//! W3C propagator, the same SDK and export): what the spans cost without mqtrace.
 #![allow(missing_docs, clippy::print_stderr)]
 
 use mqtrace::embedded::{Broker, Message, QueueOptions, TracedConsumer, TracedProducer};
@@ -39,10 +41,11 @@ fn main() -> Result<(), String> {
         "exported" => (Sampler::AlwaysOn, true),
         "sdk-exporter" => (Sampler::AlwaysOn, false),
         "unsampled" => (Sampler::AlwaysOff, true),
+        "by-hand" => (Sampler::AlwaysOn, true),
         "raw" => return raw(&mode, n),
         other => {
             return Err(format!(
-                "VARIANT={other:?}: use exported, sdk-exporter, unsampled or raw"
+                "VARIANT={other:?}: use exported, sdk-exporter, unsampled, by-hand or raw"
             ))
         }
     };
@@ -68,6 +71,10 @@ fn main() -> Result<(), String> {
     let broker = Broker::new();
     broker.declare_queue("orders", QueueOptions::default());
     runtime.block_on(async {
+        if variant == "by-hand" {
+            let provider = telemetry.provider().ok_or("telemetry is off")?;
+            return by_hand(&mode, n, &broker, provider).await;
+        }
         match mode.as_str() {
             "send" => {
                 let producer = TracedProducer::new(broker.clone(), instrumenter);
@@ -109,6 +116,95 @@ fn main() -> Result<(), String> {
         ));
     }
     eprintln!("{mode}: {n} spans exported");
+    Ok(())
+}
+
+/// The spans mqtrace makes for these messages, written by hand with the
+/// OpenTelemetry API: a `send orders` PRODUCER span injected into the message, or a
+/// `process orders` CONSUMER span, child of the extracted context and linking it,
+/// around an empty handler and the ack; their attributes as mqtrace sets them.
+async fn by_hand(
+    mode: &str,
+    n: usize,
+    broker: &Broker,
+    provider: &opentelemetry_sdk::trace::SdkTracerProvider,
+) -> Result<(), String> {
+    use mqtrace::embedded::{HeaderExtractor, HeaderInjector};
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry::trace::{FutureExt as _, Link, SpanKind, TraceContextExt as _, Tracer as _};
+    use opentelemetry::{Context, KeyValue};
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+
+    let tracer = provider.tracer("by-hand");
+    let propagator = TraceContextPropagator::new();
+    let common = |operation: &'static str| {
+        vec![
+            KeyValue::new("messaging.system.name", "mqtrace"),
+            KeyValue::new("messaging.operation.name", operation),
+            KeyValue::new("messaging.operation.type", operation),
+            KeyValue::new("messaging.destination.name", "orders".to_owned()),
+        ]
+    };
+    match mode {
+        "send" => {
+            for i in 0..n {
+                let mut message = Message::new(i.to_be_bytes().to_vec());
+                let span = tracer
+                    .span_builder("send orders")
+                    .with_kind(SpanKind::Producer)
+                    .with_attributes(common("send"))
+                    .start(&tracer);
+                let cx = Context::current().with_span(span);
+                propagator.inject_context(&cx, &mut HeaderInjector(&mut message.headers));
+                let id = broker
+                    .publish("orders", message)
+                    .map_err(|e| e.to_string())?;
+                let span = cx.span();
+                span.set_attribute(KeyValue::new("messaging.message.id", id.to_string()));
+                span.end();
+            }
+        }
+        "process" => {
+            for i in 0..n {
+                broker
+                    .publish(
+                        "orders",
+                        Message::new(i.to_be_bytes().to_vec()).header("traceparent", TRACEPARENT),
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+            for _ in 0..n {
+                let delivery = broker.receive("orders").await.map_err(|e| e.to_string())?;
+                let stored = delivery.message();
+                let parent = propagator.extract(&HeaderExtractor(&stored.headers));
+                let creation = parent.span().span_context().clone();
+                let waited = std::time::SystemTime::now()
+                    .duration_since(stored.published_at)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                let mut attributes = common("process");
+                attributes.extend([
+                    KeyValue::new("messaging.message.id", stored.id.to_string()),
+                    KeyValue::new("mqtrace.message.attempt", 1),
+                    KeyValue::new("mqtrace.message.queue_time", waited),
+                ]);
+                let span = tracer
+                    .span_builder("process orders")
+                    .with_kind(SpanKind::Consumer)
+                    .with_attributes(attributes)
+                    .with_links(vec![Link::with_context(creation)])
+                    .start_with_context(&tracer, &parent);
+                // The handler runs in the span's context.
+                let cx = parent.with_span(span);
+                async {}.with_context(cx.clone()).await;
+                delivery.ack();
+                let span = cx.span();
+                span.set_attribute(KeyValue::new("mqtrace.message.disposition", "settled"));
+                span.end();
+            }
+        }
+        other => return Err(format!("mode {other:?}: use send or process")),
+    }
     Ok(())
 }
 

@@ -3,7 +3,8 @@
 //! processor that discards them, so export cost is not in the figures. The
 //! `metrics` group times process + settle with the messaging metrics off, into the
 //! no-op meter provider, and into an SDK meter provider; with spans sampled, and
-//! again unsampled, where the measurements are most of the work; and, as the
+//! again unsampled, and with no tracer at all (the API's no-op provider), where
+//! the measurements are most of the work; and, as the
 //! floor under that cost, the same five measurements straight into the SDK's
 //! bound instruments.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
@@ -14,7 +15,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::FutureExt as _;
 use mqtrace::embedded::{HeaderInjector, Headers};
 use mqtrace::{
-    Conventions, Disposition, Instrumenter, MessageDescription, MessagingSystem, OperationType,
+    Conventions, Disposition, Instrumenter, InstrumenterBuilder, MessageDescription,
+    MessagingSystem, OperationType,
 };
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 
@@ -91,6 +93,9 @@ fn recipes(c: &mut Criterion) {
     group.finish();
 }
 
+/// A named way to start an instrumenter's builder (its tracer provider).
+type Base<'a> = Box<dyn Fn() -> InstrumenterBuilder + 'a>;
+
 fn metrics(c: &mut Criterion) {
     let mut group = c.benchmark_group("metrics");
     let sampled = SdkTracerProvider::builder()
@@ -105,29 +110,79 @@ fn metrics(c: &mut Criterion) {
     let meters = common::idle_meters();
     let send =
         MessageDescription::new(MessagingSystem::Kafka, OperationType::Send).destination("orders");
-    for (spans, provider) in [("", &sampled), ("unsampled/", &unsampled)] {
-        let base = || {
-            Instrumenter::builder()
-                .tracer_provider(provider)
-                .conventions(Conventions::V1_45)
-        };
+    // No tracer at all (the API's no-op provider): only the lifecycle, the
+    // carrier and the measurements, so the metrics' share is largest.
+    let no_tracer = opentelemetry::trace::noop::NoopTracerProvider::new();
+    let bases: [(&str, Base<'_>); 3] = [
+        (
+            "",
+            Box::new(|| Instrumenter::builder().tracer_provider(&sampled)),
+        ),
+        (
+            "unsampled/",
+            Box::new(|| Instrumenter::builder().tracer_provider(&unsampled)),
+        ),
+        (
+            "no_tracer/",
+            Box::new(|| Instrumenter::builder().tracer_provider(&no_tracer)),
+        ),
+    ];
+    // One message for every case, carrying a sampled producer's context.
+    let incoming = {
+        let producer = Instrumenter::builder().tracer_provider(&sampled).build();
+        let mut headers = Headers::new();
+        let span = producer.start_send(&send, None);
+        producer.inject(&span, &mut HeaderInjector(&mut headers));
+        span.end();
+        Incoming {
+            headers,
+            body: vec![b'x'; 100],
+        }
+    };
+    for (spans, builder) in &bases {
+        let base = || builder().conventions(Conventions::V1_45);
+        let off = base().metrics(false).build();
+        let sdk = base().meter_provider(&meters).build();
         for (mode, instrumenter) in [
-            ("off", base().metrics(false).build()),
-            ("noop_provider", base().build()),
-            ("sdk_provider", base().meter_provider(&meters).build()),
+            ("off", &off),
+            ("noop_provider", &base().build()),
+            ("sdk_provider", &sdk),
         ] {
-            let mut headers = Headers::new();
-            let span = instrumenter.start_send(&send, None);
-            instrumenter.inject(&span, &mut HeaderInjector(&mut headers));
-            span.end();
-            let incoming = Incoming {
-                headers,
-                body: vec![b'x'; 100],
-            };
             group.bench_function(format!("process+settle/{spans}{mode}"), |b| {
-                b.iter(|| process_and_settle(&instrumenter, black_box(&incoming)))
+                b.iter(|| process_and_settle(instrumenter, black_box(&incoming)))
             });
         }
+        // What the SDK provider adds: runs of 64 messages without and with it,
+        // back to back (their order alternating), and the median of the pairs'
+        // differences, so that the machine's drift and its bursts (this one
+        // moves by more than the difference between two benchmarks) stay out
+        // of it. A median below zero would show as (almost) nothing.
+        group.bench_function(format!("added/{spans}sdk_provider"), |b| {
+            b.iter_custom(|iters| {
+                const RUN: u64 = 64;
+                let run = |instrumenter: &Instrumenter| {
+                    let started = std::time::Instant::now();
+                    for _ in 0..RUN {
+                        black_box(process_and_settle(instrumenter, black_box(&incoming)));
+                    }
+                    started.elapsed().as_secs_f64()
+                };
+                let mut added: Vec<f64> = (0..iters.div_ceil(RUN).max(1))
+                    .map(|pair| {
+                        if pair % 2 == 0 {
+                            let without = run(&off);
+                            run(&sdk) - without
+                        } else {
+                            let with = run(&sdk);
+                            with - run(&off)
+                        }
+                    })
+                    .collect();
+                added.sort_by(f64::total_cmp);
+                let per_message = (added[added.len() / 2] / RUN as f64).max(1e-12);
+                std::time::Duration::from_secs_f64(per_message * iters as f64)
+            })
+        });
     }
     #[cfg(feature = "bound-instruments")]
     sdk_floor(&mut group, &meters);

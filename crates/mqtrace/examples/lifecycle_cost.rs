@@ -10,7 +10,8 @@
 //! `finish`: process span, empty handler, disposition recorded by hand (what each
 //! adapter did before the lifecycle moved into the core). `settle`: the same ended
 //! through `Instrumenter::settle` with a settlement that costs nothing. Spans go to
-//! a processor that drops them; `SAMPLER=off` makes every span unsampled. The difference between the two, per message, is
+//! a processor that drops them; `SAMPLER=off` makes every span unsampled,
+//! `SAMPLER=none` uses no tracer at all (the API's no-op provider). The difference between the two, per message, is
 //! what the core's lifecycle adds. `METRICS=off` turns the messaging metrics off,
 //! `METRICS=sdk` records them into an SDK meter provider (read only at exit);
 //! otherwise they go to the global no-op provider.
@@ -45,7 +46,12 @@ fn main() {
         .with_span_processor(Discard)
         .build();
     let meters = common::idle_meters();
-    let mut builder = Instrumenter::builder().tracer_provider(&provider);
+    // `SAMPLER=none`: no tracer at all (the API's no-op provider).
+    let mut builder = match std::env::var("SAMPLER").as_deref() {
+        Ok("none") => Instrumenter::builder()
+            .tracer_provider(&opentelemetry::trace::noop::NoopTracerProvider::new()),
+        _ => Instrumenter::builder().tracer_provider(&provider),
+    };
     match std::env::var("METRICS").as_deref() {
         Ok("off") => builder = builder.metrics(false),
         Ok("sdk") => builder = builder.meter_provider(&meters),

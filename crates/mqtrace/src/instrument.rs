@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use futures_util::{FutureExt as _, StreamExt as _};
 use opentelemetry::global::{self, BoxedTracer};
@@ -253,13 +253,21 @@ impl MessagingSpan {
         self.end_measured_at(None);
     }
 
-    /// Ends the span, its measurement taken as ending at `now` when given (a clock
-    /// reading the caller already has).
-    pub(crate) fn end_measured_at(mut self, now: Option<Instant>) {
-        if let Some(measure) = self.measure.take() {
-            measure.record_at(now.unwrap_or_else(Instant::now));
+    /// Ends the span at `now` when given (a clock reading the caller already
+    /// has), else now; a measured span's measurement ends at the same reading.
+    pub(crate) fn end_measured_at(mut self, now: Option<SystemTime>) {
+        let now = match self.measure.take() {
+            Some(measure) => {
+                let now = now.unwrap_or_else(SystemTime::now);
+                measure.record_at(now);
+                Some(now)
+            }
+            None => now,
+        };
+        match now {
+            Some(t) => self.cx.span().end_with_timestamp(t),
+            None => self.cx.span().end(),
         }
-        self.cx.span().end();
     }
 }
 
@@ -330,7 +338,11 @@ impl Processed {
     }
 
     /// [`Processed::finish`], the process measurement ending at `now` when given.
-    pub(crate) fn finish_at(self, disposition: Disposition, now: Option<Instant>) -> HandlerResult {
+    pub(crate) fn finish_at(
+        self,
+        disposition: Disposition,
+        now: Option<SystemTime>,
+    ) -> HandlerResult {
         self.span
             .set_attribute(KeyValue::new(attr::DISPOSITION, disposition.as_str()));
         if let Some(m) = &self.span.measure {
@@ -757,23 +769,18 @@ impl Instrumenter {
             },
             &mut attributes,
         );
-        let measure = measured.filter(|_| self.inner.metrics_on).map(|what| {
-            let started = match start_time {
-                Some(t) => SystemTime::now()
-                    .duration_since(t)
-                    .ok()
-                    .and_then(|ago| Instant::now().checked_sub(ago))
-                    .unwrap_or_else(Instant::now),
-                None => Instant::now(),
-            };
-            Measure {
+        // A measured span's start is read here, once, for the span and its
+        // measurement (the SDK would read the clock again otherwise).
+        let mut start_time = start_time;
+        let measure = measured
+            .filter(|_| self.inner.metrics_on)
+            .map(|what| Measure {
                 metrics: Arc::clone(&self.inner.metrics),
                 what,
                 stream: self.inner.metrics.stream(d),
-                started,
+                started: *start_time.get_or_insert_with(SystemTime::now),
                 error: std::sync::OnceLock::new(),
-            }
-        });
+            });
         let mut builder = SpanBuilder::from_name(self.inner.conventions.span_name(d))
             .with_kind(kind)
             .with_attributes(attributes)
@@ -917,13 +924,25 @@ impl Instrumenter {
     /// A settle span (CLIENT: `ack`, `nack`, `commit`, `delete`...), child of the
     /// process span.
     pub fn start_settle(&self, d: &MessageDescription, process: &MessagingSpan) -> MessagingSpan {
-        self.start(
+        self.settle_span_at(d, process, None)
+    }
+
+    /// A settle span started at `started` when given (a clock reading the
+    /// lifecycle already has).
+    pub(crate) fn settle_span_at(
+        &self,
+        d: &MessageDescription,
+        process: &MessagingSpan,
+        started: Option<SystemTime>,
+    ) -> MessagingSpan {
+        self.start_at(
             d,
             SpanKind::Client,
             process.context(),
             Vec::new(),
             None,
             |_| {},
+            started,
             None,
         )
     }
@@ -996,14 +1015,14 @@ impl Instrumenter {
         attempt: u32,
     ) -> (MessagingSpan, MessageDescription) {
         let d = message.description();
-        // One reading for the attribute and the metric.
-        let waited = message.broker_timestamp().map(|sent| {
-            SystemTime::now()
-                .duration_since(sent)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0)
-        });
-        let span = self.start(
+        // One wall-clock reading for the span's start, its measurement, and the
+        // queue time's attribute and metric.
+        let published = message.broker_timestamp();
+        let now = (published.is_some() || self.inner.metrics_on).then(SystemTime::now);
+        let waited = published
+            .zip(now)
+            .map(|(sent, now)| crate::metrics::seconds_between(sent, now));
+        let span = self.start_at(
             &d,
             SpanKind::Consumer,
             parent,
@@ -1023,6 +1042,7 @@ impl Instrumenter {
                     }
                 }
             },
+            now,
             Some(Measured::Process),
         );
         if let Some(stream) = span.stream() {

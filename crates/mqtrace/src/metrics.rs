@@ -27,11 +27,20 @@
 //! cached set is bound to its instruments at its first measurement, and the SDK
 //! then records without hashing the attributes; without it, the SDK hashes each
 //! measurement's set. Failures (sets with `error.type`) are recorded unbound.
+//!
+//! Durations come from the clock readings their spans use: a measured span's
+//! start is read once, for the span's start time, its measurement and the queue
+//! time, and its end once, for the span's end time and the measurement (a settle
+//! call's end is its process span's end too). A span and its metric so agree to
+//! the nanosecond, and a processed and settled message reads the clock three
+//! times: its start, the settle call's start, and the end of both.
+//! These are wall-clock readings, as span times are: a duration across a step of
+//! the system clock back in time is recorded as 0.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
-use std::time::Instant;
+use std::time::SystemTime;
 
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use opentelemetry::KeyValue;
@@ -690,18 +699,25 @@ pub(crate) struct Measure {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) what: Measured,
     pub(crate) stream: Arc<Stream>,
-    pub(crate) started: Instant,
+    /// The span's start time: one wall-clock reading serves the span and its
+    /// measurement.
+    pub(crate) started: SystemTime,
     pub(crate) error: OnceLock<String>,
+}
+
+/// Seconds from `start` to `end`, 0 if the wall clock stepped back between them.
+pub(crate) fn seconds_between(start: SystemTime, end: SystemTime) -> f64 {
+    end.duration_since(start).map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Measure {
     pub(crate) fn record(self) {
-        self.record_at(Instant::now());
+        self.record_at(SystemTime::now());
     }
 
-    /// Records the measurement as ending at `now`.
-    pub(crate) fn record_at(self, now: Instant) {
-        let seconds = now.saturating_duration_since(self.started).as_secs_f64();
+    /// Records the measurement as ending at `now` (the span's end time).
+    pub(crate) fn record_at(self, now: SystemTime) {
+        let seconds = seconds_between(self.started, now);
         self.metrics.record(
             self.what,
             seconds,

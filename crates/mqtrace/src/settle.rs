@@ -441,22 +441,23 @@ impl Instrumenter {
         let mut ended = None;
         if settlement != Settlement::Leave {
             let name = settler.settle_name(settlement);
+            // Timed only when measured (metrics on); the settle span, when there
+            // is one, starts at the same reading.
+            let timed = processed.span().stream().is_some();
+            let started = timed.then(std::time::SystemTime::now);
             let span = match name {
                 Some(name) if self.settle_spans_on() => {
                     let d = processed
                         .description()
                         .for_operation(OperationType::Settle, Some(name));
-                    Some(self.start_settle(&d, processed.span()))
+                    Some(self.settle_span_at(&d, processed.span(), started))
                 }
                 _ => None,
             };
-            // Timed only when measured (metrics on).
-            let timed = processed.span().stream().is_some();
-            let started = timed.then(std::time::Instant::now);
             let result = settler.settle(settlement).await;
-            ended = started.map(|_| std::time::Instant::now());
+            ended = started.map(|_| std::time::SystemTime::now());
             let seconds = match (started, ended) {
-                (Some(s), Some(e)) => e.saturating_duration_since(s).as_secs_f64(),
+                (Some(s), Some(e)) => crate::metrics::seconds_between(s, e),
                 _ => 0.0,
             };
             let error_type = result.as_ref().err().map(|e| S::error_type(e));
@@ -472,7 +473,7 @@ impl Instrumenter {
                     .settled(stream, name, seconds, error_type.as_deref());
             }
             if let Some(span) = span {
-                span.end();
+                span.end_measured_at(ended);
             }
         }
         let _ = processed.finish_at(disposition, ended);

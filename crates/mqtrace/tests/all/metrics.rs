@@ -168,3 +168,65 @@ async fn a_receive_span_counts_its_messages_as_consumed_once() {
         "#,
     );
 }
+
+/// A measured span and its measurement come from the same clock readings: the
+/// send, process and settle spans last exactly what their duration metrics
+/// recorded (separate readings would differ by at least a clock read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_and_their_durations_share_clock_readings() {
+    use mqtrace_testing::MetricValue;
+
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let broker = broker_with(&[("orders", None)]);
+    TracedProducer::new(broker.clone(), instrumenter.clone())
+        .send("orders", Message::new("one"))
+        .await
+        .unwrap();
+    TracedConsumer::new(broker.clone(), "orders", instrumenter)
+        .settle_spans(true)
+        .process_next(|_| async {
+            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let spans = h.spans(3).await;
+    let _ = h.metrics(&[], &[]).await;
+    let metrics = h.collector.metrics();
+    let recorded = |name: &str, operation: &str| -> f64 {
+        let found: Vec<_> = metrics
+            .iter()
+            .filter(|m| {
+                m.name == name
+                    && m.attributes
+                        .get("messaging.operation.name")
+                        .and_then(|v| v.as_str())
+                        == Some(operation)
+            })
+            .collect();
+        match &found[..] {
+            [m] => match m.value {
+                MetricValue::Histogram { count: 1, sum, .. } => sum,
+                ref other => panic!("{name} {operation}: {other:?}"),
+            },
+            _ => panic!("{name} {operation}: {found:?}"),
+        }
+    };
+    for (span, metric, operation) in [
+        ("send orders", "messaging.client.operation.duration", "send"),
+        ("process orders", "messaging.process.duration", "process"),
+        ("ack orders", "messaging.client.operation.duration", "ack"),
+    ] {
+        let s = spans
+            .iter()
+            .find(|s| s.name == span)
+            .unwrap_or_else(|| panic!("no span {span}: {spans:#?}"));
+        let lasted = (s.end_unix_nano - s.start_unix_nano) as f64 / 1e9;
+        let measured = recorded(metric, operation);
+        assert!(
+            (lasted - measured).abs() < 1e-9,
+            "{span}: the span lasted {lasted} s, its metric says {measured} s"
+        );
+    }
+}
