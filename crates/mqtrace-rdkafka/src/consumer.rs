@@ -294,6 +294,37 @@ impl ConsumerContext for StatsContext {
     }
 }
 
+/// The position after the last settled record of each partition: what the
+/// final commit commits. Updated for every settled record, so a topic's name is
+/// copied only the first time it is seen.
+#[derive(Debug, Default)]
+struct Positions(HashMap<String, HashMap<i32, i64>>);
+
+impl Positions {
+    /// Records that the record at `offset` is settled.
+    fn settled(&mut self, topic: &str, partition: i32, offset: i64) {
+        let next = offset + 1;
+        match self.0.get_mut(topic) {
+            Some(partitions) => {
+                partitions.insert(partition, next);
+            }
+            None => {
+                self.0
+                    .insert(topic.to_owned(), HashMap::from([(partition, next)]));
+            }
+        }
+    }
+
+    /// Topic, partition and position of every partition seen.
+    fn iter(&self) -> impl Iterator<Item = (&str, i32, i64)> + '_ {
+        self.0.iter().flat_map(|(topic, partitions)| {
+            partitions
+                .iter()
+                .map(move |(&partition, &next)| (topic.as_str(), partition, next))
+        })
+    }
+}
+
 /// A consumed record as the handler sees it. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -578,7 +609,7 @@ impl TracedConsumer {
         let counters = ConsumerCounters::new();
         let failed_before = self.consumer.context().failed_commits();
         // The position after the last settled record, per partition.
-        let mut positions = HashMap::new();
+        let mut positions = Positions::default();
         let mut shutdown = std::pin::pin!(shutdown);
         // A subscribed topic reported missing (librdkafka says so once), with no
         // record since: when, and the error.
@@ -636,15 +667,11 @@ impl TracedConsumer {
             match received {
                 Ok(message) => {
                     missing = None;
-                    let at = (
-                        message.topic().to_owned(),
-                        message.partition(),
-                        message.offset(),
-                    );
-                    let settled = self.handle(message, polled_at, &handler).await;
+                    let message = Arc::new(message);
+                    let settled = self.handle(Arc::clone(&message), polled_at, &handler).await;
                     counters.record(&settled);
                     if settled.is_done() {
-                        positions.insert((at.0, at.1), at.2 + 1);
+                        positions.settled(message.topic(), message.partition(), message.offset());
                         uncommitted += 1;
                     }
                 }
@@ -696,21 +723,21 @@ impl TracedConsumer {
     /// a returning group may need before it accepts a commit.
     async fn final_commit(
         &self,
-        positions: &HashMap<(String, i32), i64>,
+        positions: &Positions,
         committing: Option<tokio::task::JoinHandle<KafkaResult<()>>>,
     ) {
         // Only partitions still assigned: one that moved to another member in a
         // rebalance has its progress committed there, and this position is older.
         let assigned = self.consumer.assignment().ok();
         let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), next) in positions {
+        for (topic, partition, next) in positions.iter() {
             let ours = assigned
                 .as_ref()
-                .is_none_or(|a| a.find_partition(topic, *partition).is_some());
+                .is_none_or(|a| a.find_partition(topic, partition).is_some());
             if !ours {
                 continue;
             }
-            if let Err(e) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+            if let Err(e) = offsets.add_partition_offset(topic, partition, Offset::Offset(next)) {
                 tracing::warn!(target: "mqtrace", error = %e, topic, "cannot commit this partition's position");
             }
         }
@@ -749,7 +776,7 @@ impl TracedConsumer {
     /// Processes and settles one record.
     async fn handle<H, Fut>(
         &self,
-        message: OwnedMessage,
+        inner: Arc<OwnedMessage>,
         polled_at: std::time::SystemTime,
         handler: &H,
     ) -> mqtrace::Settled
@@ -757,7 +784,6 @@ impl TracedConsumer {
         H: Fn(Record) -> Fut,
         Fut: Future<Output = HandlerResult>,
     {
-        let inner = Arc::new(message);
         let lag = self.consumer.context().lag(&*inner);
         let processed = self
             .tracer
@@ -771,5 +797,25 @@ impl TracedConsumer {
         self.tracer
             .settle(processed, &*inner, &*self.consumer)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Positions;
+
+    #[test]
+    fn positions_keep_the_offset_after_each_partition_s_last_settled_record() {
+        let mut positions = Positions::default();
+        positions.settled("orders", 0, 41);
+        positions.settled("orders", 1, 7);
+        positions.settled("payments", 0, 3);
+        positions.settled("orders", 0, 42);
+        let mut all: Vec<_> = positions.iter().collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            [("orders", 0, 43), ("orders", 1, 8), ("payments", 0, 4)]
+        );
     }
 }
