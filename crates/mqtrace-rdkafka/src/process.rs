@@ -453,18 +453,16 @@ where
     ) -> impl Future<Output = Result<(), Self::Error>> + Send {
         let r = self.record;
         let result = match settlement {
+            // Stored for the next commit: librdkafka stores the offset after
+            // the record's (no partition list built for one record).
+            Settlement::Ack | Settlement::Reject if self.tracer.store_offsets => self
+                .consumer
+                .store_offset(r.topic(), r.partition(), r.offset()),
             Settlement::Ack | Settlement::Reject => {
                 let mut offsets = TopicPartitionList::new();
-                let store = self.tracer.store_offsets;
                 offsets
                     .add_partition_offset(r.topic(), r.partition(), Offset::Offset(r.offset() + 1))
-                    .and_then(|()| {
-                        if store {
-                            self.consumer.store_offsets(&offsets)
-                        } else {
-                            self.consumer.commit(&offsets, CommitMode::Async)
-                        }
-                    })
+                    .and_then(|()| self.consumer.commit(&offsets, CommitMode::Async))
             }
             // Back to the record, so it is handled again rather than lost. A zero
             // timeout makes librdkafka seek asynchronously: nothing blocks.
