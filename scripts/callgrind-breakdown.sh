@@ -5,8 +5,10 @@
 # function's own instructions (callgrind's exclusive counts, all threads) are put in
 # a stage by the path of its symbol; a stage's count per message is its count at
 # 2N messages minus its count at N, divided by N, so start-up and shutdown cancel.
-# Counts move by a few instructions between runs, not by the machine's load: judge
-# a change by them. A second table per path gives the export path's steps with
+# Counts do not move with the machine's load; most stages repeat to a few
+# instructions, the allocation stage by up to about 400 a message (glibc's state
+# depends on when the exporter's thread runs): judge a change by them, comparing
+# runs of one sitting. A second table per path gives the export path's steps with
 # everything they call (inclusive counts): the allocations the OTLP conversion
 # makes are in the first table's allocation stage, not in its conversion stage.
 #
