@@ -39,22 +39,11 @@ impl TraceContextFormat {
     /// The remote span context in `traceparent` (and `tracestate`), if valid.
     pub fn parse(extractor: &dyn Extractor) -> Option<SpanContext> {
         let header = extractor.get(TRACEPARENT).unwrap_or("").trim();
-        let fields: Vec<&str> = header.split_terminator('-').collect();
-        let [version, trace_id, span_id, flags, ..] = fields[..] else {
-            return None;
+        let (trace_id, span_id, flags) = match canonical(header) {
+            Some(fields) => fields,
+            None => general(header)?,
         };
-        let version = u8::from_str_radix(version, 16).ok()?;
-        if version > HIGHEST_VERSION || (version == 0 && fields.len() != 4) {
-            return None;
-        }
-        // Ids and flags are lower-case hexadecimal.
-        let lower = |s: &str| !s.bytes().any(|b| b.is_ascii_uppercase());
-        if !(lower(trace_id) && lower(span_id) && lower(flags)) {
-            return None;
-        }
-        let trace_id = TraceId::from_hex(trace_id).ok()?;
-        let span_id = SpanId::from_hex(span_id).ok()?;
-        let flags = TraceFlags::new(u8::from_str_radix(flags, 16).ok()?) & TraceFlags::SAMPLED;
+        let flags = TraceFlags::new(flags) & TraceFlags::SAMPLED;
         let state = extractor
             .get(TRACESTATE)
             .and_then(|s| TraceState::from_str(s).ok())
@@ -79,6 +68,59 @@ impl TraceContextFormat {
         );
         out
     }
+}
+
+/// A `traceparent` as every producer writes it: version, ids and flags in
+/// lower-case hexadecimal, 55 bytes. Read without splitting or allocating; it
+/// gives what [`general`] gives for the same header.
+fn canonical(header: &str) -> Option<(TraceId, SpanId, u8)> {
+    let b = header.as_bytes();
+    if b.len() != 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+        return None;
+    }
+    let version = u8::try_from(lower_hex(&b[..2])?).ok()?;
+    if version > HIGHEST_VERSION {
+        return None;
+    }
+    let trace_id = TraceId::from(lower_hex(&b[3..35])?);
+    let span_id = SpanId::from(u64::try_from(lower_hex(&b[36..52])?).ok()?);
+    let flags = u8::try_from(lower_hex(&b[53..])?).ok()?;
+    Some((trace_id, span_id, flags))
+}
+
+/// The value of at most 32 lower-case hexadecimal digits.
+fn lower_hex(digits: &[u8]) -> Option<u128> {
+    digits.iter().try_fold(0u128, |value, &d| {
+        let nibble = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => return None,
+        };
+        Some(value << 4 | u128::from(nibble))
+    })
+}
+
+/// Any other `traceparent`, read field by field as the SDK's propagator reads
+/// it (what it accepts, this accepts).
+fn general(header: &str) -> Option<(TraceId, SpanId, u8)> {
+    let fields: Vec<&str> = header.split_terminator('-').collect();
+    let [version, trace_id, span_id, flags, ..] = fields[..] else {
+        return None;
+    };
+    let version = u8::from_str_radix(version, 16).ok()?;
+    if version > HIGHEST_VERSION || (version == 0 && fields.len() != 4) {
+        return None;
+    }
+    // Ids and flags are lower-case hexadecimal.
+    let lower = |s: &str| !s.bytes().any(|b| b.is_ascii_uppercase());
+    if !(lower(trace_id) && lower(span_id) && lower(flags)) {
+        return None;
+    }
+    Some((
+        TraceId::from_hex(trace_id).ok()?,
+        SpanId::from_hex(span_id).ok()?,
+        u8::from_str_radix(flags, 16).ok()?,
+    ))
 }
 
 /// Appends `bytes` as lower-case hexadecimal.
@@ -275,6 +317,20 @@ mod tests {
             baggage in "[ -~]{0,80}",
         ) {
             same_extraction(&carrier(&[("traceparent", &tp), ("tracestate", &ts), ("baggage", &baggage)]));
+        }
+
+        /// Headers of the canonical shape, lower case and any case: the fast
+        /// reading agrees with the general one, and both with the SDK.
+        #[test]
+        fn canonical_headers_read_as_the_sdk_reads_them(
+            lower in "[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}",
+            any in "[0-9a-fA-F]{2}-[0-9a-fA-F]{32}-[0-9a-fA-F]{16}-[0-9a-fA-F]{2}",
+        ) {
+            for tp in [&lower, &any] {
+                prop_assert_eq!(canonical(tp).or_else(|| general(tp)), general(tp));
+                same_extraction(&carrier(&[("traceparent", tp)]));
+            }
+            prop_assert!(canonical(&lower).is_some() || lower.starts_with("ff"));
         }
 
         /// Any baggage: both write the same header.
