@@ -31,9 +31,10 @@
 //! Durations come from the clock readings their spans use: a measured span's
 //! start is read once, for the span's start time, its measurement and the queue
 //! time, and its end once, for the span's end time and the measurement (a settle
-//! call's end is its process span's end too). A span and its metric so agree to
-//! the nanosecond, and a processed and settled message reads the clock three
-//! times: its start, the settle call's start, and the end of both.
+//! call's end is its process span's end too). A span that is ended (not just
+//! dropped) and its metric so agree to the nanosecond, and a processed and
+//! settled message reads the clock three times: its start, the settle call's
+//! start, and the end of both.
 //! These are wall-clock readings, as span times are: a duration across a step of
 //! the system clock back in time is recorded as 0.
 
