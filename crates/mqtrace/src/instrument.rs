@@ -280,7 +280,8 @@ pub struct Processed {
     attempt: u32,
     creation: SpanContext,
     original: SpanContext,
-    description: MessageDescription,
+    /// Boxed: the lifecycle's futures move `Processed` several times.
+    description: Box<MessageDescription>,
 }
 
 impl Processed {
@@ -980,7 +981,7 @@ impl Instrumenter {
     fn begin_process<M: Inbound>(
         &self,
         message: &M,
-    ) -> (MessagingSpan, SpanContext, u32, MessageDescription) {
+    ) -> (MessagingSpan, SpanContext, u32, Box<MessageDescription>) {
         let headers = message.headers();
         let remote = self.extract(&headers);
         let creation = remote.span().span_context().clone();
@@ -1013,7 +1014,7 @@ impl Instrumenter {
         parent: &Context,
         links: Vec<Link>,
         attempt: u32,
-    ) -> (MessagingSpan, MessageDescription) {
+    ) -> (MessagingSpan, Box<MessageDescription>) {
         let d = message.description();
         // One wall-clock reading for the span's start, its measurement, and the
         // queue time's attribute and metric.
@@ -1050,7 +1051,7 @@ impl Instrumenter {
                 .metrics
                 .consumed(stream, waited, message.counted_at_receive());
         }
-        (span, d)
+        (span, Box::new(d))
     }
 
     /// Processes one message: extracts its context, starts the `process` span, runs
