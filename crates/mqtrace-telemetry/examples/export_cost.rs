@@ -86,15 +86,7 @@ fn main() -> Result<(), String> {
                 }
             }
             "process" => {
-                for i in 0..n {
-                    broker
-                        .publish(
-                            "orders",
-                            Message::new(i.to_be_bytes().to_vec())
-                                .header("traceparent", TRACEPARENT),
-                        )
-                        .map_err(|e| e.to_string())?;
-                }
+                publish_waiting(&broker, n)?;
                 let consumer = TracedConsumer::new(broker.clone(), "orders", instrumenter);
                 for _ in 0..n {
                     consumer
@@ -166,14 +158,7 @@ async fn by_hand(
             }
         }
         "process" => {
-            for i in 0..n {
-                broker
-                    .publish(
-                        "orders",
-                        Message::new(i.to_be_bytes().to_vec()).header("traceparent", TRACEPARENT),
-                    )
-                    .map_err(|e| e.to_string())?;
-            }
+            publish_waiting(broker, n)?;
             for _ in 0..n {
                 let delivery = broker.receive("orders").await.map_err(|e| e.to_string())?;
                 let stored = delivery.message();
@@ -218,16 +203,8 @@ fn raw(mode: &str, n: usize) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        for i in 0..n {
-            let mut message = Message::new(i.to_be_bytes().to_vec());
-            if mode == "process" {
-                message = message.header("traceparent", TRACEPARENT);
-            }
-            broker
-                .publish("orders", message)
-                .map_err(|e| e.to_string())?;
-        }
         if mode == "process" {
+            publish_waiting(&broker, n)?;
             for _ in 0..n {
                 broker
                     .receive("orders")
@@ -235,9 +212,29 @@ fn raw(mode: &str, n: usize) -> Result<(), String> {
                     .map_err(|e| e.to_string())?
                     .ack();
             }
+        } else {
+            for i in 0..n {
+                broker
+                    .publish("orders", Message::new(i.to_be_bytes().to_vec()))
+                    .map_err(|e| e.to_string())?;
+            }
         }
         Ok::<(), String>(())
     })?;
     eprintln!("{mode}: {n} messages, no mqtrace");
+    Ok(())
+}
+
+/// Publishes the `n` messages a `process` run consumes, untraced, each carrying a
+/// producer's context in `traceparent`.
+fn publish_waiting(broker: &Broker, n: usize) -> Result<(), String> {
+    for i in 0..n {
+        broker
+            .publish(
+                "orders",
+                Message::new(i.to_be_bytes().to_vec()).header("traceparent", TRACEPARENT),
+            )
+            .map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
