@@ -200,10 +200,13 @@ stop() {
   if [ -f "$STATE/rabbitmq.pid" ]; then
     ( rabbitmq_env; timeout 30 "$RABBITMQ_BIN/rabbitmqctl" -n mqtrace@localhost -q stop >/dev/null 2>&1 ) || true
   fi
-  local name
+  local name pid
   for name in rabbitmq tansu moto; do
     if [ -f "$STATE/$name.pid" ]; then
-      kill "$(cat "$STATE/$name.pid")" 2>/dev/null || true
+      pid=$(cat "$STATE/$name.pid")
+      kill "$pid" 2>/dev/null || true
+      # Gone before stop returns, so a start right after finds its port free.
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       rm -f "$STATE/$name.pid"
     fi
   done
