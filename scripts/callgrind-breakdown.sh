@@ -19,7 +19,8 @@
 # VARIANT=unsampled counts the same with every span unsampled, VARIANT=raw the
 # embedded broker alone (no mqtrace): what the other two are compared with.
 # VARIANT=by-hand counts the same spans written by hand with the OpenTelemetry
-# API over the same SDK and export: what they cost without mqtrace.
+# API over the same SDK and export: what they cost without mqtrace;
+# VARIANT=by-hand-unsampled those with every span unsampled.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N=${1:-5000}

@@ -13,7 +13,9 @@
 //! into `multiple` ones) and
 //! `worker` (the same with a 50 µs busy handler). Variants: `raw` (the plain
 //! client), `unsampled` (mqtrace, every span unsampled: built, never exported) and
-//! `exported` (mqtrace exporting every span over OTLP/gRPC to `--endpoint`). The
+//! `exported` (mqtrace exporting every span over OTLP/gRPC to `--endpoint`);
+//! `by-hand` (Kafka producer only) writes the same send spans by hand with the
+//! OpenTelemetry API and the SDK's W3C propagator over the same export. The
 //! exported variant's CPU includes the final flush; its wall time stops at the
 //! last message. CPU counts every thread (the client's, the runtime's,
 //! librdkafka's, the exporter's), from the first message (for consumers: the first
@@ -58,6 +60,9 @@ enum Variant {
     Raw,
     Unsampled,
     Exported,
+    /// Kafka producer only: the send spans mqtrace makes, written by hand with the
+    /// OpenTelemetry API over the same set-up and export as `exported`.
+    ByHand,
 }
 
 #[derive(Debug, Parser)]
@@ -264,13 +269,23 @@ async fn main() -> Result<(), Failure> {
     let args = Args::parse();
     let traced = telemetry(&args)?;
     let measure = match args.broker {
+        Broker::Kafka if args.variant == Variant::ByHand => {
+            let provider = traced
+                .as_ref()
+                .and_then(|(guard, _)| guard.provider())
+                .ok_or("telemetry is off")?;
+            kafka::by_hand(&args, provider).await?
+        }
+        _ if args.variant == Variant::ByHand => {
+            return Err("the by-hand variant is the Kafka producer's only".into())
+        }
         Broker::Kafka => kafka::run(&args, traced.as_ref().map(|(_, i)| i)).await?,
         Broker::Rabbitmq => rabbit::run(&args, traced.as_ref().map(|(_, i)| i)).await?,
         Broker::Sqs => sqs::run(&args, traced.as_ref().map(|(_, i)| i)).await?,
     };
     if let Some((guard, _)) = traced {
         let stats = tokio::task::spawn_blocking(move || guard.shutdown()).await?;
-        if args.variant == Variant::Exported && stats.not_exported() > 0 {
+        if matches!(args.variant, Variant::Exported | Variant::ByHand) && stats.not_exported() > 0 {
             return Err(format!("{} spans not exported", stats.not_exported()).into());
         }
     }
@@ -281,6 +296,7 @@ mod kafka {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use rdkafka::ClientConfig;
 
@@ -304,10 +320,9 @@ mod kafka {
         .await;
     }
 
-    pub(super) async fn run(
-        args: &Args,
-        instrumenter: Option<&Instrumenter>,
-    ) -> Result<Measure, Failure> {
+    /// The client configuration, a new one-partition topic for this run, and a
+    /// producer.
+    async fn set_up(args: &Args) -> Result<(ClientConfig, String, FutureProducer), Failure> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", env("MQTRACE_TEST_KAFKA_BOOTSTRAP")?)
@@ -320,6 +335,91 @@ mod kafka {
             result.map_err(|(t, code)| format!("cannot create {t}: {code}"))?;
         }
         let producer: FutureProducer = config.create()?;
+        Ok((config, topic, producer))
+    }
+
+    /// Writes a header into a record's headers, for the SDK's propagator.
+    struct HeadersInjector(Option<OwnedHeaders>);
+
+    impl opentelemetry::propagation::Injector for HeadersInjector {
+        fn set(&mut self, key: &str, value: String) {
+            self.0 = self.0.take().map(|h| {
+                h.insert(Header {
+                    key,
+                    value: Some(&value),
+                })
+            });
+        }
+    }
+
+    /// The producer at full speed with the send spans written by hand: what a
+    /// careful team pays for them without mqtrace. The span mqtrace makes for
+    /// these records: `send <topic>` (PRODUCER), the system, operation and
+    /// destination before the send, the partition and offset after its delivery
+    /// report, `error.type` and an error status on failure.
+    pub(super) async fn by_hand(
+        args: &Args,
+        provider: &opentelemetry_sdk::trace::SdkTracerProvider,
+    ) -> Result<Measure, Failure> {
+        use opentelemetry::propagation::TextMapPropagator as _;
+        use opentelemetry::trace::TracerProvider as _;
+        use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _};
+        use opentelemetry::{Context, KeyValue};
+
+        if args.role != Role::Produce {
+            return Err("the by-hand variant is the Kafka producer's only".into());
+        }
+        let (_, topic, producer) = set_up(args).await?;
+        let tracer = provider.tracer("by-hand");
+        let propagator = opentelemetry_sdk::propagation::TraceContextPropagator::new();
+        let name = format!("send {topic}");
+        let (tracer, propagator, name, topic, producer) =
+            (&tracer, &propagator, &name, &topic, &producer);
+        let mut measure = Measure::start()?;
+        in_flight(args.messages, || async move {
+            let span = tracer
+                .span_builder(name.clone())
+                .with_kind(SpanKind::Producer)
+                .with_attributes(vec![
+                    KeyValue::new("messaging.system.name", "kafka"),
+                    KeyValue::new("messaging.operation.name", "send"),
+                    KeyValue::new("messaging.operation.type", "send"),
+                    KeyValue::new("messaging.destination.name", topic.clone()),
+                ])
+                .start(tracer);
+            let cx = Context::current().with_span(span);
+            let mut headers = HeadersInjector(Some(OwnedHeaders::new()));
+            propagator.inject_context(&cx, &mut headers);
+            let mut record = FutureRecord::<(), [u8]>::to(topic).payload(BODY);
+            record.headers = headers.0;
+            let sent = producer.send(record, None).await;
+            let span = cx.span();
+            match &sent {
+                Ok(delivery) => {
+                    span.set_attribute(KeyValue::new(
+                        "messaging.destination.partition.id",
+                        delivery.partition.to_string(),
+                    ));
+                    span.set_attribute(KeyValue::new("kafka.offset", delivery.offset));
+                }
+                Err((e, _)) => {
+                    span.set_attribute(KeyValue::new("error.type", "kafka_error"));
+                    span.set_status(Status::error(e.to_string()));
+                }
+            }
+            span.end();
+            sent.map(|_| ()).map_err(|(e, _)| e)
+        })
+        .await;
+        measure.last_message();
+        Ok(measure)
+    }
+
+    pub(super) async fn run(
+        args: &Args,
+        instrumenter: Option<&Instrumenter>,
+    ) -> Result<Measure, Failure> {
+        let (config, topic, producer) = set_up(args).await?;
         if args.role == Role::Produce {
             let mut measure = Measure::start()?;
             send(&producer, &topic, args.messages, instrumenter).await;

@@ -54,19 +54,21 @@ impl TraceContextFormat {
 
     /// `traceparent` for a span context.
     pub fn traceparent(sc: &SpanContext) -> String {
-        // Written byte by byte: the formatting machinery cost about 2,000
-        // instructions per message (callgrind), this about a tenth of that.
-        let mut out = String::with_capacity(55);
-        out.push_str("00-");
-        push_hex(&mut out, &sc.trace_id().to_bytes());
-        out.push('-');
-        push_hex(&mut out, &sc.span_id().to_bytes());
-        out.push('-');
-        push_hex(
-            &mut out,
+        // Written into a fixed buffer: the formatting machinery cost about 2,000
+        // instructions per message (callgrind), pushing characters one by one
+        // about 550, this about a third of that.
+        let mut out = [0u8; 55];
+        out[..3].copy_from_slice(b"00-");
+        hex_into(&mut out[3..35], &sc.trace_id().to_bytes());
+        out[35] = b'-';
+        hex_into(&mut out[36..52], &sc.span_id().to_bytes());
+        out[52] = b'-';
+        hex_into(
+            &mut out[53..],
             &[(sc.trace_flags() & TraceFlags::SAMPLED).to_u8()],
         );
-        out
+        // Only hexadecimal digits and dashes were written: always UTF-8.
+        String::from_utf8(out.to_vec()).unwrap_or_default()
     }
 }
 
@@ -78,26 +80,51 @@ fn canonical(header: &str) -> Option<(TraceId, SpanId, u8)> {
     if b.len() != 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
         return None;
     }
-    let version = u8::try_from(lower_hex(&b[..2])?).ok()?;
+    let [version] = lower_hex::<1>(&b[..2])?;
     if version > HIGHEST_VERSION {
         return None;
     }
-    let trace_id = TraceId::from(lower_hex(&b[3..35])?);
-    let span_id = SpanId::from(u64::try_from(lower_hex(&b[36..52])?).ok()?);
-    let flags = u8::try_from(lower_hex(&b[53..])?).ok()?;
+    let trace_id = TraceId::from_bytes(lower_hex(&b[3..35])?);
+    let span_id = SpanId::from_bytes(lower_hex(&b[36..52])?);
+    let [flags] = lower_hex::<1>(&b[53..])?;
     Some((trace_id, span_id, flags))
 }
 
-/// The value of at most 32 lower-case hexadecimal digits.
-fn lower_hex(digits: &[u8]) -> Option<u128> {
-    digits.iter().try_fold(0u128, |value, &d| {
-        let nibble = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            _ => return None,
-        };
-        Some(value << 4 | u128::from(nibble))
-    })
+/// Each byte's value as a lower-case hexadecimal digit; 0xff for any other byte.
+const LOWER_HEX: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// The `N` bytes that `2 * N` lower-case hexadecimal digits spell, if they all
+/// are such digits.
+fn lower_hex<const N: usize>(digits: &[u8]) -> Option<[u8; N]> {
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    // A digit's value is below 16, the mark of any other byte is 0xff: one test
+    // at the end covers every digit.
+    let mut seen = 0u8;
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let (high, low) = (
+            LOWER_HEX[usize::from(pair[0])],
+            LOWER_HEX[usize::from(pair[1])],
+        );
+        seen |= high | low;
+        *byte = high << 4 | (low & 0x0f);
+    }
+    (seen < 16).then_some(out)
 }
 
 /// Any other `traceparent`, read field by field as the SDK's propagator reads
@@ -123,12 +150,12 @@ fn general(header: &str) -> Option<(TraceId, SpanId, u8)> {
     ))
 }
 
-/// Appends `bytes` as lower-case hexadecimal.
-fn push_hex(out: &mut String, bytes: &[u8]) {
+/// Writes `bytes` as lower-case hexadecimal into `out` (twice their length).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
     }
 }
 
@@ -325,12 +352,35 @@ mod tests {
         fn canonical_headers_read_as_the_sdk_reads_them(
             lower in "[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}",
             any in "[0-9a-fA-F]{2}-[0-9a-fA-F]{32}-[0-9a-fA-F]{16}-[0-9a-fA-F]{2}",
+            // The bytes just outside the digits' ranges, now and then.
+            near in "[/0-9:`a-gF-G]{2}-[/0-9:`a-gF-G]{32}-[/0-9:`a-gF-G]{16}-[/0-9:`a-gF-G]{2}",
         ) {
-            for tp in [&lower, &any] {
+            for tp in [&lower, &any, &near] {
                 prop_assert_eq!(canonical(tp).or_else(|| general(tp)), general(tp));
                 same_extraction(&carrier(&[("traceparent", tp)]));
             }
             prop_assert!(canonical(&lower).is_some() || lower.starts_with("ff"));
+        }
+
+        /// Any span context: both write the same `traceparent`.
+        #[test]
+        fn arbitrary_contexts_are_written_as_the_sdk_writes_them(
+            trace_id in any::<u128>(),
+            span_id in any::<u64>(),
+            flags in any::<u8>(),
+        ) {
+            let sc = SpanContext::new(
+                TraceId::from(trace_id),
+                SpanId::from(span_id),
+                TraceFlags::new(flags),
+                true,
+                TraceState::default(),
+            );
+            let cx = Context::new().with_remote_span_context(sc);
+            let (mut ours, mut sdk) = (SimpleCarrier::new(), SimpleCarrier::new());
+            TraceContextFormat.inject_context(&cx, &mut ours);
+            TraceContextPropagator::new().inject_context(&cx, &mut sdk);
+            prop_assert_eq!(ours, sdk);
         }
 
         /// Any baggage: both write the same header.
