@@ -42,6 +42,36 @@ pub const MAX_BAGGAGE_MEMBERS: usize = 64;
 
 type DynPropagator = Arc<dyn TextMapPropagator + Send + Sync>;
 
+/// One trace-context format of a set.
+#[derive(Clone)]
+enum Format {
+    /// W3C trace context, read straight into a span context.
+    W3c,
+    Other(DynPropagator),
+}
+
+impl Format {
+    fn propagator(&self) -> &dyn TextMapPropagator {
+        match self {
+            Format::W3c => &TraceContextFormat,
+            Format::Other(p) => p.as_ref(),
+        }
+    }
+
+    /// The valid remote span context this format finds, if any.
+    fn extract(&self, extractor: &dyn Extractor) -> Option<SpanContext> {
+        match self {
+            // No context built only to take the span context out of it again.
+            Format::W3c => TraceContextFormat::parse(extractor),
+            Format::Other(p) => {
+                let found = p.extract_with_context(&Context::new(), extractor);
+                let sc = found.span().span_context().clone();
+                sc.is_valid().then_some(sc)
+            }
+        }
+    }
+}
+
 /// The value stored under `key` among a carrier's `(key, value)` entries, keys
 /// compared without regard to ASCII case: what every adapter's extractor does. A
 /// key present under several spellings (or several times) counts only when all
@@ -105,7 +135,7 @@ pub const XRAY_FIELD: &str = "x-amzn-trace-id";
 /// [module docs](self) for the rules.
 #[derive(Clone)]
 pub struct Propagation {
-    trace: Vec<DynPropagator>,
+    trace: Vec<Format>,
     baggage: Option<Arc<BaggageFormat>>,
     fields: Vec<String>,
 }
@@ -130,7 +160,7 @@ impl Default for Propagation {
 /// Builds a [`Propagation`]; formats are tried on extraction in the order added.
 #[derive(Default)]
 pub struct PropagationBuilder {
-    trace: Vec<DynPropagator>,
+    trace: Vec<Format>,
     baggage: bool,
 }
 
@@ -145,8 +175,9 @@ impl fmt::Debug for PropagationBuilder {
 
 impl PropagationBuilder {
     /// W3C trace context (`traceparent`, `tracestate`).
-    pub fn w3c(self) -> Self {
-        self.format(TraceContextFormat)
+    pub fn w3c(mut self) -> Self {
+        self.trace.push(Format::W3c);
+        self
     }
 
     /// AWS X-Ray (`X-Amzn-Trace-Id`; SQS adapters map it to `AWSTraceHeader`).
@@ -163,7 +194,7 @@ impl PropagationBuilder {
 
     /// Any other trace-context format.
     pub fn format(mut self, propagator: impl TextMapPropagator + Send + Sync + 'static) -> Self {
-        self.trace.push(Arc::new(propagator));
+        self.trace.push(Format::Other(Arc::new(propagator)));
         self
     }
 
@@ -177,10 +208,12 @@ impl PropagationBuilder {
     pub fn build(self) -> Propagation {
         let baggage = self.baggage.then(|| Arc::new(BaggageFormat));
         let mut fields: Vec<String> = Vec::new();
-        let trace_fields = self
-            .trace
-            .iter()
-            .flat_map(|p| p.fields().map(str::to_owned).collect::<Vec<_>>());
+        let trace_fields = self.trace.iter().flat_map(|p| {
+            p.propagator()
+                .fields()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        });
         let baggage_fields = baggage
             .iter()
             .flat_map(|b| b.fields().map(str::to_owned).collect::<Vec<_>>());
@@ -278,10 +311,7 @@ impl Propagation {
     pub fn inject_within(&self, cx: &Context, carrier: &mut dyn Injector, budget: usize) -> usize {
         let mut written = 0;
         let mut staged = Staged::default();
-        let trace = self
-            .trace
-            .iter()
-            .map(|p| p.as_ref() as &dyn TextMapPropagator);
+        let trace = self.trace.iter().map(Format::propagator);
         let baggage = self
             .baggage
             .iter()
@@ -323,8 +353,9 @@ impl Propagation {
             return self.clone();
         }
         let mut p = self.clone();
-        p.trace
-            .push(Arc::new(opentelemetry_aws::trace::XrayPropagator::new()));
+        p.trace.push(Format::Other(Arc::new(
+            opentelemetry_aws::trace::XrayPropagator::new(),
+        )));
         p.fields.push(XRAY_FIELD.to_owned());
         p
     }
@@ -352,7 +383,7 @@ fn log_inject(cx: &Context, fields: &[String]) {
 impl TextMapPropagator for Propagation {
     fn inject_context(&self, cx: &Context, injector: &mut dyn Injector) {
         for p in &self.trace {
-            p.inject_context(cx, injector);
+            p.propagator().inject_context(cx, injector);
         }
         if let Some(b) = &self.baggage {
             b.inject_context(cx, injector);
@@ -361,13 +392,8 @@ impl TextMapPropagator for Propagation {
 
     fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
         let mut out = cx.clone();
-        for p in &self.trace {
-            let found = p.extract_with_context(&Context::new(), extractor);
-            let sc = found.span().span_context().clone();
-            if sc.is_valid() {
-                out = out.with_remote_span_context(sc);
-                break;
-            }
+        if let Some(sc) = self.trace.iter().find_map(|p| p.extract(extractor)) {
+            out = out.with_remote_span_context(sc);
         }
         if let Some(b) = &self.baggage {
             let found = b.extract_with_context(&Context::new(), extractor);
