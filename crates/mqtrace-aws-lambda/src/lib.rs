@@ -491,7 +491,7 @@ impl Settler for RecordSettler<'_> {
     fn describe_forward(&self, _: ForwardKind, target: &str) -> MessageDescription {
         let mut d = MessageDescription::new(MessagingSystem::AwsSqs, OperationType::Send)
             .body_size(self.record.body.as_deref().map_or(0, str::len));
-        d.destination.name = Some(mqtrace_aws_sqs::queue_name(target).to_owned());
+        d.destination.name = Some(mqtrace_aws_sqs::queue_name(target).into());
         d
     }
 
@@ -571,10 +571,10 @@ fn batch_description(event: &SqsEvent) -> MessageDescription {
         .filter(|_| sources.iter().all(|s| s == &sources[0]));
     match single {
         Some(queue) => {
-            d.destination.name = Some((*queue).to_owned());
-            d.span_name = Some(format!("{queue} process"));
+            d.destination.name = Some((*queue).into());
+            d.span_name = Some(format!("{queue} process").into());
         }
-        None => d.span_name = Some("multiple_sources process".to_owned()),
+        None => d.span_name = Some(mqtrace::Text::from_static("multiple_sources process")),
     }
     d.extra.push(KeyValue::new(FAAS_TRIGGER, "pubsub"));
     d
@@ -630,9 +630,9 @@ impl Inbound for Record<'_> {
         let mut d = MessageDescription::new(MessagingSystem::AwsSqs, OperationType::Process)
             .body_size(r.body.as_deref().map_or(0, str::len));
         if let Some(queue) = queue_of(r) {
-            d.destination.name = Some(queue.to_owned());
+            d.destination.name = Some(queue.into());
         }
-        d.message_id.clone_from(&r.message_id);
+        d.message_id = r.message_id.as_deref().map(mqtrace::Text::from);
         d.extra.push(KeyValue::new(FAAS_TRIGGER, "pubsub"));
         d
     }

@@ -1,7 +1,7 @@
 //! SQS operations described for the core.
 
 use aws_sdk_sqs::error::ProvideErrorMetadata;
-use mqtrace::{MessageDescription, MessagingSystem, OperationType};
+use mqtrace::{LastMade, MessageDescription, MessagingSystem, OperationType, Text};
 use opentelemetry::KeyValue;
 
 /// `aws.sqs.queue.url`.
@@ -24,25 +24,44 @@ pub fn queue_name(queue_url: &str) -> &str {
 }
 
 /// Host and port of a queue URL (443 for https, 80 for http, unless given).
-fn server(queue_url: &str) -> Option<(String, u16)> {
+fn server(queue_url: &str) -> Option<(Text, u16)> {
     let (scheme, rest) = queue_url.split_once("://")?;
     let authority = rest.split('/').next()?;
     let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
     let default = if scheme == "http" { 80 } else { 443 };
     match authority.rsplit_once(':') {
-        Some((host, port)) => Some((host.to_owned(), port.parse().ok()?)),
-        None => Some((authority.to_owned(), default)),
+        Some((host, port)) => Some((host.into(), port.parse().ok()?)),
+        None => Some((authority.into(), default)),
     }
+}
+
+/// A queue's texts: its URL, name and server.
+#[derive(Clone)]
+struct Queue {
+    url: Text,
+    name: Text,
+    server: Option<(Text, u16)>,
+}
+
+thread_local! {
+    /// The queue this thread described last: a loop's messages share it.
+    static LAST_QUEUE: LastMade<Queue> = const { LastMade::new() };
 }
 
 /// An operation on the queue at `queue_url`.
 pub(crate) fn describe(operation: OperationType, queue_url: &str) -> MessageDescription {
-    let mut d = MessageDescription::new(MessagingSystem::AwsSqs, operation)
-        .destination(queue_name(queue_url));
-    if let Some((host, port)) = server(queue_url) {
+    let queue = LAST_QUEUE.with(|last| {
+        last.get(queue_url, |url| Queue {
+            url: url.clone(),
+            name: queue_name(url).into(),
+            server: server(url),
+        })
+    });
+    let mut d = MessageDescription::new(MessagingSystem::AwsSqs, operation).destination(queue.name);
+    if let Some((host, port)) = queue.server {
         d = d.server(host, Some(port));
     }
-    d.extra.push(KeyValue::new(QUEUE_URL, queue_url.to_owned()));
+    d.extra.push(KeyValue::new(QUEUE_URL, queue.url));
     d
 }
 

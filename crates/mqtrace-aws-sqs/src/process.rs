@@ -16,7 +16,7 @@ use mqtrace::propagation::{WithTraceHeader, XRAY_FIELD};
 use mqtrace::settle::{Forward, Routes, Settled, Settlement, Settler};
 use mqtrace::{
     Attempt, ForwardKind, HandlerResult, Inbound, Instrumenter, MessageDescription, OperationType,
-    Processed,
+    Processed, Text,
 };
 use opentelemetry::propagation::{Extractor, Injector as _};
 use opentelemetry::KeyValue;
@@ -389,7 +389,7 @@ impl Inbound for Incoming<'_> {
         let m = self.message;
         let mut d = describe(OperationType::Process, self.queue_url)
             .body_size(m.body().unwrap_or_default().len());
-        d.message_id = m.message_id().map(str::to_owned);
+        d.message_id = m.message_id().map(Text::from);
         if let Some(count) = receive_count(m) {
             d.extra.push(KeyValue::new(RECEIVE_COUNT, i64::from(count)));
         }

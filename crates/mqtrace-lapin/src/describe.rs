@@ -5,14 +5,14 @@ use std::str::FromStr;
 use lapin::protocol::{AMQPError, AMQPErrorKind};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, ErrorKind};
-use mqtrace::{MessageDescription, MessagingSystem, OperationType};
+use mqtrace::{MessageDescription, MessagingSystem, OperationType, Text};
 
 /// Where a client is connected, as recorded in `server.address` / `server.port`.
 /// Credentials and vhost are never part of it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Server {
-    /// Host name or address.
-    pub address: String,
+    /// Host name or address (shared by every description that names it).
+    pub address: Text,
     /// Port.
     pub port: u16,
 }
@@ -23,7 +23,7 @@ impl Server {
     pub fn from_uri(uri: &str) -> Option<Self> {
         let uri = AMQPUri::from_str(uri).ok()?;
         Some(Self {
-            address: uri.authority.host,
+            address: uri.authority.host.into(),
             port: uri.authority.port,
         })
     }
@@ -77,10 +77,13 @@ fn base(
     let mut d = MessageDescription::new(MessagingSystem::RabbitMq, operation)
         .destination(name)
         .body_size(body_len);
-    d.destination.legacy_name = Some(legacy_destination(exchange));
-    d.routing_key = (!routing_key.is_empty()).then(|| routing_key.to_owned());
-    d.conversation_id = properties.correlation_id().as_ref().map(|c| c.to_string());
-    d.message_id = properties.message_id().as_ref().map(|c| c.to_string());
+    d.destination.legacy_name = Some(legacy_destination(exchange).into());
+    d.routing_key = (!routing_key.is_empty()).then(|| routing_key.into());
+    d.conversation_id = properties
+        .correlation_id()
+        .as_ref()
+        .map(|c| c.as_str().into());
+    d.message_id = properties.message_id().as_ref().map(|c| c.as_str().into());
     if let Some(s) = server {
         d.server_address = Some(s.address.clone());
         d.server_port = Some(s.port);

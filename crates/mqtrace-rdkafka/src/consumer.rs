@@ -15,7 +15,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::carrier::HeadersExtractor;
-use crate::describe::ClientInfo;
+use crate::describe::{partition_text, ClientInfo};
 use crate::process::RecordTracer;
 use crate::producer::TracedProducer;
 
@@ -191,7 +191,7 @@ impl StatsGauges {
                 ));
                 self.conventions.position_attributes(
                     mqtrace::MessagingSystem::Kafka,
-                    Some(&p.to_string()),
+                    Some(&partition_text(*p)),
                     None,
                     &mut attributes,
                 );

@@ -20,7 +20,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::carrier::{HeadersExtractor, OwnedHeadersInjector};
-use crate::describe::{error_type, key_attribute, ClientInfo};
+use crate::describe::{error_type, key_attribute, partition_text, ClientInfo};
 use crate::producer::{record_delivery, TracedProducer};
 
 /// `mqtrace.kafka.consumer.lag`: records behind the partition's high watermark when
@@ -64,7 +64,7 @@ impl LagGauge {
                 Some((_, set)) => Arc::clone(set),
                 None => {
                     let mut d = info.describe(OperationType::Process, topic);
-                    d.partition = Some(partition.to_string());
+                    d.partition = Some(partition_text(partition));
                     d.consumer_group.clone_from(&info.group);
                     let mut all = Vec::new();
                     instrumenter.conventions().attributes(&d, false, &mut all);
@@ -328,7 +328,7 @@ impl<M: Message> Inbound for Incoming<'_, M> {
     fn description(&self) -> MessageDescription {
         let r = self.record;
         let mut d = self.info.describe(OperationType::Process, r.topic());
-        d.partition = Some(r.partition().to_string());
+        d.partition = Some(partition_text(r.partition()));
         d.offset = Some(r.offset());
         d.key = key_attribute(r.key());
         d.tombstone = r.payload().is_none();

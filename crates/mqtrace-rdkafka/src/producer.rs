@@ -10,7 +10,7 @@ use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 
 use crate::carrier::OwnedHeadersInjector;
-use crate::describe::{error_type, key_attribute, ClientInfo};
+use crate::describe::{error_type, key_attribute, partition_text, ClientInfo};
 
 /// Produces with a `send` span (PRODUCER) whose context travels in the record's
 /// headers. The span ends on the delivery report, with the partition and offset
@@ -102,7 +102,7 @@ where
     d.key = key_attribute(record.key.map(ToBytes::to_bytes));
     d.tombstone = record.payload.is_none();
     d.body_size = Some(record.payload.map_or(0, |p| p.to_bytes().len() as u64));
-    d.partition = record.partition.map(|p| p.to_string());
+    d.partition = record.partition.map(partition_text);
     d
 }
 
@@ -142,7 +142,7 @@ pub(crate) fn record_delivery(
             let mut attributes: Vec<KeyValue> = Vec::with_capacity(3);
             instrumenter.conventions().position_attributes(
                 mqtrace::MessagingSystem::Kafka,
-                Some(&delivery.partition.to_string()),
+                Some(&partition_text(delivery.partition)),
                 Some(delivery.offset),
                 &mut attributes,
             );

@@ -29,7 +29,7 @@ use std::borrow::Cow;
 
 use opentelemetry::{KeyValue, Value};
 
-use crate::describe::{MessageDescription, MessagingSystem, OperationType};
+use crate::describe::{MessageDescription, MessagingSystem, OperationType, Text};
 
 /// Attribute names: those of the semantic conventions (re-exported from
 /// `opentelemetry-semantic-conventions` where it has them) and mqtrace's own.
@@ -335,7 +335,7 @@ impl Conventions {
             name
         }
         if let Some(name) = &d.span_name {
-            return name.clone();
+            return name.as_str().to_owned();
         }
         if !self.primary().destination_first {
             // Template first; a name only when it is neither temporary nor anonymous.
@@ -430,7 +430,7 @@ impl Conventions {
 
         // Names that moved between versions, each table's own.
         for t in tables {
-            t.position(d.system, d.partition.as_deref(), d.offset, out);
+            t.position(d.system, d.partition.as_ref(), d.offset, out);
             if let Some(group) = &d.consumer_group {
                 match t.consumer_group {
                     ConsumerGroup::Generic(key) => out.push(KeyValue::new(key, group.clone())),
@@ -469,7 +469,7 @@ impl Conventions {
     pub fn position_attributes(
         self,
         system: MessagingSystem,
-        partition: Option<&str>,
+        partition: Option<&Text>,
         offset: Option<i64>,
         out: &mut Vec<KeyValue>,
     ) {
@@ -498,14 +498,14 @@ impl Names {
     fn position(
         &self,
         system: MessagingSystem,
-        partition: Option<&str>,
+        partition: Option<&Text>,
         offset: Option<i64>,
         out: &mut Vec<KeyValue>,
     ) {
         let kafka = system == MessagingSystem::Kafka;
         if let Some(partition) = partition {
             match self.partition {
-                Partition::Id(key) => out.push(KeyValue::new(key, partition.to_owned())),
+                Partition::Id(key) => out.push(KeyValue::new(key, partition.clone())),
                 Partition::KafkaInt(key) if kafka => {
                     if let Ok(p) = partition.parse::<i64>() {
                         out.push(KeyValue::new(key, p));
@@ -531,7 +531,8 @@ fn operation_name_value(d: &MessageDescription) -> Value {
     }
 }
 
-fn push_str(out: &mut Vec<KeyValue>, key: &'static str, value: &Option<String>) {
+/// A text attribute, when there is one: the text is shared, not copied.
+fn push_str(out: &mut Vec<KeyValue>, key: &'static str, value: &Option<Text>) {
     if let Some(v) = value {
         out.push(KeyValue::new(key, Value::from(v.clone())));
     }

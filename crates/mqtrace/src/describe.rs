@@ -3,10 +3,215 @@
 //! An adapter turns a broker's message into a [`MessageDescription`]; the core turns
 //! that description into spans. Nothing here knows which conventions are in force.
 
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
 
 use opentelemetry::trace::SpanKind;
-use opentelemetry::KeyValue;
+use opentelemetry::{KeyValue, StringValue, Value};
+
+/// A description's text (a destination, a group, a message id...), shared: a
+/// clone counts a reference instead of copying, so the same text goes on the
+/// span, on the metric stream and into the next message's description without
+/// an allocation. An adapter makes the texts that repeat (the destination, the
+/// consumer group, the client id and broker address) once and clones them per
+/// message.
+#[derive(Clone)]
+pub struct Text(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Text {
+    /// A text that lives as long as the program: nothing is allocated.
+    pub const fn from_static(text: &'static str) -> Self {
+        Self(Repr::Static(text))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            Repr::Static(s) => s,
+            Repr::Shared(s) => s,
+        }
+    }
+}
+
+/// What an adapter made last from a string (a topic, a queue URL) and hands out
+/// again while the string stays the same: a loop's messages nearly all share
+/// their destination, so its texts are made once per run, not per message. Kept
+/// per thread (`thread_local!`), where no lock is needed.
+///
+/// ```
+/// use mqtrace::{LastMade, Text};
+///
+/// thread_local! {
+///     static TOPIC: LastMade<Text> = const { LastMade::new() };
+/// }
+/// let a = TOPIC.with(|last| last.get("orders", Text::clone));
+/// let b = TOPIC.with(|last| last.get("orders", |_| unreachable!("made once")));
+/// assert_eq!(a, b);
+/// ```
+pub struct LastMade<T>(std::cell::RefCell<Option<(Text, T)>>);
+
+impl<T: Clone> LastMade<T> {
+    /// Nothing made yet.
+    pub const fn new() -> Self {
+        Self(std::cell::RefCell::new(None))
+    }
+
+    /// What `make` makes of `key` (given as a text), made again only when `key`
+    /// differs from the last one.
+    pub fn get(&self, key: &str, make: impl FnOnce(&Text) -> T) -> T {
+        if let Some((last, made)) = &*self.0.borrow() {
+            if last.as_str() == key {
+                return made.clone();
+            }
+        }
+        let text = Text::from(key);
+        let made = make(&text);
+        *self.0.borrow_mut() = Some((text, made.clone()));
+        made
+    }
+}
+
+impl<T: Clone> Default for LastMade<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> fmt::Debug for LastMade<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LastMade").finish_non_exhaustive()
+    }
+}
+
+impl Default for Text {
+    /// The empty text.
+    fn default() -> Self {
+        Self::from_static("")
+    }
+}
+
+impl Deref for Text {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Text {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Borrow<str> for Text {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Text {}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl From<&str> for Text {
+    fn from(text: &str) -> Self {
+        Self(Repr::Shared(Arc::from(text)))
+    }
+}
+
+impl From<&String> for Text {
+    fn from(text: &String) -> Self {
+        Self::from(text.as_str())
+    }
+}
+
+impl From<String> for Text {
+    fn from(text: String) -> Self {
+        Self(Repr::Shared(Arc::from(text)))
+    }
+}
+
+impl From<Arc<str>> for Text {
+    fn from(text: Arc<str>) -> Self {
+        Self(Repr::Shared(text))
+    }
+}
+
+impl From<Cow<'static, str>> for Text {
+    fn from(text: Cow<'static, str>) -> Self {
+        match text {
+            Cow::Borrowed(s) => Self::from_static(s),
+            Cow::Owned(s) => Self::from(s),
+        }
+    }
+}
+
+impl From<Text> for StringValue {
+    fn from(text: Text) -> Self {
+        match text.0 {
+            Repr::Static(s) => StringValue::from(s),
+            Repr::Shared(s) => StringValue::from(s),
+        }
+    }
+}
+
+impl From<Text> for Value {
+    fn from(text: Text) -> Self {
+        Value::String(text.into())
+    }
+}
+
+impl From<Text> for Cow<'static, str> {
+    fn from(text: Text) -> Self {
+        match text.0 {
+            Repr::Static(s) => Cow::Borrowed(s),
+            Repr::Shared(s) => Cow::Owned(s.as_ref().to_owned()),
+        }
+    }
+}
 
 /// The kind of messaging operation, as `messaging.operation.type` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,16 +297,16 @@ impl MessagingSystem {
 #[non_exhaustive]
 pub struct Destination {
     /// `messaging.destination.name`: topic, queue, or RabbitMQ's composed name.
-    pub name: Option<String>,
+    pub name: Option<Text>,
     /// `messaging.destination.template`, when the name is built from one.
-    pub template: Option<String>,
+    pub template: Option<Text>,
     /// The destination only lives as long as its client (e.g. an exclusive queue).
     pub temporary: bool,
     /// The destination has a broker-generated name.
     pub anonymous: bool,
     /// The name under [`Conventions::Legacy`](crate::Conventions::Legacy), where it
     /// differs (RabbitMQ: the exchange rather than `{exchange}:{routing key}`).
-    pub legacy_name: Option<String>,
+    pub legacy_name: Option<Text>,
 }
 
 /// Everything an adapter knows about one messaging operation: the system, the
@@ -120,36 +325,36 @@ pub struct MessageDescription {
     /// The destination.
     pub destination: Destination,
     /// The partition, as a string (`messaging.destination.partition.id`).
-    pub partition: Option<String>,
+    pub partition: Option<Text>,
     /// Kafka offset.
     pub offset: Option<i64>,
     /// Kafka message key, when it is a string.
-    pub key: Option<String>,
+    pub key: Option<Text>,
     /// Kafka tombstone (null body).
     pub tombstone: bool,
     /// Broker-assigned or application message id.
-    pub message_id: Option<String>,
+    pub message_id: Option<Text>,
     /// Conversation id (AMQP correlation id).
-    pub conversation_id: Option<String>,
+    pub conversation_id: Option<Text>,
     /// Body size in bytes.
     pub body_size: Option<u64>,
     /// Consumer group.
-    pub consumer_group: Option<String>,
+    pub consumer_group: Option<Text>,
     /// RabbitMQ routing key.
-    pub routing_key: Option<String>,
+    pub routing_key: Option<Text>,
     /// RabbitMQ delivery tag.
     pub delivery_tag: Option<u64>,
     /// Client id of the producer or consumer.
-    pub client_id: Option<String>,
+    pub client_id: Option<Text>,
     /// Broker host name or address, without user information.
-    pub server_address: Option<String>,
+    pub server_address: Option<Text>,
     /// Broker port.
     pub server_port: Option<u16>,
     /// Number of messages, for operations on a batch.
     pub batch_message_count: Option<u64>,
     /// A span name of the system's own, used as it is under every conventions
     /// setting (Lambda's `{event source} process`). `None`: the conventions' name.
-    pub span_name: Option<String>,
+    pub span_name: Option<Text>,
     /// System-specific attributes the conventions have no name for (documented by
     /// each adapter). Emitted as they are under every conventions setting.
     pub extra: Vec<KeyValue>,
@@ -199,7 +404,7 @@ impl MessageDescription {
     }
 
     /// Sets the destination name.
-    pub fn destination(mut self, name: impl Into<String>) -> Self {
+    pub fn destination(mut self, name: impl Into<Text>) -> Self {
         self.destination.name = Some(name.into());
         self
     }
@@ -211,7 +416,7 @@ impl MessageDescription {
     }
 
     /// Sets the message id.
-    pub fn message_id(mut self, id: impl Into<String>) -> Self {
+    pub fn message_id(mut self, id: impl Into<Text>) -> Self {
         self.message_id = Some(id.into());
         self
     }
@@ -223,9 +428,54 @@ impl MessageDescription {
     }
 
     /// Sets the broker address and port.
-    pub fn server(mut self, address: impl Into<String>, port: Option<u16>) -> Self {
+    pub fn server(mut self, address: impl Into<Text>, port: Option<u16>) -> Self {
         self.server_address = Some(address.into());
         self.server_port = port;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(text: &Text) -> Option<&Arc<str>> {
+        match &text.0 {
+            Repr::Shared(s) => Some(s),
+            Repr::Static(_) => None,
+        }
+    }
+
+    #[test]
+    fn texts_are_shared_not_copied() {
+        let text = Text::from(String::from("orders"));
+        let copy = text.clone();
+        let (a, b) = (shared(&text), shared(&copy));
+        assert!(a.zip(b).is_some_and(|(a, b)| Arc::ptr_eq(a, b)));
+        // On a span, the same text.
+        match Value::from(copy) {
+            Value::String(s) => assert_eq!(s.as_str(), "orders"),
+            other => panic!("not a string: {other:?}"),
+        }
+        assert_eq!(text, "orders");
+        assert_eq!(format!("{text} {text:?}"), "orders \"orders\"");
+        assert!(shared(&Text::from_static("orders")).is_none());
+        assert_eq!(Text::from_static("orders"), text);
+    }
+
+    #[test]
+    fn the_last_made_is_made_again_only_for_another_key() {
+        let last: LastMade<(Text, usize)> = LastMade::new();
+        let mut made = 0;
+        let mut get = |key: &str| {
+            last.get(key, |text| {
+                made += 1;
+                (text.clone(), made)
+            })
+        };
+        assert_eq!(get("a").1, 1);
+        assert_eq!(get("a").1, 1);
+        assert_eq!(get("b"), (Text::from("b"), 2));
+        assert_eq!(get("a").1, 3);
     }
 }

@@ -42,7 +42,7 @@ use opentelemetry::KeyValue;
 use tokio::sync::Notify;
 
 use crate::conventions::attr;
-use crate::describe::{MessageDescription, MessagingSystem, OperationType};
+use crate::describe::{MessageDescription, MessagingSystem, OperationType, Text};
 use crate::forward::{Disposition, ForwardKind};
 use crate::instrument::{Inbound, Instrumenter};
 use crate::outcome::HandlerResult;
@@ -217,6 +217,8 @@ pub struct QueueDepth {
 
 #[derive(Debug, Default)]
 struct Queue {
+    /// Its name, shared with every delivery's description.
+    name: Text,
     ready: VecDeque<StoredMessage>,
     unacked: HashMap<u64, StoredMessage>,
     options: QueueOptions,
@@ -260,7 +262,12 @@ impl Broker {
 
     /// Creates a queue, or updates its options.
     pub fn declare_queue(&self, name: impl Into<String>, options: QueueOptions) {
-        self.state().queues.entry(name.into()).or_default().options = options;
+        let name = name.into();
+        let text = Text::from(name.as_str());
+        let mut state = self.state();
+        let queue = state.queues.entry(name).or_default();
+        queue.name = text;
+        queue.options = options;
     }
 
     /// Stores a message at the tail of a queue; returns its id.
@@ -301,7 +308,7 @@ impl Broker {
         q.unacked.insert(tag, message.clone());
         Ok(Some(Delivery {
             broker: self.clone(),
-            queue: queue.to_owned(),
+            queue: q.name.clone(),
             tag,
             message,
             settled: false,
@@ -386,7 +393,7 @@ enum Action {
 #[derive(Debug)]
 pub struct Delivery {
     broker: Broker,
-    queue: String,
+    queue: Text,
     tag: u64,
     message: StoredMessage,
     settled: bool,

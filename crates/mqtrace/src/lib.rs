@@ -120,7 +120,9 @@ pub mod settle;
 mod w3c;
 
 pub use conventions::Conventions;
-pub use describe::{Destination, MessageDescription, MessagingSystem, OperationType};
+pub use describe::{
+    Destination, LastMade, MessageDescription, MessagingSystem, OperationType, Text,
+};
 pub use forward::{Disposition, ForwardKind, RetryPolicy};
 pub use instrument::{
     instrumentation_scope, Attempt, BatchProcessed, Inbound, Instrumenter, InstrumenterBuilder,

@@ -47,7 +47,7 @@ use opentelemetry::metrics::{Counter, Histogram, Meter};
 use opentelemetry::KeyValue;
 
 use crate::conventions::{attr, Conventions, MetricNames};
-use crate::describe::{MessageDescription, MessagingSystem, OperationType};
+use crate::describe::{MessageDescription, MessagingSystem, OperationType, Text};
 use crate::forward::Disposition;
 
 /// The histogram bucket advice of the messaging conventions, in seconds.
@@ -285,30 +285,29 @@ struct StreamKey {
     system: MessagingSystem,
     operation: OperationType,
     operation_name: Box<str>,
-    destination: Option<Box<str>>,
-    legacy_name: Option<Box<str>>,
-    template: Option<Box<str>>,
+    destination: Option<Text>,
+    legacy_name: Option<Text>,
+    template: Option<Text>,
     unique: bool,
-    partition: Option<Box<str>>,
-    group: Option<Box<str>>,
-    server: Option<Box<str>>,
+    partition: Option<Text>,
+    group: Option<Text>,
+    server: Option<Text>,
     port: Option<u16>,
 }
 
 impl StreamKey {
     fn of(d: &MessageDescription) -> Self {
-        let owned = |s: &Option<String>| s.as_deref().map(Box::from);
         Self {
             system: d.system,
             operation: d.operation,
             operation_name: d.operation_name().into(),
-            destination: owned(&d.destination.name),
-            legacy_name: owned(&d.destination.legacy_name),
-            template: owned(&d.destination.template),
+            destination: d.destination.name.clone(),
+            legacy_name: d.destination.legacy_name.clone(),
+            template: d.destination.template.clone(),
             unique: d.destination.temporary || d.destination.anonymous,
-            partition: owned(&d.partition),
-            group: owned(&d.consumer_group),
-            server: owned(&d.server_address),
+            partition: d.partition.clone(),
+            group: d.consumer_group.clone(),
+            server: d.server_address.clone(),
             port: d.server_port,
         }
     }
@@ -327,17 +326,16 @@ impl StreamKey {
     }
 
     fn matches(&self, d: &MessageDescription) -> bool {
-        let same = |a: &Option<Box<str>>, b: &Option<String>| a.as_deref() == b.as_deref();
         self.system == d.system
             && self.operation == d.operation
             && &*self.operation_name == d.operation_name()
-            && same(&self.destination, &d.destination.name)
-            && same(&self.legacy_name, &d.destination.legacy_name)
-            && same(&self.template, &d.destination.template)
+            && self.destination == d.destination.name
+            && self.legacy_name == d.destination.legacy_name
+            && self.template == d.destination.template
             && self.unique == (d.destination.temporary || d.destination.anonymous)
-            && same(&self.partition, &d.partition)
-            && same(&self.group, &d.consumer_group)
-            && same(&self.server, &d.server_address)
+            && self.partition == d.partition
+            && self.group == d.consumer_group
+            && self.server == d.server_address
             && self.port == d.server_port
     }
 }
