@@ -3,7 +3,8 @@
 # process (crates/mqtrace-cli/examples/service_cost.rs: one broker, one role, one
 # variant), the collector is another (`mqtrace view`), and each run reports its
 # own CPU (user + system) and wall time per message. Variants run side by side in
-# interleaved rounds (raw, unsampled, exported, raw, ...), per broker and role; the
+# interleaved rounds (raw, unsampled, exported, raw, ...; the Kafka producer also
+# by-hand: its spans written with the OpenTelemetry API), per broker and role; the
 # tables give the median of the rounds and replace the part of docs/benchmarks.md
 # between the service-cost markers.
 #
@@ -33,7 +34,10 @@ for broker in kafka rabbitmq sqs; do
     [ "$broker" = sqs ] && n=$SQS_MESSAGES
     [ "$role" = worker ] && n=$((n / 2))
     for round in $(seq "$ROUNDS"); do
-      for variant in raw unsampled exported; do
+      variants="raw unsampled exported"
+      # The Kafka producer also runs its spans written by hand (the floor).
+      [ "$broker$role" = kafkaproduce ] && variants="$variants by-hand"
+      for variant in $variants; do
         echo "service-cost: $broker $role $variant, round $round/$ROUNDS" >&2
         "$TARGET/release/examples/service_cost" "$broker" "$role" "$variant" \
           --messages "$n" --endpoint "$ENDPOINT" >>"$OUT/results.jsonl"
@@ -69,6 +73,14 @@ for broker in ("kafka", "rabbitmq", "sqs"):
         out.append(f"| {ROLES[role]} | {c['raw']:.1f} µs | {c['unsampled']:.1f} µs ({c['unsampled'] - c['raw']:+.1f}) | "
                    f"{c['exported']:.1f} µs ({c['exported'] - c['raw']:+.1f}) | {s['raw']:.1f} → {s['exported']:.1f} µs | "
                    f"{w['raw']:.1f} µs | {w['unsampled']:.1f} µs | {w['exported']:.1f} µs | {w['raw'] / w['exported']:.2f} |")
+    if broker == "kafka":
+        c = {v: med("kafka", "produce", v, "cpu") for v in ("raw", "exported", "byhand")}
+        w = {v: med("kafka", "produce", v, "wall") for v in ("raw", "exported", "byhand")}
+        out += ["", "The Kafka producer against the same send spans written by hand with the OpenTelemetry API (same SDK, export and collector):", "",
+                "| producer at full speed | CPU per send | added to raw | wall per send | throughput of raw |", "|---|---|---|---|---|"]
+        for v, label in (("raw", "raw rdkafka"), ("byhand", "spans by hand, OpenTelemetry API"), ("exported", "mqtrace")):
+            added = "—" if v == "raw" else f"{c[v] - c['raw']:+.1f} µs"
+            out.append(f"| {label} | {c[v]:.1f} µs | {added} | {w[v]:.1f} µs | {w['raw'] / w[v]:.2f} |")
     out.append("")
 out.append("<!-- service-cost:end -->")
 table = "\n".join(out)
