@@ -150,6 +150,24 @@ impl PartialEq<&str> for Text {
     }
 }
 
+impl PartialEq<String> for Text {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialOrd for Text {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Text {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
 impl std::hash::Hash for Text {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.as_str().hash(state);
@@ -458,6 +476,10 @@ mod tests {
             other => panic!("not a string: {other:?}"),
         }
         assert_eq!(text, "orders");
+        assert_eq!(text, String::from("orders"));
+        let mut sorted = vec![Text::from("b"), Text::from_static("a")];
+        sorted.sort();
+        assert_eq!(sorted, ["a", "b"]);
         assert_eq!(format!("{text} {text:?}"), "orders \"orders\"");
         assert!(shared(&Text::from_static("orders")).is_none());
         assert_eq!(Text::from_static("orders"), text);
