@@ -131,8 +131,15 @@ impl fmt::Display for Text {
 }
 
 impl PartialEq for Text {
+    #[inline]
     fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
+        // The same shared text (an adapter's destination, group or partition
+        // against a metric stream's key) is equal without reading it.
+        match (&self.0, &other.0) {
+            (Repr::Shared(a), Repr::Shared(b)) if Arc::ptr_eq(a, b) => true,
+            (Repr::Static(a), Repr::Static(b)) if std::ptr::eq(*a, *b) => true,
+            _ => self.as_str() == other.as_str(),
+        }
     }
 }
 
@@ -482,6 +489,8 @@ mod tests {
         assert_eq!(sorted, ["a", "b"]);
         assert_eq!(format!("{text} {text:?}"), "orders \"orders\"");
         assert!(shared(&Text::from_static("orders")).is_none());
+        assert_ne!(text, Text::from("orderz"));
+        assert_ne!(text, Text::from("order"));
         assert_eq!(Text::from_static("orders"), text);
     }
 

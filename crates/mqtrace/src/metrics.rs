@@ -38,6 +38,7 @@
 //! These are wall-clock readings, as span times are: a duration across a step of
 //! the system clock back in time is recorded as 0.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
@@ -284,7 +285,8 @@ thread_local! {
 struct StreamKey {
     system: MessagingSystem,
     operation: OperationType,
-    operation_name: Box<str>,
+    /// The adapter's own name for the operation, if any (else the type's).
+    operation_name: Option<Cow<'static, str>>,
     destination: Option<Text>,
     legacy_name: Option<Text>,
     template: Option<Text>,
@@ -300,7 +302,7 @@ impl StreamKey {
         Self {
             system: d.system,
             operation: d.operation,
-            operation_name: d.operation_name().into(),
+            operation_name: d.operation_name.clone(),
             destination: d.destination.name.clone(),
             legacy_name: d.destination.legacy_name.clone(),
             template: d.destination.template.clone(),
@@ -328,7 +330,7 @@ impl StreamKey {
     fn matches(&self, d: &MessageDescription) -> bool {
         self.system == d.system
             && self.operation == d.operation
-            && &*self.operation_name == d.operation_name()
+            && same_name(&self.operation_name, &d.operation_name, d.operation)
             && self.destination == d.destination.name
             && self.legacy_name == d.destination.legacy_name
             && self.template == d.destination.template
@@ -337,6 +339,21 @@ impl StreamKey {
             && self.group == d.consumer_group
             && self.server == d.server_address
             && self.port == d.server_port
+    }
+}
+
+/// Whether two operation names (each `None` for the type's own) are the same:
+/// without reading them when both are the type's.
+fn same_name(
+    a: &Option<Cow<'static, str>>,
+    b: &Option<Cow<'static, str>>,
+    operation: OperationType,
+) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        _ => {
+            a.as_deref().unwrap_or(operation.as_str()) == b.as_deref().unwrap_or(operation.as_str())
+        }
     }
 }
 
@@ -766,6 +783,11 @@ mod tests {
             "same stream, one entry"
         );
         assert!(!Arc::ptr_eq(&a, &m.stream(&kafka(41, "payments"))));
+        // The type's own name, given or not, is one stream; another name is not.
+        let named = kafka(43, "orders").operation_named("process");
+        assert!(Arc::ptr_eq(&a, &m.stream(&named)));
+        let polled = kafka(43, "orders").operation_named("poll");
+        assert!(!Arc::ptr_eq(&a, &m.stream(&polled)));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use mqtrace::embedded::{HeaderExtractor, Headers};
 use mqtrace::settle::{Forward, Routes, Settlement, Settler};
-use mqtrace::{ForwardKind, Inbound, MessageDescription, MessagingSystem, OperationType};
+use mqtrace::{ForwardKind, Inbound, MessageDescription, MessagingSystem, OperationType, Text};
 use opentelemetry::propagation::Extractor;
 use opentelemetry::Context;
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -52,11 +52,12 @@ pub(crate) struct Incoming {
 impl Inbound for Incoming {
     fn description(&self) -> MessageDescription {
         let mut d = MessageDescription::new(MessagingSystem::Kafka, OperationType::Process)
-            .destination("orders")
+            .destination(Text::from_static("orders"))
             .body_size(self.body.len());
-        d.partition = Some("3".into());
+        // Texts an adapter makes once and shares, as the Kafka adapter does.
+        d.partition = Some(Text::from_static("3"));
         d.offset = Some(1234);
-        d.consumer_group = Some("billing".into());
+        d.consumer_group = Some(Text::from_static("billing"));
         d
     }
     fn headers(&self) -> impl Extractor + '_ {
