@@ -5,7 +5,7 @@ use std::str::FromStr;
 use lapin::protocol::{AMQPError, AMQPErrorKind};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, ErrorKind};
-use mqtrace::{MessageDescription, MessagingSystem, OperationType, Text};
+use mqtrace::{LastMade, MessageDescription, MessagingSystem, OperationType, Text};
 
 /// Where a client is connected, as recorded in `server.address` / `server.port`.
 /// Credentials and vhost are never part of it.
@@ -57,11 +57,19 @@ pub(crate) fn consume_destination(exchange: &str, routing_key: &str, queue: &str
         .join(":")
 }
 
-fn legacy_destination(exchange: &str) -> String {
+thread_local! {
+    /// The exchange and routing key this thread described last, as texts: a
+    /// consumer's deliveries and a producer's publishes mostly repeat them.
+    static LAST_EXCHANGE: LastMade<Text> = const { LastMade::new() };
+    static LAST_ROUTING_KEY: LastMade<Text> = const { LastMade::new() };
+}
+
+/// The destination's name under v1.24: the exchange, or `amq.default`.
+fn legacy_destination(exchange: &str) -> Text {
     if exchange.is_empty() {
-        DEFAULT_EXCHANGE.to_owned()
+        Text::from_static(DEFAULT_EXCHANGE)
     } else {
-        exchange.to_owned()
+        LAST_EXCHANGE.with(|last| last.get(exchange, Text::clone))
     }
 }
 
@@ -77,8 +85,9 @@ fn base(
     let mut d = MessageDescription::new(MessagingSystem::RabbitMq, operation)
         .destination(name)
         .body_size(body_len);
-    d.destination.legacy_name = Some(legacy_destination(exchange).into());
-    d.routing_key = (!routing_key.is_empty()).then(|| routing_key.into());
+    d.destination.legacy_name = Some(legacy_destination(exchange));
+    d.routing_key = (!routing_key.is_empty())
+        .then(|| LAST_ROUTING_KEY.with(|last| last.get(routing_key, Text::clone)));
     d.conversation_id = properties
         .correlation_id()
         .as_ref()

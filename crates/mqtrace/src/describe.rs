@@ -41,56 +41,6 @@ impl Text {
     }
 }
 
-/// What an adapter made last from a string (a topic, a queue URL) and hands out
-/// again while the string stays the same: a loop's messages nearly all share
-/// their destination, so its texts are made once per run, not per message. Kept
-/// per thread (`thread_local!`), where no lock is needed.
-///
-/// ```
-/// use mqtrace::{LastMade, Text};
-///
-/// thread_local! {
-///     static TOPIC: LastMade<Text> = const { LastMade::new() };
-/// }
-/// let a = TOPIC.with(|last| last.get("orders", Text::clone));
-/// let b = TOPIC.with(|last| last.get("orders", |_| unreachable!("made once")));
-/// assert_eq!(a, b);
-/// ```
-pub struct LastMade<T>(std::cell::RefCell<Option<(Text, T)>>);
-
-impl<T: Clone> LastMade<T> {
-    /// Nothing made yet.
-    pub const fn new() -> Self {
-        Self(std::cell::RefCell::new(None))
-    }
-
-    /// What `make` makes of `key` (given as a text), made again only when `key`
-    /// differs from the last one.
-    pub fn get(&self, key: &str, make: impl FnOnce(&Text) -> T) -> T {
-        if let Some((last, made)) = &*self.0.borrow() {
-            if last.as_str() == key {
-                return made.clone();
-            }
-        }
-        let text = Text::from(key);
-        let made = make(&text);
-        *self.0.borrow_mut() = Some((text, made.clone()));
-        made
-    }
-}
-
-impl<T: Clone> Default for LastMade<T> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<T> fmt::Debug for LastMade<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LastMade").finish_non_exhaustive()
-    }
-}
-
 impl Default for Text {
     /// The empty text.
     fn default() -> Self {
@@ -229,12 +179,53 @@ impl From<Text> for Value {
     }
 }
 
-impl From<Text> for Cow<'static, str> {
-    fn from(text: Text) -> Self {
-        match text.0 {
-            Repr::Static(s) => Cow::Borrowed(s),
-            Repr::Shared(s) => Cow::Owned(s.as_ref().to_owned()),
+/// What an adapter made last from a string (a topic, a queue URL) and hands out
+/// again while the string stays the same: a loop's messages nearly all share
+/// their destination, so its texts are made once per run, not per message. Kept
+/// per thread (`thread_local!`), where no lock is needed.
+///
+/// ```
+/// use mqtrace::{LastMade, Text};
+///
+/// thread_local! {
+///     static TOPIC: LastMade<Text> = const { LastMade::new() };
+/// }
+/// let a = TOPIC.with(|last| last.get("orders", Text::clone));
+/// let b = TOPIC.with(|last| last.get("orders", |_| unreachable!("made once")));
+/// assert_eq!(a, b);
+/// ```
+pub struct LastMade<T>(std::cell::RefCell<Option<(Text, T)>>);
+
+impl<T: Clone> LastMade<T> {
+    /// Nothing made yet.
+    pub const fn new() -> Self {
+        Self(std::cell::RefCell::new(None))
+    }
+
+    /// What `make` makes of `key` (given as a text), made again only when `key`
+    /// differs from the last one.
+    pub fn get(&self, key: &str, make: impl FnOnce(&Text) -> T) -> T {
+        if let Some((last, made)) = &*self.0.borrow() {
+            if last.as_str() == key {
+                return made.clone();
+            }
         }
+        let text = Text::from(key);
+        let made = make(&text);
+        *self.0.borrow_mut() = Some((text, made.clone()));
+        made
+    }
+}
+
+impl<T: Clone> Default for LastMade<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> fmt::Debug for LastMade<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LastMade").finish_non_exhaustive()
     }
 }
 
