@@ -267,6 +267,11 @@ fn env(name: &str) -> Result<String, Failure> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Failure> {
     let args = Args::parse();
+    if args.variant == Variant::ByHand
+        && !matches!((args.broker, args.role), (Broker::Kafka, Role::Produce))
+    {
+        return Err("the by-hand variant is the Kafka producer's only".into());
+    }
     let traced = telemetry(&args)?;
     let measure = match args.broker {
         Broker::Kafka if args.variant == Variant::ByHand => {
@@ -275,9 +280,6 @@ async fn main() -> Result<(), Failure> {
                 .and_then(|(guard, _)| guard.provider())
                 .ok_or("telemetry is off")?;
             kafka::by_hand(&args, provider).await?
-        }
-        _ if args.variant == Variant::ByHand => {
-            return Err("the by-hand variant is the Kafka producer's only".into())
         }
         Broker::Kafka => kafka::run(&args, traced.as_ref().map(|(_, i)| i)).await?,
         Broker::Rabbitmq => rabbit::run(&args, traced.as_ref().map(|(_, i)| i)).await?,
@@ -366,9 +368,6 @@ mod kafka {
         use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _};
         use opentelemetry::{Context, KeyValue};
 
-        if args.role != Role::Produce {
-            return Err("the by-hand variant is the Kafka producer's only".into());
-        }
         let (_, topic, producer) = set_up(args).await?;
         let tracer = provider.tracer("by-hand");
         let propagator = opentelemetry_sdk::propagation::TraceContextPropagator::new();
