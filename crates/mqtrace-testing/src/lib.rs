@@ -10,6 +10,9 @@
 //!   instructions when there are none.
 //! - [`examples`]: running an example binary against the brokers, and the span
 //!   tree the own-loop examples share.
+//! - [`delivery`]: the delivery-guarantee checker: a ledger of every message of a
+//!   run (sent, each handler invocation, settled, committed, waiting, dead-lettered)
+//!   checked against the broker's contract.
 //! - [`faults`]: a proxy that refuses, hangs or forwards connections, and a
 //!   Kafka-protocol broker with durable storage that a test kills and restarts.
 //! - [`turns`]: timed tests run alone in their test binary, the rest share it.
@@ -18,6 +21,7 @@
 pub mod bench;
 pub mod brokers;
 mod collector;
+pub mod delivery;
 pub mod examples;
 pub mod faults;
 pub mod metric;
