@@ -9,6 +9,12 @@
 //! service (`docs/benchmarks.md`). Here each span is measured once and written
 //! once into one buffer: the same request on the wire, without the copies.
 //!
+//! A batch goes in as many requests as keep each under the collector's size
+//! limit (4 MiB by default, gRPC's): a collector refuses an oversized request
+//! whole, and 2,048 spans with both conventions' attributes, exception events
+//! or captured headers pass 4 MiB. The answer's partial success is read, and
+//! the spans it rejects are counted as rejected, not exported.
+//!
 //! It speaks plain OTLP/gRPC (`http://` endpoints, no compression, no extra
 //! headers); [`crate::TelemetryBuilder`] keeps the SDK's exporter for any other
 //! set-up, so every `OTEL_EXPORTER_OTLP_*` setting it reads keeps its effect. A
@@ -30,6 +36,8 @@ use opentelemetry_sdk::Resource;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
+
+use crate::Tally;
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
@@ -428,15 +436,122 @@ impl EncodedResource {
     }
 }
 
-/// A scope, its spans (by index, with their parts) and its payload's length.
-type ScopeGroup<'a> = (&'a InstrumentationScope, Vec<(usize, SpanParts)>, usize);
+/// A scope, its spans (by index) and its payload's length.
+type ScopeGroup<'a> = (&'a InstrumentationScope, Vec<usize>, usize);
 
-/// Writes an `ExportTraceServiceRequest` for `spans` into `buf`: one resource,
-/// its spans grouped by instrumentation scope in the order the scopes first
-/// appear (as the SDK's exporter groups them). Never inlined: one call a batch,
-/// and a symbol of its own in `scripts/callgrind-breakdown.sh`.
+/// What a scope group adds to a request besides its spans.
+fn group_header_len(scope: &InstrumentationScope) -> usize {
+    field_len(1, scope_len(scope)) + bytes_len(3, scope.schema_url().unwrap_or_default().as_bytes())
+}
+
+/// One request of a batch: how many spans it carries, and its bytes.
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) spans: usize,
+    pub(crate) bytes: bytes::Bytes,
+}
+
+/// The sizes of the request being planned: its scope groups' payload lengths
+/// and the `ResourceSpans` payload's, exact as they would be written.
+struct Plan<'a> {
+    base: usize,
+    groups: Vec<(&'a InstrumentationScope, usize)>,
+    resource_spans: usize,
+}
+
+impl<'a> Plan<'a> {
+    fn new(resource: &EncodedResource) -> Self {
+        let base =
+            field_len(1, resource.payload.len()) + bytes_len(3, resource.schema_url.as_bytes());
+        Self {
+            base,
+            groups: Vec::new(),
+            resource_spans: base,
+        }
+    }
+
+    /// The request's size with a span of `len` bytes in `scope` added, and where
+    /// its group is (`None`: a new one).
+    fn with(&self, scope: &InstrumentationScope, len: usize) -> (usize, Option<usize>, usize) {
+        let span = field_len(2, len);
+        let at = self.groups.iter().position(|(s, _)| *s == scope);
+        let (old, group) = match at {
+            Some(g) => (field_len(2, self.groups[g].1), self.groups[g].1 + span),
+            None => (0, group_header_len(scope) + span),
+        };
+        let resource_spans = self.resource_spans - old + field_len(2, group);
+        (field_len(1, resource_spans), at, group)
+    }
+
+    fn add(&mut self, scope: &'a InstrumentationScope, len: usize) {
+        let (_, at, group) = self.with(scope, len);
+        match at {
+            Some(g) => {
+                self.resource_spans -= field_len(2, self.groups[g].1);
+                self.groups[g].1 = group;
+            }
+            None => self.groups.push((scope, group)),
+        }
+        self.resource_spans += field_len(2, group);
+    }
+
+    fn clear(&mut self) {
+        self.groups.clear();
+        self.resource_spans = self.base;
+    }
+}
+
+/// Writes `spans` as `ExportTraceServiceRequest`s of at most `max` bytes each:
+/// consecutive runs of the batch, each one request as [`encode_request`] writes
+/// it, a run closed when the next span would take it over `max` (a span larger
+/// than `max` goes alone: the collector decides). A collector refuses a request
+/// over its limit whole, so a batch of large spans (both conventions' attributes,
+/// exception events, captured headers) would otherwise be lost whole. Never
+/// inlined: one call a batch, and a symbol of its own in
+/// `scripts/callgrind-breakdown.sh`.
 #[inline(never)]
-pub(crate) fn encode_request(spans: &[SpanData], resource: &EncodedResource, buf: &mut Vec<u8>) {
+pub(crate) fn encode_requests(
+    spans: &[SpanData],
+    resource: &EncodedResource,
+    max: usize,
+) -> Vec<Request> {
+    let parts: Vec<SpanParts> = spans.iter().map(span_parts).collect();
+    let mut requests = Vec::new();
+    let mut plan = Plan::new(resource);
+    let mut start = 0;
+    for (i, (span, p)) in spans.iter().zip(&parts).enumerate() {
+        let scope = &span.instrumentation_scope;
+        if i > start && plan.with(scope, p.len).0 > max {
+            requests.push(encode_run(&spans[start..i], &parts[start..i], resource));
+            start = i;
+            plan.clear();
+        }
+        plan.add(scope, p.len);
+    }
+    if start < spans.len() || requests.is_empty() {
+        requests.push(encode_run(&spans[start..], &parts[start..], resource));
+    }
+    requests
+}
+
+fn encode_run(spans: &[SpanData], parts: &[SpanParts], resource: &EncodedResource) -> Request {
+    let mut buf = Vec::new();
+    encode_request(spans, parts, resource, &mut buf);
+    Request {
+        spans: spans.len(),
+        bytes: bytes::Bytes::from(buf),
+    }
+}
+
+/// Writes an `ExportTraceServiceRequest` for `spans` (with their `parts`) into
+/// `buf`: one resource, its spans grouped by instrumentation scope in the order
+/// the scopes first appear (as the SDK's exporter groups them).
+fn encode_request(
+    spans: &[SpanData],
+    parts: &[SpanParts],
+    resource: &EncodedResource,
+    buf: &mut Vec<u8>,
+) {
     let mut groups: Vec<ScopeGroup<'_>> = Vec::new();
     for (i, span) in spans.iter().enumerate() {
         let scope = &span.instrumentation_scope;
@@ -447,17 +562,16 @@ pub(crate) fn encode_request(spans: &[SpanData], resource: &EncodedResource, buf
                 groups.len() - 1
             }
         };
-        groups[at].1.push((i, span_parts(span)));
+        groups[at].1.push(i);
     }
     let mut resource_spans =
         field_len(1, resource.payload.len()) + bytes_len(3, resource.schema_url.as_bytes());
     for (scope, members, len) in &mut groups {
-        *len = field_len(1, scope_len(scope))
+        *len = group_header_len(scope)
             + members
                 .iter()
-                .map(|(_, p)| field_len(2, p.len))
-                .sum::<usize>()
-            + bytes_len(3, scope.schema_url().unwrap_or_default().as_bytes());
+                .map(|&i| field_len(2, parts[i].len))
+                .sum::<usize>();
         resource_spans += field_len(2, *len);
     }
     buf.reserve(field_len(1, resource_spans));
@@ -467,8 +581,8 @@ pub(crate) fn encode_request(spans: &[SpanData], resource: &EncodedResource, buf
     for (scope, members, len) in &groups {
         put_len(buf, 2, *len);
         put_scope(buf, scope);
-        for (i, parts) in members {
-            put_span(buf, &spans[*i], parts);
+        for &i in members {
+            put_span(buf, &spans[i], &parts[i]);
         }
         put_bytes(buf, 3, scope.schema_url().unwrap_or_default().as_bytes());
     }
@@ -577,10 +691,50 @@ async fn pause(wait: Duration) {
     }
 }
 
+/// Sends one request, retrying as the OTLP specification (and the SDK's
+/// exporter) retries: the codes that say the collector may take it later, with
+/// backoff, within the export's timeout. The collector's answer, or why not.
+async fn send_with_retries(
+    channel: &Channel,
+    request: bytes::Bytes,
+    deadline: Duration,
+) -> Result<Rejected, String> {
+    let started = std::time::Instant::now();
+    let mut delay = FIRST_RETRY;
+    let mut retries = 0;
+    loop {
+        let status = match send(channel.clone(), request.clone()).await {
+            Ok(answer) => return Ok(answer),
+            Err(status) => status,
+        };
+        let wait = delay + jitter();
+        let retryable = matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Aborted
+                | tonic::Code::OutOfRange
+                | tonic::Code::DataLoss
+        );
+        if !retryable || retries == MAX_RETRIES || started.elapsed() + wait >= deadline {
+            return Err(format!(
+                "{} {} ({retries} retries)",
+                status.code(),
+                status.message()
+            ));
+        }
+        retries += 1;
+        pause(wait).await;
+        delay = (delay * 2).min(LAST_RETRY);
+    }
+}
+
 /// The direct OTLP/gRPC span exporter.
 pub(crate) struct DirectExporter {
     channel: Channel,
     timeout: Duration,
+    max_request: usize,
     resource: EncodedResource,
     shut_down: AtomicBool,
 }
@@ -592,9 +746,14 @@ impl fmt::Debug for DirectExporter {
 }
 
 impl DirectExporter {
-    /// An exporter to `endpoint` (`http://host:port`); connects at the first
-    /// export. Call inside the tokio runtime the channel is to run on.
-    pub(crate) fn new(endpoint: &str, timeout: Duration) -> Result<Self, String> {
+    /// An exporter to `endpoint` (`http://host:port`) sending requests of at most
+    /// `max_request` bytes; connects at the first export. Call inside the tokio
+    /// runtime the channel is to run on.
+    pub(crate) fn new(
+        endpoint: &str,
+        timeout: Duration,
+        max_request: usize,
+    ) -> Result<Self, String> {
         let channel = Channel::from_shared(endpoint.to_owned())
             .map_err(|e| format!("OTLP endpoint {endpoint}: {e}"))?
             .timeout(timeout)
@@ -603,9 +762,74 @@ impl DirectExporter {
         Ok(Self {
             channel,
             timeout,
+            max_request,
             resource: EncodedResource::default(),
             shut_down: AtomicBool::new(false),
         })
+    }
+
+    /// Exports `batch` in requests under the size limit, one after the other
+    /// (each retried on its own), and tells what became of its spans: taken,
+    /// rejected in a partial success, or in a request that failed.
+    pub(crate) fn export_counted(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = (Tally, OTelSdkResult)> + Send {
+        let shut_down = self.shut_down.load(Ordering::Relaxed);
+        let total = batch.len() as u64;
+        let requests = if shut_down {
+            Vec::new()
+        } else {
+            encode_requests(&batch, &self.resource, self.max_request)
+        };
+        drop(batch);
+        let channel = self.channel.clone();
+        let deadline = self.timeout;
+        async move {
+            if shut_down {
+                let tally = Tally {
+                    failed: total,
+                    ..Tally::default()
+                };
+                return (tally, Err(OTelSdkError::AlreadyShutdown));
+            }
+            let mut tally = Tally::default();
+            let mut errors = Vec::new();
+            let parts = requests.len();
+            for request in requests {
+                let n = request.spans as u64;
+                match send_with_retries(&channel, request.bytes, deadline).await {
+                    Ok(answer) => {
+                        // What the collector says it rejected, within what it was sent.
+                        let rejected = u64::try_from(answer.spans).unwrap_or(0).min(n);
+                        if rejected > 0 || !answer.message.is_empty() {
+                            tracing::warn!(
+                                rejected_spans = answer.spans,
+                                message = %answer.message,
+                                "the collector rejected part of an export"
+                            );
+                        }
+                        tally.rejected += rejected;
+                        tally.accepted += n - rejected;
+                    }
+                    Err(error) => {
+                        tally.failed += n;
+                        errors.push(error);
+                    }
+                }
+            }
+            let result = if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(OTelSdkError::InternalFailure(format!(
+                    "OTLP export: {} of {parts} requests failed ({} spans): {}",
+                    errors.len(),
+                    tally.failed,
+                    errors.join("; ")
+                )))
+            };
+            (tally, result)
+        }
     }
 }
 
@@ -614,60 +838,8 @@ impl SpanExporter for DirectExporter {
         &self,
         batch: Vec<SpanData>,
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
-        let shut_down = self.shut_down.load(Ordering::Relaxed);
-        let mut request = Vec::new();
-        if !shut_down {
-            encode_request(&batch, &self.resource, &mut request);
-        }
-        drop(batch);
-        let request = bytes::Bytes::from(request);
-        let channel = self.channel.clone();
-        let deadline = self.timeout;
-        async move {
-            if shut_down {
-                return Err(OTelSdkError::AlreadyShutdown);
-            }
-            let started = std::time::Instant::now();
-            let mut delay = FIRST_RETRY;
-            let mut retries = 0;
-            let answer = loop {
-                let status = match send(channel.clone(), request.clone()).await {
-                    Ok(answer) => break answer,
-                    Err(status) => status,
-                };
-                // As the OTLP specification (and the SDK's exporter) retries: the
-                // codes that say the collector may take it later, with backoff,
-                // within the export's timeout.
-                let wait = delay + jitter();
-                let retryable = matches!(
-                    status.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::Cancelled
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Aborted
-                        | tonic::Code::OutOfRange
-                        | tonic::Code::DataLoss
-                );
-                if !retryable || retries == MAX_RETRIES || started.elapsed() + wait >= deadline {
-                    return Err(OTelSdkError::InternalFailure(format!(
-                        "OTLP export: {} {} ({retries} retries)",
-                        status.code(),
-                        status.message()
-                    )));
-                }
-                retries += 1;
-                pause(wait).await;
-                delay = (delay * 2).min(LAST_RETRY);
-            };
-            if answer.spans > 0 || !answer.message.is_empty() {
-                tracing::warn!(
-                    rejected_spans = answer.spans,
-                    message = %answer.message,
-                    "the collector rejected part of an export"
-                );
-            }
-            Ok(())
-        }
+        let export = self.export_counted(batch);
+        async move { export.await.1 }
     }
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
@@ -699,7 +871,8 @@ mod tests {
     use opentelemetry_sdk::Resource;
     use prost::Message as _;
 
-    use super::{encode_request, EncodedResource};
+    use super::{encode_requests, EncodedResource};
+    use crate::DEFAULT_MAX_REQUEST;
 
     /// What the SDK's OTLP exporter sends for the same spans.
     fn sdk_request(spans: &[SpanData], resource: &Resource) -> ExportTraceServiceRequest {
@@ -712,9 +885,12 @@ mod tests {
     }
 
     fn ours(spans: &[SpanData], resource: &Resource) -> ExportTraceServiceRequest {
-        let mut buf = Vec::new();
-        encode_request(spans, &EncodedResource::new(resource), &mut buf);
-        ExportTraceServiceRequest::decode(buf.as_slice()).unwrap()
+        let [request] = &encode_requests(spans, &EncodedResource::new(resource), usize::MAX)[..]
+        else {
+            panic!("one request without a limit")
+        };
+        assert_eq!(request.spans, spans.len());
+        ExportTraceServiceRequest::decode(request.bytes.clone()).unwrap()
     }
 
     fn context(rng: &mut fastrand::Rng, remote: bool) -> SpanContext {
@@ -870,6 +1046,53 @@ mod tests {
         }
     }
 
+    /// Under a size limit, random batches go as consecutive runs, each encoded
+    /// exactly as the SDK's exporter would send that run alone, each within the
+    /// limit unless it is one span larger than the limit, and no run could have
+    /// taken its next span without passing the limit.
+    #[test]
+    fn random_batches_split_under_a_limit_into_the_sdk_exporter_s_requests() {
+        let mut rng = fastrand::Rng::with_seed(0x0024_0012);
+        let scopes = scopes();
+        let mut split = 0;
+        for round in 0..300 {
+            let resource = Resource::builder_empty()
+                .with_attributes(attributes(&mut rng))
+                .with_service_name(format!("service-{round}"))
+                .build();
+            let spans: Vec<SpanData> = (0..rng.usize(0..20))
+                .map(|_| span(&mut rng, &scopes))
+                .collect();
+            let max = rng.usize(200..20_000);
+            let requests = encode_requests(&spans, &EncodedResource::new(&resource), max);
+            split += usize::from(requests.len() > 1);
+            let mut start = 0;
+            for (k, request) in requests.iter().enumerate() {
+                let run = &spans[start..start + request.spans];
+                assert!(
+                    request.bytes.len() <= max || request.spans == 1,
+                    "round {round}: {} > {max}",
+                    request.bytes.len()
+                );
+                assert_eq!(
+                    ExportTraceServiceRequest::decode(request.bytes.clone()).unwrap(),
+                    sdk_request(run, &resource),
+                    "round {round}, request {k}"
+                );
+                if k + 1 < requests.len() {
+                    let more = &spans[start..=start + request.spans];
+                    assert!(
+                        sdk_request(more, &resource).encoded_len() > max,
+                        "round {round}: request {k} could have taken one more span"
+                    );
+                }
+                start += request.spans;
+            }
+            assert_eq!(start, spans.len(), "round {round}");
+        }
+        assert!(split > 100, "{split} of 300 batches split");
+    }
+
     /// The same for a resource with a schema URL and an empty batch, which the
     /// SDK's exporter sends as a resource without scopes.
     #[test]
@@ -901,8 +1124,12 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(11);
         let spans: Vec<SpanData> = (0..50).map(|_| span(&mut rng, &scopes())).collect();
 
-        let mut direct =
-            super::DirectExporter::new(&collector.grpc_endpoint(), Duration::from_secs(5)).unwrap();
+        let mut direct = super::DirectExporter::new(
+            &collector.grpc_endpoint(),
+            Duration::from_secs(5),
+            DEFAULT_MAX_REQUEST,
+        )
+        .unwrap();
         direct.set_resource(&resource);
         let mut sdk = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -922,8 +1149,12 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let down = super::DirectExporter::new(&format!("http://{closed}"), Duration::from_secs(1))
-            .unwrap();
+        let down = super::DirectExporter::new(
+            &format!("http://{closed}"),
+            Duration::from_secs(1),
+            DEFAULT_MAX_REQUEST,
+        )
+        .unwrap();
         assert!(down.export(spans).await.is_err());
         down.shutdown().unwrap();
         assert!(down.export(Vec::new()).await.is_err(), "shut down");
@@ -944,8 +1175,12 @@ mod tests {
         let (grpc, http) = (free(0), free(1));
         let mut rng = fastrand::Rng::with_seed(5);
         let spans: Vec<SpanData> = (0..10).map(|_| span(&mut rng, &scopes())).collect();
-        let exporter =
-            super::DirectExporter::new(&format!("http://{grpc}"), Duration::from_secs(5)).unwrap();
+        let exporter = super::DirectExporter::new(
+            &format!("http://{grpc}"),
+            Duration::from_secs(5),
+            DEFAULT_MAX_REQUEST,
+        )
+        .unwrap();
         let late = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(150)).await;
             mqtrace_testing::Collector::start_with(
@@ -960,6 +1195,149 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(150));
         let collector = late.await.unwrap();
         assert_eq!(collector.spans().len(), 10);
+    }
+
+    /// Spans that each carry `bytes` of attribute values (captured headers,
+    /// exception events, both conventions' attributes), one scope.
+    fn heavy_spans(n: usize, bytes: usize) -> Vec<SpanData> {
+        let mut rng = fastrand::Rng::with_seed(24);
+        let scope = InstrumentationScope::builder("mqtrace").build();
+        (0..n)
+            .map(|i| {
+                let mut s = span(&mut rng, std::slice::from_ref(&scope));
+                s.name = Cow::Owned(format!("process orders {i}"));
+                s.attributes = vec![KeyValue::new("messaging.header.payload", "x".repeat(bytes))];
+                s.events = SpanEvents::default();
+                s.links = SpanLinks::default();
+                s
+            })
+            .collect()
+    }
+
+    /// A 2,048-span batch of about 6 MiB, to a collector that takes requests of
+    /// 4 MiB at most (gRPC's default, the OpenTelemetry Collector's too), arrives
+    /// as two requests under the limit, every span in them, in order. Before the
+    /// split the one 6 MiB request was refused, retried, and the batch dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_over_the_collector_s_limit_is_split_into_requests_under_it() {
+        use opentelemetry_sdk::trace::SpanExporter as _;
+
+        let (tap, mut requests) = tokio::sync::mpsc::channel(8);
+        let collector = mqtrace_testing::Collector::start_with(Default::default(), Some(tap))
+            .await
+            .unwrap();
+        let resource = Resource::builder_empty()
+            .with_service_name("split-export")
+            .build();
+        let spans = heavy_spans(2_048, 3_000);
+        let names: Vec<String> = spans.iter().map(|s| s.name.to_string()).collect();
+        let whole = ours(&spans, &resource).encoded_len();
+        assert!(whole > 6 * 1024 * 1024, "{whole}");
+
+        let mut direct = super::DirectExporter::new(
+            &collector.grpc_endpoint(),
+            Duration::from_secs(5),
+            DEFAULT_MAX_REQUEST,
+        )
+        .unwrap();
+        direct.set_resource(&resource);
+        direct.export(spans).await.unwrap();
+        drop(collector);
+        let mut sizes = Vec::new();
+        let mut received = Vec::new();
+        while let Some(request) = requests.recv().await {
+            sizes.push(request.encoded_len());
+            received.extend(
+                mqtrace_testing::spans_of(&request)
+                    .into_iter()
+                    .map(|s| s.name),
+            );
+        }
+        println!("a {whole}-byte batch went as requests of {sizes:?} bytes");
+        assert_eq!(sizes.len(), 2, "{sizes:?}");
+        assert!(sizes.iter().all(|&n| n <= 4 * 1024 * 1024), "{sizes:?}");
+        assert_eq!(received, names);
+    }
+
+    /// A collector that takes every span but those named `rejected…`, and says
+    /// so in a partial success, as a collector that filters or validates does.
+    #[derive(Debug, Default, Clone)]
+    struct Picky {
+        requests: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    #[tonic::async_trait]
+    impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+        for Picky
+    {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<
+            tonic::Response<
+                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+            >,
+            tonic::Status,
+        > {
+            use opentelemetry_proto::tonic::collector::trace::v1::{
+                ExportTracePartialSuccess, ExportTraceServiceResponse,
+            };
+            let spans = mqtrace_testing::spans_of(request.get_ref());
+            self.requests.lock().unwrap().push(spans.len());
+            let rejected = spans
+                .iter()
+                .filter(|s| s.name.starts_with("rejected"))
+                .count();
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: (rejected > 0).then(|| ExportTracePartialSuccess {
+                    rejected_spans: rejected as i64,
+                    error_message: format!("{rejected} spans named rejected"),
+                }),
+            }))
+        }
+    }
+
+    /// Spans a collector rejects in a partial success are counted as rejected,
+    /// not exported: 10 spans in, 3 rejected, 7 exported, `not_exported` 3.
+    /// Before, all 10 were counted exported.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_rejected_in_a_partial_success_are_not_counted_exported() {
+        use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+
+        let picky = Picky::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(picky.clone()))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let telemetry = crate::TelemetryBuilder::default()
+            .service_name("picky")
+            .endpoint(format!("http://{addr}"))
+            .protocol(crate::Protocol::Grpc)
+            .install_global(false)
+            .metrics(false)
+            .build()
+            .unwrap();
+        let tracer = telemetry.provider().unwrap().tracer("test");
+        for i in 0..10 {
+            let name = if i % 3 == 0 && i > 0 {
+                "rejected"
+            } else {
+                "kept"
+            };
+            drop(tracer.start(format!("{name} {i}")));
+        }
+        let stats = telemetry.shutdown_async().await;
+        assert_eq!(*picky.requests.lock().unwrap(), [10]);
+        assert_eq!(stats.ended, 10);
+        assert_eq!(stats.exported, 7);
+        assert_eq!(stats.failed, 0);
+        assert_eq!(stats.rejected, 3);
+        assert_eq!(stats.not_exported(), 3);
+        server.abort();
     }
 
     #[test]

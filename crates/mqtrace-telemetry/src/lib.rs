@@ -25,7 +25,10 @@
 //!   ([`TelemetryBuilder::direct_encoding`], on by default): the same request the
 //!   SDK's OTLP exporter sends, without its copy of each batch and its
 //!   intermediate protobuf structs, which were about two thirds of what a traced
-//!   send cost the service. Any other set-up goes through the SDK's exporter.
+//!   send cost the service. A batch goes in requests of at most 4 MiB, gRPC's
+//!   default limit ([`TelemetryBuilder::max_export_request_size`]), and spans the
+//!   collector rejects in a partial success are counted as rejected
+//!   ([`ExportStats::rejected`]). Any other set-up goes through the SDK's exporter.
 //! - Batch span processor sized for messaging rates ([`default_batch_config`]:
 //!   16,384 queued, batches of 2,048, every second), each setting overridable by
 //!   its `OTEL_BSP_*` variable; sampler from
@@ -43,7 +46,8 @@
 //! The exporter runs on a small runtime of its own (one thread), so exporting never
 //! depends on the application's runtime: a collector that is down or hanging delays
 //! nothing but the export thread, spans are dropped once the bounded queue is full,
-//! and [`TelemetryGuard::stats`] tells how many were exported and how many were not.
+//! and [`TelemetryGuard::stats`] tells how many were exported and how many were not
+//! (failed, or rejected by the collector).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -133,12 +137,19 @@ pub struct ExportStats {
     pub ended: u64,
     /// Spans the collector accepted.
     pub exported: u64,
-    /// Spans in export calls that failed (collector down, timeout).
+    /// Spans in export calls that failed (collector down, timeout, a request
+    /// refused whole).
     pub failed: u64,
+    /// Spans the collector answered it rejected (an OTLP partial success's
+    /// `rejected_spans`): not exported, and not retried, as the specification
+    /// says. Read from the answer by the direct encoding
+    /// ([`TelemetryBuilder::direct_encoding`]); the SDK's exporter only logs it.
+    pub rejected: u64,
 }
 
 impl ExportStats {
-    /// Spans not exported: dropped by the full queue, or in failed exports. Exact
+    /// Spans not exported: dropped by the full queue, in failed exports, or
+    /// rejected by the collector. Exact
     /// after [`TelemetryGuard::shutdown`]; before, it also counts spans still queued.
     pub fn not_exported(&self) -> u64 {
         self.ended.saturating_sub(self.exported)
@@ -150,6 +161,23 @@ struct Counters {
     ended: AtomicU64,
     exported: AtomicU64,
     failed: AtomicU64,
+    rejected: AtomicU64,
+}
+
+/// The largest request a collector takes unless configured otherwise: gRPC's
+/// default limit on a received message (tonic's, grpc-go's, and so the
+/// OpenTelemetry Collector's gRPC receiver's), 4 MiB.
+const DEFAULT_MAX_REQUEST: usize = 4 * 1024 * 1024;
+
+/// What became of one export's spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Tally {
+    /// Taken by the collector.
+    pub(crate) accepted: u64,
+    /// Rejected in the collector's partial success.
+    pub(crate) rejected: u64,
+    /// In requests that failed.
+    pub(crate) failed: u64,
 }
 
 impl Counters {
@@ -158,6 +186,7 @@ impl Counters {
             ended: self.ended.load(Ordering::Relaxed),
             exported: self.exported.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
         }
     }
 }
@@ -180,6 +209,7 @@ pub struct TelemetryBuilder {
     metrics: Option<bool>,
     metric_interval: Option<Duration>,
     direct_encoding: bool,
+    max_request: usize,
 }
 
 impl Default for TelemetryBuilder {
@@ -200,6 +230,7 @@ impl Default for TelemetryBuilder {
             metrics: None,
             metric_interval: None,
             direct_encoding: true,
+            max_request: DEFAULT_MAX_REQUEST,
         }
     }
 }
@@ -316,6 +347,19 @@ impl TelemetryBuilder {
         self
     }
 
+    /// The largest export request the direct encoding sends, in bytes (default
+    /// 4 MiB: gRPC's default limit on a received message, the OpenTelemetry
+    /// Collector's gRPC receiver's too). A batch whose request would be larger
+    /// goes in several requests, each under it, one after the other: a collector
+    /// refuses an oversized request whole, and its spans would all be lost. Raise
+    /// it only with the collector's limit (`max_recv_msg_size_mib`); a single span
+    /// larger than it goes alone. The SDK's exporter, used for any other set-up,
+    /// sends each batch as one request.
+    pub fn max_export_request_size(mut self, bytes: usize) -> Self {
+        self.max_request = bytes.max(1);
+        self
+    }
+
     /// The timeout of one export call, overriding `OTEL_EXPORTER_OTLP_TIMEOUT`.
     pub fn export_timeout(mut self, timeout: Duration) -> Self {
         self.export_timeout = Some(timeout);
@@ -373,6 +417,7 @@ impl TelemetryBuilder {
                 self.endpoint.as_deref(),
                 self.export_timeout,
                 self.direct_encoding,
+                self.max_request,
             )?
         };
         let counters = Arc::new(Counters::default());
@@ -393,6 +438,7 @@ impl TelemetryBuilder {
                 None,
                 self.export_timeout,
                 self.direct_encoding,
+                self.max_request,
             )?)
         } else {
             None
@@ -518,6 +564,41 @@ enum TraceExporter {
     Direct(direct::DirectExporter),
 }
 
+impl TraceExporter {
+    /// Exports `batch` and tells what became of its spans: the direct encoding
+    /// knows request by request; the SDK's exporter says only whether the whole
+    /// batch went.
+    fn export_counted(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = (Tally, OTelSdkResult)> + Send + '_>>
+    {
+        match self {
+            TraceExporter::Sdk(e) => {
+                let n = batch.len() as u64;
+                let export = e.export(batch);
+                Box::pin(async move {
+                    let result = export.await;
+                    let tally = if result.is_ok() {
+                        Tally {
+                            accepted: n,
+                            ..Tally::default()
+                        }
+                    } else {
+                        Tally {
+                            failed: n,
+                            ..Tally::default()
+                        }
+                    };
+                    (tally, result)
+                })
+            }
+            #[cfg(feature = "otlp-grpc")]
+            TraceExporter::Direct(e) => Box::pin(e.export_counted(batch)),
+        }
+    }
+}
+
 impl SpanExporter for TraceExporter {
     fn export(
         &self,
@@ -565,11 +646,12 @@ fn build_span_exporter(
     endpoint: Option<&str>,
     timeout: Option<Duration>,
     direct: bool,
+    max_request: usize,
 ) -> Result<TraceExporter, TelemetryError> {
     #[cfg(feature = "otlp-grpc")]
     if direct && protocol == Protocol::Grpc {
         if let Some((endpoint, timeout)) = plain_grpc(endpoint, timeout) {
-            return direct::DirectExporter::new(&endpoint, timeout)
+            return direct::DirectExporter::new(&endpoint, timeout, max_request)
                 .map(TraceExporter::Direct)
                 .map_err(TelemetryError::Exporter);
         }
@@ -945,28 +1027,29 @@ impl<P: SpanProcessor> SpanProcessor for CountingProcessor<P> {
     }
 }
 
+/// Counts what became of every exported span.
 #[derive(Debug)]
-struct CountingExporter<E> {
-    inner: E,
+struct CountingExporter {
+    inner: TraceExporter,
     counters: Arc<Counters>,
 }
 
-impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+impl SpanExporter for CountingExporter {
     fn export(
         &self,
         batch: Vec<SpanData>,
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
-        let n = batch.len() as u64;
         let counters = self.counters.clone();
-        let export = self.inner.export(batch);
+        let export = self.inner.export_counted(batch);
         async move {
-            let result = export.await;
-            let counter = if result.is_ok() {
-                &counters.exported
-            } else {
-                &counters.failed
-            };
-            counter.fetch_add(n, Ordering::Relaxed);
+            let (tally, result) = export.await;
+            counters
+                .exported
+                .fetch_add(tally.accepted, Ordering::Relaxed);
+            counters
+                .rejected
+                .fetch_add(tally.rejected, Ordering::Relaxed);
+            counters.failed.fetch_add(tally.failed, Ordering::Relaxed);
             result
         }
     }
