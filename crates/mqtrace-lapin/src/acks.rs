@@ -23,6 +23,14 @@ const ACK_DELAY: Duration = Duration::from_millis(5);
 /// `multiple` never covers a delivery whose handler is still running, and one
 /// rejected on its own (a nack) is no longer outstanding, so a later `multiple`
 /// passes over it.
+///
+/// Nor does a `multiple` cover a delivery tag the batch has not seen: the tags of
+/// a channel count up from 1 over every delivery on it, so a tag missing below a
+/// settled one belongs to a handler that has not reported its arrival yet, to
+/// another consumer on the same channel, or to a `basic.get`. A `multiple` goes
+/// only up to the first tag not seen; settled deliveries above it are acked one
+/// by one. Settling a delivery counts as its arrival, so a loop that forgets
+/// [`AckCoalescer::arrived`] loses only coalescing, never a message.
 #[derive(Debug, Default)]
 pub(crate) struct AckBatch {
     state: Mutex<State>,
@@ -39,6 +47,48 @@ pub(crate) struct AckBatch {
 struct State {
     in_flight: BTreeSet<u64>,
     pending: BTreeSet<u64>,
+    /// Every tag from 1 to this one has been seen (arrived or settled).
+    seen_upto: u64,
+    /// Tags seen above a gap, waiting for the tags below them.
+    seen_ahead: BTreeSet<u64>,
+    /// The gap stayed open past [`MAX_AHEAD`] tags: this channel's tags are not
+    /// all settled here, so nothing is acked with `multiple` any more.
+    shared_channel: bool,
+}
+
+/// Tags seen above a gap before the batch concludes the channel is shared.
+const MAX_AHEAD: usize = 4096;
+
+impl State {
+    fn seen(&mut self, tag: u64) {
+        if self.shared_channel || tag <= self.seen_upto {
+            return;
+        }
+        if tag == self.seen_upto + 1 {
+            self.seen_upto = tag;
+            while self.seen_ahead.first() == Some(&(self.seen_upto + 1)) {
+                self.seen_ahead.pop_first();
+                self.seen_upto += 1;
+            }
+            return;
+        }
+        self.seen_ahead.insert(tag);
+        if self.seen_ahead.len() > MAX_AHEAD {
+            self.seen_ahead.clear();
+            self.shared_channel = true;
+            tracing::warn!(target: "mqtrace", below = self.seen_upto + 1, "delivery tags of this channel are settled elsewhere (a second consumer or basic.get on the channel?); acks are sent one by one from now on");
+        }
+    }
+
+    /// The lowest tag a `multiple` must not reach.
+    fn floor(&self) -> u64 {
+        let unseen = if self.shared_channel {
+            0
+        } else {
+            self.seen_upto + 1
+        };
+        self.in_flight.first().copied().unwrap_or(u64::MAX).min(unseen)
+    }
 }
 
 /// The acks one flush sends: a `multiple` up to a tag, and single ones.
@@ -69,13 +119,16 @@ impl AckBatch {
 
     /// A delivery arrived.
     pub(crate) fn arrived(&self, tag: u64) {
-        self.state().in_flight.insert(tag);
+        let mut state = self.state();
+        state.seen(tag);
+        state.in_flight.insert(tag);
     }
 
     /// A delivery was settled by an ack, which waits for the next flush: its
     /// handling is over.
     pub(crate) fn acked(&self, tag: u64) {
         let mut state = self.state();
+        state.seen(tag);
         state.in_flight.remove(&tag);
         state.pending.insert(tag);
     }
@@ -83,7 +136,9 @@ impl AckBatch {
     /// A delivery's handling is over, however it was settled (a nack has been
     /// sent by then).
     pub(crate) fn finished(&self, tag: u64) {
-        self.state().in_flight.remove(&tag);
+        let mut state = self.state();
+        state.seen(tag);
+        state.in_flight.remove(&tag);
     }
 
     /// Acks waiting to be sent.
@@ -91,14 +146,14 @@ impl AckBatch {
         self.state().pending.len()
     }
 
-    /// Takes what a flush sends now. Every delivery below the lowest in flight
-    /// has been settled: acked (pending) or nacked on its own. Deliveries not yet
-    /// taken from the consumer's stream have higher tags than any that arrived.
+    /// Takes what a flush sends now. Every delivery below the floor (the lowest
+    /// in flight, or the first tag not seen) has been settled here: acked
+    /// (pending) or nacked on its own.
     /// `singles`: the pending deliveries above the lowest in flight too, each to
     /// be acked on its own; otherwise they stay pending for a later run.
     pub(crate) fn take(&self, singles: bool) -> Flush {
         let mut state = self.state();
-        let floor = state.in_flight.first().copied().unwrap_or(u64::MAX);
+        let floor = state.floor();
         let mut above = state.pending.split_off(&floor);
         let below = std::mem::take(&mut state.pending);
         if !singles {
@@ -156,8 +211,12 @@ impl AckBatch {
 ///
 /// A loop that hands deliveries to concurrent tasks calls
 /// [`AckCoalescer::arrived`] with each delivery tag in the order the stream
-/// yields them, so a `multiple` never covers a delivery still being handled. A
-/// loop that settles each delivery before taking the next needs not.
+/// yields them, so that acks coalesce across deliveries still being handled. A
+/// `multiple` never covers a tag the coalescer has not seen arrive or settle:
+/// a loop that skips `arrived`, a second consumer on the same channel, or a
+/// `basic_get` there cost coalescing (those acks go one by one), never a
+/// message. Use one coalescer per channel, made before the channel's first
+/// delivery, and one consumer per channel for the acks to coalesce.
 ///
 /// Made inside a tokio runtime; the flushing task ends with the last clone. Call
 /// [`AckCoalescer::flush`] before dropping it or closing the channel: acks still
@@ -346,6 +405,61 @@ mod tests {
                 messages: 2
             }
         );
+    }
+
+    #[test]
+    fn a_tag_never_seen_bounds_the_multiple() {
+        // 3 was handed to a task that did not report its arrival (or belongs to
+        // another consumer of the channel): nothing at or above it goes as a
+        // `multiple`, which would ack it unfinished.
+        let b = batch(&[1, 2, 4]);
+        for t in [1, 2, 4] {
+            b.acked(t);
+        }
+        assert_eq!(
+            b.take(true),
+            Flush {
+                multiple: Some(2),
+                single: vec![4],
+                messages: 3
+            }
+        );
+    }
+
+    #[test]
+    fn settling_counts_as_arriving() {
+        // A loop that never calls `arrived`: 2 settles before 1, so 2 waits (or
+        // goes alone) until 1 is settled too.
+        let b = AckBatch::default();
+        b.acked(2);
+        assert_eq!(b.take(false).multiple, None);
+        assert_eq!(b.pending(), 1);
+        b.acked(1);
+        assert_eq!(
+            b.take(false),
+            Flush {
+                multiple: Some(2),
+                single: vec![],
+                messages: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_gap_that_never_closes_turns_multiple_off() {
+        // Tag 1 is another consumer's; after MAX_AHEAD tags the batch stops
+        // waiting for it and acks one by one.
+        let b = AckBatch::default();
+        for t in 2..(MAX_AHEAD as u64 + 3) {
+            b.acked(t);
+        }
+        let flush = b.take(true);
+        assert_eq!(flush.multiple, None);
+        assert_eq!(flush.single.len(), MAX_AHEAD + 1);
+        assert!(b.state().shared_channel);
+        assert!(b.state().seen_ahead.is_empty(), "bounded");
+        b.acked(1);
+        assert_eq!(b.take(true).multiple, None);
     }
 
     #[test]

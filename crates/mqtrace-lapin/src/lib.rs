@@ -45,13 +45,34 @@
 //! | permanent error (e.g. [`Message::json`] on invalid JSON) | nack without requeue: the queue's dead-letter exchange takes it (RabbitMQ adds `x-death`) |
 //!
 //! Nothing is acknowledged before the handler has finished, and a forward is
-//! confirmed before the ack, so a crash duplicates at worst.
+//! stored before the ack, so a crash duplicates at worst. A forward is published
+//! with `mandatory` and counts as stored once the broker has confirmed it *and*
+//! routed it to a queue: an unroutable copy (a retry exchange with no binding, a
+//! dead-letter queue deleted) comes back as a return, and the original is
+//! requeued instead of acked. That needs a channel in confirm mode (the full
+//! consumer puts its own in it); an own loop on a channel without confirms
+//! requeues instead of forwarding, unless [`DeliveryTracer::unconfirmed_forwards`]
+//! accepts the risk. An ack or nack that lapin did not send (the channel had
+//! closed) is a settle failure ([`SettleError::NotSent`]): counted, on the span,
+//! and the broker delivers the message again.
 //!
 //! "Ack" is coalesced in the full consumer (unless settle spans are on): a settled
 //! delivery's ack waits up to 5 ms, or until half the prefetch window is settled,
 //! and one `basic.ack` with `multiple` covers the run below the lowest delivery
 //! still being handled; nacks go at once. An own loop does the same with an
 //! [`AckCoalescer`] and [`DeliveryTracer::settle_coalesced`].
+//!
+//! **Rules for coalesced acks.** One coalescer per channel, made before the
+//! channel's first delivery; one consumer per channel for the acks to coalesce.
+//! A `multiple` never covers a delivery tag the coalescer has not seen arrive or
+//! settle, so breaking a rule (a second `basic_consume` or a `basic_get` on the
+//! channel, a concurrent loop that skips [`AckCoalescer::arrived`]) costs
+//! coalescing, never a message: those acks go one by one.
+//!
+//! Permanent failures are rejected to the queue's dead-letter exchange: RabbitMQ's
+//! own dead-lettering, which classic queues do at most once (a dead-letter queue
+//! missing then drops the message). Where that matters, use a quorum queue with
+//! `x-dead-letter-strategy: at-least-once`.
 //!
 //! # Customisation
 //!
@@ -117,7 +138,7 @@ pub use consumer::{ConsumeError, Message, TracedConsumer};
 pub use describe::{error_type, Server};
 pub use ext::{BasicPropertiesExt, ChannelExt, DeliveryExt};
 pub use mqtrace::settle::ConsumerStats;
-pub use process::{DeliveryTracer, REDELIVERED};
+pub use process::{DeliveryTracer, SettleError, REDELIVERED};
 #[cfg(feature = "json")]
 pub use publisher::PublishJsonError;
 pub use publisher::TracedPublisher;

@@ -69,6 +69,7 @@ pub struct DeliveryTracer {
     dead_letter: Option<DeadLetter>,
     retry_via: Option<(String, String)>,
     server: Option<Server>,
+    unconfirmed_forwards: bool,
 }
 
 // === impl DeliveryTracer ===
@@ -83,6 +84,7 @@ impl DeliveryTracer {
             dead_letter: queue.dead_letter_of().cloned(),
             retry_via: None,
             server: None,
+            unconfirmed_forwards: false,
         }
     }
 
@@ -101,6 +103,21 @@ impl DeliveryTracer {
         routing_key: impl Into<String>,
     ) -> Self {
         self.retry_via = Some((exchange.into(), routing_key.into()));
+        self
+    }
+
+    /// Whether a retry or dead-letter copy published on a channel that is not in
+    /// confirm mode counts as stored (default: no).
+    ///
+    /// A forward is published with `mandatory` and counts as stored only once the
+    /// broker has confirmed it and routed it to a queue; only then is the
+    /// original acked. Without confirm mode ([`Channel::confirm_select`]) the
+    /// broker says neither, so by default such a forward is not published at
+    /// all: the original is requeued, an error on the forward span says why, and
+    /// nothing is lost. Turn this on only if losing a forward the broker dropped
+    /// (an exchange with no binding, a dead-letter queue deleted) is acceptable.
+    pub fn unconfirmed_forwards(mut self, on: bool) -> Self {
+        self.unconfirmed_forwards = on;
         self
     }
 
@@ -334,6 +351,18 @@ impl Extractor for HeadersOf<'_> {
     }
 }
 
+/// Why an ack or nack did not reach the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    /// The broker or the connection answered with an error.
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    /// lapin did not send it: the delivery's channel has closed (or the delivery
+    /// was settled already). The broker hands the message out again.
+    #[error("not sent: the delivery's channel is closed or the delivery was already settled")]
+    NotSent,
+}
+
 /// RabbitMQ's operations on one delivery, for the core's lifecycle.
 struct LapinSettler<'a> {
     parts: Parts<'a>,
@@ -358,7 +387,7 @@ impl LapinSettler<'_> {
 }
 
 impl Settler for LapinSettler<'_> {
-    type Error = lapin::Error;
+    type Error = SettleError;
 
     fn routes(&self) -> Routes<'_> {
         let dead_letter = self.tracer.dead_letter.as_ref();
@@ -398,13 +427,33 @@ impl Settler for LapinSettler<'_> {
         let channel = self.channel;
         let body = self.parts.body;
         let span = forward.span;
+        let unconfirmed = self.tracer.unconfirmed_forwards;
         async move {
+            let confirms = channel.status().confirm();
+            if !confirms && !unconfirmed {
+                span.record_failure(
+                    "unconfirmed",
+                    &crate::publisher::Refused(
+                        "not published: the channel is not in confirm mode, so the broker \
+                         would not say whether the copy was stored (confirm_select, or \
+                         DeliveryTracer::unconfirmed_forwards)"
+                            .into(),
+                    ),
+                );
+                tracing::error!(target: "mqtrace", exchange, routing_key, "a forward needs a channel in confirm mode; the message is requeued instead");
+                return false;
+            }
             let result = async {
                 channel
                     .basic_publish(
                         short(&exchange)?,
                         short(&routing_key)?,
-                        BasicPublishOptions::default(),
+                        // An unroutable copy comes back (a return) instead of
+                        // being dropped and confirmed.
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
                         body,
                         properties,
                     )
@@ -413,11 +462,14 @@ impl Settler for LapinSettler<'_> {
             }
             .await;
             record_confirmation(span, &result);
-            // Without confirm mode the broker says nothing; the frame was written.
-            matches!(
-                result,
-                Ok(Confirmation::Ack(None) | Confirmation::NotRequested)
-            )
+            match result {
+                // Confirmed and routed.
+                Ok(Confirmation::Ack(None)) => true,
+                // Opted into: the frame was written, the broker says nothing.
+                Ok(Confirmation::NotRequested) => unconfirmed,
+                // Returned (unroutable), refused, or not sent.
+                Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(_)) | Err(_) => false,
+            }
         }
     }
 
@@ -454,11 +506,20 @@ impl Settler for LapinSettler<'_> {
                 }
                 Settlement::Leave => return Ok(()),
             };
-            done.map(drop)
+            match done {
+                Ok(true) => Ok(()),
+                // lapin answers `false` when the channel has closed (or the
+                // delivery was settled already): nothing reached the broker.
+                Ok(false) => Err(SettleError::NotSent),
+                Err(e) => Err(SettleError::Broker(e)),
+            }
         }
     }
 
     fn error_type(error: &Self::Error) -> String {
-        error_type(error)
+        match error {
+            SettleError::Broker(e) => error_type(e),
+            SettleError::NotSent => "channel-closed".to_owned(),
+        }
     }
 }

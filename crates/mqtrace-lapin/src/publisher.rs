@@ -173,7 +173,7 @@ pub(crate) fn prepare(
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct Refused(String);
+pub(crate) struct Refused(pub(crate) String);
 
 /// Marks the span by the broker's answer.
 pub(crate) fn record_confirmation(span: &MessagingSpan, result: &lapin::Result<Confirmation>) {

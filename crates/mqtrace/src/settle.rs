@@ -94,8 +94,9 @@ pub struct Routes<'a> {
     pub dead_letter: Option<&'a str>,
     /// Rejecting the delivery moves it to a dead-letter destination of the
     /// broker's own (a RabbitMQ queue's dead-letter exchange). Permanent failures
-    /// then go that way, without a copy, and a dead letter whose forward failed is
-    /// still rejected there.
+    /// then go that way, without a copy. A dead letter whose forward failed is
+    /// handed back instead ([`Settlement::Redeliver`]): the destination that
+    /// refused the copy would lose the original as well.
     pub broker_dead_letter: bool,
     /// With [`RetryRoute::Broker`] and no dead-letter target, a permanent failure
     /// is left to the broker too (its redrive policy decides) instead of removed:
@@ -415,9 +416,10 @@ impl Instrumenter {
                         .await
                     {
                         Settlement::Ack
-                    } else if routes.broker_dead_letter {
-                        Settlement::Reject
                     } else {
+                        // Never rejected into a broker dead letter instead: the
+                        // destination that refused the copy (unroutable, gone)
+                        // would drop the original too.
                         redelivered = true;
                         Settlement::Redeliver
                     }

@@ -8,6 +8,7 @@
 )]
 
 mod collector_faults;
+mod delivery;
 mod failures;
 mod flows;
 mod helpers;
