@@ -11,6 +11,7 @@ mod helpers;
 
 mod batch;
 mod concurrency;
+mod delivery;
 mod exceptions;
 mod metrics;
 mod parenting;
