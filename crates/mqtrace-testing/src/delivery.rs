@@ -139,6 +139,9 @@ struct Inner {
     commits: BTreeMap<String, Vec<i64>>,
 }
 
+/// A message in its scope: send position, id, first success.
+type InScope<'a> = (u64, &'a str, Option<u64>);
+
 /// The record of one run; cheap to clone, clones record together.
 #[derive(Debug, Clone, Default)]
 pub struct Ledger {
@@ -274,8 +277,7 @@ impl Ledger {
                 a.lost.push(id.clone());
             }
             let first_success = m.successes.first().copied().unwrap_or(u64::MAX);
-            if m
-                .settled
+            if m.settled
                 .iter()
                 .any(|(at, how)| *how == Settled::Done && *at < first_success)
             {
@@ -284,7 +286,7 @@ impl Ledger {
         }
         // Within a scope, by send order: a message's first success never comes
         // before that of an earlier one that was not dead-lettered.
-        let mut by_scope: BTreeMap<&str, Vec<(u64, &str, Option<u64>)>> = BTreeMap::new();
+        let mut by_scope: BTreeMap<&str, Vec<InScope<'_>>> = BTreeMap::new();
         for (id, m) in &inner.messages {
             if inner.dead.contains(id) {
                 continue;
@@ -306,7 +308,8 @@ impl Ledger {
                         _ => false,
                     };
                     if early_first {
-                        a.reordered.push(((*earlier).to_owned(), (*later).to_owned()));
+                        a.reordered
+                            .push(((*earlier).to_owned(), (*later).to_owned()));
                     }
                 }
             }

@@ -83,7 +83,7 @@ struct Handler {
 }
 
 impl Handler {
-    fn call(&self, m: StoredMessage) -> impl std::future::Future<Output = HandlerResult> {
+    fn call(&self, m: &StoredMessage) -> impl std::future::Future<Output = HandlerResult> {
         let id: usize = std::str::from_utf8(&m.body)
             .ok()
             .and_then(|b| b.parse().ok())
@@ -177,7 +177,7 @@ async fn run(s: Schedule) -> mqtrace_testing::delivery::Accounting {
     if let Some(stop) = s.stop_after {
         let total = Arc::clone(&handler.total);
         let h = handler.clone();
-        let first = consumer.run_concurrent(s.concurrency, move |m| h.call(m));
+        let first = consumer.run_concurrent(s.concurrency, move |m| h.call(&m));
         tokio::select! {
             _ = first => {}
             () = async {
@@ -192,7 +192,7 @@ async fn run(s: Schedule) -> mqtrace_testing::delivery::Accounting {
     for _ in 0..64 {
         let h = handler.clone();
         consumer
-            .run_concurrent(s.concurrency, move |m| h.call(m))
+            .run_concurrent(s.concurrency, move |m| h.call(&m))
             .await
             .unwrap();
         if s.retry_queue == Some(true) {
@@ -205,7 +205,7 @@ async fn run(s: Schedule) -> mqtrace_testing::delivery::Accounting {
                     .build(),
             )
             .retry_queue("work.retry")
-            .run_concurrent(s.concurrency, move |m| h.call(m))
+            .run_concurrent(s.concurrency, move |m| h.call(&m))
             .await
             .unwrap();
         }
