@@ -30,6 +30,9 @@ pub(crate) struct DoctorArgs {
     listen_for: Option<Duration>,
     #[command(flatten)]
     listen: ListenArgs,
+    /// While listening, spans kept to judge; later ones are counted, not kept.
+    #[arg(long, default_value_t = 200_000, value_name = "N")]
+    max_spans: usize,
     /// Publications this close to the end of the capture are not judged unconsumed.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     grace: Duration,
@@ -56,12 +59,19 @@ pub(crate) async fn run(args: DoctorArgs) -> Result<usize, ViewError> {
                 collector.http_endpoint()
             ));
             let mut spans = Vec::new();
+            let mut over = 0;
+            let mut take = |request: &_| {
+                let arrived = spans_of(request);
+                let room = args.max_spans.saturating_sub(spans.len());
+                over += arrived.len().saturating_sub(room);
+                spans.extend(arrived.into_iter().take(room));
+            };
             let stop = stopped(args.listen_for);
             tokio::pin!(stop);
             loop {
                 tokio::select! {
                     request = requests.recv() => match request {
-                        Some(request) => spans.extend(spans_of(&request)),
+                        Some(request) => take(&request),
                         None => break,
                     },
                     () = &mut stop => break,
@@ -69,7 +79,13 @@ pub(crate) async fn run(args: DoctorArgs) -> Result<usize, ViewError> {
             }
             drop(collector);
             while let Ok(request) = requests.try_recv() {
-                spans.extend(spans_of(&request));
+                take(&request);
+            }
+            if over > 0 {
+                print(&format!(
+                    "mqtrace doctor: kept the first {} spans (--max-spans); {over} more arrived and are not judged\n",
+                    args.max_spans
+                ));
             }
             spans
         }
@@ -361,13 +377,13 @@ fn continued_producers<'a>(index: &Index<'a>) -> HashSet<&'a str> {
 /// A forward to a dead-letter destination: nobody is expected to consume it.
 fn dead_letter(index: &Index<'_>, i: usize) -> bool {
     index.role(i) == Role::Forward
-        && (disposition(&index.spans[i]) == Some("dead_lettered")
+        && (disposition(index.spans[i]) == Some("dead_lettered")
             || index.spans[i].links.iter().any(|l| {
                 l.attributes.get(RELATIONSHIP).and_then(AttrValue::as_str)
                     == Some("processing_attempt")
                     && index
                         .find(&l.span_id)
-                        .is_some_and(|j| disposition(&index.spans[j]) == Some("dead_lettered"))
+                        .is_some_and(|j| disposition(index.spans[j]) == Some("dead_lettered"))
             }))
 }
 
@@ -432,7 +448,7 @@ impl Facts {
         for i in 0..index.spans.len() {
             match index.role(i) {
                 Role::Send | Role::Forward => {
-                    if let Some(id) = identity(&index.spans[i]) {
+                    if let Some(id) = identity(index.spans[i]) {
                         facts.published.insert(id);
                     }
                     if index.role(i) == Role::Forward {
@@ -447,7 +463,7 @@ impl Facts {
                     if let Some((p, _)) = index.producer_of(i) {
                         facts.by_producer.entry(p).or_default().push(i);
                     }
-                    if let Some(id) = identity(&index.spans[i]) {
+                    if let Some(id) = identity(index.spans[i]) {
                         facts.by_identity.entry(id).or_default().push(i);
                     }
                 }

@@ -100,24 +100,25 @@ fn role_of(span: &RecordedSpan) -> Role {
     }
 }
 
-/// The spans of a capture, indexed.
+/// The spans of a capture, indexed (borrowed, never copied).
 #[derive(Debug)]
 pub(crate) struct Index<'a> {
-    pub(crate) spans: &'a [RecordedSpan],
+    pub(crate) spans: Vec<&'a RecordedSpan>,
     by_id: HashMap<&'a str, usize>,
     roles: Vec<Role>,
 }
 
 impl<'a> Index<'a> {
-    pub(crate) fn new(spans: &'a [RecordedSpan]) -> Self {
+    pub(crate) fn new(spans: impl IntoIterator<Item = &'a RecordedSpan>) -> Self {
+        let spans: Vec<&'a RecordedSpan> = spans.into_iter().collect();
         Self {
-            spans,
             by_id: spans
                 .iter()
                 .enumerate()
                 .map(|(i, s)| (s.span_id.as_str(), i))
                 .collect(),
-            roles: spans.iter().map(role_of).collect(),
+            roles: spans.iter().map(|s| role_of(s)).collect(),
+            spans,
         }
     }
 
@@ -131,7 +132,7 @@ impl<'a> Index<'a> {
 
     /// The contexts a span continues: its parent, then its links, as span ids.
     pub(crate) fn contexts(&self, i: usize) -> impl Iterator<Item = (&'a str, Via)> + '_ {
-        let span = &self.spans[i];
+        let span: &'a RecordedSpan = self.spans[i];
         span.parent_span_id
             .as_deref()
             .map(|p| (p, Via::Parent))
@@ -307,7 +308,7 @@ impl Journey {
     pub(crate) fn destination(&self, index: &Index<'_>) -> String {
         self.hops
             .first()
-            .map_or_else(String::new, |&i| destination(&index.spans[i]))
+            .map_or_else(String::new, |&i| destination(index.spans[i]))
     }
 }
 

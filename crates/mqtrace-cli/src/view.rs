@@ -2,7 +2,7 @@
 //! message journeys through them; `--save` keeps what arrived, `--load` shows a
 //! saved capture, `--web` draws the journeys in a browser.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +26,12 @@ pub(crate) struct ListenArgs {
     /// Address of the OTLP/HTTP (protobuf) receiver, serving `/v1/traces`.
     #[arg(long, default_value = "127.0.0.1:4318", value_name = "ADDR")]
     pub(crate) http: SocketAddr,
+    /// The largest export request taken, in bytes, on both receivers (default:
+    /// the OpenTelemetry Collector's, 4 MiB a gRPC message, 20 MiB an HTTP
+    /// body). Larger ones are refused unread: 413 over HTTP, RESOURCE_EXHAUSTED
+    /// over gRPC.
+    #[arg(long, value_name = "BYTES")]
+    pub(crate) max_request_size: Option<usize>,
 }
 
 /// Options of `mqtrace view`.
@@ -51,6 +57,11 @@ pub(crate) struct ViewArgs {
     /// Traces kept in memory; past this the oldest are dropped, and counted.
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     max_traces: usize,
+    /// Spans kept in memory, in all traces: the oldest traces are dropped to make
+    /// room; a trace that alone holds this many keeps its first spans and the
+    /// rest are dropped, and counted.
+    #[arg(long, default_value_t = 200_000, value_name = "N")]
+    max_spans: usize,
     /// A trace is printed once no span of it arrived for this long.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     quiet: Duration,
@@ -80,78 +91,175 @@ pub(crate) enum ViewError {
     WebNotLoopback(SocketAddr),
     #[error("--max-traces must be at least 1")]
     NoTraces,
+    #[error("--max-spans must be at least 1")]
+    NoSpans,
 }
 
-/// One trace in the window.
+/// One trace in the window. Its spans are shared with the snapshots the ticks
+/// and the page take, never copied.
 #[derive(Debug)]
 struct Trace {
-    spans: Vec<RecordedSpan>,
+    spans: Vec<Arc<RecordedSpan>>,
     last_arrival: Instant,
     /// The number it is shown with, from 1 in order of arrival.
     number: usize,
     printed: usize,
+    /// The journeys whose first hop is in this trace (their keys in
+    /// `journey_numbers`), forgotten with it.
+    journeys: Vec<String>,
 }
 
-/// The traces kept: at most `max`, oldest dropped first.
+/// The traces kept: at most `max` traces and `max_spans` spans, oldest traces
+/// dropped first.
 #[derive(Debug)]
 pub(crate) struct Window {
     traces: HashMap<String, Trace>,
     order: VecDeque<String>,
     max: usize,
+    max_spans: usize,
+    /// Spans kept, in all traces.
+    kept: usize,
     dropped: u64,
+    /// Whether a trace was dropped to make room for spans, not for traces.
+    dropped_for_spans: bool,
+    /// Spans of traces that alone reached `max_spans`, not kept.
+    dropped_spans: u64,
     received: u64,
     next_number: usize,
     journey_numbers: HashMap<String, usize>,
+    next_journey: usize,
+    /// Counts changes, so that an unchanged window is not worked out again.
+    version: u64,
+}
+
+/// The window's spans at one moment, shared with it: taken under the lock
+/// without copying a span, worked on after it.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub(crate) spans: Vec<Arc<RecordedSpan>>,
+    /// The number each span's trace is shown with.
+    pub(crate) numbers: Vec<usize>,
+    pub(crate) dropped: u64,
+    pub(crate) dropped_spans: u64,
 }
 
 impl Window {
-    pub(crate) fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize, max_spans: usize) -> Self {
         Self {
             traces: HashMap::new(),
             order: VecDeque::new(),
             max,
+            max_spans,
+            kept: 0,
             dropped: 0,
+            dropped_for_spans: false,
+            dropped_spans: 0,
             received: 0,
             next_number: 1,
             journey_numbers: HashMap::new(),
+            next_journey: 1,
+            version: 0,
         }
     }
 
     pub(crate) fn add(&mut self, spans: Vec<RecordedSpan>, now: Instant) {
         self.received += spans.len() as u64;
+        self.version += 1;
         for span in spans {
-            let next = &mut self.next_number;
-            let trace = self.traces.entry(span.trace_id.clone()).or_insert_with(|| {
+            if !self.traces.contains_key(&span.trace_id) {
                 self.order.push_back(span.trace_id.clone());
-                *next += 1;
-                Trace {
-                    spans: Vec::new(),
-                    last_arrival: now,
-                    number: *next - 1,
-                    printed: 0,
-                }
-            });
+                self.traces.insert(
+                    span.trace_id.clone(),
+                    Trace {
+                        spans: Vec::new(),
+                        last_arrival: now,
+                        number: self.next_number,
+                        printed: 0,
+                        journeys: Vec::new(),
+                    },
+                );
+                self.next_number += 1;
+            }
+            // Room for the span: the oldest other traces go first; a trace that
+            // holds the whole allowance keeps what it has.
+            while self.kept >= self.max_spans {
+                let Some(at) = self.order.iter().position(|id| *id != span.trace_id) else {
+                    break;
+                };
+                self.drop_trace(at);
+                self.dropped_for_spans = true;
+            }
+            let Some(trace) = self.traces.get_mut(&span.trace_id) else {
+                continue;
+            };
             trace.last_arrival = now;
-            trace.spans.push(span);
+            if self.kept >= self.max_spans {
+                self.dropped_spans += 1;
+                continue;
+            }
+            trace.spans.push(Arc::new(span));
+            self.kept += 1;
         }
         while self.order.len() > self.max {
-            if let Some(oldest) = self.order.pop_front() {
-                self.traces.remove(&oldest);
-                self.dropped += 1;
-            }
+            self.drop_trace(0);
         }
     }
 
-    pub(crate) fn dropped(&self) -> u64 {
+    /// Forgets the trace at `at` in arrival order, with its journeys' numbers.
+    fn drop_trace(&mut self, at: usize) {
+        let Some(id) = self.order.remove(at) else {
+            return;
+        };
+        if let Some(trace) = self.traces.remove(&id) {
+            self.kept -= trace.spans.len();
+            for journey in &trace.journeys {
+                self.journey_numbers.remove(journey);
+            }
+        }
+        self.dropped += 1;
+    }
+
+    #[cfg(test)]
+    fn dropped(&self) -> u64 {
         self.dropped
     }
 
-    pub(crate) fn spans(&self) -> Vec<RecordedSpan> {
-        self.order
-            .iter()
-            .filter_map(|id| self.traces.get(id))
-            .flat_map(|t| t.spans.iter().cloned())
-            .collect()
+    #[cfg(test)]
+    fn dropped_spans(&self) -> u64 {
+        self.dropped_spans
+    }
+
+    /// Spans kept, in all traces.
+    #[cfg(test)]
+    fn span_count(&self) -> usize {
+        self.kept
+    }
+
+    /// Journeys that keep a number.
+    #[cfg(test)]
+    fn journey_count(&self) -> usize {
+        self.journey_numbers.len()
+    }
+
+    /// Changes so far: equal versions, equal windows.
+    pub(crate) fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The spans kept, in arrival order of their traces, shared (not copied).
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let mut spans = Vec::with_capacity(self.kept);
+        let mut numbers = Vec::with_capacity(self.kept);
+        for trace in self.order.iter().filter_map(|id| self.traces.get(id)) {
+            spans.extend(trace.spans.iter().cloned());
+            numbers.extend(std::iter::repeat_n(trace.number, trace.spans.len()));
+        }
+        Snapshot {
+            spans,
+            numbers,
+            dropped: self.dropped,
+            dropped_spans: self.dropped_spans,
+        }
     }
 
     /// The number a trace is shown with (0 for one no longer kept).
@@ -176,12 +284,19 @@ impl Window {
         out
     }
 
-    fn journey_number(&mut self, first_hop: &str) -> usize {
-        let next = self.journey_numbers.len() + 1;
-        *self
-            .journey_numbers
-            .entry(first_hop.to_owned())
-            .or_insert(next)
+    /// The number of the journey whose first hop is `first_hop` in `trace_id`:
+    /// the one it was given, else the next.
+    fn journey_number(&mut self, first_hop: &str, trace_id: &str) -> usize {
+        if let Some(&n) = self.journey_numbers.get(first_hop) {
+            return n;
+        }
+        let n = self.next_journey;
+        self.next_journey += 1;
+        self.journey_numbers.insert(first_hop.to_owned(), n);
+        if let Some(trace) = self.traces.get_mut(trace_id) {
+            trace.journeys.push(first_hop.to_owned());
+        }
+        n
     }
 }
 
@@ -200,15 +315,32 @@ const KEY_ATTRIBUTES: &[&str] = &[
 ];
 
 /// What to print for the traces in `ready`: their trees (unless journeys only),
-/// then every journey with a hop in them.
+/// then every journey with a hop in them. Only the ready traces' spans (and the
+/// spans their links point at) are copied, for the trees.
 fn render_ready(window: &mut Window, ready: &[String], args: &ViewArgs) -> String {
     if ready.is_empty() || args.summary_only {
         return String::new();
     }
-    let spans = window.spans();
+    let snapshot = window.snapshot();
+    let index = Index::new(snapshot.spans.iter().map(|s| &**s));
+    let ready_ids: HashSet<&str> = ready.iter().map(String::as_str).collect();
     let mut out = String::new();
     if !args.journeys_only {
-        let mut forest = Forest::new(spans.clone());
+        let mut picked: HashSet<&str> = HashSet::new();
+        let mut shown = Vec::new();
+        for span in index
+            .spans
+            .iter()
+            .filter(|s| ready_ids.contains(s.trace_id.as_str()))
+        {
+            let targets = span.links.iter().filter_map(|l| index.find(&l.span_id));
+            for s in std::iter::once(*span).chain(targets.map(|j| index.spans[j])) {
+                if picked.insert(s.span_id.as_str()) {
+                    shown.push(s.clone());
+                }
+            }
+        }
+        let mut forest = Forest::new(shown);
         forest.renumber(|id| window.number(id));
         let options = TreeOptions {
             only: Some(KEY_ATTRIBUTES.iter().map(|k| (*k).to_owned()).collect()),
@@ -223,20 +355,19 @@ fn render_ready(window: &mut Window, ready: &[String], args: &ViewArgs) -> Strin
             }
         }
     }
-    let index = Index::new(&spans);
-    let ready: std::collections::HashSet<&str> = ready.iter().map(String::as_str).collect();
     for j in journey::journeys(&index) {
         let touched = j
             .hops
             .iter()
-            .any(|&i| ready.contains(index.spans[i].trace_id.as_str()));
+            .any(|&i| ready_ids.contains(index.spans[i].trace_id.as_str()));
         if !touched {
             continue;
         }
         let Some(&first) = j.hops.first() else {
             continue;
         };
-        let number = window.journey_number(&index.spans[first].span_id);
+        let first = index.spans[first];
+        let number = window.journey_number(&first.span_id, &first.trace_id);
         out.push_str(&journey::render(
             &j,
             number,
@@ -249,23 +380,37 @@ fn render_ready(window: &mut Window, ready: &[String], args: &ViewArgs) -> Strin
     out
 }
 
-/// The closing lines: one per destination, and what the cap dropped.
+/// The closing lines: one per destination, and what the caps dropped.
 fn render_summary(window: &Window, timings: bool) -> String {
-    let spans = window.spans();
-    let index = Index::new(&spans);
+    let snapshot = window.snapshot();
+    let index = Index::new(snapshot.spans.iter().map(|s| &**s));
     let journeys = journey::journeys(&index);
     let mut summaries = journey::summaries(&index, &journeys);
     let mut out = format!(
         "{} spans in {} traces, {} message journeys\n",
-        spans.len(),
+        snapshot.spans.len(),
         window.order.len(),
         journeys.len()
     );
     out.push_str(&journey::render_summaries(&mut summaries, timings));
     if window.dropped > 0 {
+        let caps = if window.dropped_for_spans {
+            format!(
+                "--max-traces {}, --max-spans {}",
+                window.max, window.max_spans
+            )
+        } else {
+            format!("--max-traces {}", window.max)
+        };
         out.push_str(&format!(
-            "dropped {} oldest traces (--max-traces {}); {} spans received in all\n",
-            window.dropped, window.max, window.received
+            "dropped {} oldest traces ({caps}); {} spans received in all\n",
+            window.dropped, window.received
+        ));
+    }
+    if window.dropped_spans > 0 {
+        out.push_str(&format!(
+            "dropped {} spans of traces larger than --max-spans {}; {} spans received in all\n",
+            window.dropped_spans, window.max_spans, window.received
         ));
     }
     out
@@ -288,10 +433,11 @@ fn keep(
     if let Some(w) = writer {
         w.write(request)?;
     }
+    let spans = spans_of(request);
     window
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .add(spans_of(request), Instant::now());
+        .add(spans, Instant::now());
     Ok(())
 }
 
@@ -309,9 +455,12 @@ pub(crate) async fn listen(
     listen: &ListenArgs,
 ) -> Result<(Collector, mpsc::Receiver<ExportTraceServiceRequest>), ViewError> {
     let (tap, requests) = mpsc::channel(256);
-    let config = CollectorConfig::default()
+    let mut config = CollectorConfig::default()
         .listen(listen.grpc, listen.http)
         .keep(false);
+    if let Some(max) = listen.max_request_size {
+        config = config.max_request_size(max);
+    }
     let collector = Collector::start_with(config, Some(tap))
         .await
         .map_err(ViewError::Listen)?;
@@ -336,12 +485,15 @@ pub(crate) async fn run(args: ViewArgs) -> Result<(), ViewError> {
     if args.max_traces == 0 {
         return Err(ViewError::NoTraces);
     }
+    if args.max_spans == 0 {
+        return Err(ViewError::NoSpans);
+    }
     if let Some(web) = args.web {
         if !web.ip().is_loopback() {
             return Err(ViewError::WebNotLoopback(web));
         }
     }
-    let window = Arc::new(Mutex::new(Window::new(args.max_traces)));
+    let window = Arc::new(Mutex::new(Window::new(args.max_traces, args.max_spans)));
     let live = args.load.is_none();
     if let Some(web) = args.web {
         let addr = crate::web::serve(web, window.clone(), live)
@@ -409,8 +561,20 @@ pub(crate) async fn run(args: ViewArgs) -> Result<(), ViewError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::journey::fixture::Spans;
+
+    trait Pad {
+        /// A fixture's trace id.
+        fn pad(&self) -> String;
+    }
+
+    impl Pad for str {
+        fn pad(&self) -> String {
+            format!("{self:0>32}")
+        }
+    }
 
     #[test]
     fn the_window_keeps_the_newest_traces_and_counts_the_rest() {
@@ -418,11 +582,16 @@ mod tests {
         c.healthy("1", 0);
         c.healthy("2", 10);
         c.healthy("3", 20);
-        let mut w = Window::new(2);
+        let mut w = Window::new(2, 100);
         let now = Instant::now();
         w.add(c.spans.clone(), now);
         assert_eq!(w.dropped(), 1);
-        let kept: Vec<String> = w.spans().iter().map(|s| s.trace_id.clone()).collect();
+        let kept: Vec<String> = w
+            .snapshot()
+            .spans
+            .iter()
+            .map(|s| s.trace_id.clone())
+            .collect();
         assert_eq!(kept.len(), 4);
         assert!(kept.iter().all(|t| !t.ends_with('1')), "{kept:?}");
         assert_eq!(
@@ -431,11 +600,175 @@ mod tests {
         );
     }
 
+    /// One trace of 1,000 spans under `--max-spans 100` keeps its first 100 and
+    /// counts the other 900; before, `--max-traces` alone let it grow without end.
+    #[test]
+    fn one_trace_keeps_at_most_max_spans_and_counts_the_rest() {
+        let mut c = Spans::default();
+        for i in 0..500 {
+            c.healthy("1", i);
+        }
+        let mut w = Window::new(10, 100);
+        w.add(c.spans.clone(), Instant::now());
+        assert_eq!(w.span_count(), 100);
+        assert_eq!(w.snapshot().spans.len(), 100);
+        assert_eq!(w.dropped(), 0);
+        assert_eq!(w.dropped_spans(), 900);
+        assert_eq!(
+            render_summary(&w, false).lines().last(),
+            Some("dropped 900 spans of traces larger than --max-spans 100; 1000 spans received in all")
+        );
+    }
+
+    /// Spans of new traces make room by dropping the oldest traces first: three
+    /// traces of two spans under `--max-spans 4` keep the last two.
+    #[test]
+    fn the_oldest_traces_make_room_under_the_span_cap() {
+        let mut c = Spans::default();
+        c.healthy("1", 0);
+        c.healthy("2", 10);
+        c.healthy("3", 20);
+        let mut w = Window::new(10, 4);
+        w.add(c.spans.clone(), Instant::now());
+        assert_eq!(w.span_count(), 4);
+        assert_eq!(w.dropped(), 1);
+        assert_eq!(w.dropped_spans(), 0);
+        assert_eq!(w.number(&"1".pad()), 0);
+        assert_eq!(w.number(&"2".pad()), 2);
+        assert_eq!(
+            render_summary(&w, false).lines().last(),
+            Some(
+                "dropped 1 oldest traces (--max-traces 10, --max-spans 4); 6 spans received in all"
+            )
+        );
+    }
+
+    /// Journey numbers go with the traces of their first hop: a window that
+    /// keeps two traces remembers two journeys, however many went by, and new
+    /// journeys keep counting up.
+    #[test]
+    fn journey_numbers_are_pruned_with_their_traces() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            view: ViewArgs,
+        }
+        let args =
+            <Cli as clap::Parser>::parse_from(["view", "--journeys-only", "--no-timings"]).view;
+        let mut w = Window::new(2, 1_000);
+        let mut c = Spans::default();
+        let mut last = String::new();
+        for t in 1..=50u64 {
+            let from = c.spans.len();
+            c.healthy(&t.to_string(), t * 10);
+            let now = Instant::now();
+            w.add(c.spans[from..].to_vec(), now);
+            let ready = w.ready(now, None);
+            last = render_ready(&mut w, &ready, &args);
+        }
+        assert_eq!(w.journey_count(), 2);
+        assert!(last.starts_with("journey #50 · orders"), "{last}");
+    }
+
+    /// Answers an HTTP/1.1 `POST /v1/traces` with this body, sent with a
+    /// `Content-Length` or chunked: the status code.
+    async fn post(addr: SocketAddr, body: &[u8], chunked: bool) -> u16 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut request = b"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+            Content-Type: application/x-protobuf\r\nConnection: close\r\n"
+            .to_vec();
+        if chunked {
+            request.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+            for chunk in body.chunks(100) {
+                request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                request.extend_from_slice(chunk);
+                request.extend_from_slice(b"\r\n");
+            }
+            request.extend_from_slice(b"0\r\n\r\n");
+        } else {
+            request.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+            request.extend_from_slice(body);
+        }
+        // The receiver may answer and close before reading it all.
+        let _ = stream.write_all(&request).await;
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer);
+        answer
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {answer:?}"))
+    }
+
+    /// A trace request of about `bytes` bytes, encoded.
+    fn request_of(bytes: usize) -> ExportTraceServiceRequest {
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span {
+                        trace_id: vec![1; 16],
+                        span_id: vec![2; 8],
+                        name: "x".repeat(bytes.saturating_sub(40)),
+                        ..Span::default()
+                    }],
+                    ..ScopeSpans::default()
+                }],
+                ..ResourceSpans::default()
+            }],
+        }
+    }
+
+    /// Both receivers refuse a request over `--max-request-size` before reading
+    /// it whole: HTTP with 413 (by its `Content-Length`, or once a chunked body
+    /// passes the limit), gRPC with `RESOURCE_EXHAUSTED`. Below it, both take it.
+    /// Before, the HTTP receiver read any body whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_over_the_size_limit_are_refused() {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+        use prost::Message as _;
+
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let listen_args = ListenArgs {
+            grpc: loopback,
+            http: loopback,
+            max_request_size: Some(10_000),
+        };
+        let (collector, mut requests) = listen(&listen_args).await.unwrap();
+        let http: SocketAddr = collector.http_endpoint()["http://".len()..]
+            .parse()
+            .unwrap();
+        let small = request_of(9_000).encode_to_vec();
+        let large = request_of(11_000).encode_to_vec();
+        assert!(small.len() <= 10_000 && large.len() > 10_000);
+
+        assert_eq!(post(http, &large, false).await, 413);
+        assert_eq!(post(http, &large, true).await, 413);
+        assert_eq!(post(http, &small, false).await, 200);
+        assert_eq!(post(http, &small, true).await, 200);
+
+        let mut grpc = TraceServiceClient::connect(collector.grpc_endpoint())
+            .await
+            .unwrap();
+        let refused = grpc.export(request_of(11_000)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+        grpc.export(request_of(9_000)).await.unwrap();
+
+        drop(collector);
+        let mut taken = 0;
+        while requests.recv().await.is_some() {
+            taken += 1;
+        }
+        assert_eq!(taken, 3);
+    }
+
     #[test]
     fn a_trace_is_ready_when_quiet_and_again_when_it_grows() {
         let mut c = Spans::default();
         let (send, _) = c.healthy("1", 0);
-        let mut w = Window::new(10);
+        let mut w = Window::new(10, 100);
         let t0 = Instant::now();
         w.add(c.spans[..1].to_vec(), t0);
         assert!(w.ready(t0, Some(Duration::from_secs(2))).is_empty());

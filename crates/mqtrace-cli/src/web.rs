@@ -1,4 +1,5 @@
-//! `mqtrace view --web`: a page on loopback drawing each message journey as a
+//! `mqtrace view --web`: a page on loopback (answering loopback `Host` names
+//! only, against DNS rebinding) drawing each message journey as a
 //! waterfall across services and traces, with parents and links drawn between the
 //! hops. `/` is the page with the journeys in it; `/api/journeys` is the same data,
 //! which the page polls while `view` is listening.
@@ -15,15 +16,14 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::journey::{self, Index, Role};
-use crate::view::Window;
+use crate::view::{Snapshot, Window};
 
 const PAGE: &str = include_str!("view.html");
 const DATA_SLOT: &str = "/*MQTRACE_DATA*/null";
 
-/// The journeys of the window as the page draws them.
-pub(crate) fn data(window: &Window, live: bool) -> Value {
-    let spans = window.spans();
-    let index = Index::new(&spans);
+/// The journeys of a snapshot of the window as the page draws them.
+pub(crate) fn data(snapshot: &Snapshot, live: bool) -> Value {
+    let index = Index::new(snapshot.spans.iter().map(|s| &**s));
     let journeys = journey::journeys(&index);
     let mut out = Vec::new();
     for (n, j) in journeys.iter().enumerate() {
@@ -36,7 +36,7 @@ pub(crate) fn data(window: &Window, live: bool) -> Value {
         let mut hops = Vec::new();
         let mut edges = Vec::new();
         for &i in &j.hops {
-            let span = &index.spans[i];
+            let span = index.spans[i];
             let role = index.role(i).hop_name();
             hops.push(json!({
                 "id": span.span_id,
@@ -44,7 +44,7 @@ pub(crate) fn data(window: &Window, live: bool) -> Value {
                 "name": span.name,
                 "service": span.service,
                 "destination": journey::destination(span),
-                "trace": window.number(&span.trace_id),
+                "trace": snapshot.numbers[i],
                 "start_us": span.start_unix_nano.saturating_sub(start) / 1_000,
                 "duration_us": span.duration_micros(),
                 "attempt": index.attempt(i),
@@ -76,35 +76,115 @@ pub(crate) fn data(window: &Window, live: bool) -> Value {
     let mut summaries = journey::summaries(&index, &journeys);
     json!({
         "live": live,
-        "spans": spans.len(),
-        "dropped_traces": window.dropped(),
+        "spans": snapshot.spans.len(),
+        "dropped_traces": snapshot.dropped,
+        "dropped_spans": snapshot.dropped_spans,
         "journeys": out,
         "summary": journey::render_summaries(&mut summaries, true),
     })
 }
 
-fn page(data: &Value) -> String {
-    // Inside a <script>, "</" would end it early.
-    let json = data.to_string().replace("</", "<\\/");
+/// The page with `json` in it. Inside a `<script>`, `</` would end it early and
+/// `<!--` open a comment that swallows the rest; JSON has `<` only inside
+/// strings, where `\u003c` says the same.
+fn page(json: &[u8]) -> String {
+    let json = String::from_utf8_lossy(json).replace('<', "\\u003c");
     PAGE.replacen(DATA_SLOT, &json, 1)
+}
+
+/// Whether a `Host` header names this machine's loopback: `localhost`,
+/// `127.x.x.x` or `[::1]`, with or without a port. A page of another site whose
+/// name was rebound to 127.0.0.1 (DNS rebinding) sends its own name, and is not
+/// answered.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, rest)) if rest.is_empty() || port(rest) => {
+                return addr
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok_and(|a| a.is_loopback());
+            }
+            _ => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, rest)) if port(&format!(":{rest}")) => name,
+            Some(_) => return false,
+            None => host,
+        },
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| a.is_loopback())
+}
+
+/// `:` and a port number.
+fn port(rest: &str) -> bool {
+    rest.strip_prefix(':')
+        .is_some_and(|p| !p.is_empty() && p.parse::<u16>().is_ok())
+}
+
+/// The page's JSON, worked out again only when the window changed.
+#[derive(Debug, Default)]
+struct Cache {
+    version: Option<u64>,
+    json: Bytes,
+}
+
+fn current_json(window: &Mutex<Window>, cache: &Mutex<Cache>, live: bool) -> Bytes {
+    let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+    let (version, snapshot) = {
+        let w = window.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.version == Some(w.version()) {
+            return cache.json.clone();
+        }
+        (w.version(), w.snapshot())
+    };
+    // The window's lock is released: the receivers go on while this is worked out.
+    let json = Bytes::from(data(&snapshot, live).to_string());
+    *cache = Cache {
+        version: Some(version),
+        json: json.clone(),
+    };
+    json
+}
+
+fn status(code: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = code;
+    response
 }
 
 fn respond(
     window: &Mutex<Window>,
+    cache: &Mutex<Cache>,
     live: bool,
     req: &Request<hyper::body::Incoming>,
 ) -> Response<Full<Bytes>> {
-    let data = || data(&window.lock().unwrap_or_else(PoisonError::into_inner), live);
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| {
+            req.uri()
+                .authority()
+                .map(hyper::http::uri::Authority::as_str)
+        });
+    if !host.is_some_and(loopback_host) {
+        return status(
+            StatusCode::MISDIRECTED_REQUEST,
+            "mqtrace view answers loopback names only (localhost, 127.0.0.1, [::1])",
+        );
+    }
     let (body, kind) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/") => (page(&data()), "text/html; charset=utf-8"),
-        (&Method::GET, "/api/journeys") => (data().to_string(), "application/json"),
-        _ => {
-            let mut response = Response::new(Full::new(Bytes::from_static(b"not found")));
-            *response.status_mut() = StatusCode::NOT_FOUND;
-            return response;
+        (&Method::GET, "/") => {
+            let json = current_json(window, cache, live);
+            (Bytes::from(page(&json)), "text/html; charset=utf-8")
         }
+        (&Method::GET, "/api/journeys") => (current_json(window, cache, live), "application/json"),
+        _ => return status(StatusCode::NOT_FOUND, "not found"),
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(body));
     if let Ok(value) = hyper::header::HeaderValue::from_str(kind) {
         response
             .headers_mut()
@@ -123,6 +203,7 @@ pub(crate) async fn serve(
         std::io::Error::new(e.kind(), format!("cannot serve the page on {addr}: {e}"))
     })?;
     let bound = listener.local_addr()?;
+    let cache = Arc::new(Mutex::new(Cache::default()));
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -130,10 +211,10 @@ pub(crate) async fn serve(
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
-            let window = window.clone();
+            let (window, cache) = (window.clone(), cache.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    let response = respond(&window, live, &req);
+                    let response = respond(&window, &cache, live, &req);
                     async move { Ok::<_, Infallible>(response) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -157,9 +238,9 @@ mod tests {
     fn the_page_carries_the_journeys_with_their_edges() {
         let mut c = Spans::default();
         c.retried("1", 0);
-        let mut w = Window::new(10);
+        let mut w = Window::new(10, 100);
         w.add(c.spans, Instant::now());
-        let data = data(&w, false);
+        let data = data(&w.snapshot(), false);
         let journey = &data["journeys"][0];
         let roles: Vec<&str> = journey["hops"]
             .as_array()
@@ -172,8 +253,82 @@ mod tests {
         // forward ← send (link), process 2 ← forward (parent and link).
         assert_eq!(journey["edges"].as_array().unwrap().len(), 7);
         assert_eq!(journey["outcome"], "settled");
-        let html = page(&json!({"x": "</script>"}));
-        assert!(html.contains(r#"{"x":"<\/script>"}"#));
+        let html = page(json!({"x": "</script>"}).to_string().as_bytes());
+        assert!(html.contains(r#"{"x":"\u003c/script>"}"#));
         assert!(!html.contains(DATA_SLOT));
+    }
+
+    /// A span named `<!--<script` would open a comment inside the page's script
+    /// and blank it: every `<` of the embedded JSON is written `\u003c`.
+    #[test]
+    fn the_embedded_json_has_no_less_than_sign() {
+        let data = json!({"name": "<!--<script", "other": "</script>"});
+        let html = page(data.to_string().as_bytes());
+        let embedded = html
+            .split_once("const INITIAL = ")
+            .and_then(|(_, rest)| rest.split_once(";\n"))
+            .map(|(json, _)| json)
+            .unwrap();
+        assert_eq!(
+            embedded,
+            r#"{"name":"\u003c!--\u003cscript","other":"\u003c/script>"}"#
+        );
+        assert_eq!(serde_json::from_str::<Value>(embedded).unwrap(), data);
+    }
+
+    /// Sends `GET path` with this `Host` header (none when `None`) and returns the
+    /// status code.
+    async fn get(addr: SocketAddr, host: Option<&str>, path: &str) -> u16 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let host = host.map_or_else(String::new, |h| format!("Host: {h}\r\n"));
+        let request = format!("GET {path} HTTP/1.1\r\n{host}Connection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        answer
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap()
+    }
+
+    /// DNS rebinding: a page of another site whose name now resolves to 127.0.0.1
+    /// would read `/api/journeys`, its own name in `Host`. Only loopback names are
+    /// answered; any other `Host` (or none) gets 421 Misdirected Request.
+    #[tokio::test]
+    async fn only_loopback_hosts_are_answered() {
+        let window = Arc::new(Mutex::new(Window::new(10, 100)));
+        let addr = serve(SocketAddr::from(([127, 0, 0, 1], 0)), window, true)
+            .await
+            .unwrap();
+        let port = addr.port();
+        for host in [
+            "localhost".to_owned(),
+            format!("localhost:{port}"),
+            "LocalHost".to_owned(),
+            "127.0.0.1".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "127.1.2.3:80".to_owned(),
+            "[::1]".to_owned(),
+            format!("[::1]:{port}"),
+        ] {
+            assert_eq!(get(addr, Some(&host), "/api/journeys").await, 200, "{host}");
+            assert_eq!(get(addr, Some(&host), "/").await, 200, "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:4320",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+            "[::2]:4320",
+            "0.0.0.0",
+            "::1",
+            "",
+        ] {
+            assert_eq!(get(addr, Some(host), "/api/journeys").await, 421, "{host}");
+            assert_eq!(get(addr, Some(host), "/").await, 421, "{host}");
+        }
     }
 }

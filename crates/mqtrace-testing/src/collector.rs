@@ -2,7 +2,8 @@
 //! on loopback ports chosen by the OS (or the addresses given). Spans and metrics
 //! arrive over real OTLP, exactly as a collector would receive them. `mqtrace view`
 //! and `mqtrace doctor` listen with it too, taking each trace request as it comes
-//! ([`Collector::start_with`]).
+//! ([`Collector::start_with`]). Requests past a size limit are refused unread, as
+//! the OpenTelemetry Collector refuses them ([`CollectorConfig::max_request_size`]).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -94,7 +95,20 @@ pub struct CollectorConfig {
     /// (on by default; a listener that only uses the tap turns it off so its memory
     /// stays bounded).
     pub keep: bool,
+    /// The largest gRPC export message taken, in bytes (4 MiB, gRPC's default and
+    /// the OpenTelemetry Collector's); a larger one is answered
+    /// `RESOURCE_EXHAUSTED` before it is read.
+    pub max_grpc_request: usize,
+    /// The largest HTTP export body taken, in bytes (20 MiB, the OpenTelemetry
+    /// Collector's default); a larger one is answered 413 as soon as its
+    /// `Content-Length`, or the body read so far, passes it.
+    pub max_http_request: usize,
 }
+
+/// gRPC's default limit on a received message.
+const DEFAULT_MAX_GRPC_REQUEST: usize = 4 * 1024 * 1024;
+/// The OpenTelemetry Collector's default limit on an HTTP request body.
+const DEFAULT_MAX_HTTP_REQUEST: usize = 20 * 1024 * 1024;
 
 impl Default for CollectorConfig {
     fn default() -> Self {
@@ -103,6 +117,8 @@ impl Default for CollectorConfig {
             grpc: loopback,
             http: loopback,
             keep: true,
+            max_grpc_request: DEFAULT_MAX_GRPC_REQUEST,
+            max_http_request: DEFAULT_MAX_HTTP_REQUEST,
         }
     }
 }
@@ -112,6 +128,13 @@ impl CollectorConfig {
     pub fn listen(mut self, grpc: SocketAddr, http: SocketAddr) -> Self {
         self.grpc = grpc;
         self.http = http;
+        self
+    }
+
+    /// The largest request either receiver takes, in bytes.
+    pub fn max_request_size(mut self, bytes: usize) -> Self {
+        self.max_grpc_request = bytes;
+        self.max_http_request = bytes;
         self
     }
 
@@ -164,12 +187,18 @@ impl Collector {
         let http = http_listener.local_addr()?;
 
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
-        let service = TraceServiceServer::new(GrpcReceiver {
-            store: store.clone(),
-        });
-        let metrics = MetricsServiceServer::new(GrpcReceiver {
-            store: store.clone(),
-        });
+        let service = SizeLimited(
+            TraceServiceServer::new(GrpcReceiver {
+                store: store.clone(),
+            })
+            .max_decoding_message_size(config.max_grpc_request),
+        );
+        let metrics = SizeLimited(
+            MetricsServiceServer::new(GrpcReceiver {
+                store: store.clone(),
+            })
+            .max_decoding_message_size(config.max_grpc_request),
+        );
         tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
             let _ = tonic::transport::Server::builder()
@@ -183,6 +212,7 @@ impl Collector {
 
         let (stop_http, mut http_stopped) = oneshot::channel::<()>();
         let http_store = store.clone();
+        let max_http = config.max_http_request;
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -194,7 +224,7 @@ impl Collector {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let store = store.clone();
-                        async move { Ok::<_, Infallible>(http_export(req, &store).await) }
+                        async move { Ok::<_, Infallible>(http_export(req, &store, max_http).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -400,14 +430,83 @@ impl MetricsService for GrpcReceiver {
     }
 }
 
-async fn http_export(req: Request<Incoming>, store: &Store) -> Response<Full<Bytes>> {
+/// A gRPC service whose answer to a message over the size limit is
+/// `RESOURCE_EXHAUSTED`, as grpc-go's and the OpenTelemetry Collector's is: tonic
+/// answers `OUT_OF_RANGE`, which OTLP exporters retry, sending the same
+/// oversized request again.
+#[derive(Debug, Clone)]
+struct SizeLimited<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for SizeLimited<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for SizeLimited<S>
+where
+    S: tonic::codegen::Service<
+        tonic::codegen::http::Request<B>,
+        Response = tonic::codegen::http::Response<tonic::body::Body>,
+        Error = Infallible,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            // The receivers answer nothing else with OUT_OF_RANGE: only tonic's
+            // size check does, before the service is called, in the headers.
+            let headers = response.headers_mut();
+            let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
+            if headers
+                .get("grpc-status")
+                .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
+            {
+                let exhausted = (tonic::Code::ResourceExhausted as i32).to_string();
+                if let Ok(value) = tonic::codegen::http::HeaderValue::from_str(&exhausted) {
+                    headers.insert("grpc-status", value);
+                }
+            }
+            Ok(response)
+        })
+    }
+}
+
+async fn http_export(req: Request<Incoming>, store: &Store, max: usize) -> Response<Full<Bytes>> {
     let metrics = match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/traces") => false,
         (&Method::POST, "/v1/metrics") => true,
         _ => return status(StatusCode::NOT_FOUND),
     };
-    let body = match req.into_body().collect().await {
+    // Refused before reading when it says it is too large; else read no further
+    // than the limit (a chunked body says nothing in advance).
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return status(StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), max)
+        .collect()
+        .await
+    {
         Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return status(StatusCode::PAYLOAD_TOO_LARGE)
+        }
         Err(_) => return status(StatusCode::BAD_REQUEST),
     };
     if metrics {
