@@ -32,7 +32,9 @@
 //! the whole invocation instead ([`BatchFailed`]), so Lambda retries the batch.
 //!
 //! FIFO queues: once a record fails, the later records of its message group are
-//! not processed; they are reported with it, and the group keeps its order.
+//! not processed; they are reported with it, and the group keeps its order. A
+//! record held back this way is never dead-lettered by mqtrace, whatever its
+//! receive count: it was not handled.
 //!
 //! Permanent failures go back to SQS like transient ones unless a dead-letter
 //! queue is set ([`TracedSqsHandler::dead_letter_queue`]): then they are sent there
@@ -129,6 +131,10 @@ pub struct TracedSqsHandler {
     dead_letter: Option<Arc<DeadLetter>>,
     concurrency: usize,
 }
+
+/// `error.type` of a FIFO record not handed to the handler because an earlier
+/// record of its message group failed in the same invocation.
+pub const FIFO_GROUP_BLOCKED_ERROR: &str = "fifo_group_blocked";
 
 /// Where permanent failures go, and the client that sends them.
 #[derive(Debug)]
@@ -253,6 +259,7 @@ impl TracedSqsHandler {
             } else {
                 HashMap::new()
             },
+            held: AtomicBool::new(false),
         }
     }
 
@@ -307,7 +314,9 @@ impl TracedSqsHandler {
     /// Records of a FIFO queue keep their message group's order: once a record
     /// fails, the later records of its group are not handed to the handler; they
     /// are reported with it (their spans say `error.type = fifo_group_blocked`),
-    /// and SQS delivers the group again from the failed one.
+    /// and SQS delivers the group again from the failed one. A record held back
+    /// this way is never dead-lettered by mqtrace, whatever its receive count:
+    /// it was not handled.
     ///
     /// With [`TracedSqsHandler::partial_batch_responses`] off, any failure is
     /// returned as [`BatchFailed`] instead.
@@ -365,6 +374,11 @@ impl TracedSqsHandler {
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .contains(g)
                     });
+                    // A record not handed to the handler stays for SQS to hand
+                    // out again, and is never dead-lettered: see `settler_for`.
+                    if held {
+                        r.held.store(true, Ordering::Relaxed);
+                    }
                     let run = (!held).then(|| handler(r.message, attempt));
                     let blocked = &blocked;
                     async move {
@@ -373,7 +387,7 @@ impl TracedSqsHandler {
                                 "not processed: an earlier record of message group {} failed",
                                 group.as_deref().unwrap_or_default()
                             ))
-                            .with_type("fifo_group_blocked"));
+                            .with_type(FIFO_GROUP_BLOCKED_ERROR));
                         };
                         let outcome = run.await;
                         if let (Err(_), Some(group)) = (&outcome, group) {
@@ -385,7 +399,14 @@ impl TracedSqsHandler {
                         outcome
                     }
                 },
-                |r| self.settler(r.message),
+                |r| RecordSettler {
+                    record: r.message,
+                    // A record that was not handled is only ever left to SQS.
+                    dead_letter: self
+                        .dead_letter
+                        .as_deref()
+                        .filter(|_| !r.held.load(Ordering::Relaxed)),
+                },
             )
             .with_context(invocation.clone().unwrap_or_else(Context::current))
             .await;
@@ -585,6 +606,8 @@ fn batch_description(event: &SqsEvent) -> MessageDescription {
 struct Record<'a> {
     message: &'a SqsMessage,
     envelope: HashMap<String, String>,
+    /// Not handed to the handler (its FIFO group blocked).
+    held: AtomicBool,
 }
 
 /// The `String` message attributes of an SNS notification in a record's body;

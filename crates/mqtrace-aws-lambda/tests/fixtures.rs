@@ -14,6 +14,8 @@ use opentelemetry::trace::{Span as _, TraceContextExt as _, Tracer as _, TracerP
 use opentelemetry_sdk::trace::BatchConfigBuilder;
 use tracing::Instrument as _;
 
+mod delivery;
+
 /// The W3C producer in the fixtures, and the X-Ray one (`1-5759e988-bd86…`).
 const W3C_A: &str = "0af7651916cd43dd8448eb211c80319c";
 const W3C_B: &str = "4bf92f3577b34da6a3ce929d0e0e4736";

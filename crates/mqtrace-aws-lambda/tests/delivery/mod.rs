@@ -1,0 +1,285 @@
+//! Delivery guarantees of the Lambda wrapper, on the SQS emulator: a small event
+//! source mapping receives from a real queue, hands the records to the wrapper as
+//! Lambda's SQS event JSON, and deletes what the partial batch response does not
+//! list, as Lambda does. Each run is checked with `mqtrace_testing::delivery`.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
+use lambda_runtime::LambdaEvent;
+use mqtrace::{HandlerError, HandlerResult, Instrumenter, RetryPolicy};
+use mqtrace_aws_lambda::TracedSqsHandler;
+use mqtrace_testing::delivery::{Contract, Ledger};
+
+use super::{setup, sqs_client, Setup};
+
+/// A queue on the emulator and the mapping's view of it.
+struct Mapping {
+    client: aws_sdk_sqs::Client,
+    url: String,
+    name: String,
+}
+
+impl Mapping {
+    async fn create(client: &aws_sdk_sqs::Client, base: &str, fifo: bool) -> Self {
+        let run = format!("{:08x}", fastrand_u32());
+        let name = if fifo {
+            format!("{base}-{run}.fifo")
+        } else {
+            format!("{base}-{run}")
+        };
+        let mut request = client.create_queue().queue_name(&name);
+        if fifo {
+            request = request
+                .attributes(QueueAttributeName::FifoQueue, "true")
+                .attributes(QueueAttributeName::ContentBasedDeduplication, "true");
+        }
+        let url = request.send().await.unwrap().queue_url.unwrap();
+        Self {
+            client: client.clone(),
+            url,
+            name,
+        }
+    }
+
+    async fn send(&self, body: &str, group: Option<&str>) {
+        self.client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(body)
+            .set_message_group_id(group.map(str::to_owned))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// One receive, as the event source mapping makes it.
+    async fn receive(&self, visibility: i32, wait: i32) -> Vec<Message> {
+        self.client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(10)
+            .visibility_timeout(visibility)
+            .wait_time_seconds(wait)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .send()
+            .await
+            .unwrap()
+            .messages
+            .unwrap_or_default()
+    }
+
+    /// The messages as Lambda's SQS event JSON.
+    fn event(&self, messages: &[Message]) -> SqsEvent {
+        let records: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| {
+                let attributes: serde_json::Map<String, serde_json::Value> = m
+                    .attributes()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.as_str().to_owned(), v.clone().into()))
+                    .collect();
+                let message_attributes: serde_json::Map<String, serde_json::Value> = m
+                    .message_attributes()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            serde_json::json!({
+                                "stringValue": v.string_value(),
+                                "stringListValues": [],
+                                "binaryListValues": [],
+                                "dataType": v.data_type(),
+                            }),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({
+                    "messageId": m.message_id(),
+                    "receiptHandle": m.receipt_handle(),
+                    "body": m.body(),
+                    "attributes": attributes,
+                    "messageAttributes": message_attributes,
+                    "md5OfBody": m.md5_of_body(),
+                    "eventSource": "aws:sqs",
+                    "eventSourceARN": format!("arn:aws:sqs:eu-west-1:123456789012:{}", self.name),
+                    "awsRegion": "eu-west-1",
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({ "Records": records })).unwrap()
+    }
+
+    /// What Lambda does with a response: deletes the records it does not list.
+    /// The listed ones are made visible again at once, where Lambda lets their
+    /// visibility timeout run out: the same for SQS, but moto, when a FIFO
+    /// group's messages time out together, clears them from its in-flight set
+    /// one at a time as it scans and hands out the group's last message first.
+    async fn settle(&self, messages: &[Message], response: &SqsBatchResponse) {
+        let failed: BTreeSet<&str> = response
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.as_str())
+            .collect();
+        for m in messages {
+            let handle = m.receipt_handle().unwrap();
+            if failed.contains(m.message_id().unwrap()) {
+                self.client
+                    .change_message_visibility()
+                    .queue_url(&self.url)
+                    .receipt_handle(handle)
+                    .visibility_timeout(0)
+                    .send()
+                    .await
+                    .unwrap();
+            } else {
+                self.client
+                    .delete_message()
+                    .queue_url(&self.url)
+                    .receipt_handle(handle)
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Every body left on the queue (received, then deleted).
+    async fn drain(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let got = self.receive(30, 1).await;
+            if got.is_empty() {
+                return out;
+            }
+            for m in &got {
+                self.client
+                    .delete_message()
+                    .queue_url(&self.url)
+                    .receipt_handle(m.receipt_handle().unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+                out.push(m.body().unwrap_or_default().to_owned());
+            }
+        }
+    }
+
+    async fn delete(&self) {
+        let _ = self.client.delete_queue().queue_url(&self.url).send().await;
+    }
+}
+
+fn fastrand_u32() -> u32 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+/// The ledger check beside one the ledger does not make: every message found in
+/// the dead-letter queue had at least one handler invocation (a dead letter the
+/// handler never saw was not given its attempts).
+fn check(label: &str, ledger: &Ledger, started: &Mutex<BTreeSet<String>>, dead: &[String]) {
+    let started = started.lock().unwrap();
+    let unhandled: Vec<&String> = dead.iter().filter(|d| !started.contains(*d)).collect();
+    ledger.check(label, Contract::ordered());
+    assert!(
+        unhandled.is_empty(),
+        "{label}: dead-lettered without ever being handled: {unhandled:?}"
+    );
+}
+
+/// Issue 24 item 6. A FIFO group whose first record always fails, with mqtrace's
+/// dead-letter queue and a budget of 3 attempts: each invocation holds back the
+/// group's later records, whose receive counts rise with the failed one's. When
+/// the failed record is dead-lettered on its third receive, the held records
+/// must be left for redelivery and handled on the next one, in order.
+///
+/// Failed before the fix: the held records reached the budget together with the
+/// failed one and were dead-lettered on their third receive without ever being
+/// handed to the handler ("dead-lettered without ever being handled:
+/// ["g-1", "g-2"]").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_records_held_behind_a_failure_are_never_dead_lettered() {
+    let client = sqs_client();
+    let queue = Mapping::create(&client, "lambda-orders", true).await;
+    let dead = Mapping::create(&client, "lambda-orders-dead", true).await;
+    let Setup {
+        guard, provider, ..
+    } = setup().await;
+    let instrumenter = Instrumenter::builder()
+        .tracer_provider(&provider)
+        .retry_policy(RetryPolicy::attempts(3))
+        .build();
+    let traced = TracedSqsHandler::new(&instrumenter, guard.flusher())
+        .dead_letter_queue(client.clone(), &dead.url);
+    let ledger = Ledger::new();
+    for body in ["g-0", "g-1", "g-2"] {
+        queue.send(body, Some("g")).await;
+        ledger.sent(body, "g");
+    }
+    let started = Mutex::new(BTreeSet::new());
+    let mut rounds = 0;
+    loop {
+        let messages = queue.receive(30, 2).await;
+        if messages.is_empty() {
+            break;
+        }
+        rounds += 1;
+        assert!(rounds < 10, "the group never drained");
+        let seen: Vec<String> = messages
+            .iter()
+            .map(|m| {
+                let count = m
+                    .attributes()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                    .map_or("?", String::as_str);
+                format!("{} (receive {count})", m.body().unwrap_or_default())
+            })
+            .collect();
+        println!("round {rounds}: {seen:?}");
+        let event = queue.event(&messages);
+        let response = traced
+            .handle(
+                LambdaEvent::new(event, lambda_runtime::Context::default()),
+                |record| {
+                    let body = record.body.clone().unwrap_or_default();
+                    started.lock().unwrap().insert(body.clone());
+                    let invocation = ledger.started(body.clone());
+                    async move {
+                        let ok = body != "g-0";
+                        invocation.finished(ok);
+                        if ok {
+                            HandlerResult::Ok(())
+                        } else {
+                            Err(HandlerError::transient("inventory down"))
+                        }
+                    }
+                },
+            )
+            .await
+            .unwrap();
+        queue.settle(&messages, &response).await;
+    }
+    let dead_letters = dead.drain().await;
+    ledger.dead_lettered(dead_letters.clone());
+    ledger.waiting(queue.drain().await);
+    check(
+        "lambda fifo, a group held behind a failure with a dead-letter queue",
+        &ledger,
+        &started,
+        &dead_letters,
+    );
+    assert_eq!(dead_letters, ["g-0"]);
+    assert_eq!((ledger.successes("g-1"), ledger.successes("g-2")), (1, 1));
+    queue.delete().await;
+    dead.delete().await;
+}
