@@ -36,6 +36,15 @@
 //! record held back this way is never dead-lettered by mqtrace, whatever its
 //! receive count: it was not handled.
 //!
+//! # The invocation's deadline
+//!
+//! No record is started once the invocation's deadline is nearer than
+//! [`TracedSqsHandler::deadline_margin`] (1 s by default, at most a quarter of the
+//! invocation's time): the records left are reported as failures, for SQS to
+//! hand out again, and the flush before returning is bounded by the time left.
+//! An invocation that Lambda stops at its timeout fails its whole batch and
+//! loses its spans; one that returns in time loses neither.
+//!
 //! Permanent failures go back to SQS like transient ones unless a dead-letter
 //! queue is set ([`TracedSqsHandler::dead_letter_queue`]): then they are sent there
 //! with mqtrace's failure metadata and leave the batch.
@@ -130,11 +139,23 @@ pub struct TracedSqsHandler {
     invocation_span: bool,
     dead_letter: Option<Arc<DeadLetter>>,
     concurrency: usize,
+    deadline_margin: Duration,
 }
 
 /// `error.type` of a FIFO record not handed to the handler because an earlier
 /// record of its message group failed in the same invocation.
 pub const FIFO_GROUP_BLOCKED_ERROR: &str = "fifo_group_blocked";
+
+/// `error.type` of a record not started because the invocation's deadline was
+/// near ([`TracedSqsHandler::deadline_margin`]).
+pub const DEADLINE_NEAR_ERROR: &str = "deadline_near";
+
+/// The default of [`TracedSqsHandler::deadline_margin`].
+pub const DEFAULT_DEADLINE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Time kept back from the flush before returning, for the response to reach
+/// the runtime.
+const RETURN_SLACK: Duration = Duration::from_millis(50);
 
 /// Where permanent failures go, and the client that sends them.
 #[derive(Debug)]
@@ -188,6 +209,7 @@ impl TracedSqsHandler {
             invocation_span: true,
             dead_letter: None,
             concurrency: 1,
+            deadline_margin: DEFAULT_DEADLINE_MARGIN,
         }
     }
 
@@ -241,6 +263,34 @@ impl TracedSqsHandler {
     pub fn concurrency(mut self, records: usize) -> Self {
         self.concurrency = records.max(1);
         self
+    }
+
+    /// How long before the invocation's deadline no record is started any more
+    /// (default [`DEFAULT_DEADLINE_MARGIN`], 1 s; at most a quarter of the time
+    /// the invocation had when it began, so that a short timeout still handles
+    /// records). A record not started is reported in `batchItemFailures` (its
+    /// span says `error.type = deadline_near`), never dead-lettered, and SQS
+    /// hands it out again; the time kept back lets the spans be flushed and the
+    /// response returned before Lambda stops the invocation, which would fail
+    /// the whole batch and lose its spans. The flush before returning is bounded
+    /// by the time left. An invocation without a deadline (a context made by
+    /// hand, deadline 0) starts every record. With
+    /// [`TracedSqsHandler::partial_batch_responses`] off, a record not started
+    /// fails the invocation ([`BatchFailed`]) like any failure.
+    pub fn deadline_margin(mut self, margin: Duration) -> Self {
+        self.deadline_margin = margin;
+        self
+    }
+
+    /// When records stop being started in an invocation that began at `now`
+    /// with the deadline `deadline_ms` (milliseconds since the epoch; 0: none).
+    fn cutoff(&self, deadline_ms: u64, now: SystemTime) -> Option<SystemTime> {
+        if deadline_ms == 0 {
+            return None;
+        }
+        let deadline = UNIX_EPOCH.checked_add(Duration::from_millis(deadline_ms))?;
+        let left = deadline.duration_since(now).unwrap_or_default();
+        deadline.checked_sub(self.deadline_margin.min(left / 4))
     }
 
     /// Whether mqtrace makes the invocation's SERVER span (default: on). Turn it
@@ -300,8 +350,32 @@ impl TracedSqsHandler {
     /// Exports what is pending, off the async threads: call it before your own
     /// handler returns ([`TracedSqsHandler::handle`] does).
     pub async fn flush(&self) {
+        self.flush_within(None).await;
+    }
+
+    /// [`TracedSqsHandler::flush`], waited for until `deadline` at most: an
+    /// export still running then goes on off the async threads, and the
+    /// invocation returns in time.
+    async fn flush_within(&self, deadline: Option<SystemTime>) {
         let flush = Arc::clone(&self.flush);
-        if let Err(e) = tokio::task::spawn_blocking(move || flush()).await {
+        let flushing = tokio::task::spawn_blocking(move || flush());
+        let done = match deadline {
+            None => flushing.await,
+            Some(deadline) => {
+                let left = deadline
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .saturating_sub(RETURN_SLACK);
+                match tokio::time::timeout(left, flushing).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        tracing::warn!(target: "mqtrace", "the flush before return did not finish before the invocation's deadline; returning without waiting for it");
+                        return;
+                    }
+                }
+            }
+        };
+        if let Err(e) = done {
             tracing::debug!(target: "mqtrace", error = %e, "flush before return failed");
         }
     }
@@ -317,6 +391,11 @@ impl TracedSqsHandler {
     /// and SQS delivers the group again from the failed one. A record held back
     /// this way is never dead-lettered by mqtrace, whatever its receive count:
     /// it was not handled.
+    ///
+    /// Near the invocation's deadline ([`TracedSqsHandler::deadline_margin`]) no
+    /// record is started any more: those left are reported as failures
+    /// (`error.type = deadline_near`) for SQS to hand out again, and the flush
+    /// before returning is bounded by the time left.
     ///
     /// With [`TracedSqsHandler::partial_batch_responses`] off, any failure is
     /// returned as [`BatchFailed`] instead.
@@ -345,6 +424,10 @@ impl TracedSqsHandler {
         Fut: Future<Output = HandlerResult>,
     {
         let LambdaEvent { payload, context } = event;
+        let cutoff = self.cutoff(context.deadline, SystemTime::now());
+        let deadline = (context.deadline > 0)
+            .then(|| UNIX_EPOCH.checked_add(Duration::from_millis(context.deadline)))
+            .flatten();
         let records: Vec<Record<'_>> = payload.records.iter().map(|r| self.record(r)).collect();
         let invocation = self
             .invocation_span
@@ -368,26 +451,34 @@ impl TracedSqsHandler {
                 concurrency,
                 |r, attempt| {
                     let group = r.attribute("MessageGroupId").map(str::to_owned);
+                    // Records not handed to the handler stay for SQS to hand
+                    // out again, and are never dead-lettered: see `settler_for`.
+                    let late = cutoff.is_some_and(|c| SystemTime::now() >= c);
                     let held = group.as_ref().is_some_and(|g| {
                         blocked
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .contains(g)
                     });
-                    // A record not handed to the handler stays for SQS to hand
-                    // out again, and is never dead-lettered: see `settler_for`.
-                    if held {
+                    if late || held {
                         r.held.store(true, Ordering::Relaxed);
                     }
-                    let run = (!held).then(|| handler(r.message, attempt));
+                    let run = (!late && !held).then(|| handler(r.message, attempt));
                     let blocked = &blocked;
                     async move {
                         let Some(run) = run else {
-                            return Err(HandlerError::transient(format!(
-                                "not processed: an earlier record of message group {} failed",
-                                group.as_deref().unwrap_or_default()
-                            ))
-                            .with_type(FIFO_GROUP_BLOCKED_ERROR));
+                            return Err(if late {
+                                HandlerError::transient(
+                                    "not started: the invocation's deadline is near",
+                                )
+                                .with_type(DEADLINE_NEAR_ERROR)
+                            } else {
+                                HandlerError::transient(format!(
+                                    "not processed: an earlier record of message group {} failed",
+                                    group.as_deref().unwrap_or_default()
+                                ))
+                                .with_type(FIFO_GROUP_BLOCKED_ERROR)
+                            });
                         };
                         let outcome = run.await;
                         if let (Err(_), Some(group)) = (&outcome, group) {
@@ -446,7 +537,7 @@ impl TracedSqsHandler {
                 failure
             })
             .collect();
-        self.flush().await;
+        self.flush_within(deadline).await;
         if let Some(e) = whole {
             return Err(e);
         }
@@ -606,7 +697,7 @@ fn batch_description(event: &SqsEvent) -> MessageDescription {
 struct Record<'a> {
     message: &'a SqsMessage,
     envelope: HashMap<String, String>,
-    /// Not handed to the handler (its FIFO group blocked).
+    /// Not handed to the handler (its FIFO group blocked, or the deadline near).
     held: AtomicBool,
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
@@ -184,6 +184,20 @@ fn fastrand_u32() -> u32 {
     nanos ^ std::process::id().rotate_left(16)
 }
 
+/// A context whose deadline is `left` from now.
+fn context_with(left: Duration) -> lambda_runtime::Context {
+    let mut context = lambda_runtime::Context::default();
+    context.request_id = "req-deadline".into();
+    context.deadline = u64::try_from(
+        (SystemTime::now() + left)
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    context
+}
+
 /// The ledger check beside one the ledger does not make: every message found in
 /// the dead-letter queue had at least one handler invocation (a dead letter the
 /// handler never saw was not given its attempts).
@@ -282,4 +296,106 @@ async fn fifo_records_held_behind_a_failure_are_never_dead_lettered() {
     assert_eq!((ledger.successes("g-1"), ledger.successes("g-2")), (1, 1));
     queue.delete().await;
     dead.delete().await;
+}
+
+/// Issue 24 item 10. Six records of 400 ms each in an invocation with 2 s left:
+/// records stop being started at the deadline less the margin (a quarter of the
+/// time left here, 500 ms), the unstarted ones are reported as failures and stay
+/// on the queue, and `handle` returns before the deadline. A second invocation
+/// whose flush hangs (a collector that does not answer) returns before its
+/// deadline too.
+///
+/// Failed before the fix: every record was started whatever the time, and
+/// `handle` returned about 2.4 s after it was called, past the 2 s deadline
+/// (Lambda would have stopped the invocation, failed the whole batch and lost
+/// its spans); the hanging flush held the return for its whole 4 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_stop_before_the_invocation_deadline() {
+    let client = sqs_client();
+    let queue = Mapping::create(&client, "lambda-deadline", false).await;
+    let Setup {
+        collector,
+        guard,
+        instrumenter,
+        ..
+    } = setup().await;
+    let traced = TracedSqsHandler::new(&instrumenter, guard.flusher());
+    let ledger = Ledger::new();
+    for i in 0..6 {
+        let body = format!("m-{i}");
+        queue.send(&body, None).await;
+        ledger.sent(body, "");
+    }
+    let mut messages = Vec::new();
+    while messages.len() < 6 {
+        let got = queue.receive(30, 1).await;
+        assert!(
+            !got.is_empty(),
+            "the emulator returned {} of 6",
+            messages.len()
+        );
+        messages.extend(got);
+    }
+    let left = Duration::from_secs(2);
+    let context = context_with(left);
+    let deadline = context.deadline();
+    let handler = |record: &aws_lambda_events::event::sqs::SqsMessage| {
+        let invocation = ledger.started(record.body.clone().unwrap_or_default());
+        async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            invocation.finished(true);
+            HandlerResult::Ok(())
+        }
+    };
+    let response = traced
+        .handle(LambdaEvent::new(queue.event(&messages), context), handler)
+        .await
+        .unwrap();
+    let returned = SystemTime::now();
+    let late = returned.duration_since(deadline).ok();
+    assert!(
+        late.is_none(),
+        "handle returned {late:?} after the deadline"
+    );
+    let failed = response.batch_item_failures.len();
+    assert!((1..6).contains(&failed), "{failed} of 6 reported failed");
+    queue.settle(&messages, &response).await;
+    // The spans of the started and unstarted records were exported before the
+    // return: invocation, batch and six records.
+    let spans = collector.spans();
+    assert_eq!(spans.len(), 8, "{spans:#?}");
+    let unstarted = spans
+        .iter()
+        .filter(|s| {
+            s.name.starts_with("process ")
+                && s.attr("error.type").and_then(|v| v.as_str()) == Some("deadline_near")
+        })
+        .count();
+    assert_eq!(unstarted, failed);
+
+    // A flush that hangs is not waited for past the deadline.
+    let hanging = TracedSqsHandler::new(&instrumenter, || {
+        std::thread::sleep(Duration::from_secs(4));
+    });
+    let messages = queue.receive(30, 2).await;
+    assert_eq!(messages.len(), failed);
+    let context = context_with(Duration::from_secs(2));
+    let deadline = context.deadline();
+    let response = hanging
+        .handle(LambdaEvent::new(queue.event(&messages), context), handler)
+        .await
+        .unwrap();
+    let late = SystemTime::now().duration_since(deadline).ok();
+    assert!(
+        late.is_none(),
+        "handle returned {late:?} after the deadline"
+    );
+    assert!(response.batch_item_failures.is_empty());
+    queue.settle(&messages, &response).await;
+    ledger.waiting(queue.drain().await);
+    ledger.check(
+        "lambda, records near the invocation deadline",
+        Contract::at_least_once().duplicates(0),
+    );
+    queue.delete().await;
 }
