@@ -101,6 +101,9 @@ pub struct StatsContext {
     stored_commits: AtomicU64,
     /// Rebalances that revoked partitions from this consumer.
     revocations: AtomicU64,
+    /// Partitions revoked since the full consumer last took them (it forgets
+    /// their positions: a partition's new owner commits its progress).
+    revoked: Mutex<Vec<(String, i32)>>,
     /// Commit the stored offsets when partitions are revoked (the full consumer,
     /// which stores offsets and commits them in batches).
     commit_stored_on_revoke: std::sync::atomic::AtomicBool,
@@ -278,13 +281,23 @@ impl ConsumerContext for StatsContext {
     ) {
         // Settled records' offsets go out before the partitions move, so their new
         // owner does not handle them again. Asynchronous: this runs inside a poll.
-        if !matches!(rebalance, rdkafka::consumer::Rebalance::Revoke(_)) {
+        let rdkafka::consumer::Rebalance::Revoke(partitions) = rebalance else {
             return;
-        }
-        self.revocations.fetch_add(1, Ordering::Relaxed);
+        };
         if self.commit_stored_on_revoke.load(Ordering::Relaxed) {
+            if let Ok(mut revoked) = self.revoked.lock() {
+                revoked.extend(
+                    partitions
+                        .elements()
+                        .iter()
+                        .map(|p| (p.topic().to_owned(), p.partition())),
+                );
+            }
             commit_stored_async(consumer);
         }
+        // After the partitions are listed: the consumer takes them when it sees
+        // the count move.
+        self.revocations.fetch_add(1, Ordering::Release);
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
@@ -311,6 +324,27 @@ impl Positions {
             None => {
                 self.0
                     .insert(topic.to_owned(), HashMap::from([(partition, next)]));
+            }
+        }
+    }
+
+    /// Forgets the partitions revoked since it last looked, when `seen` (the
+    /// revocations counted then) moved: their positions are older than what
+    /// their next owner commits, and a partition that comes back starts from the
+    /// group's committed offset.
+    fn forget_revoked(&mut self, context: &StatsContext, seen: &mut u64) {
+        let now = context.revocations.load(Ordering::Acquire);
+        if now == *seen {
+            return;
+        }
+        *seen = now;
+        let revoked = match context.revoked.lock() {
+            Ok(mut revoked) => std::mem::take(&mut *revoked),
+            Err(_) => return,
+        };
+        for (topic, partition) in revoked {
+            if let Some(partitions) = self.0.get_mut(&topic) {
+                partitions.remove(&partition);
             }
         }
     }
@@ -608,8 +642,9 @@ impl TracedConsumer {
     {
         let counters = ConsumerCounters::new();
         let failed_before = self.consumer.context().failed_commits();
-        // The position after the last settled record, per partition.
+        // The position after the last settled record, per partition held.
         let mut positions = Positions::default();
+        let mut revocations = self.consumer.context().revocations();
         let mut shutdown = std::pin::pin!(shutdown);
         // A subscribed topic reported missing (librdkafka says so once), with no
         // record since: when, and the error.
@@ -664,6 +699,8 @@ impl TracedConsumer {
                 }
                 received = self.consumer.recv() => received.map(|m| m.detach()),
             };
+            // Partitions revoked during the poll leave the positions.
+            positions.forget_revoked(self.consumer.context(), &mut revocations);
             match received {
                 Ok(message) => {
                     missing = None;
@@ -694,6 +731,7 @@ impl TracedConsumer {
                 }
             }
         }
+        positions.forget_revoked(self.consumer.context(), &mut revocations);
         self.final_commit(&positions, committing).await;
         counters.settle_failures(
             self.consumer
@@ -817,5 +855,25 @@ mod tests {
             all,
             [("orders", 0, 43), ("orders", 1, 8), ("payments", 0, 4)]
         );
+    }
+
+    #[test]
+    fn revoked_partitions_leave_the_positions() {
+        let context = super::StatsContext::default();
+        let mut positions = Positions::default();
+        positions.settled("orders", 0, 41);
+        positions.settled("orders", 1, 7);
+        let mut seen = 0;
+        positions.forget_revoked(&context, &mut seen);
+        assert_eq!(positions.iter().count(), 2);
+        if let Ok(mut revoked) = context.revoked.lock() {
+            revoked.push(("orders".to_owned(), 1));
+        }
+        context
+            .revocations
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        positions.forget_revoked(&context, &mut seen);
+        assert_eq!(positions.iter().collect::<Vec<_>>(), [("orders", 0, 42)]);
+        assert_eq!(seen, 1);
     }
 }

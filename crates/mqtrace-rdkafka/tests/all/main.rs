@@ -17,3 +17,4 @@ mod own_loop;
 mod payloads;
 mod process_kill;
 mod restart;
+mod settlement;

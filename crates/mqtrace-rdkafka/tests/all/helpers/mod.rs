@@ -137,6 +137,21 @@ impl Harness {
         }
     }
 
+    /// Creates a topic of `partitions` partitions.
+    pub async fn partitioned_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = self.config().create().unwrap();
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap();
+        for r in results {
+            r.unwrap();
+        }
+    }
+
     pub fn producer(&self, instrumenter: &Instrumenter) -> TracedProducer {
         TracedProducer::from_config(&self.config(), instrumenter.clone()).unwrap()
     }
@@ -211,14 +226,20 @@ pub async fn send_numbered(producer: &TracedProducer, topic: &str, n: usize) {
 /// high watermark is not reliable enough to count against; the records are numbered
 /// from offset 0, so the committed offset is the count of settled records.)
 pub async fn committed_offset(h: &Harness, topic: &str) -> i64 {
+    committed_offset_of(h, topic, 0).await
+}
+
+/// The group's committed offset on one partition of the topic (librdkafka's
+/// `OFFSET_INVALID`, -1001, when there is none).
+pub async fn committed_offset_of(h: &Harness, topic: &str, partition: i32) -> i64 {
     let consumer: StreamConsumer = h.consumer_config().create().unwrap();
     let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition(topic, 0);
+    tpl.add_partition(topic, partition);
     let committed = consumer
         .committed_offsets(tpl, Duration::from_secs(10))
         .unwrap();
     committed
-        .find_partition(topic, 0)
+        .find_partition(topic, partition)
         .and_then(|p| p.offset().to_raw())
         .unwrap_or(0)
 }
