@@ -553,12 +553,9 @@ impl TracedConsumer {
         consumer.subscribe(topics)?;
         Ok(Self {
             consumer: Arc::new(consumer),
-            tracer: RecordTracer::with_forwarder(
-                instrumenter,
-                forwarder,
-                ClientInfo::from_config(&config),
-            )
-            .store_offsets(true),
+            tracer: RecordTracer::with_forwarder(instrumenter, forwarder, ClientInfo::default())
+                .config(&config)
+                .store_offsets(true),
             missing_topic_timeout: Duration::from_secs(10),
             commit_every: (COMMIT_INTERVAL, COMMIT_EVERY),
         })
@@ -707,7 +704,15 @@ impl TracedConsumer {
                     let message = Arc::new(message);
                     let settled = self.handle(Arc::clone(&message), polled_at, &handler).await;
                     counters.record(&settled);
-                    if settled.is_done() {
+                    // Not past a record whose seek back failed (its partition is
+                    // held there).
+                    if settled.is_done()
+                        && !self.tracer.holds(
+                            message.topic(),
+                            message.partition(),
+                            message.offset(),
+                        )
+                    {
                         positions.settled(message.topic(), message.partition(), message.offset());
                         uncommitted += 1;
                     }

@@ -42,6 +42,7 @@
 //! | transient error, attempts left | forwarded to the retry topic (default: the same topic) with `mqtrace-attempt`, then committed |
 //! | permanent error, or budget spent | forwarded to the dead-letter topic with `mqtrace-error-type`, `mqtrace-error-message`, `mqtrace-failed-at`, `mqtrace-original-traceparent`, same key and bytes, then committed |
 //! | forward failed | not committed; the consumer seeks back (asynchronously, never blocking) and handles the record again |
+//! | forward failed and the seek back failed | the partition is paused and held at the record: no later record of it is stored or committed ([`SettleRefused::Held`]) until the record is handled again (after a rebalance or restart, from the committed offset) |
 //!
 //! "Committed" is coalesced in the full consumer: settling stores the record's
 //! offset, and the consumer commits the stored offsets every 200 ms (at once after
@@ -57,7 +58,17 @@
 //! partition it still holds and waits for the answer, trying again for up to five
 //! seconds (a restarted cluster's group coordinator can take that long). Failed
 //! commits are counted in `ConsumerStats::settle_failures`; the commit made when
-//! partitions are revoked runs inside a poll and stays asynchronous.
+//! partitions are revoked runs inside a poll and stays asynchronous. A partition
+//! revoked in a rebalance leaves the consumer's positions, so a partition that
+//! moves away and comes back is never committed back to an older position.
+//!
+//! The consumer's settings: librdkafka's defaults (`enable.auto.commit=true`,
+//! `enable.auto.offset.store=true`) commit every record's offset as it is handed
+//! out, past records still in their handler. [`TracedConsumer`] turns both off;
+//! an own loop needs `enable.auto.commit=false` (and
+//! `enable.auto.offset.store=false` with [`RecordTracer::store_offsets`]), and
+//! [`RecordTracer`] refuses to settle otherwise ([`SettleRefused`];
+//! [`RecordTracer::check`] tells at start-up).
 //!
 //! # Customisation
 //!
@@ -122,7 +133,7 @@ pub use consumer::{
 pub use describe::{error_type, Server};
 pub use ext::{FutureProducerExt, FutureRecordExt, MessageExt};
 pub use mqtrace::settle::ConsumerStats;
-pub use process::{RecordTracer, CONSUMER_LAG};
+pub use process::{RecordTracer, SettleRefused, CONSUMER_LAG};
 pub use producer::TracedProducer;
 
 /// `tracing` targets of rdkafka itself, whose spans a `tracing` to OpenTelemetry

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +18,7 @@ use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::carrier::{HeadersExtractor, OwnedHeadersInjector};
@@ -104,12 +106,15 @@ impl LagGauge {
 /// use rdkafka::message::Message as _;
 /// use rdkafka::producer::FutureProducer;
 ///
-/// let consumer: StreamConsumer = config.clone().set("enable.auto.commit", "false").create()?;
-/// consumer.subscribe(&["orders"])?;
 /// let forwarder: FutureProducer = config.create()?;
+/// let mut config = config.clone();
+/// config.set("enable.auto.commit", "false");
+/// let consumer: StreamConsumer = config.create()?;
+/// consumer.subscribe(&["orders"])?;
 /// let tracer = RecordTracer::new(Instrumenter::default(), forwarder)
 ///     .config(&config)
 ///     .dead_letter_topic("orders.dlq");
+/// tracer.check(&consumer).expect("a consumer mqtrace can settle for");
 /// loop {
 ///     let record = consumer.recv().await?;
 ///     let body = record.payload().unwrap_or_default();
@@ -125,6 +130,25 @@ impl LagGauge {
 /// }
 /// # }
 /// ```
+///
+/// # The consumer's settings
+///
+/// librdkafka's defaults (`enable.auto.commit=true`, `enable.auto.offset.store=true`)
+/// commit the offset of every record it hands out on a timer of its own, past
+/// records still in their handler or sought back for a retry. mqtrace refuses to
+/// settle for such a consumer: every settle fails with [`SettleRefused`] (on the
+/// span, in [`Settled::settle_failed`], in the log) and nothing is stored or
+/// committed. The default mode needs `enable.auto.commit=false` (or
+/// `enable.auto.offset.store=false`); [`RecordTracer::store_offsets`] needs
+/// `enable.auto.offset.store=false`. The tracer reads the settings from the
+/// configuration given to [`RecordTracer::config`] (give it the consumer's), and
+/// in store mode asks the consumer itself once; [`RecordTracer::check`] tells at
+/// start-up.
+///
+/// A record sought back for another try ([`Settlement::Redeliver`] after a failed
+/// forward) whose seek fails holds its partition: the partition is paused, and no
+/// later record of it is stored or committed ([`SettleRefused::Held`]) until the
+/// record is handled again.
 #[derive(Debug, Clone)]
 pub struct RecordTracer {
     instrumenter: Instrumenter,
@@ -136,6 +160,225 @@ pub struct RecordTracer {
     forward_timeout: Duration,
     lag: LagGauge,
     store_offsets: bool,
+    /// The consumer's auto-commit settings, from [`RecordTracer::config`].
+    auto: Option<AutoSettings>,
+    /// What the tracer learnt from the consumer; shared by its clones.
+    guard: Arc<Guard>,
+}
+
+/// Why mqtrace refused to settle a record: settling it would let the group's
+/// committed offset pass a record not yet handled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettleRefused {
+    /// Offsets are stored ([`RecordTracer::store_offsets`]) on a consumer with
+    /// `enable.auto.offset.store=true`.
+    #[error(
+        "mqtrace refuses to store offsets on a consumer with enable.auto.offset.store=true \
+         (librdkafka's default): librdkafka has already stored the offset of every record \
+         it handed out, so a commit would pass records still in their handler or sought \
+         back for a retry; set enable.auto.offset.store=false"
+    )]
+    AutoOffsetStore,
+    /// A consumer with `enable.auto.commit=true` and
+    /// `enable.auto.offset.store=true` (librdkafka's defaults).
+    #[error(
+        "mqtrace refuses to settle for a consumer with enable.auto.commit=true and \
+         enable.auto.offset.store=true (librdkafka's defaults): librdkafka commits the \
+         offset of every record it handed out on its own timer, past records still in \
+         their handler or sought back for a retry; set enable.auto.commit=false"
+    )]
+    AutoCommit,
+    /// The partition is held at `offset`: the seek back to that record failed,
+    /// and a later record's offset would pass it.
+    #[error(
+        "partition {partition} of {topic} is held at offset {offset}: the seek back to \
+         that record failed, so no later record's offset is stored or committed until \
+         it is handled again"
+    )]
+    Held {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The record that could not be sought back to.
+        offset: i64,
+    },
+}
+
+impl SettleRefused {
+    /// `error.type` on the settle span and the settle metric.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::AutoOffsetStore => "auto_offset_store",
+            Self::AutoCommit => "auto_commit",
+            Self::Held { .. } => "partition_held",
+        }
+    }
+}
+
+/// The consumer's `enable.auto.commit` and `enable.auto.offset.store`, with
+/// librdkafka's defaults (both on) where unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AutoSettings {
+    commit: bool,
+    store: bool,
+}
+
+impl AutoSettings {
+    fn from_config(config: &ClientConfig) -> Self {
+        // librdkafka's reading of a boolean property.
+        let on = |key: &str| {
+            config.get(key).is_none_or(|v| {
+                !(v.eq_ignore_ascii_case("false") || v.eq_ignore_ascii_case("f") || v == "0")
+            })
+        };
+        Self {
+            commit: on("enable.auto.commit"),
+            store: on("enable.auto.offset.store"),
+        }
+    }
+
+    /// What these settings make unsafe, in store mode or not.
+    fn refusal(self, store_offsets: bool) -> Option<SettleRefused> {
+        match self {
+            Self { store: true, .. } if store_offsets => Some(SettleRefused::AutoOffsetStore),
+            Self {
+                store: true,
+                commit: true,
+            } => Some(SettleRefused::AutoCommit),
+            _ => None,
+        }
+    }
+}
+
+/// The store probe's states (0: not asked yet).
+const STORE_OK: u8 = 1;
+const AUTO_STORE: u8 = 2;
+
+/// What a tracer learnt from its consumer: whether it may store offsets, and the
+/// partitions held after a failed seek.
+#[derive(Debug, Default)]
+struct Guard {
+    /// `rd_kafka_offsets_store`'s answer to an empty list: it refuses when
+    /// `enable.auto.offset.store=true`.
+    store_probe: AtomicU8,
+    /// Whether `held` has an entry: the common case reads this alone.
+    any_held: AtomicBool,
+    /// Partitions whose seek back failed, at the record sought back to.
+    held: Mutex<HashMap<(String, i32), i64>>,
+}
+
+impl Guard {
+    /// In store mode: whether the consumer stores offsets only when told. Asks
+    /// the consumer once (an empty store, which librdkafka refuses at once when
+    /// it stores offsets itself); librdkafka's legacy one-partition store, used
+    /// for speed, does not check.
+    fn store_allowed<C: Consumer<X>, X: ConsumerContext>(&self, consumer: &C) -> bool {
+        match self.store_probe.load(Ordering::Relaxed) {
+            STORE_OK => true,
+            AUTO_STORE => false,
+            _ => {
+                let refused = matches!(
+                    consumer.store_offsets(&TopicPartitionList::new()),
+                    Err(KafkaError::StoreOffset(RDKafkaErrorCode::InvalidArgument))
+                );
+                if refused {
+                    tracing::error!(target: "mqtrace", error = %SettleRefused::AutoOffsetStore, "the consumer cannot be settled for");
+                }
+                self.store_probe.store(
+                    if refused { AUTO_STORE } else { STORE_OK },
+                    Ordering::Relaxed,
+                );
+                !refused
+            }
+        }
+    }
+
+    /// Holds the partition at `offset` (the lowest, when held already) and pauses
+    /// it, so nothing later of it is handed out (pausing drops the records already
+    /// fetched).
+    fn hold<C: Consumer<X>, X: ConsumerContext>(
+        &self,
+        consumer: &C,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) {
+        {
+            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            let at = held.entry((topic.to_owned(), partition)).or_insert(offset);
+            *at = (*at).min(offset);
+            self.any_held.store(true, Ordering::Release);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        match consumer.pause(&tpl) {
+            Ok(()) => {
+                tracing::error!(target: "mqtrace", topic, partition, offset, "cannot seek back to a record for another try; the partition is paused and held there until the record is handled again (a rebalance or restart reads it from the committed offset)");
+            }
+            Err(e) => {
+                tracing::error!(target: "mqtrace", error = %e, topic, partition, offset, "cannot seek back to a record for another try, nor pause its partition; no later record of the partition is stored or committed until the record is handled again");
+            }
+        }
+    }
+
+    /// Whether settling the record at `offset` would pass a held record: if so,
+    /// tries the seek back again (resuming the partition when it is accepted).
+    /// A record at or before the held one ends the hold: the partition was read
+    /// again from there.
+    fn passes_held<C: Consumer<X>, X: ConsumerContext>(
+        &self,
+        consumer: &C,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Option<SettleRefused> {
+        if !self.any_held.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (topic.to_owned(), partition);
+        let at = *held.get(&key)?;
+        if offset <= at {
+            held.remove(&key);
+            self.any_held.store(!held.is_empty(), Ordering::Release);
+            return None;
+        }
+        if consumer
+            .seek(topic, partition, Offset::Offset(at), Duration::ZERO)
+            .is_ok()
+        {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            let _ = consumer.resume(&tpl);
+        }
+        Some(SettleRefused::Held {
+            topic: topic.to_owned(),
+            partition,
+            offset: at,
+        })
+    }
+
+    /// Whether the record at `offset` is past a held record of its partition.
+    fn holds(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.any_held.load(Ordering::Acquire)
+            && self
+                .held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&(topic.to_owned(), partition))
+                .is_some_and(|&at| offset > at)
+    }
+}
+
+/// A settlement's failure: the broker's, or mqtrace's refusal.
+#[derive(Debug, thiserror::Error)]
+enum SettleError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Refused(#[from] SettleRefused),
 }
 
 // === impl RecordTracer ===
@@ -162,25 +405,65 @@ impl RecordTracer {
             forward_timeout: Duration::from_secs(30),
             lag: LagGauge::default(),
             store_offsets: false,
+            auto: None,
+            guard: Arc::default(),
         }
     }
 
-    /// Settle by storing each record's offset in the client
-    /// (`rd_kafka_offsets_store`: no request to the cluster) instead of committing
+    /// Settle by storing each record's offset in the client (librdkafka's
+    /// `rd_kafka_offset_store`: no request to the cluster) instead of committing
     /// it (default: an asynchronous commit per record). Something must then commit
     /// the stored offsets (`Consumer::commit_consumer_state`), as
     /// [`TracedConsumer`](crate::TracedConsumer) does every 200 ms, before a
-    /// rebalance and at stop. The consumer needs `enable.auto.offset.store=false`.
+    /// rebalance and at stop.
+    ///
+    /// The consumer needs `enable.auto.offset.store=false`: otherwise librdkafka
+    /// has stored every record's offset as it handed it out, and a commit passes
+    /// records still in their handler. mqtrace refuses to store for such a
+    /// consumer ([`SettleRefused::AutoOffsetStore`] on every settle): it asks the
+    /// consumer once, at the first settle or at [`RecordTracer::check`].
     pub fn store_offsets(mut self, on: bool) -> Self {
         self.store_offsets = on;
         self
     }
 
     /// What the spans say about the consumer, from its configuration:
-    /// `group.id`, `client.id` and the first `bootstrap.servers` entry.
+    /// `group.id`, `client.id` and the first `bootstrap.servers` entry; and its
+    /// `enable.auto.commit` and `enable.auto.offset.store`, which settling checks
+    /// (see [the consumer's settings](RecordTracer#the-consumers-settings)).
     pub fn config(mut self, config: &ClientConfig) -> Self {
         self.info = ClientInfo::from_config(config);
+        self.auto = Some(AutoSettings::from_config(config));
         self
+    }
+
+    /// Whether this tracer can settle for `consumer`: an error when the
+    /// configuration given to [`RecordTracer::config`] or, in store mode, the
+    /// consumer itself stores or commits offsets on its own (see [the consumer's
+    /// settings](RecordTracer#the-consumers-settings)). Settling refuses the same
+    /// way; this tells at start-up.
+    pub fn check<C: Consumer<X>, X: ConsumerContext>(
+        &self,
+        consumer: &C,
+    ) -> Result<(), SettleRefused> {
+        if let Some(refused) = self.config_refusal() {
+            return Err(refused);
+        }
+        if self.store_offsets && !self.guard.store_allowed(consumer) {
+            return Err(SettleRefused::AutoOffsetStore);
+        }
+        Ok(())
+    }
+
+    /// What the consumer's configuration makes unsafe, when it was given.
+    fn config_refusal(&self) -> Option<SettleRefused> {
+        self.auto.and_then(|a| a.refusal(self.store_offsets))
+    }
+
+    /// Whether the record at `offset` is past a record of its partition whose
+    /// seek back failed: it is not to be committed past.
+    pub(crate) fn holds(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.guard.holds(topic, partition, offset)
     }
 
     /// Retries go to this topic (default: the record's own topic).
@@ -387,7 +670,7 @@ where
     C: Consumer<X> + Sync,
     X: ConsumerContext + 'static,
 {
-    type Error = KafkaError;
+    type Error = SettleError;
 
     fn routes(&self) -> Routes<'_> {
         let retry = self
@@ -452,32 +735,110 @@ where
         settlement: Settlement,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send {
         let r = self.record;
+        let (tracer, consumer) = (self.tracer, self.consumer);
         let result = match settlement {
-            // Stored for the next commit: librdkafka stores the offset after
-            // the record's (no partition list built for one record).
-            Settlement::Ack | Settlement::Reject if self.tracer.store_offsets => self
-                .consumer
-                .store_offset(r.topic(), r.partition(), r.offset()),
             Settlement::Ack | Settlement::Reject => {
-                let mut offsets = TopicPartitionList::new();
-                offsets
-                    .add_partition_offset(r.topic(), r.partition(), Offset::Offset(r.offset() + 1))
-                    .and_then(|()| self.consumer.commit(&offsets, CommitMode::Async))
+                if let Some(refused) = tracer.config_refusal() {
+                    Err(refused.into())
+                } else if tracer.store_offsets && !tracer.guard.store_allowed(consumer) {
+                    Err(SettleRefused::AutoOffsetStore.into())
+                } else if let Some(refused) =
+                    tracer
+                        .guard
+                        .passes_held(consumer, r.topic(), r.partition(), r.offset())
+                {
+                    Err(refused.into())
+                } else if tracer.store_offsets {
+                    // Stored for the next commit: librdkafka stores the offset
+                    // after the record's (no partition list built for one record;
+                    // the probe above stands for the check this call skips).
+                    consumer
+                        .store_offset(r.topic(), r.partition(), r.offset())
+                        .map_err(SettleError::from)
+                } else {
+                    let mut offsets = TopicPartitionList::new();
+                    offsets
+                        .add_partition_offset(
+                            r.topic(),
+                            r.partition(),
+                            Offset::Offset(r.offset() + 1),
+                        )
+                        .and_then(|()| consumer.commit(&offsets, CommitMode::Async))
+                        .map_err(SettleError::from)
+                }
             }
             // Back to the record, so it is handled again rather than lost. A zero
-            // timeout makes librdkafka seek asynchronously: nothing blocks.
-            Settlement::Redeliver => self.consumer.seek(
-                r.topic(),
-                r.partition(),
-                Offset::Offset(r.offset()),
-                Duration::ZERO,
-            ),
+            // timeout makes librdkafka seek asynchronously: nothing blocks. A seek
+            // that fails holds the partition there: never past the record.
+            Settlement::Redeliver => consumer
+                .seek(
+                    r.topic(),
+                    r.partition(),
+                    Offset::Offset(r.offset()),
+                    Duration::ZERO,
+                )
+                .map_err(|e| {
+                    tracer
+                        .guard
+                        .hold(consumer, r.topic(), r.partition(), r.offset());
+                    SettleError::from(e)
+                }),
             Settlement::Leave => Ok(()),
         };
         std::future::ready(result)
     }
 
     fn error_type(error: &Self::Error) -> String {
-        error_type(error)
+        match error {
+            SettleError::Kafka(e) => error_type(e),
+            SettleError::Refused(refused) => refused.error_type().to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AutoSettings, SettleRefused};
+    use rdkafka::ClientConfig;
+
+    fn settings(pairs: &[(&str, &str)]) -> AutoSettings {
+        let mut config = ClientConfig::new();
+        for (k, v) in pairs {
+            config.set(*k, *v);
+        }
+        AutoSettings::from_config(&config)
+    }
+
+    #[test]
+    fn librdkafka_s_defaults_are_refused_in_both_modes() {
+        let defaults = settings(&[]);
+        assert_eq!(defaults.refusal(false), Some(SettleRefused::AutoCommit));
+        assert_eq!(defaults.refusal(true), Some(SettleRefused::AutoOffsetStore));
+        assert!(SettleRefused::AutoOffsetStore
+            .to_string()
+            .contains("set enable.auto.offset.store=false"));
+    }
+
+    #[test]
+    fn store_mode_needs_the_offset_store_off_and_commits_need_one_of_them_off() {
+        let no_commit = settings(&[("enable.auto.commit", "false")]);
+        assert_eq!(no_commit.refusal(false), None);
+        assert_eq!(
+            no_commit.refusal(true),
+            Some(SettleRefused::AutoOffsetStore)
+        );
+        let no_store = settings(&[("enable.auto.offset.store", "FALSE")]);
+        assert_eq!(no_store.refusal(false), None);
+        assert_eq!(no_store.refusal(true), None);
+        let both_off = settings(&[
+            ("enable.auto.commit", "0"),
+            ("enable.auto.offset.store", "f"),
+        ]);
+        assert_eq!(both_off.refusal(true), None);
+        let on = settings(&[
+            ("enable.auto.offset.store", "true"),
+            ("enable.auto.commit", "false"),
+        ]);
+        assert_eq!(on.refusal(true), Some(SettleRefused::AutoOffsetStore));
     }
 }
