@@ -9,7 +9,7 @@ use aws_sdk_sqs::operation::receive_message::ReceiveMessageError;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
 use aws_sdk_sqs::Client;
 use mqtrace::settle::{ConsumerCounters, ConsumerStats, Settled};
-use mqtrace::{Attempt, HandlerError, HandlerResult, Instrumenter, OperationType};
+use mqtrace::{Attempt, Disposition, HandlerError, HandlerResult, Instrumenter, OperationType};
 
 use crate::carrier::MessageAttributesExtractor;
 use crate::describe::{describe, error_type};
@@ -103,6 +103,10 @@ pub fn trace_context(
 
 type ReceiveError = SdkError<ReceiveMessageError, HttpResponse>;
 
+/// `error.type` of a FIFO message not handed to the handler because an earlier
+/// message of its group failed in the same receive.
+pub const FIFO_GROUP_BLOCKED_ERROR: &str = "fifo_group_blocked";
+
 /// Why [`TracedConsumer::run_until`] stopped before being asked to.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
@@ -154,6 +158,12 @@ fn refuses(error: &ReceiveError) -> bool {
 /// - permanent failure: forwarded to the dead-letter queue with its metadata and
 ///   the original body, then deleted; without one, deleted and recorded as
 ///   `dropped`.
+///
+/// FIFO queues: a receive's messages of one message group are handled in
+/// order, and once one of them fails, the group's later messages of that
+/// receive are neither handled nor deleted: they are left for SQS to hand out
+/// again after the failed one (their spans say
+/// `error.type = fifo_group_blocked`; they are never dead-lettered).
 ///
 /// Each non-empty poll gets a `receive` span (CLIENT) linking every message
 /// (on by default; empty polls only when asked). A poll's messages are processed
@@ -416,13 +426,27 @@ impl TracedConsumer {
             let deletes = (!self.tracer.instrumenter().settle_spans_on())
                 .then(|| DeleteBatch::counting(std::sync::Arc::clone(&self.delete_requests)));
             let dispositions =
-                futures_util::future::join_all(groups.into_iter().map(|(_, members)| {
+                futures_util::future::join_all(groups.into_iter().map(|(group, members)| {
                     let (handler, deletes) = (&handler, deletes.as_ref());
                     async move {
                         let mut out = Vec::with_capacity(members.len());
+                        // Once a message of a FIFO group fails, the group's later
+                        // messages of this receive are neither handled nor deleted:
+                        // SQS hands the group out again from the failed one.
+                        let mut failed = false;
+                        let mut held = Vec::new();
                         for m in members {
-                            out.push(self.handle(m, handler, deletes).await);
+                            let settled = match group {
+                                Some(group) if failed => {
+                                    held.extend(m.message().receipt_handle().map(str::to_owned));
+                                    self.hold(m, group).await
+                                }
+                                _ => self.handle(m, handler, deletes).await,
+                            };
+                            failed |= settled.disposition != Disposition::Settle;
+                            out.push(settled);
                         }
+                        self.release(&held).await;
                         out
                     }
                 }))
@@ -490,6 +514,34 @@ impl TracedConsumer {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Ends a FIFO message held behind a failure of its group without handling
+    /// it: its span says `error.type = fifo_group_blocked`, and it is left for
+    /// SQS to hand out again (never dead-lettered: it was not handled).
+    async fn hold(&self, message: &Received, group: &str) -> Settled {
+        let held = |_: Attempt| {
+            std::future::ready(Err(HandlerError::transient(format!(
+                "not processed: an earlier message of message group {group} failed"
+            ))
+            .with_type(FIFO_GROUP_BLOCKED_ERROR)))
+        };
+        let processed = if self.receive_spans {
+            self.tracer.process_received(message.message(), held).await
+        } else {
+            self.tracer.process(message.message(), held).await
+        };
+        self.tracer.leave_held(processed, message.message()).await
+    }
+
+    /// Makes held messages visible again at once: SQS hands none of their group
+    /// out while its failed message is in flight, and hands the group out from
+    /// that message once it is visible again (or deleted, when it was
+    /// dead-lettered), so the held ones need not wait out their own timeout.
+    async fn release(&self, held: &[String]) {
+        if !held.is_empty() {
+            self.tracer.set_visibility(held, Duration::ZERO).await;
         }
     }
 

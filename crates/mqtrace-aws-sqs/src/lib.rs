@@ -49,6 +49,12 @@
 //! the same with [`MessageTracer::settle_batched`] into a [`DeleteBatch`], then
 //! [`MessageTracer::delete_batch`].
 //!
+//! FIFO queues: the full consumer handles a receive's messages of one message
+//! group in order, and once one fails, the group's later messages of that
+//! receive are neither handled nor deleted (spans with
+//! [`FIFO_GROUP_BLOCKED_ERROR`], never dead-lettered): SQS hands the group out
+//! again from the failed message.
+//!
 //! # Customisation
 //!
 //! Spans (conventions, parenting, formats, header capture, hooks, retry budget) are
@@ -105,7 +111,8 @@ pub use carrier::{
     MAX_MESSAGE_ATTRIBUTES,
 };
 pub use consumer::{
-    trace_context, ConsumeError, Received, TracedConsumer, QUEUE_MESSAGES, QUEUE_STATE,
+    trace_context, ConsumeError, Received, TracedConsumer, FIFO_GROUP_BLOCKED_ERROR,
+    QUEUE_MESSAGES, QUEUE_STATE,
 };
 pub use describe::{
     error_type, queue_name, MESSAGE_GROUP_ID, QUEUE_URL, RECEIVE_COUNT, SEQUENCE_NUMBER,

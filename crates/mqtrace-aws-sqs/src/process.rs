@@ -230,6 +230,63 @@ impl MessageTracer {
         }
     }
 
+    /// Sets the visibility timeout of the messages with `handles` to
+    /// `visibility` from now (`ChangeMessageVisibilityBatch`, ten a call);
+    /// returns which changes SQS accepted.
+    pub(crate) async fn set_visibility(
+        &self,
+        handles: &[String],
+        visibility: Duration,
+    ) -> Vec<bool> {
+        let seconds = visibility_seconds(visibility);
+        let mut accepted = vec![false; handles.len()];
+        for (start, chunk) in (0..handles.len())
+            .step_by(10)
+            .map(|i| (i, &handles[i..(i + 10).min(handles.len())]))
+        {
+            let entries: Vec<_> = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(i, handle)| {
+                    aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id((start + i).to_string())
+                        .receipt_handle(handle)
+                        .visibility_timeout(seconds)
+                        .build()
+                        .ok()
+                })
+                .collect();
+            let result = self
+                .client
+                .change_message_visibility_batch()
+                .queue_url(&self.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await;
+            match result {
+                Ok(out) => {
+                    for ok in out.successful() {
+                        if let Some(slot) = ok
+                            .id()
+                            .parse::<usize>()
+                            .ok()
+                            .and_then(|i| accepted.get_mut(i))
+                        {
+                            *slot = true;
+                        }
+                    }
+                    if !out.failed().is_empty() {
+                        tracing::warn!(target: "mqtrace", messages = out.failed().len(), queue = %self.queue_url, "SQS did not change these messages' visibility");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(target: "mqtrace", error = %e, queue = %self.queue_url, "changing the messages' visibility failed");
+                }
+            }
+        }
+        accepted
+    }
+
     pub(crate) fn incoming<'a>(&'a self, message: &'a Message) -> Incoming<'a> {
         Incoming {
             message,
@@ -296,6 +353,20 @@ impl MessageTracer {
             tracer: self,
             message,
             deletes,
+            held: false,
+        };
+        self.instrumenter.settle(processed, settler).await
+    }
+
+    /// Ends a message that was not handed to its handler (held behind a failure
+    /// of its FIFO group): it is left for SQS to hand out again, never
+    /// dead-lettered, whatever its receive count.
+    pub(crate) async fn leave_held(&self, processed: Processed, message: &Message) -> Settled {
+        let settler = SqsSettler {
+            tracer: self,
+            message,
+            deletes: None,
+            held: true,
         };
         self.instrumenter.settle(processed, settler).await
     }
@@ -358,6 +429,13 @@ pub(crate) fn carriers<'a>(
         inner: MessageAttributesExtractor(attributes.unwrap_or(&NO_ATTRIBUTES)),
         trace_header,
     }
+}
+
+/// A visibility timeout in SQS's whole seconds, rounded up, within its limit
+/// of 12 hours.
+pub(crate) fn visibility_seconds(visibility: Duration) -> i32 {
+    let seconds = visibility.as_secs() + u64::from(visibility.subsec_nanos() > 0);
+    i32::try_from(seconds.min(43_200)).unwrap_or(43_200)
 }
 
 pub(crate) fn system_attribute<'a>(
@@ -490,6 +568,8 @@ struct SqsSettler<'a> {
     message: &'a Message,
     /// The consumer's batched deletes; `None` deletes the message at once.
     deletes: Option<&'a DeleteBatch>,
+    /// Not handled: only ever left to SQS.
+    held: bool,
 }
 
 impl Settler for SqsSettler<'_> {
@@ -498,7 +578,12 @@ impl Settler for SqsSettler<'_> {
     fn routes(&self) -> Routes<'_> {
         // SQS redelivers after the visibility timeout; its redrive policy moves a
         // message on after `maxReceiveCount` receives.
-        Routes::broker_retries().dead_letter(self.tracer.dead_letter_queue_url.as_deref())
+        let dead_letter = self
+            .tracer
+            .dead_letter_queue_url
+            .as_deref()
+            .filter(|_| !self.held);
+        Routes::broker_retries().dead_letter(dead_letter)
     }
 
     fn describe_forward(&self, _: ForwardKind, target: &str) -> MessageDescription {

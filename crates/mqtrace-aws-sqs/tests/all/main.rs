@@ -9,6 +9,7 @@
 
 mod batch;
 mod collector_faults;
+mod delivery;
 mod failures;
 mod flows;
 mod helpers;
