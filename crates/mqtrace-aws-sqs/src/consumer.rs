@@ -125,6 +125,89 @@ pub enum ConsumeError {
     },
 }
 
+/// A receive's messages of one FIFO group (or one message without a group),
+/// with their places in the receive.
+type Group<'a> = (Option<&'a str>, Vec<(usize, &'a Received)>);
+
+/// The messages of one receive that are not settled yet: kept invisible while
+/// they wait for their turn or their handler runs.
+struct InFlight {
+    visibility: Duration,
+    /// Per message of the receive.
+    entries: std::sync::Mutex<Vec<Visibility>>,
+    /// Asks for the pending deletes to go now.
+    flush: tokio::sync::Notify,
+}
+
+/// One message of a receive: its receipt handle, until when it is invisible,
+/// and whether it is still to be settled.
+#[derive(Debug)]
+struct Visibility {
+    handle: Option<String>,
+    until: std::time::Instant,
+    open: bool,
+}
+
+// === impl InFlight ===
+
+impl InFlight {
+    fn new(messages: &[Received], received_at: std::time::Instant, visibility: Duration) -> Self {
+        let until = received_at + visibility;
+        Self {
+            visibility,
+            entries: std::sync::Mutex::new(
+                messages
+                    .iter()
+                    .map(|m| Visibility {
+                        handle: m.message().receipt_handle().map(str::to_owned),
+                        until,
+                        open: true,
+                    })
+                    .collect(),
+            ),
+            flush: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Visibility>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Message `i` is settled (or left): no longer kept invisible.
+    fn settled(&self, i: usize) {
+        if let Some(entry) = self.lock().get_mut(i) {
+            entry.open = false;
+        }
+    }
+
+    /// The messages still to be settled whose visibility is half gone.
+    fn due(&self) -> (Vec<usize>, Vec<String>) {
+        if self.visibility.is_zero() {
+            return (Vec::new(), Vec::new());
+        }
+        let now = std::time::Instant::now();
+        let half = self.visibility / 2;
+        self.lock()
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.open && v.until.saturating_duration_since(now) <= half)
+            .filter_map(|(i, v)| Some((i, v.handle.clone()?)))
+            .unzip()
+    }
+
+    /// The extensions SQS accepted, made at `at`.
+    fn extended(&self, indices: &[usize], accepted: &[bool], at: std::time::Instant) {
+        let mut entries = self.lock();
+        for (i, ok) in indices.iter().zip(accepted) {
+            if let (true, Some(entry)) = (*ok, entries.get_mut(*i)) {
+                entry.until = at + self.visibility;
+            }
+        }
+    }
+}
+
 /// Whether a failed receive means SQS will not serve this consumer.
 fn refuses(error: &ReceiveError) -> bool {
     use aws_sdk_sqs::error::ProvideErrorMetadata as _;
@@ -179,7 +262,14 @@ pub struct TracedConsumer {
     queue_depth: Option<Duration>,
     /// `DeleteMessageBatch` calls made, shared by the consumer's clones.
     delete_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    max_delete_delay: Duration,
 }
+
+/// The default of [`TracedConsumer::max_delete_delay`].
+pub const DEFAULT_MAX_DELETE_DELAY: Duration = Duration::from_secs(1);
+
+/// The visibility timeout assumed when the queue's cannot be read.
+const ASSUMED_VISIBILITY: Duration = Duration::from_secs(30);
 
 /// `mqtrace.aws_sqs.queue.messages`: SQS's approximate message counts of the
 /// queue, by `mqtrace.aws_sqs.queue.state` ([`QUEUE_STATE`]), when asked for with
@@ -204,12 +294,25 @@ impl TracedConsumer {
             empty_receive_spans: false,
             queue_depth: None,
             delete_requests: std::sync::Arc::default(),
+            max_delete_delay: DEFAULT_MAX_DELETE_DELAY,
         }
     }
 
+    /// How long a handled message's delete may wait to join others of its
+    /// receive in one `DeleteMessageBatch` (default
+    /// [`DEFAULT_MAX_DELETE_DELAY`], 1 s; never more than a quarter of the
+    /// visibility timeout). The pending deletes also go when ten are waiting,
+    /// when a FIFO message group of the receive is done, and when the whole
+    /// receive is; so a slow message never holds back the deletes of fast ones
+    /// until their visibility timeout has passed.
+    pub fn max_delete_delay(mut self, delay: Duration) -> Self {
+        self.max_delete_delay = delay;
+        self
+    }
+
     /// `DeleteMessageBatch` calls made so far. The messages of a receive that are
-    /// deleted (settled, or forwarded to the dead-letter queue) go together in
-    /// one call once the last of them is handled, unless settle spans are on
+    /// deleted (settled, or forwarded to the dead-letter queue) go together, by
+    /// age ([`TracedConsumer::max_delete_delay`]), unless settle spans are on
     /// (each describes one `DeleteMessage`). A message whose delete fails is
     /// received again after its visibility timeout: duplicated, never lost.
     pub fn delete_requests(&self) -> u64 {
@@ -324,7 +427,12 @@ impl TracedConsumer {
         self
     }
 
-    /// Visibility timeout requested with each receive (default: the queue's).
+    /// Visibility timeout requested with each receive (default: the queue's,
+    /// read once with `GetQueueAttributes`). While a receive's messages wait for
+    /// their turn or their handler runs, their visibility is extended with
+    /// `ChangeMessageVisibilityBatch` each time half of it has passed, so a long
+    /// handler's message is not handed to another consumer meanwhile; a message
+    /// that failed is no longer extended, and comes back after the timeout.
     pub fn visibility_timeout(mut self, seconds: i32) -> Self {
         self.visibility_timeout = Some(seconds);
         self
@@ -383,6 +491,7 @@ impl TracedConsumer {
         S: Future<Output = ()>,
     {
         let counters = ConsumerCounters::new();
+        let mut visibility = None;
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let received = tokio::select! {
@@ -409,48 +518,71 @@ impl TracedConsumer {
                     }
                 }
             };
+            let received_at = std::time::Instant::now();
+            if messages.is_empty() {
+                continue;
+            }
+            let visibility = self.visibility(&mut visibility).await;
+            let in_flight = InFlight::new(&messages, received_at, visibility);
             // FIFO messages of one group are handled in order; everything else
             // at once, each message in its own context.
-            let mut groups: Vec<(Option<&str>, Vec<&Received>)> = Vec::new();
-            for m in &messages {
+            let mut groups: Vec<Group<'_>> = Vec::new();
+            for (i, m) in messages.iter().enumerate() {
                 let group = m.system_attribute(&MessageSystemAttributeName::MessageGroupId);
                 match groups
                     .iter_mut()
                     .find(|(g, _)| group.is_some() && *g == group)
                 {
-                    Some((_, members)) => members.push(m),
-                    None => groups.push((group, vec![m])),
+                    Some((_, members)) => members.push((i, m)),
+                    None => groups.push((group, vec![(i, m)])),
                 }
             }
             // The receive's deletes go together, unless each has a settle span.
             let deletes = (!self.tracer.instrumenter().settle_spans_on())
                 .then(|| DeleteBatch::counting(std::sync::Arc::clone(&self.delete_requests)));
-            let dispositions =
-                futures_util::future::join_all(groups.into_iter().map(|(group, members)| {
-                    let (handler, deletes) = (&handler, deletes.as_ref());
-                    async move {
-                        let mut out = Vec::with_capacity(members.len());
-                        // Once a message of a FIFO group fails, the group's later
-                        // messages of this receive are neither handled nor deleted:
-                        // SQS hands the group out again from the failed one.
-                        let mut failed = false;
-                        let mut held = Vec::new();
-                        for m in members {
-                            let settled = match group {
-                                Some(group) if failed => {
-                                    held.extend(m.message().receipt_handle().map(str::to_owned));
-                                    self.hold(m, group).await
-                                }
-                                _ => self.handle(m, handler, deletes).await,
-                            };
-                            failed |= settled.disposition != Disposition::Settle;
-                            out.push(settled);
+            let handled = std::sync::atomic::AtomicBool::new(false);
+            let work = async {
+                let dispositions =
+                    futures_util::future::join_all(groups.into_iter().map(|(group, members)| {
+                        let (handler, deletes, in_flight) =
+                            (&handler, deletes.as_ref(), &in_flight);
+                        async move {
+                            let mut out = Vec::with_capacity(members.len());
+                            // Once a message of a FIFO group fails, the group's later
+                            // messages of this receive are neither handled nor deleted:
+                            // SQS hands the group out again from the failed one.
+                            let mut failed = false;
+                            let mut held = Vec::new();
+                            for (i, m) in members {
+                                let settled = match group {
+                                    Some(group) if failed => {
+                                        held.extend(
+                                            m.message().receipt_handle().map(str::to_owned),
+                                        );
+                                        self.hold(m, group).await
+                                    }
+                                    _ => self.handle(m, handler, deletes).await,
+                                };
+                                in_flight.settled(i);
+                                failed |= settled.disposition != Disposition::Settle;
+                                out.push(settled);
+                            }
+                            self.release(&held).await;
+                            // The group may be handed out again (to another
+                            // consumer too) once its deletes are made.
+                            if group.is_some() {
+                                in_flight.flush.notify_one();
+                            }
+                            out
                         }
-                        self.release(&held).await;
-                        out
-                    }
-                }))
-                .await;
+                    }))
+                    .await;
+                handled.store(true, std::sync::atomic::Ordering::SeqCst);
+                in_flight.flush.notify_one();
+                dispositions
+            };
+            let keep = self.keep(&in_flight, deletes.as_ref(), &counters, &handled);
+            let (dispositions, ()) = tokio::join!(work, keep);
             for settled in dispositions.into_iter().flatten() {
                 counters.record(&settled);
             }
@@ -459,6 +591,86 @@ impl TracedConsumer {
             }
         }
         Ok(counters.snapshot())
+    }
+
+    /// The visibility timeout of this consumer's receives: its own, or the
+    /// queue's (read once; [`ASSUMED_VISIBILITY`] while it cannot be read).
+    async fn visibility(&self, known: &mut Option<Duration>) -> Duration {
+        if let Some(seconds) = self.visibility_timeout {
+            return Duration::from_secs(u64::try_from(seconds).unwrap_or(0));
+        }
+        if let Some(v) = *known {
+            return v;
+        }
+        let request = self
+            .tracer
+            .client()
+            .get_queue_attributes()
+            .queue_url(self.tracer.queue_url())
+            .attribute_names(QueueAttributeName::VisibilityTimeout)
+            .send();
+        let read = match tokio::time::timeout(Duration::from_secs(2), request).await {
+            Ok(Ok(out)) => out.attributes.and_then(|a| {
+                a.get(&QueueAttributeName::VisibilityTimeout)?
+                    .parse::<u64>()
+                    .ok()
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(target: "mqtrace", error = %e, "reading the queue's visibility timeout failed; assuming 30 s");
+                None
+            }
+            Err(_) => None,
+        };
+        match read {
+            Some(seconds) => {
+                let v = Duration::from_secs(seconds);
+                *known = Some(v);
+                v
+            }
+            None => ASSUMED_VISIBILITY,
+        }
+    }
+
+    /// Beside a receive's handlers until `handled`: deletes what waits by age,
+    /// count, or when a FIFO group is done, and keeps the messages not yet
+    /// settled invisible.
+    async fn keep(
+        &self,
+        in_flight: &InFlight,
+        deletes: Option<&DeleteBatch>,
+        counters: &ConsumerCounters,
+        handled: &std::sync::atomic::AtomicBool,
+    ) {
+        let delay = self.max_delete_delay.min(in_flight.visibility / 4);
+        let tick = (in_flight.visibility / 8)
+            .min(delay)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            let now = tokio::select! {
+                () = in_flight.flush.notified() => true,
+                () = tokio::time::sleep(tick) => false,
+            };
+            if handled.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            if let Some(deletes) = deletes {
+                let due = now
+                    || deletes.len() >= 10
+                    || deletes.oldest_age().is_some_and(|age| age >= delay);
+                if due && !deletes.is_empty() {
+                    counters.settle_failures(self.tracer.delete_pending(deletes).await);
+                }
+            }
+            let (indices, handles) = in_flight.due();
+            if !handles.is_empty() {
+                let extended_at = std::time::Instant::now();
+                let accepted = self
+                    .tracer
+                    .set_visibility(&handles, in_flight.visibility)
+                    .await;
+                in_flight.extended(&indices, &accepted, extended_at);
+            }
+        }
     }
 
     async fn receive(&self) -> Result<Vec<Received>, ReceiveError> {

@@ -44,10 +44,17 @@
 //! | permanent error | forwarded to the dead-letter queue with `mqtrace-error-type`, `mqtrace-attempt`, `mqtrace-error-message`, `mqtrace-failed-at`, `mqtrace-original-traceparent` (as many as fit in the 10 attributes and the size limit, in that order) and the original body, then deleted; without one, deleted (`dropped` on the span) |
 //!
 //! "Deleted" is batched in the full consumer (unless settle spans are on): a
-//! receive's deletes go in one `DeleteMessageBatch` once the last of its messages
-//! is handled; a message whose delete fails is received again. An own loop does
-//! the same with [`MessageTracer::settle_batched`] into a [`DeleteBatch`], then
-//! [`MessageTracer::delete_batch`].
+//! receive's deletes go together in `DeleteMessageBatch` calls, made when the
+//! oldest has waited [`TracedConsumer::max_delete_delay`] (1 s, at most a quarter
+//! of the visibility timeout), when ten wait, when a FIFO group of the receive is
+//! done and when the receive is; a message whose delete fails is received again.
+//! Messages not yet settled (waiting for their turn, or in their handler) are
+//! kept invisible with `ChangeMessageVisibilityBatch` each time half of the
+//! visibility timeout has passed. An own loop does the same with
+//! [`MessageTracer::settle_batched`] into a [`DeleteBatch`], then
+//! [`MessageTracer::delete_pending`] as [`DeleteBatch::oldest_age`] grows and
+//! [`MessageTracer::delete_batch`] at the end, and
+//! [`MessageTracer::keep_visible`] for handlers that may outlast the timeout.
 //!
 //! FIFO queues: the full consumer handles a receive's messages of one message
 //! group in order, and once one fails, the group's later messages of that
@@ -111,8 +118,8 @@ pub use carrier::{
     MAX_MESSAGE_ATTRIBUTES,
 };
 pub use consumer::{
-    trace_context, ConsumeError, Received, TracedConsumer, FIFO_GROUP_BLOCKED_ERROR,
-    QUEUE_MESSAGES, QUEUE_STATE,
+    trace_context, ConsumeError, Received, TracedConsumer, DEFAULT_MAX_DELETE_DELAY,
+    FIFO_GROUP_BLOCKED_ERROR, QUEUE_MESSAGES, QUEUE_STATE,
 };
 pub use describe::{
     error_type, queue_name, MESSAGE_GROUP_ID, QUEUE_URL, RECEIVE_COUNT, SEQUENCE_NUMBER,

@@ -76,6 +76,8 @@ pub struct MessageTracer {
     instrumenter: Instrumenter,
     dead_letter_queue_url: Option<String>,
     max_message_bytes: usize,
+    /// The visibility timeout kept up while a handler runs, if asked.
+    keep_visible: Option<Duration>,
 }
 
 // === impl MessageTracer ===
@@ -92,7 +94,115 @@ impl MessageTracer {
             instrumenter: instrumenter.with_propagation(propagation),
             dead_letter_queue_url: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            keep_visible: None,
         }
+    }
+
+    /// Keeps a message invisible while its handler runs (default: off): from
+    /// the start of [`MessageTracer::process`], every half of `visibility` a
+    /// `ChangeMessageVisibility` sets its timeout to `visibility` again, so a
+    /// handler that runs longer than the timeout is not handed to another
+    /// consumer meanwhile. Give the visibility timeout you receive with, and call
+    /// `process` promptly after the receive: the first extension comes half a
+    /// timeout after `process` starts. A failed extension is logged; the message
+    /// may then be received again (duplicated, never lost).
+    pub fn keep_visible(mut self, visibility: Duration) -> Self {
+        self.keep_visible = Some(visibility).filter(|v| !v.is_zero());
+        self
+    }
+
+    /// Runs `work` while keeping `message` invisible, every half of
+    /// `visibility`.
+    async fn heartbeat<T>(
+        &self,
+        message: &Message,
+        visibility: Duration,
+        work: impl Future<Output = T>,
+    ) -> T {
+        let Some(handle) = message.receipt_handle() else {
+            return work.await;
+        };
+        let seconds = visibility_seconds(visibility);
+        let beat = async {
+            loop {
+                tokio::time::sleep(visibility / 2).await;
+                let result = self
+                    .client
+                    .change_message_visibility()
+                    .queue_url(&self.queue_url)
+                    .receipt_handle(handle)
+                    .visibility_timeout(seconds)
+                    .send()
+                    .await;
+                if let Err(e) = result {
+                    tracing::warn!(target: "mqtrace", error = %e, queue = %self.queue_url, "extending a message's visibility failed; it may be received again");
+                }
+            }
+        };
+        let work = std::pin::pin!(work);
+        let beat = std::pin::pin!(beat);
+        match futures_util::future::select(work, beat).await {
+            futures_util::future::Either::Left((out, _)) => out,
+            // The heartbeat never ends by itself.
+            futures_util::future::Either::Right(((), work)) => work.await,
+        }
+    }
+
+    /// Sets the visibility timeout of the messages with `handles` to
+    /// `visibility` from now (`ChangeMessageVisibilityBatch`, ten a call);
+    /// returns which changes SQS accepted.
+    pub(crate) async fn set_visibility(
+        &self,
+        handles: &[String],
+        visibility: Duration,
+    ) -> Vec<bool> {
+        let seconds = visibility_seconds(visibility);
+        let mut accepted = vec![false; handles.len()];
+        for (start, chunk) in (0..handles.len())
+            .step_by(10)
+            .map(|i| (i, &handles[i..(i + 10).min(handles.len())]))
+        {
+            let entries: Vec<_> = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(i, handle)| {
+                    aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id((start + i).to_string())
+                        .receipt_handle(handle)
+                        .visibility_timeout(seconds)
+                        .build()
+                        .ok()
+                })
+                .collect();
+            let result = self
+                .client
+                .change_message_visibility_batch()
+                .queue_url(&self.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await;
+            match result {
+                Ok(out) => {
+                    for ok in out.successful() {
+                        if let Some(slot) = ok
+                            .id()
+                            .parse::<usize>()
+                            .ok()
+                            .and_then(|i| accepted.get_mut(i))
+                        {
+                            *slot = true;
+                        }
+                    }
+                    if !out.failed().is_empty() {
+                        tracing::warn!(target: "mqtrace", messages = out.failed().len(), queue = %self.queue_url, "SQS did not change these messages' visibility");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(target: "mqtrace", error = %e, queue = %self.queue_url, "changing the messages' visibility failed");
+                }
+            }
+        }
+        accepted
     }
 
     /// Permanent failures and spent retry budgets go to this queue.
@@ -230,63 +340,6 @@ impl MessageTracer {
         }
     }
 
-    /// Sets the visibility timeout of the messages with `handles` to
-    /// `visibility` from now (`ChangeMessageVisibilityBatch`, ten a call);
-    /// returns which changes SQS accepted.
-    pub(crate) async fn set_visibility(
-        &self,
-        handles: &[String],
-        visibility: Duration,
-    ) -> Vec<bool> {
-        let seconds = visibility_seconds(visibility);
-        let mut accepted = vec![false; handles.len()];
-        for (start, chunk) in (0..handles.len())
-            .step_by(10)
-            .map(|i| (i, &handles[i..(i + 10).min(handles.len())]))
-        {
-            let entries: Vec<_> = chunk
-                .iter()
-                .enumerate()
-                .filter_map(|(i, handle)| {
-                    aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id((start + i).to_string())
-                        .receipt_handle(handle)
-                        .visibility_timeout(seconds)
-                        .build()
-                        .ok()
-                })
-                .collect();
-            let result = self
-                .client
-                .change_message_visibility_batch()
-                .queue_url(&self.queue_url)
-                .set_entries(Some(entries))
-                .send()
-                .await;
-            match result {
-                Ok(out) => {
-                    for ok in out.successful() {
-                        if let Some(slot) = ok
-                            .id()
-                            .parse::<usize>()
-                            .ok()
-                            .and_then(|i| accepted.get_mut(i))
-                        {
-                            *slot = true;
-                        }
-                    }
-                    if !out.failed().is_empty() {
-                        tracing::warn!(target: "mqtrace", messages = out.failed().len(), queue = %self.queue_url, "SQS did not change these messages' visibility");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(target: "mqtrace", error = %e, queue = %self.queue_url, "changing the messages' visibility failed");
-                }
-            }
-        }
-        accepted
-    }
-
     pub(crate) fn incoming<'a>(&'a self, message: &'a Message) -> Incoming<'a> {
         Incoming {
             message,
@@ -312,15 +365,20 @@ impl MessageTracer {
     /// Runs `handler` inside the message's `process` span (CONSUMER; message id,
     /// receive count, queue time from `SentTimestamp`, the attempt, the error
     /// status). The handler is told the [`Attempt`]. The span stays open in the
-    /// [`Processed`] until [`MessageTracer::settle`].
+    /// [`Processed`] until [`MessageTracer::settle`]. With
+    /// [`MessageTracer::keep_visible`], the message's visibility is extended
+    /// while the handler runs.
     pub async fn process<F, Fut>(&self, message: &Message, handler: F) -> Processed
     where
         F: FnOnce(Attempt) -> Fut,
         Fut: Future<Output = HandlerResult>,
     {
-        self.instrumenter
-            .process_with(&self.incoming(message), handler)
-            .await
+        let incoming = self.incoming(message);
+        let work = self.instrumenter.process_with(&incoming, handler);
+        match self.keep_visible {
+            Some(visibility) => self.heartbeat(message, visibility, work).await,
+            None => work.await,
+        }
     }
 
     /// Settles a processed message (delete, leave, or forward to the dead-letter
@@ -375,6 +433,14 @@ impl MessageTracer {
     /// Returns how many could not be deleted: they are visible again after their
     /// timeout and received again (duplicated, never lost); failures are logged.
     pub async fn delete_batch(&self, batch: DeleteBatch) -> u64 {
+        self.delete_pending(&batch).await
+    }
+
+    /// [`MessageTracer::delete_batch`] for what is in `batch` now; the batch
+    /// takes more messages afterwards. For a loop of your own that deletes by age
+    /// ([`DeleteBatch::oldest_age`]) while other messages of the receive are
+    /// still being handled.
+    pub async fn delete_pending(&self, batch: &DeleteBatch) -> u64 {
         let handles = batch.take();
         let mut failed = 0;
         for chunk in handles.chunks(10) {
@@ -514,7 +580,7 @@ impl Inbound for Incoming<'_> {
 /// messages instead of a `DeleteMessage` each.
 #[derive(Debug, Default)]
 pub struct DeleteBatch {
-    handles: std::sync::Mutex<Vec<String>>,
+    handles: std::sync::Mutex<Pending>,
     /// `DeleteMessageBatch` calls made, shared by the consumer's batches.
     requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -527,10 +593,21 @@ impl DeleteBatch {
 
     /// Messages waiting in the batch to be deleted.
     pub fn len(&self) -> usize {
+        self.pending().handles.len()
+    }
+
+    /// How long the oldest message in the batch has waited to be deleted. A
+    /// loop of your own should delete the batch well before this reaches the
+    /// visibility timeout: a message whose delete comes after it is received
+    /// again, and on a FIFO queue the late delete fails.
+    pub fn oldest_age(&self) -> Option<Duration> {
+        self.pending().since.map(|t| t.elapsed())
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.handles
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
     }
 
     /// Whether no message waits in the batch.
@@ -546,20 +623,21 @@ impl DeleteBatch {
     }
 
     fn push(&self, handle: &str) {
-        self.handles
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(handle.to_owned());
+        let mut pending = self.pending();
+        pending.since.get_or_insert_with(std::time::Instant::now);
+        pending.handles.push(handle.to_owned());
     }
 
     fn take(&self) -> Vec<String> {
-        std::mem::take(
-            &mut *self
-                .handles
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        std::mem::take(&mut *self.pending()).handles
     }
+}
+
+/// The receipt handles of a [`DeleteBatch`], and when the oldest joined.
+#[derive(Debug, Default)]
+struct Pending {
+    handles: Vec<String>,
+    since: Option<std::time::Instant>,
 }
 
 /// SQS's operations on one message, for the core's lifecycle.
