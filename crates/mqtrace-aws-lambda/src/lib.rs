@@ -821,3 +821,40 @@ impl Extractor for Attributes<'_> {
 /// OpenTelemetry bridge should leave out: give them to
 /// `mqtrace_telemetry::TelemetryBuilder::quiet_targets`.
 pub const CLIENT_TARGETS: &[&str] = &["lambda_runtime"];
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn handler() -> TracedSqsHandler {
+        TracedSqsHandler::new(&Instrumenter::default(), || {})
+    }
+
+    fn at(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn no_deadline_starts_every_record() {
+        assert_eq!(handler().cutoff(0, at(1_000)), None);
+    }
+
+    #[test]
+    fn records_stop_a_margin_before_the_deadline() {
+        // 10 s left: the default margin, 1 s.
+        assert_eq!(handler().cutoff(20_000, at(10_000)), Some(at(19_000)));
+        let custom = handler().deadline_margin(Duration::from_secs(3));
+        assert_eq!(custom.cutoff(30_000, at(10_000)), Some(at(27_000)));
+        // Never more than a quarter of the time left, set or not.
+        assert_eq!(custom.cutoff(20_000, at(10_000)), Some(at(17_500)));
+    }
+
+    #[test]
+    fn a_short_invocation_keeps_three_quarters_of_its_time() {
+        // 2 s left: a quarter, 500 ms, rather than 1 s.
+        assert_eq!(handler().cutoff(12_000, at(10_000)), Some(at(11_500)));
+        // Already past: nothing starts.
+        assert_eq!(handler().cutoff(5_000, at(10_000)), Some(at(5_000)));
+    }
+}
