@@ -332,21 +332,23 @@ impl Positions {
     /// revocations counted then) moved: their positions are older than what
     /// their next owner commits, and a partition that comes back starts from the
     /// group's committed offset.
-    fn forget_revoked(&mut self, context: &StatsContext, seen: &mut u64) {
+    /// Returns the partitions forgotten.
+    fn forget_revoked(&mut self, context: &StatsContext, seen: &mut u64) -> Vec<(String, i32)> {
         let now = context.revocations.load(Ordering::Acquire);
         if now == *seen {
-            return;
+            return Vec::new();
         }
         *seen = now;
         let revoked = match context.revoked.lock() {
             Ok(mut revoked) => std::mem::take(&mut *revoked),
-            Err(_) => return,
+            Err(_) => return Vec::new(),
         };
-        for (topic, partition) in revoked {
-            if let Some(partitions) = self.0.get_mut(&topic) {
-                partitions.remove(&partition);
+        for (topic, partition) in &revoked {
+            if let Some(partitions) = self.0.get_mut(topic) {
+                partitions.remove(partition);
             }
         }
+        revoked
     }
 
     /// Topic, partition and position of every partition seen.
@@ -696,8 +698,13 @@ impl TracedConsumer {
                 }
                 received = self.consumer.recv() => received.map(|m| m.detach()),
             };
-            // Partitions revoked during the poll leave the positions.
-            positions.forget_revoked(self.consumer.context(), &mut revocations);
+            // Partitions revoked during the poll leave the positions, and end
+            // any hold of theirs (a failed seek back paused them).
+            for (topic, partition) in
+                positions.forget_revoked(self.consumer.context(), &mut revocations)
+            {
+                self.tracer.release(&*self.consumer, &topic, partition);
+            }
             match received {
                 Ok(message) => {
                     missing = None;
@@ -736,7 +743,7 @@ impl TracedConsumer {
                 }
             }
         }
-        positions.forget_revoked(self.consumer.context(), &mut revocations);
+        let _ = positions.forget_revoked(self.consumer.context(), &mut revocations);
         self.final_commit(&positions, committing).await;
         counters.settle_failures(
             self.consumer
@@ -869,7 +876,7 @@ mod tests {
         positions.settled("orders", 0, 41);
         positions.settled("orders", 1, 7);
         let mut seen = 0;
-        positions.forget_revoked(&context, &mut seen);
+        let _ = positions.forget_revoked(&context, &mut seen);
         assert_eq!(positions.iter().count(), 2);
         if let Ok(mut revoked) = context.revoked.lock() {
             revoked.push(("orders".to_owned(), 1));
@@ -877,7 +884,7 @@ mod tests {
         context
             .revocations
             .fetch_add(1, std::sync::atomic::Ordering::Release);
-        positions.forget_revoked(&context, &mut seen);
+        let _ = positions.forget_revoked(&context, &mut seen);
         assert_eq!(positions.iter().collect::<Vec<_>>(), [("orders", 0, 42)]);
         assert_eq!(seen, 1);
     }

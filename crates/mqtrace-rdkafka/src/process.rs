@@ -325,8 +325,9 @@ impl Guard {
 
     /// Whether settling the record at `offset` would pass a held record: if so,
     /// tries the seek back again (resuming the partition when it is accepted).
-    /// A record at or before the held one ends the hold: the partition was read
-    /// again from there.
+    /// Only the held record itself, handed out again, ends the hold; a record
+    /// before it (one still in flight in a concurrent loop) settles but leaves
+    /// the hold in place, since the partition was not read again from there.
     fn passes_held<C: Consumer<X>, X: ConsumerContext>(
         &self,
         consumer: &C,
@@ -340,7 +341,10 @@ impl Guard {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         let key = (topic.to_owned(), partition);
         let at = *held.get(&key)?;
-        if offset <= at {
+        if offset < at {
+            return None;
+        }
+        if offset == at {
             held.remove(&key);
             self.any_held.store(!held.is_empty(), Ordering::Release);
             return None;
@@ -358,6 +362,30 @@ impl Guard {
             partition,
             offset: at,
         })
+    }
+
+    /// Ends the hold of a partition revoked from the consumer, and resumes it:
+    /// its next owner (or this consumer, when it comes back) reads it from the
+    /// committed offset, which never passed the held record. librdkafka keeps an
+    /// application's pause across a revocation, so it is undone here.
+    fn release<C: Consumer<X>, X: ConsumerContext>(
+        &self,
+        consumer: &C,
+        topic: &str,
+        partition: i32,
+    ) {
+        if !self.any_held.load(Ordering::Acquire) {
+            return;
+        }
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.remove(&(topic.to_owned(), partition)).is_some() {
+            self.any_held.store(!held.is_empty(), Ordering::Release);
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            if let Err(e) = consumer.resume(&tpl) {
+                tracing::warn!(target: "mqtrace", error = %e, topic, partition, "cannot resume a revoked partition that was held");
+            }
+        }
     }
 
     /// Whether the record at `offset` is past a held record of its partition.
@@ -462,6 +490,16 @@ impl RecordTracer {
 
     /// Whether the record at `offset` is past a record of its partition whose
     /// seek back failed: it is not to be committed past.
+    /// A partition was revoked: its hold, if any, ends and it is resumed.
+    pub(crate) fn release<C: Consumer<X>, X: ConsumerContext>(
+        &self,
+        consumer: &C,
+        topic: &str,
+        partition: i32,
+    ) {
+        self.guard.release(consumer, topic, partition);
+    }
+
     pub(crate) fn holds(&self, topic: &str, partition: i32, offset: i64) -> bool {
         self.guard.holds(topic, partition, offset)
     }
@@ -798,8 +836,42 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::{AutoSettings, SettleRefused};
+    use super::{AutoSettings, Guard, SettleRefused};
     use rdkafka::ClientConfig;
+
+    /// A record before the held one, still in flight in a concurrent loop when
+    /// the hold began, settles without ending the hold: the partition was not
+    /// read again, so a later record must still not pass the held one (before,
+    /// it ended the hold and the next record committed past it). Only the held
+    /// record itself, handed out again, or a revocation ends it.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn only_the_held_record_ends_the_hold() {
+        let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+            .set("group.id", "hold-test")
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create()
+            .unwrap();
+        let guard = Guard::default();
+        guard.held.lock().unwrap().insert(("t".to_owned(), 0), 10);
+        guard
+            .any_held
+            .store(true, std::sync::atomic::Ordering::Release);
+        assert!(guard.passes_held(&consumer, "t", 0, 9).is_none());
+        assert!(guard.holds("t", 0, 11), "9 did not end the hold");
+        assert!(matches!(
+            guard.passes_held(&consumer, "t", 0, 11),
+            Some(SettleRefused::Held { offset: 10, .. })
+        ));
+        assert!(guard.passes_held(&consumer, "t", 0, 10).is_none());
+        assert!(!guard.holds("t", 0, 11));
+        guard.held.lock().unwrap().insert(("t".to_owned(), 1), 5);
+        guard
+            .any_held
+            .store(true, std::sync::atomic::Ordering::Release);
+        guard.release(&consumer, "t", 1);
+        assert!(!guard.holds("t", 1, 6), "a revoked partition is released");
+    }
 
     fn settings(pairs: &[(&str, &str)]) -> AutoSettings {
         let mut config = ClientConfig::new();
