@@ -87,7 +87,11 @@ impl State {
         } else {
             self.seen_upto + 1
         };
-        self.in_flight.first().copied().unwrap_or(u64::MAX).min(unseen)
+        self.in_flight
+            .first()
+            .copied()
+            .unwrap_or(u64::MAX)
+            .min(unseen)
     }
 }
 

@@ -54,7 +54,13 @@
 //! requeues instead of forwarding, unless [`DeliveryTracer::unconfirmed_forwards`]
 //! accepts the risk. An ack or nack that lapin did not send (the channel had
 //! closed) is a settle failure ([`SettleError::NotSent`]): counted, on the span,
-//! and the broker delivers the message again.
+//! and the broker delivers the message again. A tracer has one forward in flight
+//! at a time (lapin gives a confirm the oldest return it holds, so concurrent
+//! mandatory publishes on one channel could swap their returns): don't publish
+//! `mandatory` messages of your own on a channel a tracer forwards on. A forward
+//! that keeps failing (a dead-letter queue deleted) requeues its original each
+//! time, so the handler runs again until the topology is fixed: loud (an error
+//! on every forward span), never lost.
 //!
 //! "Ack" is coalesced in the full consumer (unless settle spans are on): a settled
 //! delivery's ack waits up to 5 ms, or until half the prefetch window is settled,
@@ -67,7 +73,10 @@
 //! A `multiple` never covers a delivery tag the coalescer has not seen arrive or
 //! settle, so breaking a rule (a second `basic_consume` or a `basic_get` on the
 //! channel, a concurrent loop that skips [`AckCoalescer::arrived`]) costs
-//! coalescing, never a message: those acks go one by one.
+//! coalescing, never a message: those acks go one by one. Don't coalesce on a
+//! connection with lapin's `auto-recover`: a recovered channel counts its tags
+//! from 1 again, and acks pending from before would name the new deliveries (the
+//! full consumer reconnects with a new channel and a new coalescer instead).
 //!
 //! Permanent failures are rejected to the queue's dead-letter exchange: RabbitMQ's
 //! own dead-lettering, which classic queues do at most once (a dead-letter queue

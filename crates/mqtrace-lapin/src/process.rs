@@ -70,6 +70,11 @@ pub struct DeliveryTracer {
     retry_via: Option<(String, String)>,
     server: Option<Server>,
     unconfirmed_forwards: bool,
+    /// One forward in flight at a time, across the tracer's clones: lapin hands
+    /// a publish's confirm the oldest return it holds, not necessarily that
+    /// publish's own, so two forwards in flight on a channel could swap a
+    /// return and ack the original of the one that was not routed.
+    forwarding: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 // === impl DeliveryTracer ===
@@ -85,6 +90,7 @@ impl DeliveryTracer {
             retry_via: None,
             server: None,
             unconfirmed_forwards: false,
+            forwarding: std::sync::Arc::default(),
         }
     }
 
@@ -428,6 +434,7 @@ impl Settler for LapinSettler<'_> {
         let body = self.parts.body;
         let span = forward.span;
         let unconfirmed = self.tracer.unconfirmed_forwards;
+        let forwarding = &self.tracer.forwarding;
         async move {
             let confirms = channel.status().confirm();
             if !confirms && !unconfirmed {
@@ -443,6 +450,8 @@ impl Settler for LapinSettler<'_> {
                 tracing::error!(target: "mqtrace", exchange, routing_key, "a forward needs a channel in confirm mode; the message is requeued instead");
                 return false;
             }
+            // Held from the publish until its confirm (and any return) is in.
+            let _one_at_a_time = forwarding.lock().await;
             let result = async {
                 channel
                     .basic_publish(
