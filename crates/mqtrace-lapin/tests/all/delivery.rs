@@ -246,9 +246,15 @@ async fn a_coalescer_never_acks_another_consumers_delivery() {
     consumer_connection.close(200, "done".into()).await.unwrap();
 
     let waiting = drain_at_least(&channel, slow.name(), 1).await;
-    ledger.waiting(waiting.iter().map(|d| format!("slow-{}", number_of(&d.data))));
+    ledger.waiting(
+        waiting
+            .iter()
+            .map(|d| format!("slow-{}", number_of(&d.data))),
+    );
     assert!(
-        crate::helpers::drain(&channel, fast.name()).await.is_empty(),
+        crate::helpers::drain(&channel, fast.name())
+            .await
+            .is_empty(),
         "the fast queue's deliveries were all acked"
     );
     let a = ledger.check(
