@@ -289,7 +289,10 @@ impl TracedSqsHandler {
             return None;
         }
         let deadline = UNIX_EPOCH.checked_add(Duration::from_millis(deadline_ms))?;
-        let left = deadline.duration_since(now).unwrap_or_default();
+        // A deadline already past when the invocation starts is not one this
+        // invocation can keep (an emulator that built the function after the
+        // invoke gives one): records start as they did without a deadline.
+        let left = deadline.duration_since(now).ok().filter(|l| !l.is_zero())?;
         deadline.checked_sub(self.deadline_margin.min(left / 4))
     }
 
@@ -854,7 +857,7 @@ mod tests {
     fn a_short_invocation_keeps_three_quarters_of_its_time() {
         // 2 s left: a quarter, 500 ms, rather than 1 s.
         assert_eq!(handler().cutoff(12_000, at(10_000)), Some(at(11_500)));
-        // Already past: nothing starts.
-        assert_eq!(handler().cutoff(5_000, at(10_000)), Some(at(5_000)));
+        // Already past when the invocation starts: not a deadline it can keep.
+        assert_eq!(handler().cutoff(5_000, at(10_000)), None);
     }
 }
