@@ -274,7 +274,9 @@ impl TracedSqsHandler {
     /// response returned before Lambda stops the invocation, which would fail
     /// the whole batch and lose its spans. The flush before returning is bounded
     /// by the time left. An invocation without a deadline (a context made by
-    /// hand, deadline 0) starts every record. With
+    /// hand, deadline 0), or whose deadline had already passed when it began (a
+    /// local emulator that built the function after the invoke), starts every
+    /// record. With
     /// [`TracedSqsHandler::partial_batch_responses`] off, a record not started
     /// fails the invocation ([`BatchFailed`]) like any failure.
     pub fn deadline_margin(mut self, margin: Duration) -> Self {
