@@ -331,8 +331,7 @@ impl Positions {
     /// Forgets the partitions revoked since it last looked, when `seen` (the
     /// revocations counted then) moved: their positions are older than what
     /// their next owner commits, and a partition that comes back starts from the
-    /// group's committed offset.
-    /// Returns the partitions forgotten.
+    /// group's committed offset. Returns the partitions forgotten.
     fn forget_revoked(&mut self, context: &StatsContext, seen: &mut u64) -> Vec<(String, i32)> {
         let now = context.revocations.load(Ordering::Acquire);
         if now == *seen {

@@ -488,8 +488,6 @@ impl RecordTracer {
         self.auto.and_then(|a| a.refusal(self.store_offsets))
     }
 
-    /// Whether the record at `offset` is past a record of its partition whose
-    /// seek back failed: it is not to be committed past.
     /// A partition was revoked: its hold, if any, ends and it is resumed.
     pub(crate) fn release<C: Consumer<X>, X: ConsumerContext>(
         &self,
@@ -500,6 +498,8 @@ impl RecordTracer {
         self.guard.release(consumer, topic, partition);
     }
 
+    /// Whether the record at `offset` is past a record of its partition whose
+    /// seek back failed: it is not to be committed past.
     pub(crate) fn holds(&self, topic: &str, partition: i32, offset: i64) -> bool {
         self.guard.holds(topic, partition, offset)
     }
@@ -776,10 +776,8 @@ where
         let (tracer, consumer) = (self.tracer, self.consumer);
         let result = match settlement {
             Settlement::Ack | Settlement::Reject => {
-                if let Some(refused) = tracer.config_refusal() {
+                if let Err(refused) = tracer.check(consumer) {
                     Err(refused.into())
-                } else if tracer.store_offsets && !tracer.guard.store_allowed(consumer) {
-                    Err(SettleRefused::AutoOffsetStore.into())
                 } else if let Some(refused) =
                     tracer
                         .guard

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqtrace::{HandlerError, Settlement};
+use mqtrace::{HandlerError, Instrumenter, Settlement};
 use mqtrace_testing::delivery::{Contract, Ledger, Settled};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message as _;
@@ -15,6 +15,19 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use crate::helpers::{
     committed_offset, committed_offset_of, send_numbered, when_count, within, Harness,
 };
+
+/// A topic of the test's own with five numbered records on its one partition,
+/// each recorded in a new ledger as sent.
+async fn five_records(h: &Harness, base: &str, instrumenter: &Instrumenter) -> (String, Ledger) {
+    let topic = h.name(base);
+    h.topics(&[&topic]).await;
+    let ledger = Ledger::new();
+    send_numbered(&h.producer(instrumenter), &topic, 5).await;
+    for i in 0..5 {
+        ledger.sent(i.to_string(), "0");
+    }
+    (topic, ledger)
+}
 
 /// Commits the consumer's stored offsets (the loop's commit timer), reads the
 /// group's committed offset back, and tells the ledger: the commit, and the
@@ -85,14 +98,8 @@ async fn own_loop(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_loop_storing_offsets_under_the_default_auto_store_is_refused() {
     let h = Harness::start().await;
-    let topic = h.name("autostore");
-    h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b.settle_spans(true));
-    let ledger = Ledger::new();
-    send_numbered(&h.producer(&instrumenter), &topic, 5).await;
-    for i in 0..5 {
-        ledger.sent(i.to_string(), "0");
-    }
+    let (topic, ledger) = five_records(&h, "autostore", &instrumenter).await;
     let mut config = h.consumer_config();
     // The auto-commit off, the offset store left at librdkafka's default.
     config.set("enable.auto.commit", "false");
@@ -136,14 +143,8 @@ async fn own_loop_storing_offsets_under_the_default_auto_store_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_loop_storing_offsets_never_commits_past_a_record_in_its_handler() {
     let h = Harness::start().await;
-    let topic = h.name("nostore");
-    h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);
-    let ledger = Ledger::new();
-    send_numbered(&h.producer(&instrumenter), &topic, 5).await;
-    for i in 0..5 {
-        ledger.sent(i.to_string(), "0");
-    }
+    let (topic, ledger) = five_records(&h, "nostore", &instrumenter).await;
     let mut config = h.consumer_config();
     config
         .set("enable.auto.commit", "false")
@@ -321,14 +322,8 @@ mod seek_fails {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_seek_back_holds_the_partition_at_the_record() {
     let h = Harness::start().await;
-    let topic = h.name("seekfails");
-    h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);
-    let ledger = Ledger::new();
-    send_numbered(&h.producer(&instrumenter), &topic, 5).await;
-    for i in 0..5 {
-        ledger.sent(i.to_string(), "0");
-    }
+    let (topic, ledger) = five_records(&h, "seekfails", &instrumenter).await;
     let mut config = h.consumer_config();
     config
         .set("enable.auto.commit", "false")
