@@ -12,6 +12,9 @@
 //!
 //! - **nothing lost**: every message sent was handled successfully, found in the
 //!   dead-letter destination, or found still waiting on the broker;
+//! - **no dead letter unhandled**: every message found in the dead-letter
+//!   destination had at least one handler invocation (a dead letter the handler
+//!   never saw was not given its attempts);
 //! - **nothing settled early**: no message was settled (acked, committed,
 //!   deleted) by the test's own loop before a handler invocation of it had
 //!   succeeded, unless it was settled as a forward (a retry or dead letter the
@@ -93,6 +96,8 @@ pub struct Accounting {
     pub lost: Vec<String>,
     /// Messages settled by the test's loop before any invocation succeeded.
     pub settled_early: Vec<String>,
+    /// Messages found in the dead-letter destination that no invocation handled.
+    pub dead_unhandled: Vec<String>,
     /// Pairs (earlier, later) of one scope where the later succeeded first.
     pub reordered: Vec<(String, String)>,
     /// Commits below an earlier commit of the same partition: (partition, from, to).
@@ -124,6 +129,8 @@ struct Message {
     scope: String,
     /// Position in its scope's send order.
     position: u64,
+    /// Invocations started, finished or not.
+    started: u64,
     successes: Vec<u64>,
     failures: u64,
     settled: Vec<(u64, Settled)>,
@@ -209,9 +216,13 @@ impl Ledger {
     /// A handler invocation of `id` starts.
     pub fn started(&self, id: impl Into<String>) -> Invocation {
         self.tick();
+        let id = id.into();
+        if let Some(m) = self.lock().messages.get_mut(&id) {
+            m.started += 1;
+        }
         Invocation {
             ledger: self.clone(),
-            id: id.into(),
+            id,
         }
     }
 
@@ -276,6 +287,9 @@ impl Ledger {
             if m.successes.is_empty() && !dead && !waiting {
                 a.lost.push(id.clone());
             }
+            if dead && m.started == 0 {
+                a.dead_unhandled.push(id.clone());
+            }
             let first_success = m.successes.first().copied().unwrap_or(u64::MAX);
             if m.settled
                 .iter()
@@ -324,8 +338,8 @@ impl Ledger {
         a
     }
 
-    /// Prints `label: accounting` and asserts `contract`: nothing lost, nothing
-    /// settled early, no commit backwards, order kept when promised, duplicates
+    /// Prints `label: accounting` and asserts `contract`: nothing lost, no dead
+    /// letter unhandled, nothing settled early, no commit backwards, order kept when promised, duplicates
     /// within the bound, and no invocation of a message that was never sent.
     pub fn check(&self, label: &str, contract: Contract) -> Accounting {
         let a = self.accounting();
@@ -336,6 +350,11 @@ impl Ledger {
             "{label}: handled or settled messages never sent: {unknown:?}"
         );
         assert!(a.lost.is_empty(), "{label}: lost {:?}", a.lost);
+        assert!(
+            a.dead_unhandled.is_empty(),
+            "{label}: dead-lettered without ever being handled: {:?}",
+            a.dead_unhandled
+        );
         assert!(
             a.settled_early.is_empty(),
             "{label}: settled before their handler succeeded: {:?}",
@@ -380,13 +399,14 @@ mod tests {
         l.settled("a", Settled::Done);
         l.started("b").finished(true);
         l.started("b").finished(true);
+        l.started("c").finished(false);
         l.dead_lettered(["c"]);
         l.committed("p0", 1);
         l.committed("p0", 2);
         let a = l.check("clean", Contract::ordered().duplicates(1));
         assert_eq!(
             a.to_string(),
-            "sent 3, processed 2 (1 duplicates), failed attempts 1, waiting 0, \
+            "sent 3, processed 2 (1 duplicates), failed attempts 2, waiting 0, \
              dead-lettered 1, lost 0, settled early 0, reordered 0, backwards 0"
         );
     }
@@ -394,11 +414,11 @@ mod tests {
     #[test]
     fn each_breach_is_found() {
         let l = Ledger::new();
-        for id in ["m1", "m2", "m3", "m4"] {
+        for id in ["m1", "m2", "m3", "m4", "m5"] {
             l.sent(id, "g");
         }
         // m1 failed, m2 went ahead: reordered. m3 settled before its handler
-        // finished. m4 found nowhere.
+        // finished. m4 found nowhere. m5 dead-lettered, never handled.
         l.started("m1").finished(false);
         l.started("m2").finished(true);
         let running = l.started("m3");
@@ -407,8 +427,10 @@ mod tests {
         l.started("m1").finished(true);
         l.committed("0", 5);
         l.committed("0", 3);
+        l.dead_lettered(["m5"]);
         let a = l.accounting();
         assert_eq!(a.lost, ["m4"]);
+        assert_eq!(a.dead_unhandled, ["m5"]);
         assert_eq!(a.settled_early, ["m3"]);
         assert_eq!(
             a.reordered,
