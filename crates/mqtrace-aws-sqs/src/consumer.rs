@@ -300,7 +300,7 @@ impl TracedConsumer {
 
     /// How long a handled message's delete may wait to join others of its
     /// receive in one `DeleteMessageBatch` (default
-    /// [`DEFAULT_MAX_DELETE_DELAY`], 1 s; never more than a quarter of the
+    /// [`DEFAULT_MAX_DELETE_DELAY`], 1 s; never more than an eighth of the
     /// visibility timeout). The pending deletes also go when ten are waiting,
     /// when a FIFO message group of the receive is done, and when the whole
     /// receive is; so a slow message never holds back the deletes of fast ones
@@ -594,7 +594,7 @@ impl TracedConsumer {
     }
 
     /// The visibility timeout of this consumer's receives: its own, or the
-    /// queue's (read once; [`ASSUMED_VISIBILITY`] while it cannot be read).
+    /// queue's (read once; [`ASSUMED_VISIBILITY`] when that read fails).
     async fn visibility(&self, known: &mut Option<Duration>) -> Duration {
         if let Some(seconds) = self.visibility_timeout {
             return Duration::from_secs(u64::try_from(seconds).unwrap_or(0));
@@ -619,16 +619,15 @@ impl TracedConsumer {
                 tracing::warn!(target: "mqtrace", error = %e, "reading the queue's visibility timeout failed; assuming 30 s");
                 None
             }
-            Err(_) => None,
-        };
-        match read {
-            Some(seconds) => {
-                let v = Duration::from_secs(seconds);
-                *known = Some(v);
-                v
+            Err(_) => {
+                tracing::warn!(target: "mqtrace", "reading the queue's visibility timeout took over 2 s; assuming 30 s");
+                None
             }
-            None => ASSUMED_VISIBILITY,
-        }
+        };
+        // Read once: a failed read is not tried again before every receive.
+        let v = read.map_or(ASSUMED_VISIBILITY, Duration::from_secs);
+        *known = Some(v);
+        v
     }
 
     /// Beside a receive's handlers until `handled`: deletes what waits by age,
@@ -641,7 +640,10 @@ impl TracedConsumer {
         counters: &ConsumerCounters,
         handled: &std::sync::atomic::AtomicBool,
     ) {
-        let delay = self.max_delete_delay.min(in_flight.visibility / 4);
+        // A handled message is no longer kept invisible: it may have little
+        // more than three eighths of the timeout left (extended at half), so its
+        // delete waits at most an eighth, plus a tick of at most another.
+        let delay = self.max_delete_delay.min(in_flight.visibility / 8);
         let tick = (in_flight.visibility / 8)
             .min(delay)
             .clamp(Duration::from_millis(50), Duration::from_secs(1));

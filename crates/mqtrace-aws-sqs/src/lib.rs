@@ -45,7 +45,7 @@
 //!
 //! "Deleted" is batched in the full consumer (unless settle spans are on): a
 //! receive's deletes go together in `DeleteMessageBatch` calls, made when the
-//! oldest has waited [`TracedConsumer::max_delete_delay`] (1 s, at most a quarter
+//! oldest has waited [`TracedConsumer::max_delete_delay`] (1 s, at most an eighth
 //! of the visibility timeout), when ten wait, when a FIFO group of the receive is
 //! done and when the receive is; a message whose delete fails is received again.
 //! Messages not yet settled (waiting for their turn, or in their handler) are
