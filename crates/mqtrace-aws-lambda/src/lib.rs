@@ -143,8 +143,9 @@ pub struct TracedSqsHandler {
 }
 
 /// `error.type` of a FIFO record not handed to the handler because an earlier
-/// record of its message group failed in the same invocation.
-pub const FIFO_GROUP_BLOCKED_ERROR: &str = "fifo_group_blocked";
+/// record of its message group failed in the same invocation: the SQS
+/// consumer's, the same rule.
+pub use mqtrace_aws_sqs::FIFO_GROUP_BLOCKED_ERROR;
 
 /// `error.type` of a record not started because the invocation's deadline was
 /// near ([`TracedSqsHandler::deadline_margin`]).
@@ -467,6 +468,16 @@ impl TracedSqsHandler {
                     });
                     if late || held {
                         r.held.store(true, Ordering::Relaxed);
+                    }
+                    if late {
+                        // Nothing later of its group may start after it, whatever
+                        // the clock says next.
+                        if let Some(g) = &group {
+                            blocked
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .push(g.clone());
+                        }
                     }
                     let run = (!late && !held).then(|| handler(r.message, attempt));
                     let blocked = &blocked;
