@@ -483,8 +483,8 @@ impl<'a> Plan<'a> {
         (field_len(1, resource_spans), at, group)
     }
 
-    fn add(&mut self, scope: &'a InstrumentationScope, len: usize) {
-        let (_, at, group) = self.with(scope, len);
+    /// Adds a span to `scope`'s group, as [`Plan::with`] sized it.
+    fn add(&mut self, scope: &'a InstrumentationScope, (at, group): (Option<usize>, usize)) {
         match at {
             Some(g) => {
                 self.resource_spans -= field_len(2, self.groups[g].1);
@@ -521,16 +521,17 @@ pub(crate) fn encode_requests(
     let mut start = 0;
     for (i, (span, p)) in spans.iter().zip(&parts).enumerate() {
         let scope = &span.instrumentation_scope;
-        if i > start && plan.with(scope, p.len).0 > max {
+        let mut sized = plan.with(scope, p.len);
+        if i > start && sized.0 > max {
             requests.push(encode_run(&spans[start..i], &parts[start..i], resource));
             start = i;
             plan.clear();
+            sized = plan.with(scope, p.len);
         }
-        plan.add(scope, p.len);
+        plan.add(scope, (sized.1, sized.2));
     }
-    if start < spans.len() || requests.is_empty() {
-        requests.push(encode_run(&spans[start..], &parts[start..], resource));
-    }
+    // The last run: never empty, but for an empty batch's one empty request.
+    requests.push(encode_run(&spans[start..], &parts[start..], resource));
     requests
 }
 

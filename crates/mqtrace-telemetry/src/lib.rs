@@ -604,15 +604,9 @@ impl SpanExporter for TraceExporter {
         &self,
         batch: Vec<SpanData>,
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
-        // One box per batch: the two exporters' futures are of different types.
-        let export: std::pin::Pin<
-            Box<dyn std::future::Future<Output = OTelSdkResult> + Send + '_>,
-        > = match self {
-            TraceExporter::Sdk(e) => Box::pin(e.export(batch)),
-            #[cfg(feature = "otlp-grpc")]
-            TraceExporter::Direct(e) => Box::pin(e.export(batch)),
-        };
-        export
+        // The counted export without its tally (one box per batch, as there).
+        let export = self.export_counted(batch);
+        async move { export.await.1 }
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
