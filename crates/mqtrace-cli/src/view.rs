@@ -166,20 +166,6 @@ impl Window {
         self.received += spans.len() as u64;
         self.version += 1;
         for span in spans {
-            if !self.traces.contains_key(&span.trace_id) {
-                self.order.push_back(span.trace_id.clone());
-                self.traces.insert(
-                    span.trace_id.clone(),
-                    Trace {
-                        spans: Vec::new(),
-                        last_arrival: now,
-                        number: self.next_number,
-                        printed: 0,
-                        journeys: Vec::new(),
-                    },
-                );
-                self.next_number += 1;
-            }
             // Room for the span: the oldest other traces go first; a trace that
             // holds the whole allowance keeps what it has.
             while self.kept >= self.max_spans {
@@ -189,8 +175,19 @@ impl Window {
                 self.drop_trace(at);
                 self.dropped_for_spans = true;
             }
-            let Some(trace) = self.traces.get_mut(&span.trace_id) else {
-                continue;
+            let trace = match self.traces.entry(span.trace_id.clone()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    self.order.push_back(span.trace_id.clone());
+                    self.next_number += 1;
+                    e.insert(Trace {
+                        spans: Vec::new(),
+                        last_arrival: now,
+                        number: self.next_number - 1,
+                        printed: 0,
+                        journeys: Vec::new(),
+                    })
+                }
             };
             trace.last_arrival = now;
             if self.kept >= self.max_spans {
