@@ -777,19 +777,25 @@ impl TracedConsumer {
     ) {
         // Only partitions still assigned: one that moved to another member in a
         // rebalance has its progress committed there, and this position is older.
-        let assigned = self.consumer.assignment().ok();
-        let mut offsets = TopicPartitionList::new();
-        for (topic, partition, next) in positions.iter() {
-            let ours = assigned
-                .as_ref()
-                .is_none_or(|a| a.find_partition(topic, partition).is_some());
-            if !ours {
-                continue;
+        // Asked again before each attempt: the events served while waiting may
+        // run a rebalance that moves partitions away.
+        let ours = || {
+            let assigned = self.consumer.assignment().ok();
+            let mut offsets = TopicPartitionList::new();
+            for (topic, partition, next) in positions.iter() {
+                let ours = assigned
+                    .as_ref()
+                    .is_none_or(|a| a.find_partition(topic, partition).is_some());
+                if !ours {
+                    continue;
+                }
+                if let Err(e) = offsets.add_partition_offset(topic, partition, Offset::Offset(next))
+                {
+                    tracing::warn!(target: "mqtrace", error = %e, topic, "cannot commit this partition's position");
+                }
             }
-            if let Err(e) = offsets.add_partition_offset(topic, partition, Offset::Offset(next)) {
-                tracing::warn!(target: "mqtrace", error = %e, topic, "cannot commit this partition's position");
-            }
-        }
+            offsets
+        };
         let deadline = tokio::time::Instant::now() + FINAL_COMMIT_WAIT * FINAL_COMMIT_ATTEMPTS;
         let mut events = self.consumer.stream();
         if let Some(mut earlier) = committing {
@@ -801,12 +807,13 @@ impl TracedConsumer {
                 return;
             }
         }
-        if offsets.count() == 0 {
-            return;
-        }
         let mut last_error = String::from("no answer from the cluster");
         for _ in 0..FINAL_COMMIT_ATTEMPTS {
-            let mut attempt = commit_on_blocking_thread(&self.consumer, Some(offsets.clone()));
+            let offsets = ours();
+            if offsets.count() == 0 {
+                return;
+            }
+            let mut attempt = commit_on_blocking_thread(&self.consumer, Some(offsets));
             match serve_until(&mut events, &mut attempt, deadline).await {
                 Some(Ok(Ok(()))) => return,
                 Some(Ok(Err(e))) => last_error = e.to_string(),
