@@ -489,6 +489,21 @@ impl Deliveries {
         self.lock().0.clone()
     }
 
+    /// The run in the delivery checker's terms: `sent` as the messages sent
+    /// (each its own order scope: these runs send side by side, so no order is
+    /// claimed), every delivery recorded as a successful handler invocation.
+    /// Add what is waiting or dead-lettered, then [`crate::delivery::Ledger::check`].
+    pub fn ledger(&self, sent: std::ops::Range<usize>) -> crate::delivery::Ledger {
+        let ledger = crate::delivery::Ledger::new();
+        for id in sent {
+            ledger.sent(id.to_string(), id.to_string());
+        }
+        for id in self.all() {
+            ledger.started(id.to_string()).finished(true);
+        }
+        ledger
+    }
+
     /// How many of `ids` were never delivered.
     pub fn lost(&self, ids: std::ops::Range<usize>) -> usize {
         let seen = self.lock();

@@ -11,6 +11,7 @@ use lapin::BasicProperties;
 use mqtrace::{HandlerResult, Instrumenter};
 use mqtrace_lapin::{QueueSpec, TracedConsumer, TracedPublisher};
 use mqtrace_telemetry::TelemetryBuilder;
+use mqtrace_testing::delivery::Contract;
 use mqtrace_testing::faults::{
     check_collector_run, collector_fault_run, messages_per_phase, Deliveries, Proxy,
 };
@@ -109,5 +110,11 @@ async fn collector_unreachable_then_hanging_then_back() {
     );
     assert_eq!(lost, 0);
     assert_eq!(waiting, 0);
+    // The same run through the delivery checker: nothing lost (waiting is
+    // asserted empty above), none handled that was not sent.
+    deliveries.ledger(0..sent).check(
+        "rabbitmq collector faults, the delivery checker",
+        Contract::at_least_once(),
+    );
     check_collector_run(&reports, spans.exported, spans.not_exported());
 }
