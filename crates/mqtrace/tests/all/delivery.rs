@@ -236,7 +236,7 @@ async fn run(s: Schedule) -> mqtrace_testing::delivery::Accounting {
     } else {
         Contract::at_least_once().duplicates(0)
     };
-    ledger.check(&format!("embedded {s:?}"), contract)
+    ledger.verify(&format!("embedded {s:?}"), contract)
 }
 
 proptest! {
