@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mqtrace::HandlerResult;
+use mqtrace_testing::delivery::{Contract, Ledger};
 use mqtrace_testing::faults::{free_port, Mode, Proxy, Tansu};
 use tokio::sync::{watch, Notify};
 
@@ -41,6 +42,10 @@ async fn consumer_stopped_while_the_cluster_is_away_commits_and_stops() {
     // consumer has fetched the rest.
     let (go, going) = watch::channel(false);
     let count = Arc::new(AtomicUsize::new(0));
+    let ledger = Ledger::new();
+    for i in 0..RECORDS {
+        ledger.sent(i.to_string(), "0");
+    }
     let stop = Arc::new(Notify::new());
     let mut config = h.consumer_config();
     // Reconnect soon after the outage, within the final commit's retries.
@@ -57,7 +62,7 @@ async fn consumer_stopped_while_the_cluster_is_away_commits_and_stops() {
     // instead of hanging with it.
     let (done, finished) = std::sync::mpsc::channel();
     {
-        let (count, stop) = (Arc::clone(&count), Arc::clone(&stop));
+        let (count, stop, ledger) = (Arc::clone(&count), Arc::clone(&stop), ledger.clone());
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -68,10 +73,13 @@ async fn consumer_stopped_while_the_cluster_is_away_commits_and_stops() {
                     .run_until(
                         move |record| {
                             let (count, mut going) = (Arc::clone(&count), going.clone());
+                            let ledger = ledger.clone();
                             async move {
-                                let _: usize = record.json()?;
+                                let id: usize = record.json()?;
+                                let call = ledger.started(id.to_string());
                                 count.fetch_add(1, Ordering::SeqCst);
                                 let _ = going.wait_for(|go| *go).await;
+                                call.finished(true);
                                 HandlerResult::Ok(())
                             }
                         },
@@ -104,12 +112,17 @@ async fn consumer_stopped_while_the_cluster_is_away_commits_and_stops() {
         .expect("the consumer stopped, and was dropped, within 60 s of being told to");
 
     let committed = committed_offset(&h, &topic).await;
+    // What the group has not committed is waiting: it comes again.
+    ledger.committed("0", committed);
+    ledger.waiting((committed.max(0)..RECORDS as i64).map(|i| i.to_string()));
+    let a = ledger.check("kafka commits during an outage", Contract::ordered());
     println!(
         "kafka commits during an outage: sent {RECORDS}, processed {}, failed commits reported {}, \
-         committed offset after the final commit {committed}, waiting {}, lost 0",
+         committed offset after the final commit {committed}, waiting {}, lost {}",
         stats.settled,
         stats.settle_failures,
-        RECORDS as i64 - committed
+        a.waiting,
+        a.lost.len()
     );
     assert_eq!(stats.settled as usize, RECORDS);
     assert_eq!(
