@@ -124,19 +124,8 @@ async fn fifo_failure_holds_the_rest_of_its_group() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_deletes_do_not_wait_for_a_slow_handler() {
     let h = Harness::start_alone().await;
-    let url = h
-        .queue(
-            "mixed-speeds",
-            &[(QueueAttributeName::VisibilityTimeout, "2".into())],
-        )
-        .await;
     let instrumenter = h.instrumenter(|b| b);
-    let ledger = Ledger::new();
-    h.send_numbered(&url, 10, &instrumenter).await;
-    for i in 0..10 {
-        // A standard queue keeps no order: each message is its own scope.
-        ledger.sent(i.to_string(), i.to_string());
-    }
+    let (url, ledger) = ten_on_a_short_timeout(&h, "mixed-speeds", &instrumenter).await;
     let done = Arc::new(AtomicUsize::new(0));
     let slow_started = Arc::new(AtomicUsize::new(0));
     let handler = slow_and_fast(&ledger, &done, &slow_started);
@@ -162,6 +151,25 @@ async fn fast_deletes_do_not_wait_for_a_slow_handler() {
         "sqs slow and fast handlers in one receive, two consumers",
         Contract::at_least_once().duplicates(0),
     );
+}
+
+/// Ten numbered messages on a standard queue of the test's own with a 2 s
+/// visibility timeout, each recorded in a new ledger as sent (a standard queue
+/// keeps no order: each message is its own scope).
+async fn ten_on_a_short_timeout(
+    h: &Harness,
+    base: &str,
+    instrumenter: &mqtrace::Instrumenter,
+) -> (String, Ledger) {
+    let url = h
+        .queue(base, &[(QueueAttributeName::VisibilityTimeout, "2".into())])
+        .await;
+    let ledger = Ledger::new();
+    h.send_numbered(&url, 10, instrumenter).await;
+    for i in 0..10 {
+        ledger.sent(i.to_string(), i.to_string());
+    }
+    (url, ledger)
 }
 
 /// A handler recording in `ledger`: the message `0` takes 5 s, the others none.
@@ -214,18 +222,8 @@ fn stop_after(done: &Arc<AtomicUsize>, n: usize) -> impl std::future::Future<Out
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_own_loop_keeps_a_slow_message_invisible() {
     let h = Harness::start_alone().await;
-    let url = h
-        .queue(
-            "own-mixed-speeds",
-            &[(QueueAttributeName::VisibilityTimeout, "2".into())],
-        )
-        .await;
     let instrumenter = h.instrumenter(|b| b);
-    let ledger = Ledger::new();
-    h.send_numbered(&url, 10, &instrumenter).await;
-    for i in 0..10 {
-        ledger.sent(i.to_string(), i.to_string());
-    }
+    let (url, ledger) = ten_on_a_short_timeout(&h, "own-mixed-speeds", &instrumenter).await;
     let done = Arc::new(AtomicUsize::new(0));
     let slow_started = Arc::new(AtomicUsize::new(0));
     let handler = slow_and_fast(&ledger, &done, &slow_started);
@@ -233,19 +231,7 @@ async fn an_own_loop_keeps_a_slow_message_invisible() {
     let tracer = mqtrace_aws_sqs::MessageTracer::new(h.client.clone(), &url, &instrumenter)
         .keep_visible(Duration::from_secs(2));
     let own = async {
-        let messages = h
-            .client
-            .receive_message()
-            .queue_url(&url)
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .message_attribute_names("All")
-            .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
-            .send()
-            .await
-            .unwrap()
-            .messages
-            .unwrap_or_default();
+        let messages = h.receive(&url).await;
         let batch = mqtrace_aws_sqs::DeleteBatch::new();
         let handled = futures_util::future::join_all(messages.iter().map(|message| {
             let (tracer, handler, batch) = (&tracer, handler.clone(), &batch);
