@@ -285,17 +285,25 @@ impl TracedSqsHandler {
         self
     }
 
-    /// When records stop being started in an invocation that began at `now`
-    /// with the deadline `deadline_ms` (milliseconds since the epoch; 0: none).
-    fn cutoff(&self, deadline_ms: u64, now: SystemTime) -> Option<SystemTime> {
+    /// The deadline of an invocation that began at `now`, from the context's
+    /// `deadline_ms` (milliseconds since the epoch; 0: none). A deadline
+    /// already past when the invocation starts is not one it can keep (an
+    /// emulator that built the function after the invoke gives one): the
+    /// invocation runs, and flushes, as without a deadline.
+    fn deadline(deadline_ms: u64, now: SystemTime) -> Option<SystemTime> {
         if deadline_ms == 0 {
             return None;
         }
-        let deadline = UNIX_EPOCH.checked_add(Duration::from_millis(deadline_ms))?;
-        // A deadline already past when the invocation starts is not one this
-        // invocation can keep (an emulator that built the function after the
-        // invoke gives one): records start as they did without a deadline.
-        let left = deadline.duration_since(now).ok().filter(|l| !l.is_zero())?;
+        UNIX_EPOCH
+            .checked_add(Duration::from_millis(deadline_ms))
+            .filter(|d| *d > now)
+    }
+
+    /// When records stop being started in an invocation that began at `now`
+    /// with `deadline` ([`TracedSqsHandler::deadline`]).
+    fn cutoff(&self, deadline: Option<SystemTime>, now: SystemTime) -> Option<SystemTime> {
+        let deadline = deadline?;
+        let left = deadline.duration_since(now).unwrap_or_default();
         deadline.checked_sub(self.deadline_margin.min(left / 4))
     }
 
@@ -430,10 +438,9 @@ impl TracedSqsHandler {
         Fut: Future<Output = HandlerResult>,
     {
         let LambdaEvent { payload, context } = event;
-        let cutoff = self.cutoff(context.deadline, SystemTime::now());
-        let deadline = (context.deadline > 0)
-            .then(|| UNIX_EPOCH.checked_add(Duration::from_millis(context.deadline)))
-            .flatten();
+        let now = SystemTime::now();
+        let deadline = Self::deadline(context.deadline, now);
+        let cutoff = self.cutoff(deadline, now);
         let records: Vec<Record<'_>> = payload.records.iter().map(|r| self.record(r)).collect();
         let invocation = self
             .invocation_span
@@ -851,26 +858,38 @@ mod tests {
         UNIX_EPOCH + Duration::from_millis(ms)
     }
 
+    /// The cutoff of an invocation with deadline `deadline_ms`, begun at `now_ms`.
+    fn cut(h: &TracedSqsHandler, deadline_ms: u64, now_ms: u64) -> Option<SystemTime> {
+        h.cutoff(
+            TracedSqsHandler::deadline(deadline_ms, at(now_ms)),
+            at(now_ms),
+        )
+    }
+
     #[test]
     fn no_deadline_starts_every_record() {
-        assert_eq!(handler().cutoff(0, at(1_000)), None);
+        let none = TracedSqsHandler::deadline(0, at(1_000));
+        assert_eq!(none, None);
+        assert_eq!(handler().cutoff(none, at(1_000)), None);
     }
 
     #[test]
     fn records_stop_a_margin_before_the_deadline() {
         // 10 s left: the default margin, 1 s.
-        assert_eq!(handler().cutoff(20_000, at(10_000)), Some(at(19_000)));
+        assert_eq!(cut(&handler(), 20_000, 10_000), Some(at(19_000)));
         let custom = handler().deadline_margin(Duration::from_secs(3));
-        assert_eq!(custom.cutoff(30_000, at(10_000)), Some(at(27_000)));
+        assert_eq!(cut(&custom, 30_000, 10_000), Some(at(27_000)));
         // Never more than a quarter of the time left, set or not.
-        assert_eq!(custom.cutoff(20_000, at(10_000)), Some(at(17_500)));
+        assert_eq!(cut(&custom, 20_000, 10_000), Some(at(17_500)));
     }
 
     #[test]
     fn a_short_invocation_keeps_three_quarters_of_its_time() {
         // 2 s left: a quarter, 500 ms, rather than 1 s.
-        assert_eq!(handler().cutoff(12_000, at(10_000)), Some(at(11_500)));
-        // Already past when the invocation starts: not a deadline it can keep.
-        assert_eq!(handler().cutoff(5_000, at(10_000)), None);
+        assert_eq!(cut(&handler(), 12_000, 10_000), Some(at(11_500)));
+        // Already past when the invocation starts: not a deadline it can keep,
+        // for the records or the flush.
+        assert_eq!(TracedSqsHandler::deadline(5_000, at(10_000)), None);
+        assert_eq!(cut(&handler(), 5_000, 10_000), None);
     }
 }
