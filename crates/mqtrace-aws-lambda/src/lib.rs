@@ -276,8 +276,8 @@ impl TracedSqsHandler {
     /// the whole batch and lose its spans. The flush before returning is bounded
     /// by the time left. An invocation without a deadline (a context made by
     /// hand, deadline 0), or whose deadline had already passed when it began (a
-    /// local emulator that built the function after the invoke), starts every
-    /// record. With
+    /// local emulator's, such as cargo-lambda's), starts every record and
+    /// flushes without a bound. With
     /// [`TracedSqsHandler::partial_batch_responses`] off, a record not started
     /// fails the invocation ([`BatchFailed`]) like any failure.
     pub fn deadline_margin(mut self, margin: Duration) -> Self {
@@ -287,9 +287,10 @@ impl TracedSqsHandler {
 
     /// The deadline of an invocation that began at `now`, from the context's
     /// `deadline_ms` (milliseconds since the epoch; 0: none). A deadline
-    /// already past when the invocation starts is not one it can keep (an
-    /// emulator that built the function after the invoke gives one): the
-    /// invocation runs, and flushes, as without a deadline.
+    /// already past when the invocation starts is not one it can keep
+    /// (cargo-lambda's emulator sends `Lambda-Runtime-Deadline-Ms: 600000`, ten
+    /// minutes as a duration, which reads as a time in 1970): the invocation
+    /// runs, and flushes, as without a deadline.
     fn deadline(deadline_ms: u64, now: SystemTime) -> Option<SystemTime> {
         if deadline_ms == 0 {
             return None;
