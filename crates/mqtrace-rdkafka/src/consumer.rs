@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mqtrace::settle::{ConsumerCounters, ConsumerStats};
 use mqtrace::{HandlerResult, Instrumenter};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Message as _, OwnedHeaders, OwnedMessage};
 use rdkafka::statistics::Statistics;
@@ -19,94 +19,50 @@ use crate::describe::{partition_text, ClientInfo};
 use crate::process::RecordTracer;
 use crate::producer::TracedProducer;
 
-/// How often the full consumer commits the offsets it stored, at most (default).
-const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
-/// Records settled since the last commit that make the next one due at once
-/// (default).
-const COMMIT_EVERY: u64 = 1_000;
+/// How often librdkafka commits the full consumer's stored offsets, unless the
+/// configuration sets `auto.commit.interval.ms` (milliseconds).
+const COMMIT_INTERVAL_MS: &str = "200";
 
-/// Commits the offsets stored so far, asynchronously: what a rebalance callback
-/// can do, since it runs inside a poll. Nothing stored since the last commit is
-/// not a failure. (rdkafka 0.39 does not report the answer to an asynchronous
-/// commit, rust-rdkafka#856; the consumer's own commits are synchronous, on a
-/// blocking thread, for that reason.)
-fn commit_stored_async<C: Consumer<StatsContext>>(consumer: &C) {
-    consumer
-        .context()
-        .stored_commits
-        .fetch_add(1, Ordering::Relaxed);
-    match consumer.commit_consumer_state(CommitMode::Async) {
-        Ok(()) | Err(NOTHING_STORED) => {}
-        Err(e) => {
-            tracing::warn!(target: "mqtrace", error = %e, "cannot commit the stored offsets; a later commit covers them, or the records are processed again");
-        }
-    }
-}
+/// How long a stopping consumer waits, at most, for the cluster to answer the
+/// commit of its settled records and for its partitions to be given up.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
-/// librdkafka's answer to a commit of stored offsets when none were stored since
-/// the last one.
-const NOTHING_STORED: rdkafka::error::KafkaError =
-    rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset);
-
-/// Commits on a blocking thread and waits there for the cluster's answer, so the
-/// answer is known (and a failure counted in [`StatsContext::failed_commits`])
-/// while the consumer's task goes on serving its events. `offsets` of `None`
-/// commits the stored offsets. librdkafka bounds the wait: a commit waiting for
-/// an absent coordinator gives up after `session.timeout.ms`.
-fn commit_on_blocking_thread(
-    consumer: &Arc<StreamConsumer<StatsContext>>,
-    offsets: Option<TopicPartitionList>,
-) -> tokio::task::JoinHandle<KafkaResult<()>> {
-    let consumer = Arc::clone(consumer);
-    tokio::task::spawn_blocking(move || {
-        let result = match &offsets {
-            Some(offsets) => consumer.commit(offsets, CommitMode::Sync),
-            None => {
-                consumer
-                    .context()
-                    .stored_commits
-                    .fetch_add(1, Ordering::Relaxed);
-                match consumer.commit_consumer_state(CommitMode::Sync) {
-                    Err(NOTHING_STORED) => Ok(()),
-                    other => other,
-                }
-            }
-        };
-        if let Err(e) = &result {
-            consumer.context().commit_failed(e);
-        }
-        result
-    })
-}
-
-/// Attempts of the final commit when a consumer stops.
-const FINAL_COMMIT_ATTEMPTS: u32 = 10;
-
-/// How long the final commit waits between attempts, and at most for all of them
-/// together, [`FINAL_COMMIT_ATTEMPTS`] times this.
-const FINAL_COMMIT_WAIT: Duration = Duration::from_millis(500);
+/// How often a stopping consumer looks again whether its settled records'
+/// offsets are committed, between the events it serves.
+const STOP_TICK: Duration = Duration::from_millis(20);
 
 /// A consumer context that keeps what mqtrace reads from librdkafka: the high
 /// watermark of every partition from its statistics (so lag costs no request per
-/// record), and the commits the cluster reported failed. [`TracedConsumer`] uses
+/// record), and the answers to the consumer's commits. [`TracedConsumer`] uses
 /// it; an own loop gets consumer lag on its process spans by creating its consumer
 /// with it (`config.create_with_context(StatsContext::default())`, with
 /// `statistics.interval.ms` set) and passing [`StatsContext::lag`] to
 /// [`crate::RecordTracer::process_lagging`].
+///
+/// Commit answers arrive for librdkafka's own commits (`enable.auto.commit=true`:
+/// the timer's, on revocation, at close), which is how [`TracedConsumer`]
+/// commits, and how an own loop in store mode can
+/// ([`crate::RecordTracer::store_offsets`]). librdkafka drops the answers to
+/// commits asked for with `Consumer::commit` in `CommitMode::Async` (rdkafka
+/// 0.39 gives them no reply queue, rust-rdkafka#856): those are not counted.
 #[derive(Debug, Default)]
 pub struct StatsContext {
     high: Mutex<HashMap<String, HashMap<i32, i64>>>,
+    /// Commit answers received, and those that reported a failure.
+    commits: AtomicU64,
     failed_commits: AtomicU64,
-    /// Commits of the stored offsets the consumer asked for.
-    stored_commits: AtomicU64,
+    /// The offset the cluster last confirmed committed, per topic and
+    /// partition: from commit answers, and from the statistics (which also
+    /// show the commits whose answers librdkafka drops).
+    committed: Mutex<HashMap<String, HashMap<i32, i64>>>,
     /// Rebalances that revoked partitions from this consumer.
     revocations: AtomicU64,
     /// Partitions revoked since the full consumer last took them (it forgets
     /// their positions: a partition's new owner commits its progress).
     revoked: Mutex<Vec<(String, i32)>>,
-    /// Commit the stored offsets when partitions are revoked (the full consumer,
-    /// which stores offsets and commits them in batches).
-    commit_stored_on_revoke: std::sync::atomic::AtomicBool,
+    /// Keep the revoked partitions for the full consumer to take (an own loop's
+    /// context does not, so that list stays empty).
+    track_revoked: std::sync::atomic::AtomicBool,
     /// The statistics as metrics, when made with [`StatsContext::metered`].
     gauges: Option<StatsGauges>,
 }
@@ -227,28 +183,54 @@ impl StatsContext {
         Some((hi - record.offset() - 1).max(0))
     }
 
-    /// Commits the cluster reported failed so far: [`TracedConsumer`]'s, which
-    /// wait for the answer. (An own loop's asynchronous commits are not counted:
-    /// rdkafka 0.39 does not report their answers, rust-rdkafka#856.)
+    /// Commit answers that reported a failure so far: the whole request refused
+    /// (the coordinator away, the group rebalancing) or any partition's offset
+    /// not stored. librdkafka commits the stored offsets again on its next
+    /// timer tick, so a failed commit is retried while the offsets stay stored.
     pub fn failed_commits(&self) -> u64 {
         self.failed_commits.load(Ordering::Relaxed)
     }
 
-    /// Counts and logs a commit the cluster did not store.
-    fn commit_failed(&self, error: &rdkafka::error::KafkaError) {
-        self.failed_commits.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: "mqtrace", error = %error, "commit failed; a later commit covers it, or the records are processed again");
+    /// Commit answers received so far, failed or not: one per commit request
+    /// librdkafka made (a timer tick with nothing newly stored makes none).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
-    /// Commits of the stored offsets the full consumer asked for so far: one per
-    /// interval with settled records, one per revocation (the final commit at stop
-    /// is apart).
-    pub fn stored_commits(&self) -> u64 {
-        self.stored_commits.load(Ordering::Relaxed)
+    /// The offset the cluster last confirmed committed for a partition, from
+    /// the commit answers this consumer received and from its statistics
+    /// (`statistics.interval.ms`).
+    pub fn committed(&self, topic: &str, partition: i32) -> Option<i64> {
+        let committed = self.committed.lock().ok()?;
+        committed.get(topic)?.get(&partition).copied()
+    }
+
+    /// Takes a confirmed committed offset; the highest seen stands (a commit's
+    /// answer can overtake the statistics made before it).
+    fn confirmed(
+        committed: &mut HashMap<String, HashMap<i32, i64>>,
+        topic: &str,
+        partition: i32,
+        at: i64,
+    ) {
+        let partitions = match committed.get_mut(topic) {
+            Some(partitions) => partitions,
+            None => committed.entry(topic.to_owned()).or_default(),
+        };
+        let entry = partitions.entry(partition).or_insert(at);
+        *entry = (*entry).max(at);
+    }
+
+    /// The partitions revoked since the last call.
+    fn take_revoked(&self) -> Vec<(String, i32)> {
+        match self.revoked.lock() {
+            Ok(mut revoked) => std::mem::take(&mut *revoked),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Rebalances that revoked this consumer's partitions so far (the full
-    /// consumer commits its settled records' offsets at each).
+    /// consumer's settled offsets are committed at each, by librdkafka).
     pub fn revocations(&self) -> u64 {
         self.revocations.load(Ordering::Relaxed)
     }
@@ -258,6 +240,15 @@ impl ClientContext for StatsContext {
     fn stats(&self, statistics: Statistics) {
         if let Some(gauges) = &self.gauges {
             gauges.record(&statistics);
+        }
+        if let Ok(mut committed) = self.committed.lock() {
+            for (name, topic) in &statistics.topics {
+                for (p, partition) in &topic.partitions {
+                    if *p >= 0 && partition.committed_offset >= 0 {
+                        Self::confirmed(&mut committed, name, *p, partition.committed_offset);
+                    }
+                }
+            }
         }
         let Ok(mut high) = self.high.lock() else {
             return;
@@ -276,15 +267,16 @@ impl ClientContext for StatsContext {
 impl ConsumerContext for StatsContext {
     fn pre_rebalance(
         &self,
-        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &rdkafka::consumer::Rebalance<'_>,
     ) {
-        // Settled records' offsets go out before the partitions move, so their new
-        // owner does not handle them again. Asynchronous: this runs inside a poll.
         let rdkafka::consumer::Rebalance::Revoke(partitions) = rebalance else {
             return;
         };
-        if self.commit_stored_on_revoke.load(Ordering::Relaxed) {
+        // librdkafka commits the revoked partitions' stored offsets itself
+        // (`enable.auto.commit=true`), after this callback; the answer comes
+        // back as an event like any other commit's.
+        if self.track_revoked.load(Ordering::Relaxed) {
             if let Ok(mut revoked) = self.revoked.lock() {
                 revoked.extend(
                     partitions
@@ -293,16 +285,31 @@ impl ConsumerContext for StatsContext {
                         .map(|p| (p.topic().to_owned(), p.partition())),
                 );
             }
-            commit_stored_async(consumer);
         }
         // After the partitions are listed: the consumer takes them when it sees
         // the count move.
         self.revocations.fetch_add(1, Ordering::Release);
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = &result {
-            self.commit_failed(e);
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        let mut failed = result.as_ref().err().map(ToString::to_string);
+        if let Ok(mut committed) = self.committed.lock() {
+            for p in offsets.elements() {
+                match (p.error(), p.offset()) {
+                    (Err(e), _) => {
+                        failed.get_or_insert_with(|| e.to_string());
+                    }
+                    (Ok(()), Offset::Offset(at)) if result.is_ok() => {
+                        Self::confirmed(&mut committed, p.topic(), p.partition(), at);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(error) = failed {
+            self.failed_commits.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "mqtrace", %error, "commit failed; librdkafka commits the stored offsets again, or the records are processed again");
         }
     }
 }
@@ -338,10 +345,7 @@ impl Positions {
             return Vec::new();
         }
         *seen = now;
-        let revoked = match context.revoked.lock() {
-            Ok(mut revoked) => std::mem::take(&mut *revoked),
-            Err(_) => return Vec::new(),
-        };
+        let revoked = context.take_revoked();
         for (topic, partition) in &revoked {
             if let Some(partitions) = self.0.get_mut(topic) {
                 partitions.remove(partition);
@@ -444,12 +448,50 @@ impl Record {
 /// offset is committed ahead of a record whose handler is still running. A forward
 /// that fails is not committed: the consumer seeks back to the record and handles
 /// it again, so the partition waits rather than lose it.
+///
+/// Offsets are committed by librdkafka (`enable.auto.commit=true` with
+/// `enable.auto.offset.store=false`): settling a record stores its offset, and
+/// librdkafka commits what is stored every `auto.commit.interval.ms` (200 ms
+/// unless the configuration says otherwise), when partitions are revoked, and
+/// when the consumer stops. Every answer comes back through the consumer's
+/// events: a refused commit is counted ([`StatsContext::failed_commits`], and in
+/// the stats' `settle_failures`) and made again on the next tick, since the
+/// offsets stay stored.
+///
+/// Dropping the consumer closes it on a thread of its own (`mqtrace-kafka-close`):
+/// librdkafka's close waits for the group coordinator, up to
+/// `session.timeout.ms` when it is away, and neither the caller nor the
+/// process's exit waits with it.
 pub struct TracedConsumer {
-    consumer: Arc<StreamConsumer<StatsContext>>,
+    consumer: Closing,
+    topics: Vec<String>,
     tracer: RecordTracer,
     missing_topic_timeout: Duration,
-    /// At most this long, or this many settled records, between commits.
-    commit_every: (Duration, u64),
+}
+
+/// The consumer, closed on a thread of its own when dropped.
+struct Closing(Option<StreamConsumer<StatsContext>>);
+
+impl std::ops::Deref for Closing {
+    type Target = StreamConsumer<StatsContext>;
+
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the consumer is taken only when dropped"))
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            // Should the thread not start, the closure is dropped here, and the
+            // consumer closes on this thread.
+            let _ = std::thread::Builder::new()
+                .name("mqtrace-kafka-close".into())
+                .spawn(move || drop(consumer));
+        }
+    }
 }
 
 /// Why [`TracedConsumer::run_until`] stopped before being asked to.
@@ -527,12 +569,13 @@ impl std::fmt::Debug for TracedConsumer {
 
 impl TracedConsumer {
     /// Creates the consumer from `config` (which needs `group.id`) and subscribes
-    /// to `topics`. librdkafka's auto-commit is turned off: settling a record
-    /// stores its offset ([`RecordTracer::store_offsets`]), and the consumer
-    /// commits the stored offsets every 200 ms (at once after 1,000 records),
-    /// when partitions are revoked, and at stop: a commit request per interval
-    /// rather than per record, never past a record not yet settled. `forwarder`
-    /// publishes retries and dead letters.
+    /// to `topics`. Settling a record stores its offset
+    /// ([`RecordTracer::store_offsets`]) and librdkafka commits the stored
+    /// offsets: `enable.auto.commit=true` and `enable.auto.offset.store=false`
+    /// are set whatever `config` says, and `auto.commit.interval.ms` is 200 unless
+    /// `config` sets it. A commit request per interval rather than per record,
+    /// never past a record not yet settled. `forwarder` publishes retries and
+    /// dead letters.
     pub fn from_config(
         config: &ClientConfig,
         topics: &[&str],
@@ -541,24 +584,25 @@ impl TracedConsumer {
     ) -> KafkaResult<Self> {
         let mut config = config.clone();
         config
-            .set("enable.auto.commit", "false")
+            .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false");
+        if config.get("auto.commit.interval.ms").is_none() {
+            config.set("auto.commit.interval.ms", COMMIT_INTERVAL_MS);
+        }
         if config.get("statistics.interval.ms").is_none() {
             config.set("statistics.interval.ms", "1000");
         }
         let context = StatsContext::metered(&instrumenter);
-        context
-            .commit_stored_on_revoke
-            .store(true, Ordering::Relaxed);
+        context.track_revoked.store(true, Ordering::Relaxed);
         let consumer: StreamConsumer<StatsContext> = config.create_with_context(context)?;
         consumer.subscribe(topics)?;
         Ok(Self {
-            consumer: Arc::new(consumer),
+            consumer: Closing(Some(consumer)),
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
             tracer: RecordTracer::with_forwarder(instrumenter, forwarder, ClientInfo::default())
                 .config(&config)
                 .store_offsets(true),
             missing_topic_timeout: Duration::from_secs(10),
-            commit_every: (COMMIT_INTERVAL, COMMIT_EVERY),
         })
     }
 
@@ -604,30 +648,26 @@ impl TracedConsumer {
         self
     }
 
-    /// How often the stored offsets are committed: at most `interval` after a
-    /// record is settled, or at once when `records` are settled since the last
-    /// commit (default 200 ms, 1,000 records). Commits on revocation and at stop
-    /// happen either way. Longer means fewer commit requests, and more records
-    /// handled again after a crash.
-    pub fn commit_every(mut self, interval: Duration, records: u64) -> Self {
-        self.commit_every = (interval, records.max(1));
-        self
-    }
-
     /// The consumer.
     pub fn inner(&self) -> &StreamConsumer<StatsContext> {
         &self.consumer
     }
 
     /// Consumes until `shutdown` completes. A record being handled when it does is
-    /// finished and settled first; then the offsets are committed once more, waiting
-    /// (for up to five seconds) for the cluster's answer.
+    /// finished and settled first. Then the consumer waits, for up to five
+    /// seconds, until the cluster has confirmed the commit of every settled
+    /// record's offset (librdkafka makes it on its next tick, and again after a
+    /// refusal), and gives its partitions up (it unsubscribes, and librdkafka
+    /// commits once more as it lets them go). Running it again subscribes again.
     ///
     /// Errors the cluster may recover from (it is away, a partition moves) are
-    /// logged and waited out. It stops early, after the same final commit, with
+    /// logged and waited out. It stops early, the same way, with
     /// [`ConsumeError::Refused`] when the cluster refuses the consumer
     /// (authentication, authorization), or when a subscribed topic does not exist
     /// for longer than [`TracedConsumer::missing_topic_timeout`].
+    ///
+    /// The stats' `settle_failures` include the commits the cluster refused
+    /// during the run.
     pub async fn run_until<H, Fut, S>(
         &self,
         handler: H,
@@ -640,39 +680,29 @@ impl TracedConsumer {
     {
         let counters = ConsumerCounters::new();
         let failed_before = self.consumer.context().failed_commits();
+        // Given up by an earlier run.
+        if self.consumer.subscription().is_ok_and(|s| s.count() == 0) {
+            let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+            if let Err(error) = self.consumer.subscribe(&topics) {
+                tracing::error!(target: "mqtrace", %error, "cannot subscribe again");
+                return Err(ConsumeError::Refused {
+                    error,
+                    stats: counters.snapshot(),
+                });
+            }
+        }
         // The position after the last settled record, per partition held.
         let mut positions = Positions::default();
         let mut revocations = self.consumer.context().revocations();
+        // Revoked before this run (an earlier run's giving up): no position of
+        // this run's is theirs.
+        let _ = self.consumer.context().take_revoked();
         let mut shutdown = std::pin::pin!(shutdown);
         // A subscribed topic reported missing (librdkafka says so once), with no
         // record since: when, and the error.
         let mut missing: Option<(tokio::time::Instant, rdkafka::error::KafkaError)> = None;
         let mut refused = None;
-        // Settled records whose stored offsets are not committed yet, and since when.
-        let mut uncommitted: u64 = 0;
-        let (interval, every) = self.commit_every;
-        let mut commit_due = tokio::time::Instant::now() + interval;
-        // The commit of stored offsets waiting for the cluster's answer, if any.
-        let mut committing = None;
         loop {
-            if uncommitted > 0
-                && (uncommitted >= every || tokio::time::Instant::now() >= commit_due)
-            {
-                // One commit in flight at a time: while the cluster is slow to
-                // answer, the next one waits and then covers both.
-                if committing
-                    .as_ref()
-                    .is_none_or(tokio::task::JoinHandle::<KafkaResult<()>>::is_finished)
-                {
-                    committing = Some(commit_on_blocking_thread(&self.consumer, None));
-                    uncommitted = 0;
-                } else {
-                    commit_due = tokio::time::Instant::now() + interval;
-                }
-            }
-            if uncommitted == 0 {
-                commit_due = tokio::time::Instant::now() + interval;
-            }
             let give_up = missing
                 .as_ref()
                 .map(|(since, _)| *since + self.missing_topic_timeout);
@@ -681,8 +711,6 @@ impl TracedConsumer {
             let received = tokio::select! {
                 biased;
                 () = shutdown.as_mut() => break,
-                // Idle with settled records not committed: commit them on time.
-                () = tokio::time::sleep_until(commit_due), if uncommitted > 0 => continue,
                 () = sleep_until(give_up) => {
                     // Partitions assigned after all: the report was passing (a
                     // cluster coming back), not a topic that is not there.
@@ -720,7 +748,6 @@ impl TracedConsumer {
                         )
                     {
                         positions.settled(message.topic(), message.partition(), message.offset());
-                        uncommitted += 1;
                     }
                 }
                 Err(e) => {
@@ -742,8 +769,7 @@ impl TracedConsumer {
                 }
             }
         }
-        let _ = positions.forget_revoked(self.consumer.context(), &mut revocations);
-        self.final_commit(&positions, committing).await;
+        self.stop(&mut positions, &mut revocations).await;
         counters.settle_failures(
             self.consumer
                 .context()
@@ -762,71 +788,79 @@ impl TracedConsumer {
         }
     }
 
-    /// Commits the position after the last settled record of each partition still
-    /// assigned, and waits for the cluster's answer, after the interval commit
-    /// still in flight (`committing`). Commits may fail while the cluster is away;
-    /// this one is tried again for a few seconds (the group coordinator can take
-    /// that long to come back) before giving up, leaving the records to be read
-    /// again. It never blocks the consumer's task: each attempt waits on a blocking
-    /// thread, while the task serves the consumer's events, and so the rebalances
-    /// a returning group may need before it accepts a commit.
-    async fn final_commit(
-        &self,
-        positions: &Positions,
-        committing: Option<tokio::task::JoinHandle<KafkaResult<()>>>,
-    ) {
-        // Only partitions still assigned: one that moved to another member in a
-        // rebalance has its progress committed there, and this position is older.
-        // Asked again before each attempt: the events served while waiting may
-        // run a rebalance that moves partitions away.
-        let ours = || {
-            let assigned = self.consumer.assignment().ok();
-            let mut offsets = TopicPartitionList::new();
-            for (topic, partition, next) in positions.iter() {
-                let ours = assigned
-                    .as_ref()
-                    .is_none_or(|a| a.find_partition(topic, partition).is_some());
-                if !ours {
-                    continue;
-                }
-                if let Err(e) = offsets.add_partition_offset(topic, partition, Offset::Offset(next))
-                {
-                    tracing::warn!(target: "mqtrace", error = %e, topic, "cannot commit this partition's position");
-                }
-            }
-            offsets
-        };
-        let deadline = tokio::time::Instant::now() + FINAL_COMMIT_WAIT * FINAL_COMMIT_ATTEMPTS;
+    /// Waits until the cluster has confirmed the commit of every settled record
+    /// of the partitions still held, then unsubscribes and waits until the
+    /// partitions are given up and librdkafka's commit of them is answered; at
+    /// most [`STOP_WAIT`] in all. Never blocks the task: it serves the consumer's
+    /// events meanwhile (the commit answers and rebalances come that way; a
+    /// record received is not handled, and the group reads it again).
+    async fn stop(&self, positions: &mut Positions, revocations: &mut u64) {
+        let context = self.consumer.context();
+        let deadline = tokio::time::Instant::now() + STOP_WAIT;
         let mut events = self.consumer.stream();
-        if let Some(mut earlier) = committing {
-            if serve_until(&mut events, &mut earlier, deadline)
-                .await
-                .is_none()
+        // The settled positions not confirmed committed yet, of partitions held.
+        let unconfirmed = |positions: &Positions| -> usize {
+            let assigned = self.consumer.assignment().ok();
+            positions
+                .iter()
+                .filter(|(topic, partition, next)| {
+                    let held = assigned
+                        .as_ref()
+                        .is_none_or(|a| a.find_partition(topic, *partition).is_some());
+                    held && context
+                        .committed(topic, *partition)
+                        .is_none_or(|at| at < *next)
+                })
+                .count()
+        };
+        if unconfirmed(positions) > 0 {
+            // librdkafka's next tick would commit them too; this one does not
+            // wait for it (its answer is dropped, rust-rdkafka#856, but the
+            // statistics show what it stored). A refusal here is not a
+            // failure: the tick commits again.
+            match self
+                .consumer
+                .commit_consumer_state(rdkafka::consumer::CommitMode::Async)
             {
-                tracing::warn!(target: "mqtrace", "the last interval commit got no answer in time; records after the last committed offset may be processed again");
-                return;
+                Ok(()) => {}
+                Err(e)
+                    if e.rdkafka_error_code()
+                        == Some(rdkafka::types::RDKafkaErrorCode::NoOffset) => {}
+                Err(e) => {
+                    tracing::debug!(target: "mqtrace", error = %e, "cannot ask for a commit at stop; librdkafka's next one covers it")
+                }
             }
         }
-        let mut last_error = String::from("no answer from the cluster");
-        for _ in 0..FINAL_COMMIT_ATTEMPTS {
-            let offsets = ours();
-            if offsets.count() == 0 {
-                return;
-            }
-            let mut attempt = commit_on_blocking_thread(&self.consumer, Some(offsets));
-            match serve_until(&mut events, &mut attempt, deadline).await {
-                Some(Ok(Ok(()))) => return,
-                Some(Ok(Err(e))) => last_error = e.to_string(),
-                Some(Err(e)) => last_error = e.to_string(),
-                None => break,
-            }
-            if tokio::time::Instant::now() + FINAL_COMMIT_WAIT >= deadline {
+        loop {
+            let _ = positions.forget_revoked(context, revocations);
+            let left = unconfirmed(positions);
+            if left == 0 {
                 break;
             }
-            // The pause serves the consumer's events too.
-            serve_until(&mut events, tokio::time::sleep(FINAL_COMMIT_WAIT), deadline).await;
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(target: "mqtrace", partitions = left, "the cluster did not confirm the last commits in time; records after the last committed offset are processed again");
+                break;
+            }
+            serve_until(&mut events, tokio::time::sleep(STOP_TICK), deadline).await;
         }
-        tracing::warn!(target: "mqtrace", error = %last_error, "final commit failed; records after the last committed offset are processed again");
+        // Giving the partitions up: librdkafka commits their stored offsets once
+        // more (the same ones, when confirmed above) and then leaves the group,
+        // so the partitions move to another member at once. It waits for that
+        // commit's answer at least briefly, the deadline spent or not.
+        let answered = context.commits();
+        let expect_answer = positions.iter().next().is_some();
+        self.consumer.unsubscribe();
+        let deadline = deadline.max(tokio::time::Instant::now() + STOP_TICK * 25);
+        loop {
+            let given_up = self.consumer.assignment().is_ok_and(|a| a.count() == 0);
+            if given_up && (!expect_answer || context.commits() > answered) {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            serve_until(&mut events, tokio::time::sleep(STOP_TICK), deadline).await;
+        }
     }
 
     /// Processes and settles one record.

@@ -45,30 +45,41 @@
 //! | forward failed and the seek back failed | the partition is paused and held at the record: no later record of it is stored or committed ([`SettleRefused::Held`]) until the record is handled again (after a rebalance or restart, from the committed offset) |
 //!
 //! "Committed" is coalesced in the full consumer: settling stores the record's
-//! offset, and the consumer commits the stored offsets every 200 ms (at once after
-//! 1,000 records), when partitions are revoked, and at stop: one commit request
-//! per interval rather than one per record ([`RecordTracer::store_offsets`]; an
-//! own loop commits each record unless it turns that on and commits the stored
-//! offsets itself). Records are handled one at a time: per-partition order holds
-//! and no offset passes a record whose handler has not finished. The full
-//! consumer's commits wait for the cluster's answer on a blocking thread, one at
-//! a time, while it goes on serving its events (a failed one is covered by the
-//! next; rdkafka 0.39 reports no answer to an asynchronous commit); when the
-//! consumer stops it commits the position after the last settled record of each
-//! partition it still holds and waits for the answer, trying again for up to five
-//! seconds (a restarted cluster's group coordinator can take that long). Failed
-//! commits are counted in `ConsumerStats::settle_failures`; the commit made when
-//! partitions are revoked runs inside a poll and stays asynchronous. A partition
-//! revoked in a rebalance leaves the consumer's positions, so a partition that
-//! moves away and comes back is never committed back to an older position.
+//! offset ([`RecordTracer::store_offsets`]) and librdkafka commits what is stored
+//! (the consumer sets `enable.auto.commit=true` with
+//! `enable.auto.offset.store=false`): every `auto.commit.interval.ms` (200 ms
+//! unless the configuration sets it), when partitions are revoked, and as the
+//! consumer gives its partitions up at stop. One commit request per interval
+//! rather than one per record, never past a record not yet settled: records are
+//! handled one at a time, per-partition order holds, and no offset passes a
+//! record whose handler has not finished. Every commit's answer comes back
+//! through the consumer's events ([`StatsContext`]): a refused commit is counted
+//! (`ConsumerStats::settle_failures`, [`StatsContext::failed_commits`]) and made
+//! again on the next tick, since its offsets stay stored. When the consumer
+//! stops it waits, for up to five seconds, until the cluster has confirmed the
+//! commit of every settled record of the partitions it still holds, then
+//! unsubscribes; nothing blocks a thread, and dropping the consumer closes it
+//! on a thread of its own, so a coordinator that is away holds neither the
+//! caller nor the process's exit. A partition revoked in a rebalance leaves the
+//! consumer's positions, so a partition that moves away and comes back is never
+//! committed back to an older position.
+//!
+//! An own loop commits each record with an asynchronous commit unless it turns
+//! [`RecordTracer::store_offsets`] on; librdkafka drops the answers to those
+//! commits (rdkafka 0.39 gives them no reply queue, rust-rdkafka#856), and a
+//! later commit covers a failed one. An own loop that wants the answers stores
+//! offsets and lets librdkafka commit them, as the full consumer does:
+//! `enable.auto.commit=true`, `enable.auto.offset.store=false`, its consumer
+//! made with [`StatsContext`], which counts them.
 //!
 //! The consumer's settings: librdkafka's defaults (`enable.auto.commit=true`,
 //! `enable.auto.offset.store=true`) commit every record's offset as it is handed
-//! out, past records still in their handler. [`TracedConsumer`] turns both off;
-//! an own loop needs `enable.auto.commit=false` (and
-//! `enable.auto.offset.store=false` with [`RecordTracer::store_offsets`]), and
-//! [`RecordTracer`] refuses to settle otherwise ([`SettleRefused`];
-//! [`RecordTracer::check`] tells at start-up).
+//! out, past records still in their handler. [`TracedConsumer`] turns the store
+//! off; an own loop needs `enable.auto.offset.store=false` with
+//! [`RecordTracer::store_offsets`], and `enable.auto.commit=false` or
+//! `enable.auto.offset.store=false` without it, and [`RecordTracer`] refuses to
+//! settle otherwise ([`SettleRefused`]; [`RecordTracer::check`] tells at
+//! start-up).
 //!
 //! # Customisation
 //!

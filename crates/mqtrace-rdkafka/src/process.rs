@@ -441,9 +441,10 @@ impl RecordTracer {
     /// Settle by storing each record's offset in the client (librdkafka's
     /// `rd_kafka_offset_store`: no request to the cluster) instead of committing
     /// it (default: an asynchronous commit per record). Something must then commit
-    /// the stored offsets (`Consumer::commit_consumer_state`), as
-    /// [`TracedConsumer`](crate::TracedConsumer) does every 200 ms, before a
-    /// rebalance and at stop.
+    /// the stored offsets: librdkafka itself with `enable.auto.commit=true`, as in
+    /// [`TracedConsumer`](crate::TracedConsumer) (on its timer, on revocation, at
+    /// close; the answers reach a [`StatsContext`](crate::StatsContext)), or
+    /// `Consumer::commit_consumer_state`.
     ///
     /// The consumer needs `enable.auto.offset.store=false`: otherwise librdkafka
     /// has stored every record's offset as it handed it out, and a commit passes
