@@ -526,6 +526,28 @@ pub struct Killed {
     pub done: Vec<usize>,
 }
 
+impl Killed {
+    /// The run so far in the delivery checker's terms: the messages `sent`, each
+    /// in the order scope `scope` gives it, and every id the killed child did
+    /// the work for as a successful handler invocation (the work was done; its
+    /// settlement is what the kill cut off). Record the next consumer's
+    /// invocations on it, then what is waiting, then check.
+    pub fn ledger(
+        &self,
+        sent: std::ops::Range<usize>,
+        scope: impl Fn(usize) -> String,
+    ) -> crate::delivery::Ledger {
+        let ledger = crate::delivery::Ledger::new();
+        for id in sent {
+            ledger.sent(id.to_string(), scope(id));
+        }
+        for id in &self.done {
+            ledger.started(id.to_string()).finished(true);
+        }
+        ledger
+    }
+}
+
 /// The parent's side of a kill test: runs `test` as a child process with `role`
 /// and `env`, plus [`KILL_FILE_ENV`] naming a fresh file; waits until the child
 /// prints `HOLDING <id>` (see [`record_and_hold`]), kills it with SIGKILL, and

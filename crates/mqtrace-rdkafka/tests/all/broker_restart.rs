@@ -1,7 +1,7 @@
 //! The broker killed (SIGKILL) mid-stream and started again, on the consumer side
 //! and on the producer side. Each test runs a tansu broker of its own whose log lives
 //! in S3, so the restarted broker has every record and committed offset; the test
-//! then accounts for every record sent.
+//! then accounts for every record sent through the delivery checker.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mqtrace::HandlerResult;
+use mqtrace_testing::delivery::{Contract, Ledger};
 use mqtrace_testing::faults::Tansu;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
@@ -41,6 +42,10 @@ async fn consumer_side_broker_killed_and_restarted() {
     let instrumenter = h.instrumenter(|b| b);
     let producer = h.producer(&instrumenter);
     send_numbered(&producer, &topic, RECORDS).await;
+    let ledger = Ledger::new();
+    for i in 0..RECORDS {
+        ledger.sent(i.to_string(), "0");
+    }
 
     let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
     let count = Arc::new(AtomicUsize::new(0));
@@ -59,22 +64,26 @@ async fn consumer_side_broker_killed_and_restarted() {
     )
     .unwrap();
     let run = {
-        let (processed, count, stop) = (
+        let (processed, count, stop, ledger) = (
             Arc::clone(&processed),
             Arc::clone(&count),
             Arc::clone(&stop),
+            ledger.clone(),
         );
         tokio::spawn(async move {
             consumer
                 .run_until(
                     move |record| {
                         let (processed, count) = (Arc::clone(&processed), Arc::clone(&count));
+                        let ledger = ledger.clone();
                         async move {
                             let id: usize = record.json()?;
+                            let call = ledger.started(id.to_string());
                             processed.lock().unwrap().push(id);
                             count.fetch_add(1, Ordering::SeqCst);
                             // Slow enough for the kill to land mid-stream.
                             tokio::time::sleep(Duration::from_millis(20)).await;
+                            call.finished(true);
                             HandlerResult::Ok(())
                         }
                     },
@@ -109,13 +118,17 @@ async fn consumer_side_broker_killed_and_restarted() {
         let (again, processed) = (Arc::clone(&again), Arc::clone(&processed));
         let next = h.consumer(&[&topic], &instrumenter);
         let reached = when_count(&again, waiting);
+        let ledger = ledger.clone();
         within(
             60,
             next.run_until(
                 move |record| {
                     let (processed, again) = (Arc::clone(&processed), Arc::clone(&again));
+                    let ledger = ledger.clone();
                     async move {
-                        processed.lock().unwrap().push(record.json()?);
+                        let id: usize = record.json()?;
+                        ledger.started(id.to_string()).finished(true);
+                        processed.lock().unwrap().push(id);
                         again.fetch_add(1, Ordering::SeqCst);
                         HandlerResult::Ok(())
                     }
@@ -126,24 +139,25 @@ async fn consumer_side_broker_killed_and_restarted() {
         .await
         .unwrap();
     }
-    let processed = processed.lock().unwrap().clone();
-    let distinct: BTreeSet<usize> = processed.iter().copied().collect();
-    let lost = (0..RECORDS).filter(|i| !distinct.contains(i)).count();
+    let committed = committed_offset(&h, &topic).await;
+    ledger.committed("0", committed);
+    ledger.waiting((committed.max(0)..RECORDS as i64).map(|i| i.to_string()));
+    let a = ledger.check(
+        "kafka broker killed under the consumer",
+        Contract::ordered(),
+    );
     println!(
-        "kafka broker killed under the consumer: sent {RECORDS}, {done_at_kill} done when it was killed; \
-         processed {} ({} duplicates), waiting after the restart {waiting} (then processed by the \
-         group's next consumer), dead-lettered 0, lost {lost}; failed commits reported {}",
-        processed.len(),
-        processed.len() - distinct.len(),
+        "kafka broker killed under the consumer: sent {RECORDS}, {done_at_kill} done when it was \
+         killed; processed {} ({} duplicates), waiting after the restart {waiting} (then \
+         processed by the group's next consumer), dead-lettered 0, lost {}; failed commits \
+         reported {}",
+        a.processed,
+        a.duplicates,
+        a.lost.len(),
         stats.settle_failures
     );
-    assert_eq!(lost, 0);
     assert_eq!(again.load(Ordering::SeqCst), waiting);
-    assert_eq!(
-        committed_offset(&h, &topic).await,
-        RECORDS as i64,
-        "nothing left waiting"
-    );
+    assert_eq!(committed, RECORDS as i64, "nothing left waiting");
     assert_eq!(stats.dead_lettered, 0);
 }
 
@@ -156,6 +170,10 @@ async fn producer_side_broker_killed_and_restarted() {
     h.topics(&[&topic]).await;
     let instrumenter = h.instrumenter(|b| b);
     let producer = Arc::new(h.producer(&instrumenter));
+    let ledger = Ledger::new();
+    for i in 0..RECORDS {
+        ledger.sent(i.to_string(), "0");
+    }
     let acked = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let send_all = {
@@ -201,20 +219,24 @@ async fn producer_side_broker_killed_and_restarted() {
                 .unwrap()
                 .parse()
                 .unwrap();
+            // Read back is what counts as handled here.
+            ledger.started(id.to_string()).finished(true);
             stored.push(id);
         }
     })
     .await;
-    let distinct: BTreeSet<usize> = stored.iter().copied().collect();
-    let lost = (0..RECORDS).filter(|i| !distinct.contains(i)).count();
+    let a = ledger.check(
+        "kafka broker killed under the producer",
+        Contract::at_least_once(),
+    );
     println!(
         "kafka broker killed under the producer: sent {RECORDS}, failed attempts {}, stored {} \
-         ({} duplicates), lost {lost}",
+         ({} duplicates), lost {}",
         failed.load(Ordering::SeqCst),
         stored.len(),
-        stored.len() - distinct.len()
+        a.duplicates,
+        a.lost.len()
     );
-    assert_eq!(lost, 0);
     // Every failed attempt is an Error span: the spans of this test are the sends.
     let spans = h.spans(RECORDS + failed.load(Ordering::SeqCst)).await;
     let errors = spans

@@ -2,13 +2,15 @@
 //! work and before the offset is committed. The test binary runs itself again as
 //! the consumer; the handler records each id in a file, synced, and holds on the
 //! chosen record, where the parent kills it. A consumer in the same group then takes
-//! over: the held record is processed again (a duplicate), none is lost.
+//! over: the held record is processed again (a duplicate), none is lost, and
+//! the partition's order holds (the delivery checker's line).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use mqtrace::HandlerResult;
 use mqtrace_rdkafka::TracedConsumer;
+use mqtrace_testing::delivery::Contract;
 use mqtrace_testing::faults::{child_role, record_and_hold, run_and_kill_child, Killed};
 use tokio::sync::Notify;
 
@@ -34,19 +36,22 @@ async fn consumer_killed_between_handler_and_commit() {
         ("MQTRACE_KILL_TOPIC", topic.to_owned()),
         ("MQTRACE_KILL_GROUP", group.to_owned()),
     ];
+    let killed =
+        tokio::task::spawn_blocking(move || run_and_kill_child(TEST, "kafka-consumer", &env))
+            .await
+            .unwrap();
+    let ledger = killed.ledger(0..RECORDS, |_| "0".to_owned());
     let Killed {
         held,
         done: by_killed,
-    } = tokio::task::spawn_blocking(move || run_and_kill_child(TEST, "kafka-consumer", &env))
-        .await
-        .unwrap();
-
+    } = killed;
     // The group's next consumer (same group id as the child's).
     let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
     let done = Arc::new(Notify::new());
     let seen = by_killed.iter().copied().collect::<BTreeSet<_>>();
     let stats = {
-        let (processed, notifier) = (Arc::clone(&processed), Arc::clone(&done));
+        let (processed, notifier, ledger) =
+            (Arc::clone(&processed), Arc::clone(&done), ledger.clone());
         let consumer = h.consumer(&[&topic], &instrumenter);
         within(
             90,
@@ -54,8 +59,10 @@ async fn consumer_killed_between_handler_and_commit() {
                 move |record| {
                     let (processed, done, seen) =
                         (Arc::clone(&processed), Arc::clone(&notifier), seen.clone());
+                    let ledger = ledger.clone();
                     async move {
                         let id: usize = record.json()?;
+                        ledger.started(id.to_string()).finished(true);
                         let mut p = processed.lock().unwrap();
                         p.push(id);
                         let all: BTreeSet<usize> = p.iter().chain(&seen).copied().collect();
@@ -73,19 +80,21 @@ async fn consumer_killed_between_handler_and_commit() {
         .unwrap()
     };
     let after = processed.lock().unwrap().clone();
-    let all: BTreeSet<usize> = by_killed.iter().chain(&after).copied().collect();
-    let lost = (0..RECORDS).filter(|i| !all.contains(i)).count();
-    let duplicates = by_killed.len() + after.len() - all.len();
-    let waiting = RECORDS - committed_offset(&h, &topic).await as usize;
+    let committed = committed_offset(&h, &topic).await;
+    ledger.committed("0", committed);
+    ledger.waiting((committed.max(0)..RECORDS as i64).map(|i| i.to_string()));
+    let a = ledger.check("kafka consumer process killed", Contract::ordered());
     println!(
         "kafka consumer process killed before committing record {held}: sent {RECORDS}; \
-         the killed process did {}, the next consumer {} ({duplicates} duplicates), waiting {waiting}, \
-         dead-lettered 0, lost {lost}",
+         the killed process did {}, the next consumer {} ({} duplicates), waiting {}, \
+         dead-lettered 0, lost {}",
         by_killed.len(),
-        after.len()
+        after.len(),
+        a.duplicates,
+        a.waiting,
+        a.lost.len()
     );
-    assert_eq!(lost, 0);
-    assert_eq!(waiting, 0);
+    assert_eq!(a.waiting, 0);
     assert_eq!(held, HOLD_AT);
     assert!(
         by_killed.contains(&held),
