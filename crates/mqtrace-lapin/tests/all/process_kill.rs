@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use lapin::BasicProperties;
 use mqtrace::HandlerResult;
 use mqtrace_lapin::{QueueSpec, TracedConsumer, TracedPublisher};
+use mqtrace_testing::delivery::Contract;
 use mqtrace_testing::faults::{child_role, record_and_hold, run_and_kill_child, Killed};
 use tokio::sync::Notify;
 
@@ -39,25 +40,32 @@ async fn consumer_killed_between_handler_and_ack() {
         assert!(c.is_ack());
     }
     let env = [("MQTRACE_KILL_QUEUE", queue.name().to_owned())];
+    let killed =
+        tokio::task::spawn_blocking(move || run_and_kill_child(TEST, "rabbitmq-consumer", &env))
+            .await
+            .unwrap();
+    // No order is promised here: each message is its own scope.
+    let ledger = killed.ledger(0..MESSAGES, |id| id.to_string());
     let Killed {
         held,
         done: by_killed,
-    } = tokio::task::spawn_blocking(move || run_and_kill_child(TEST, "rabbitmq-consumer", &env))
-        .await
-        .unwrap();
+    } = killed;
 
     let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
     let done = Arc::new(Notify::new());
     let seen: BTreeSet<usize> = by_killed.iter().copied().collect();
-    let (recorder, notifier) = (Arc::clone(&processed), Arc::clone(&done));
+    let (recorder, notifier, recording) =
+        (Arc::clone(&processed), Arc::clone(&done), ledger.clone());
     let stats = within(
         60,
         TracedConsumer::new(&h.url, queue.clone(), instrumenter).run_until(
             move |message| {
                 let (processed, done, seen) =
                     (Arc::clone(&recorder), Arc::clone(&notifier), seen.clone());
+                let ledger = recording.clone();
                 async move {
                     let id: usize = message.json()?;
+                    ledger.started(id.to_string()).finished(true);
                     let mut p = processed.lock().unwrap();
                     p.push(id);
                     // Every message seen, and the held one again.
@@ -75,19 +83,27 @@ async fn consumer_killed_between_handler_and_ack() {
     .await
     .unwrap();
     let after = processed.lock().unwrap().clone();
-    let all: BTreeSet<usize> = by_killed.iter().chain(&after).copied().collect();
-    let lost = (0..MESSAGES).filter(|i| !all.contains(i)).count();
-    let waiting = drain(&channel, queue.name()).await.len();
+    ledger.waiting(
+        drain(&channel, queue.name())
+            .await
+            .iter()
+            .map(|d| String::from_utf8_lossy(&d.data).into_owned()),
+    );
+    let a = ledger.check(
+        "rabbitmq consumer process killed",
+        Contract::at_least_once(),
+    );
     println!(
         "rabbitmq consumer process killed before acknowledging message {held}: sent {MESSAGES}; \
-         the killed process did {}, the next consumer {} ({} duplicates), waiting {waiting}, \
-         dead-lettered 0, lost {lost}",
+         the killed process did {}, the next consumer {} ({} duplicates), waiting {}, \
+         dead-lettered 0, lost {}",
         by_killed.len(),
         after.len(),
-        by_killed.len() + after.len() - all.len()
+        a.duplicates,
+        a.waiting,
+        a.lost.len()
     );
-    assert_eq!(lost, 0);
-    assert_eq!(waiting, 0);
+    assert_eq!(a.waiting, 0);
     assert_eq!(held, HOLD_AT);
     assert!(
         by_killed.contains(&held),
