@@ -461,7 +461,9 @@ impl Record {
 /// Dropping the consumer closes it on a thread of its own (`mqtrace-kafka-close`):
 /// librdkafka's close waits for the group coordinator, up to
 /// `session.timeout.ms` when it is away, and neither the caller nor the
-/// process's exit waits with it.
+/// process's exit waits with it. A process that exits right after the drop may
+/// cut that close short; [`TracedConsumer::close`] waits for it, within a
+/// bound.
 pub struct TracedConsumer {
     consumer: Closing,
     topics: Vec<String>,
@@ -499,7 +501,9 @@ impl Drop for Closing {
 pub enum ConsumeError {
     /// The cluster refused the consumer (authentication or authorization failed,
     /// or a subscribed topic does not exist): waiting would not help. The records
-    /// settled until then are in `stats`, and their offsets were committed.
+    /// settled until then are in `stats`; the stop waited, as it always does,
+    /// for the cluster to confirm their offsets committed (a cluster that
+    /// refuses the consumer may refuse that too: they are then read again).
     #[error("the Kafka cluster refused the consumer: {error}")]
     Refused {
         /// rdkafka's error, unchanged.
@@ -512,19 +516,43 @@ pub enum ConsumeError {
 
 /// Serves `events` until `until` completes (its output) or `deadline` passes
 /// (`None`). The stream yields only records, and serves the rest (rebalances,
-/// statistics) on the way; a record received here is not handled: its offset is
-/// not committed, and the group reads it again.
+/// statistics, commit answers) on the way. A record received here is not
+/// handled: the first of each partition is sought back to, so that neither it
+/// nor the records fetched after it are passed (the seek drops them from
+/// librdkafka's queue, and they are fetched again if the consumer runs again
+/// before giving the partition up); `sought` keeps the partitions already
+/// sought back.
 async fn serve_until<F: Future>(
+    consumer: &StreamConsumer<StatsContext>,
     events: &mut rdkafka::consumer::MessageStream<'_, StatsContext>,
     until: F,
     deadline: tokio::time::Instant,
+    sought: &mut std::collections::HashSet<(String, i32)>,
 ) -> Option<F::Output> {
     let mut until = std::pin::pin!(until);
     loop {
         tokio::select! {
             output = &mut until => break Some(output),
             () = tokio::time::sleep_until(deadline) => break None,
-            _ = futures_util::StreamExt::next(events) => {}
+            received = futures_util::StreamExt::next(events) => {
+                let Some(Ok(record)) = received else { continue };
+                let key = (record.topic().to_owned(), record.partition());
+                if sought.contains(&key) {
+                    continue;
+                }
+                // A zero timeout: librdkafka seeks asynchronously. A partition
+                // given up meanwhile answers an error, and is read again from
+                // the group's committed offset by whoever takes it.
+                if let Err(e) = consumer.seek(
+                    record.topic(),
+                    record.partition(),
+                    Offset::Offset(record.offset()),
+                    Duration::ZERO,
+                ) {
+                    tracing::debug!(target: "mqtrace", error = %e, "cannot seek back to a record received while stopping");
+                }
+                sought.insert(key);
+            }
         }
     }
 }
@@ -653,6 +681,30 @@ impl TracedConsumer {
         &self.consumer
     }
 
+    /// Closes the consumer (librdkafka's close: the last commit of what is
+    /// stored, leaving the group) on a thread of its own, and waits for it up
+    /// to `within`. Returns whether it closed in that time; if not, it goes on
+    /// closing on its thread. Call it before a process exits, after
+    /// [`TracedConsumer::run_until`], so the group hands the partitions on at
+    /// once instead of after `session.timeout.ms`.
+    pub async fn close(mut self, within: Duration) -> bool {
+        let Some(consumer) = self.consumer.0.take() else {
+            return true;
+        };
+        let (closed, done) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("mqtrace-kafka-close".into())
+            .spawn(move || {
+                drop(consumer);
+                let _ = closed.send(());
+            });
+        if spawned.is_err() {
+            // The closure, and the consumer with it, was dropped on this thread.
+            return true;
+        }
+        tokio::time::timeout(within, done).await.is_ok()
+    }
+
     /// Consumes until `shutdown` completes. A record being handled when it does is
     /// finished and settled first. Then the consumer waits, for up to five
     /// seconds, until the cluster has confirmed the commit of every settled
@@ -695,8 +747,10 @@ impl TracedConsumer {
         let mut positions = Positions::default();
         let mut revocations = self.consumer.context().revocations();
         // Revoked before this run (an earlier run's giving up): no position of
-        // this run's is theirs.
-        let _ = self.consumer.context().take_revoked();
+        // this run's is theirs, and any hold of theirs ends.
+        for (topic, partition) in self.consumer.context().take_revoked() {
+            self.tracer.release(&*self.consumer, &topic, partition);
+        }
         let mut shutdown = std::pin::pin!(shutdown);
         // A subscribed topic reported missing (librdkafka says so once), with no
         // record since: when, and the error.
@@ -725,13 +779,7 @@ impl TracedConsumer {
                 }
                 received = self.consumer.recv() => received.map(|m| m.detach()),
             };
-            // Partitions revoked during the poll leave the positions, and end
-            // any hold of theirs (a failed seek back paused them).
-            for (topic, partition) in
-                positions.forget_revoked(self.consumer.context(), &mut revocations)
-            {
-                self.tracer.release(&*self.consumer, &topic, partition);
-            }
+            self.forget_revoked(&mut positions, &mut revocations);
             match received {
                 Ok(message) => {
                     missing = None;
@@ -788,16 +836,26 @@ impl TracedConsumer {
         }
     }
 
+    /// Partitions revoked since the consumer last looked leave the positions,
+    /// and any hold of theirs ends (a failed seek back paused them).
+    fn forget_revoked(&self, positions: &mut Positions, revocations: &mut u64) {
+        for (topic, partition) in positions.forget_revoked(self.consumer.context(), revocations) {
+            self.tracer.release(&*self.consumer, &topic, partition);
+        }
+    }
+
     /// Waits until the cluster has confirmed the commit of every settled record
-    /// of the partitions still held, then unsubscribes and waits until the
-    /// partitions are given up and librdkafka's commit of them is answered; at
-    /// most [`STOP_WAIT`] in all. Never blocks the task: it serves the consumer's
-    /// events meanwhile (the commit answers and rebalances come that way; a
-    /// record received is not handled, and the group reads it again).
+    /// of the partitions still held (up to [`STOP_WAIT`]), then unsubscribes and
+    /// waits until the partitions are given up and librdkafka's commit of them
+    /// is answered (the rest of that bound, half a second at least). Never
+    /// blocks the task: it serves the consumer's events meanwhile (the commit
+    /// answers and rebalances come that way; a record received is not handled,
+    /// and its partition is sought back to it).
     async fn stop(&self, positions: &mut Positions, revocations: &mut u64) {
         let context = self.consumer.context();
         let deadline = tokio::time::Instant::now() + STOP_WAIT;
         let mut events = self.consumer.stream();
+        let mut sought = std::collections::HashSet::new();
         // The settled positions not confirmed committed yet, of partitions held.
         let unconfirmed = |positions: &Positions| -> usize {
             let assigned = self.consumer.assignment().ok();
@@ -815,24 +873,15 @@ impl TracedConsumer {
         };
         if unconfirmed(positions) > 0 {
             // librdkafka's next tick would commit them too; this one does not
-            // wait for it (its answer is dropped, rust-rdkafka#856, but the
-            // statistics show what it stored). A refusal here is not a
-            // failure: the tick commits again.
-            match self
+            // wait for it. Its answer is dropped (rust-rdkafka#856), but the
+            // statistics show what it stored; refused, the tick commits again.
+            // An asynchronous commit only queues the request: no error to read.
+            let _ = self
                 .consumer
-                .commit_consumer_state(rdkafka::consumer::CommitMode::Async)
-            {
-                Ok(()) => {}
-                Err(e)
-                    if e.rdkafka_error_code()
-                        == Some(rdkafka::types::RDKafkaErrorCode::NoOffset) => {}
-                Err(e) => {
-                    tracing::debug!(target: "mqtrace", error = %e, "cannot ask for a commit at stop; librdkafka's next one covers it")
-                }
-            }
+                .commit_consumer_state(rdkafka::consumer::CommitMode::Async);
         }
         loop {
-            let _ = positions.forget_revoked(context, revocations);
+            self.forget_revoked(positions, revocations);
             let left = unconfirmed(positions);
             if left == 0 {
                 break;
@@ -841,17 +890,18 @@ impl TracedConsumer {
                 tracing::warn!(target: "mqtrace", partitions = left, "the cluster did not confirm the last commits in time; records after the last committed offset are processed again");
                 break;
             }
-            serve_until(&mut events, tokio::time::sleep(STOP_TICK), deadline).await;
+            let tick = tokio::time::sleep(STOP_TICK);
+            serve_until(&self.consumer, &mut events, tick, deadline, &mut sought).await;
         }
         // Giving the partitions up: librdkafka commits their stored offsets once
-        // more (the same ones, when confirmed above) and then leaves the group,
-        // so the partitions move to another member at once. It waits for that
-        // commit's answer at least briefly, the deadline spent or not.
+        // more (the same ones, when confirmed above) and then leaves the group
+        // (sent once that commit is answered, which is why this waits for it).
         let answered = context.commits();
         let expect_answer = positions.iter().next().is_some();
         self.consumer.unsubscribe();
         let deadline = deadline.max(tokio::time::Instant::now() + STOP_TICK * 25);
         loop {
+            self.forget_revoked(positions, revocations);
             let given_up = self.consumer.assignment().is_ok_and(|a| a.count() == 0);
             if given_up && (!expect_answer || context.commits() > answered) {
                 break;
@@ -859,7 +909,8 @@ impl TracedConsumer {
             if tokio::time::Instant::now() >= deadline {
                 break;
             }
-            serve_until(&mut events, tokio::time::sleep(STOP_TICK), deadline).await;
+            let tick = tokio::time::sleep(STOP_TICK);
+            serve_until(&self.consumer, &mut events, tick, deadline, &mut sought).await;
         }
     }
 

@@ -54,13 +54,16 @@
 //! handled one at a time, per-partition order holds, and no offset passes a
 //! record whose handler has not finished. Every commit's answer comes back
 //! through the consumer's events ([`StatsContext`]): a refused commit is counted
-//! (`ConsumerStats::settle_failures`, [`StatsContext::failed_commits`]) and made
-//! again on the next tick, since its offsets stay stored. When the consumer
-//! stops it waits, for up to five seconds, until the cluster has confirmed the
-//! commit of every settled record of the partitions it still holds, then
-//! unsubscribes; nothing blocks a thread, and dropping the consumer closes it
-//! on a thread of its own, so a coordinator that is away holds neither the
-//! caller nor the process's exit. A partition revoked in a rebalance leaves the
+//! (`ConsumerStats::settle_failures`, [`StatsContext::failed_commits`], for the
+//! answers that arrive while `run_until` runs) and made again on the next tick
+//! while the partition is held, since its offsets stay stored (a session lost
+//! in an outage drops them with the partition: those records are read again).
+//! When the consumer stops it waits, for up to five seconds, until the cluster
+//! has confirmed the commit of every settled record of the partitions it still
+//! holds, then unsubscribes (half a second more at most); nothing blocks a
+//! thread, and dropping the consumer closes it on a thread of its own, so a
+//! coordinator that is away holds neither the caller nor the process's exit
+//! ([`TracedConsumer::close`] waits for the close, within a bound). A partition revoked in a rebalance leaves the
 //! consumer's positions, so a partition that moves away and comes back is never
 //! committed back to an older position.
 //!

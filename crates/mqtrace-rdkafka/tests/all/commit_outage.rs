@@ -1,19 +1,18 @@
 //! The cluster unreachable while a consumer settles records it had already
 //! fetched. Every connection to the broker, the group coordinator's included,
-//! goes through a proxy that the test switches to refusing them.
+//! goes through a proxy that the test switches to refusing them. The full
+//! consumer's commits are librdkafka's own, whose answers reach it as events.
 //!
-//! - The cluster comes back while the consumer stops: the commits refused during
-//!   the outage are reported (librdkafka's commits of the stored offsets, whose
-//!   answers reach the consumer as events), made again, and the stop waits for
-//!   the one the cluster confirms: every settled record's progress is stored.
-//!   (Before, the commits' answers never reached the consumer, which reported 0
-//!   failed commits while every one was refused.)
-//! - The cluster stays away: the stop gives up after its bound, and the
-//!   consumer's thread, runtime and drop all end promptly (before, a commit on
-//!   a blocking thread held the runtime's shutdown, and a synchronous final
-//!   commit blocked for good on a group only the blocked thread could serve).
-//!   The records whose commit was refused are still on the broker for the
-//!   group, not lost.
+//! - A short outage, and the cluster back while the consumer stops: librdkafka
+//!   keeps the commits until the coordinator returns, and the stop waits until
+//!   the cluster confirms one covering every settled record (read from the
+//!   consumer before it is closed), then the consumer closes in time.
+//! - The cluster gone for good: the stop gives up on its bound, and the
+//!   consumer's thread, runtime and drop all end promptly (before, a commit on a
+//!   blocking thread held the runtime's shutdown, and the drop waited for
+//!   librdkafka's close: the thread had not ended a minute after the stop).
+//! - An outage longer than the group's session: the commits kept for the
+//!   coordinator are answered refused, and counted.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,13 +43,25 @@ struct Outage {
     count: Arc<AtomicUsize>,
     go: watch::Sender<bool>,
     stop: Arc<Notify>,
-    /// When the consumer's thread ended (its runtime and the consumer dropped),
-    /// and what `run_until` returned.
-    finished: oneshot::Receiver<(Instant, ConsumerStats)>,
+    /// When the consumer's thread ended (its runtime and the consumer dropped
+    /// or closed), what `run_until` returned, the partition's committed offset
+    /// the consumer knew confirmed when it returned, and whether the close
+    /// (when asked for) ended in time.
+    finished: oneshot::Receiver<Ended>,
+}
+
+/// How the consumer's thread ended.
+struct Ended {
+    at: Instant,
+    stats: ConsumerStats,
+    confirmed: Option<i64>,
+    closed_in_time: bool,
 }
 
 impl Outage {
-    async fn start(session_timeout_ms: u64) -> Self {
+    /// Starts it all; the consumer's thread drops the consumer after the stop,
+    /// or closes it waiting up to `close_within`.
+    async fn start(session_timeout_ms: u64, close_within: Option<Duration>) -> Self {
         let port = free_port().unwrap();
         let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], port)))
             .await
@@ -89,12 +100,13 @@ impl Outage {
         let (done, finished) = oneshot::channel();
         {
             let (count, stop, ledger) = (Arc::clone(&count), Arc::clone(&stop), ledger.clone());
+            let partition = topic.clone();
             std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .unwrap();
-                let stats = runtime.block_on(async move {
+                let (stats, confirmed, closed_in_time) = runtime.block_on(async move {
                     let stats = consumer
                         .run_until(
                             move |record| {
@@ -113,11 +125,24 @@ impl Outage {
                         )
                         .await
                         .unwrap();
-                    drop(consumer);
-                    stats
+                    let confirmed = rdkafka::consumer::Consumer::context(consumer.inner())
+                        .committed(&partition, 0);
+                    let closed_in_time = match close_within {
+                        Some(within) => consumer.close(within).await,
+                        None => {
+                            drop(consumer);
+                            true
+                        }
+                    };
+                    (stats, confirmed, closed_in_time)
                 });
                 drop(runtime);
-                let _ = done.send((Instant::now(), stats));
+                let _ = done.send(Ended {
+                    at: Instant::now(),
+                    stats,
+                    confirmed,
+                    closed_in_time,
+                });
             });
         }
         within(60, when_count(&count, 1)).await;
@@ -151,9 +176,8 @@ impl Outage {
         Instant::now()
     }
 
-    /// Waits for the consumer's thread to end, and returns when it did and the
-    /// stats.
-    async fn finished(&mut self) -> (Instant, ConsumerStats) {
+    /// Waits for the consumer's thread to end.
+    async fn finished(&mut self) -> Ended {
         tokio::time::timeout(Duration::from_secs(60), &mut self.finished)
             .await
             .expect("the consumer stopped, and was dropped, within 60 s of being told to")
@@ -177,13 +201,18 @@ impl Outage {
 /// the one the cluster confirms. (It passed before too: the regression guard.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_stopped_while_the_cluster_is_away_commits_and_stops() {
-    let mut outage = Outage::start(6_000).await;
+    let mut outage = Outage::start(6_000, Some(Duration::from_secs(10))).await;
     outage.settle_during_outage(Duration::from_secs(2)).await;
     // The cluster returns while the stop waits for a confirmed commit.
     let _ = outage.stop();
     tokio::time::sleep(Duration::from_secs(1)).await;
     outage.proxy.set(Mode::Forward);
-    let (_, stats) = outage.finished().await;
+    let Ended {
+        stats,
+        confirmed,
+        closed_in_time,
+        ..
+    } = outage.finished().await;
 
     let (committed, a) = outage.account("kafka commits during an outage").await;
     println!(
@@ -196,6 +225,12 @@ async fn consumer_stopped_while_the_cluster_is_away_commits_and_stops() {
     );
     assert_eq!(stats.settled as usize, RECORDS);
     assert_eq!(
+        confirmed,
+        Some(RECORDS as i64),
+        "the stop returned once the cluster had confirmed every settled record's commit"
+    );
+    assert!(closed_in_time, "the consumer closed within 10 s");
+    assert_eq!(
         committed, RECORDS as i64,
         "the commit kept through the outage stored every settled record's progress"
     );
@@ -207,12 +242,12 @@ async fn consumer_stopped_while_the_cluster_is_away_commits_and_stops() {
 /// minute later: the runtime's shutdown waited for the synchronous commit on
 /// its blocking thread, and the drop for librdkafka's close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumer_stopped_with_the_cluster_gone_returns_promptly_and_loses_nothing() {
-    let mut outage = Outage::start(6_000).await;
+async fn consumer_stopped_with_the_cluster_gone_returns_promptly() {
+    let mut outage = Outage::start(6_000, None).await;
     outage.settle_during_outage(Duration::from_secs(2)).await;
     let told = outage.stop();
-    let (ended, stats) = outage.finished().await;
-    let took = ended.duration_since(told);
+    let Ended { at, stats, .. } = outage.finished().await;
+    let took = at.duration_since(told);
     // The cluster back, for the count only: what the group committed (the
     // closing consumer may still get its last commit through now, or not: the
     // ledger holds either way).
@@ -242,10 +277,10 @@ async fn consumer_stopped_with_the_cluster_gone_returns_promptly_and_loses_nothi
 /// were refused wait for the group, and the stop does not wait for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_refused_in_a_long_outage_are_reported() {
-    let mut outage = Outage::start(3_000).await;
+    let mut outage = Outage::start(3_000, None).await;
     outage.settle_during_outage(Duration::from_secs(5)).await;
     let _ = outage.stop();
-    let (_, stats) = outage.finished().await;
+    let Ended { stats, .. } = outage.finished().await;
     outage.proxy.set(Mode::Forward);
     let (committed, a) = outage
         .account("kafka commits refused in a long outage")
