@@ -149,10 +149,11 @@ async fn consumer_side_broker_killed_and_restarted() {
     println!(
         "kafka broker killed under the consumer: sent {RECORDS}, {done_at_kill} done when it was \
          killed; processed {} ({} duplicates), waiting after the restart {waiting} (then \
-         processed by the group's next consumer), dead-lettered 0, lost {}; failed commits \
+         processed by the group's next consumer), dead-lettered {}, lost {}; failed commits \
          reported {}",
         a.processed,
         a.duplicates,
+        a.dead_lettered,
         a.lost.len(),
         stats.settle_failures
     );

@@ -131,9 +131,10 @@ async fn collector_unreachable_then_hanging_then_back() {
         .unwrap();
     println!(
         "kafka collector faults: sent {sent}, processed {}, commit failures {}, \
-         dead-lettered 0, lost {lost}; spans ended {}, exported {}, dropped (counted) {}",
+         dead-lettered {}, lost {lost}; spans ended {}, exported {}, dropped (counted) {}",
         processed.len(),
         stats.settle_failures,
+        stats.dead_lettered,
         spans.ended,
         spans.exported,
         spans.not_exported()

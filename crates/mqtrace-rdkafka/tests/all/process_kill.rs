@@ -87,11 +87,12 @@ async fn consumer_killed_between_handler_and_commit() {
     println!(
         "kafka consumer process killed before committing record {held}: sent {RECORDS}; \
          the killed process did {}, the next consumer {} ({} duplicates), waiting {}, \
-         dead-lettered 0, lost {}",
+         dead-lettered {}, lost {}",
         by_killed.len(),
         after.len(),
         a.duplicates,
         a.waiting,
+        a.dead_lettered,
         a.lost.len()
     );
     assert_eq!(a.waiting, 0);

@@ -530,3 +530,246 @@ async fn record_tracer_check_tells_at_start_up() {
         .to_string()
         .contains("set enable.auto.offset.store=false"));
 }
+
+/// Every handler outcome on the full consumer, through the delivery checker:
+/// record 1 fails transiently once (its retry goes to the topic's tail), record
+/// 2 fails permanently (to the dead-letter topic, read back), record 3's
+/// handler panics once (a transient failure), 0 and 4 succeed. Nothing is lost,
+/// the dead letter is one a handler saw, and the group's committed offset ends
+/// at the topic's end: the retried copies included, nothing waits. (Order is
+/// not claimed: a retry goes to the tail of the partition.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_handler_outcome_settles_through_the_checker() {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let (topic, ledger) = five_records(&h, "outcomes", &instrumenter).await;
+    let dead = h.name("outcomes.dlq");
+    h.topics(&[&dead]).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let consumer = h
+        .consumer(&[&topic], &instrumenter)
+        .dead_letter_topic(&dead);
+    let stats = within(
+        60,
+        consumer.run_until(
+            |record| {
+                let (ledger, calls) = (ledger.clone(), Arc::clone(&calls));
+                async move {
+                    let id: usize = record.json()?;
+                    let call = ledger.started(id.to_string());
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let first = record.attempt() == 1;
+                    match id {
+                        1 if first => {
+                            call.finished(false);
+                            Err(HandlerError::transient("gateway timeout"))
+                        }
+                        2 => {
+                            call.finished(false);
+                            Err(HandlerError::permanent("no such customer"))
+                        }
+                        3 if first => {
+                            call.finished(false);
+                            panic!("the handler blows up on its first attempt");
+                        }
+                        _ => {
+                            call.finished(true);
+                            Ok(())
+                        }
+                    }
+                }
+            },
+            // Five records, two of them twice.
+            when_count(&calls, 7),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (stats.settled, stats.retried, stats.dead_lettered),
+        (4, 2, 1)
+    );
+    let reader: StreamConsumer = h.consumer_config().create().unwrap();
+    reader.subscribe(&[&dead]).unwrap();
+    let letter = within(30, reader.recv()).await.unwrap();
+    ledger.dead_lettered([
+        String::from_utf8_lossy(letter.payload().unwrap_or_default()).into_owned(),
+    ]);
+    let committed = committed_offset(&h, &topic).await;
+    let (_, end) = consumer
+        .inner()
+        .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+        .unwrap();
+    ledger.committed("0", committed);
+    let a = ledger.check(
+        "kafka full consumer, every handler outcome",
+        Contract::at_least_once().duplicates(0),
+    );
+    assert_eq!((a.dead_lettered, a.failed_attempts), (1, 3));
+    assert_eq!(committed, end, "the originals and their retries committed");
+}
+
+/// The dead-letter topic missing: a record failing permanently cannot be
+/// forwarded (its send times out), so it is not committed: the consumer seeks
+/// back to it and handles it again, and the partition waits behind it. The
+/// group's committed offset stays at the record; nothing after it passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_topic_holds_the_record() {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let (topic, ledger) = five_records(&h, "nodlq", &instrumenter).await;
+    let mut forwarding = h.config();
+    forwarding.set("message.timeout.ms", "1000");
+    let forwarder =
+        mqtrace_rdkafka::TracedProducer::from_config(&forwarding, instrumenter.clone()).unwrap();
+    let consumer = mqtrace_rdkafka::TracedConsumer::from_config(
+        &h.consumer_config(),
+        &[&topic],
+        forwarder,
+        instrumenter.clone(),
+    )
+    .unwrap()
+    .dead_letter_topic(h.name("missing-dlq"));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let stats = within(
+        60,
+        consumer.run_until(
+            |record| {
+                let (ledger, failures) = (ledger.clone(), Arc::clone(&failures));
+                async move {
+                    let id: usize = record.json()?;
+                    let call = ledger.started(id.to_string());
+                    if id == 1 {
+                        call.finished(false);
+                        failures.fetch_add(1, Ordering::SeqCst);
+                        return Err(HandlerError::permanent("no such customer"));
+                    }
+                    call.finished(true);
+                    Ok(())
+                }
+            },
+            // The record handled, refused a forward and handled again, twice.
+            when_count(&failures, 3),
+        ),
+    )
+    .await
+    .unwrap();
+    let committed = committed_offset(&h, &topic).await;
+    ledger.committed("0", committed);
+    still_waiting(&ledger, committed, 5);
+    let a = ledger.check(
+        "kafka full consumer, dead-letter topic missing",
+        Contract::ordered().duplicates(0),
+    );
+    assert_eq!(stats.dead_lettered, 0);
+    assert_eq!(committed, 1, "held at the record whose copy was refused");
+    assert_eq!(a.waiting, 4);
+}
+
+/// A handler slower than `max.poll.interval.ms` (3 s here; the session too):
+/// librdkafka leaves the group while record 1 is in its handler, and the
+/// partition is revoked; the consumer joins again and goes on. Nothing is
+/// committed past a record before it is settled, offsets never go backwards,
+/// order holds and nothing is lost. (Whether record 1 is handled again depends
+/// on what the group had committed when the partition came back: here,
+/// librdkafka committed the settled records once the consumer was back, and
+/// none was handled twice; duplicates would be within the contract.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_the_poll_interval_is_handled_again_not_passed() {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let (topic, ledger) = five_records(&h, "slow", &instrumenter).await;
+    let mut config = h.consumer_config();
+    config
+        .set("session.timeout.ms", "3000")
+        .set("max.poll.interval.ms", "3000");
+    let consumer = mqtrace_rdkafka::TracedConsumer::from_config(
+        &config,
+        &[&topic],
+        h.producer(&instrumenter),
+        instrumenter.clone(),
+    )
+    .unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    within(
+        90,
+        consumer.run_until(
+            |record| {
+                let (ledger, done) = (ledger.clone(), Arc::clone(&done));
+                async move {
+                    let id: usize = record.json()?;
+                    let call = ledger.started(id.to_string());
+                    if id == 1 && ledger.successes("1") == 0 {
+                        tokio::time::sleep(Duration::from_millis(4_500)).await;
+                    }
+                    call.finished(true);
+                    if id == 4 {
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(())
+                }
+            },
+            when_count(&done, 1),
+        ),
+    )
+    .await
+    .unwrap();
+    let committed = committed_offset(&h, &topic).await;
+    ledger.committed("0", committed);
+    still_waiting(&ledger, committed, 5);
+    let a = ledger.check(
+        "kafka full consumer, handler slower than max.poll.interval.ms",
+        Contract::ordered(),
+    );
+    // One revocation when the poll interval ran out, one as the consumer
+    // stopped.
+    let revocations = consumer.inner().context().revocations();
+    println!(
+        "kafka handler slower than max.poll.interval.ms: revocations {revocations}, duplicates {}",
+        a.duplicates
+    );
+    assert!(
+        revocations >= 2,
+        "the slow handler cost the consumer its partition: {revocations}"
+    );
+    assert_eq!(committed, 5);
+}
+
+/// The own loop's default mode, a commit per record (librdkafka's stores off,
+/// so only the tracer's commits move the group): the loop's timer-driven
+/// `commit_consumer_state` in record 2's handler finds nothing of its own to
+/// commit, and the group's offset is never past a record in its handler; the
+/// per-record commits reach 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_loop_committing_each_record_never_commits_past_a_record_in_its_handler() {
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let (topic, ledger) = five_records(&h, "percommit", &instrumenter).await;
+    let mut config = h.consumer_config();
+    config
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    let consumer: StreamConsumer = config.create().unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let producer: FutureProducer = h.config().create().unwrap();
+    let tracer = mqtrace_rdkafka::RecordTracer::new(instrumenter, producer).config(&config);
+    let settled = own_loop(&h, &topic, &consumer, &tracer, &ledger, 5).await;
+    assert!(settled.iter().all(|s| !s.settle_failed), "{settled:?}");
+    // The asynchronous commits arrive in their time.
+    let committed = within(30, async {
+        loop {
+            let committed = committed_offset(&h, &topic).await;
+            if committed == 5 {
+                break committed;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    ledger.committed("0", committed);
+    still_waiting(&ledger, committed, 5);
+    ledger.check(
+        "kafka own loop, a commit per record",
+        Contract::ordered().duplicates(0),
+    );
+}

@@ -139,7 +139,9 @@ fn ids(messages: Vec<mqtrace::embedded::StoredMessage>) -> Vec<String> {
         .collect()
 }
 
-async fn run(s: Schedule) -> mqtrace_testing::delivery::Accounting {
+/// Runs a schedule through the delivery checker; `label` prints its accounting
+/// line (a fixed schedule), none checks silently (the thousand random ones).
+async fn run(s: Schedule, label: Option<&str>) -> mqtrace_testing::delivery::Accounting {
     let broker = Broker::new();
     broker.declare_queue("work", QueueOptions::default().dead_letter("work.dlq"));
     if s.dead_letter_declared {
@@ -236,7 +238,10 @@ async fn run(s: Schedule) -> mqtrace_testing::delivery::Accounting {
     } else {
         Contract::at_least_once().duplicates(0)
     };
-    ledger.verify(&format!("embedded {s:?}"), contract)
+    match label {
+        Some(label) => ledger.check(label, contract),
+        None => ledger.verify(&format!("embedded {s:?}"), contract),
+    }
 }
 
 proptest! {
@@ -250,7 +255,7 @@ proptest! {
             .enable_all()
             .build()
             .unwrap();
-        let a = runtime.block_on(run(s.clone()));
+        let a = runtime.block_on(run(s.clone(), None));
         prop_assert!(a.lost.is_empty());
         // Where the dead-letter queue is missing, nothing is dead-lettered: the
         // messages a dead letter could not reach are handled again instead.
@@ -258,4 +263,34 @@ proptest! {
             prop_assert_eq!(a.dead_lettered, 0);
         }
     }
+}
+
+/// One fixed schedule with every handler behaviour (fast, slow, transient,
+/// permanent, panicking), concurrent handlers, the retry queue and the
+/// dead-letter queue in place, and the first consumer stopped mid-flight: the
+/// embedded broker's line of the delivery matrix, printed.
+#[tokio::test]
+async fn a_schedule_with_every_behaviour_prints_its_accounting() {
+    use Outcome::{Ok, Panic, Permanent, Slow, Transient};
+    let s = Schedule {
+        messages: vec![
+            vec![],
+            vec![Slow],
+            vec![Transient],
+            vec![Permanent],
+            vec![Panic],
+            vec![Transient, Transient, Transient],
+            vec![Ok],
+            vec![Slow, Transient],
+        ],
+        concurrency: 3,
+        attempts: 3,
+        retry_queue: Some(true),
+        dead_letter_declared: true,
+        stop_after: Some(4),
+    };
+    let a = run(s, Some("embedded, every behaviour, stopped mid-flight")).await;
+    // Message 3 fails permanently; message 5 spends its three attempts.
+    assert_eq!(a.dead_lettered, 2);
+    assert_eq!(a.processed + a.dead_lettered + a.waiting, 8);
 }
