@@ -274,3 +274,187 @@ async fn an_own_loop_keeps_a_slow_message_invisible() {
         Contract::at_least_once().duplicates(0),
     );
 }
+
+/// Issue 24's matrix, stop in the middle of a batch. A FIFO queue with one
+/// group: ten messages arrive in one receive and are handled in order, 100 ms
+/// each; the full consumer is told to stop while the third handler runs. It
+/// promises to finish the receive it is in and settle it (a stop is checked
+/// between receives only): the rest of the receive is handled in order and
+/// every handled message deleted, nothing handled after a later message of the
+/// group, and nothing received again. A consumer restarted on the queue past
+/// the visibility timeout handles whatever the first left; it must find
+/// nothing already handled, which `duplicates(0)` checks.
+///
+/// Checked to fail: with the first consumer's run dropped when the stop is
+/// signalled (a stop that abandons its receive), the restarted consumer
+/// received the whole group again, `m-0` and `m-1` handled twice and the
+/// emulator handing `m-9` out first: "processed 10 (2 duplicates) ...
+/// reordered 7", failing on the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_fifo_receive_settles_that_receive_in_order() {
+    const MESSAGES: usize = 10;
+    const STOP_AT: usize = 3;
+    let h = Harness::start().await;
+    let url = h
+        .queue(
+            "stop-mid-batch.fifo",
+            &[
+                (QueueAttributeName::FifoQueue, "true".into()),
+                (QueueAttributeName::ContentBasedDeduplication, "true".into()),
+                (QueueAttributeName::VisibilityTimeout, "2".into()),
+            ],
+        )
+        .await;
+    let instrumenter = h.instrumenter(|b| b);
+    let ledger = Ledger::new();
+    for i in 0..MESSAGES {
+        let body = format!("m-{i}");
+        h.client
+            .send_message()
+            .queue_url(&url)
+            .message_group_id("g")
+            .message_body(&body)
+            .send()
+            .await
+            .unwrap();
+        ledger.sent(body, "g");
+    }
+    let started = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (ledger, started, stop) = (ledger.clone(), Arc::clone(&started), Arc::clone(&stop));
+        move |m: mqtrace_aws_sqs::Received| {
+            let (ledger, started, stop) = (ledger.clone(), Arc::clone(&started), Arc::clone(&stop));
+            async move {
+                let invocation = ledger.started(m.body());
+                // The stop is asked for while this handler runs.
+                if started.fetch_add(1, Ordering::SeqCst) + 1 == STOP_AT {
+                    stop.notify_one();
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                invocation.finished(true);
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let consumer = TracedConsumer::new(h.client.clone(), &url, &instrumenter).wait_time_seconds(1);
+    let first_receive = std::time::Instant::now();
+    let first = within(
+        60,
+        consumer.run_until(handler.clone(), {
+            let stop = Arc::clone(&stop);
+            async move { stop.notified().await }
+        }),
+    )
+    .await
+    .unwrap();
+    let by_first = started.load(Ordering::SeqCst);
+    // Restarted: runs until a receive past the first's visibility timeout.
+    let restart = tokio::time::Instant::from_std(first_receive) + Duration::from_millis(3_500);
+    let second = within(
+        60,
+        consumer.run_until(handler, tokio::time::sleep_until(restart)),
+    )
+    .await
+    .unwrap();
+    ledger.waiting(waiting(&h, &url).await);
+    let a = ledger.check(
+        "sqs fifo, stopped in the middle of a receive",
+        Contract::ordered().duplicates(0),
+    );
+    println!(
+        "sqs fifo stop mid-receive: stop asked at handler {STOP_AT}; the stopped consumer \
+         handled {by_first} and settled {}, the restarted one settled {}",
+        first.settled, second.settled
+    );
+    // The stop really came in the middle of a receive, and that receive was
+    // finished and settled, not abandoned.
+    assert!(by_first > STOP_AT, "the stop came after the receive");
+    assert_eq!(first.settled as usize, by_first, "{first:?}");
+    assert_eq!(a.waiting, 0);
+}
+
+/// Issue 24's matrix, dead-letter destination missing. The consumer's
+/// dead-letter queue has been deleted; message `1` fails permanently. Its copy
+/// cannot be sent, so it must stay on its queue (handed back, never deleted)
+/// and come back after the visibility timeout; the others are handled. The
+/// consumer stops once `1` has failed twice (it came back); what is left is
+/// drained.
+///
+/// Checked to fail: without `dead_letter_queue` the consumer drops a permanent
+/// failure (deletes it, `dropped`), and the checker says "lost [\"1\"]".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_queue_leaves_the_message_on_its_queue() {
+    let h = Harness::start().await;
+    let url = h
+        .queue(
+            "dead-gone",
+            &[(QueueAttributeName::VisibilityTimeout, "1".into())],
+        )
+        .await;
+    let dead = h.queue("dead-gone-dlq", &[]).await;
+    h.client
+        .delete_queue()
+        .queue_url(&dead)
+        .send()
+        .await
+        .unwrap();
+    let instrumenter = h.instrumenter(|b| b);
+    let ledger = Ledger::new();
+    h.send_numbered(&url, 3, &instrumenter).await;
+    for i in 0..3 {
+        ledger.sent(i.to_string(), i.to_string());
+    }
+    let failed = Arc::new(AtomicUsize::new(0));
+    let (recording, failing) = (ledger.clone(), Arc::clone(&failed));
+    let stats = within(
+        60,
+        TracedConsumer::new(h.client.clone(), &url, &instrumenter)
+            .dead_letter_queue(&dead)
+            .wait_time_seconds(1)
+            .run_until(
+                move |m| {
+                    let (ledger, failing) = (recording.clone(), Arc::clone(&failing));
+                    async move {
+                        let invocation = ledger.started(m.body());
+                        let ok = m.body() != "1";
+                        invocation.finished(ok);
+                        if ok {
+                            return Ok(());
+                        }
+                        failing.fetch_add(1, Ordering::SeqCst);
+                        Err(HandlerError::permanent("malformed order"))
+                    }
+                },
+                // Once `1` came back and failed again; or, should it not come
+                // back, 3 s (three visibility timeouts) after its first failure.
+                {
+                    let (again, once) = (when_count(&failed, 2), when_count(&failed, 1));
+                    async move {
+                        tokio::select! {
+                            () = again => {}
+                            () = async {
+                                once.await;
+                                tokio::time::sleep(Duration::from_secs(3)).await;
+                            } => {}
+                        }
+                    }
+                },
+            ),
+    )
+    .await
+    .unwrap();
+    // Left with its visibility timeout running: visible again after it.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    ledger.waiting(waiting(&h, &url).await);
+    let a = ledger.check("sqs dead-letter queue missing", Contract::at_least_once());
+    println!(
+        "sqs dead-letter queue missing: consumer settled {}, dead-lettered {}, dropped {}, \
+         handed back after a failed forward {}",
+        stats.settled, stats.dead_lettered, stats.dropped, stats.redelivered
+    );
+    assert_eq!((a.processed, a.waiting, a.dead_lettered), (2, 1, 0));
+    assert!(a.failed_attempts >= 2, "{a:?}");
+    assert_eq!((stats.dead_lettered, stats.dropped), (0, 0), "{stats:?}");
+    assert_eq!(stats.redelivered, a.failed_attempts, "{stats:?}");
+}

@@ -9,10 +9,19 @@ use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, Queu
 use mqtrace::forward::{ATTEMPT_HEADER, ERROR_TYPE_HEADER, FAILED_AT_HEADER};
 use mqtrace::{HandlerError, HandlerResult};
 use mqtrace_aws_sqs::{MessageAttributesExtractor, TracedConsumer, TracedSqs};
+use mqtrace_testing::delivery::{Contract, Ledger};
 use mqtrace_testing::TreeOptions;
 use opentelemetry::propagation::Extractor;
 
 use crate::helpers::{assert_tree, when_count, within, Harness};
+
+/// The bodies of `messages`, for the delivery checker.
+fn bodies(messages: &[aws_sdk_sqs::types::Message]) -> Vec<String> {
+    messages
+        .iter()
+        .filter_map(|m| m.body().map(str::to_owned))
+        .collect()
+}
 
 const OUTCOME: &[&str] = &[
     "error.type",
@@ -108,8 +117,10 @@ async fn permanent_failure_goes_to_the_dead_letter_queue_with_metadata() {
         )
         .await
         .unwrap();
+    let ledger = Ledger::new();
+    ledger.sent(body, "");
     let calls = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&calls);
+    let (counted, recording) = (Arc::clone(&calls), ledger.clone());
     let stats = within(
         30,
         TracedConsumer::new(h.client.clone(), &url, &instrumenter)
@@ -119,8 +130,11 @@ async fn permanent_failure_goes_to_the_dead_letter_queue_with_metadata() {
             .run_until(
                 move |m| {
                     counted.fetch_add(1, Ordering::SeqCst);
+                    let invocation = recording.started(m.body());
                     async move {
-                        let _: serde_json::Value = m.json()?;
+                        let parsed = m.json::<serde_json::Value>();
+                        invocation.finished(parsed.is_ok());
+                        parsed?;
                         HandlerResult::Ok(())
                     }
                 },
@@ -130,8 +144,15 @@ async fn permanent_failure_goes_to_the_dead_letter_queue_with_metadata() {
     .await
     .unwrap();
     assert_eq!(stats.dead_lettered, 1);
-    assert!(h.drain(&url).await.is_empty(), "deleted from the source");
+    ledger.waiting(bodies(&h.drain(&url).await));
     let dead = h.drain(&dlq).await;
+    ledger.dead_lettered(bodies(&dead));
+    let a = ledger.check(
+        "sqs permanent failure, full consumer",
+        Contract::at_least_once().duplicates(0),
+    );
+    assert_eq!(a.waiting, 0, "deleted from the source");
+    assert_eq!((a.dead_lettered, a.failed_attempts), (1, 1));
     assert_eq!(dead.len(), 1);
     let d = &dead[0];
     assert_eq!(d.body(), Some(body));
@@ -196,8 +217,10 @@ async fn redrive_policy_moves_a_failing_message_to_the_queues_dlq() {
         )
         .await
         .unwrap();
+    let ledger = Ledger::new();
+    ledger.sent("poison", "");
     let calls = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&calls);
+    let (counted, recording) = (Arc::clone(&calls), ledger.clone());
     // No dead-letter queue on the consumer: transient failures are left to SQS.
     let consumer = TracedConsumer::new(h.client.clone(), &url, &instrumenter)
         .wait_time_seconds(1)
@@ -205,8 +228,9 @@ async fn redrive_policy_moves_a_failing_message_to_the_queues_dlq() {
     let stats = within(
         30,
         consumer.run_until(
-            move |_| {
+            move |m| {
                 counted.fetch_add(1, Ordering::SeqCst);
+                recording.started(m.body()).finished(false);
                 async { Err(HandlerError::transient("still down")) }
             },
             // Two failed receives, then one more poll for SQS to redrive it.
@@ -224,14 +248,13 @@ async fn redrive_policy_moves_a_failing_message_to_the_queues_dlq() {
         (2, 0, 0)
     );
     let dead = h.drain(&dlq).await;
-    let left = h.drain(&url).await;
-    println!(
-        "sqs redrive: sent 1, processed 0, dead-lettered {}, waiting {}, lost {}",
-        dead.len(),
-        left.len(),
-        1 - dead.len() - left.len()
+    ledger.dead_lettered(bodies(&dead));
+    ledger.waiting(bodies(&h.drain(&url).await));
+    let a = ledger.check(
+        "sqs redrive policy, failing transiently",
+        Contract::at_least_once(),
     );
-    assert_eq!(dead.len(), 1, "in the queue's DLQ");
+    assert_eq!((a.dead_lettered, a.waiting), (1, 0), "in the queue's DLQ");
     assert_eq!(dead[0].body(), Some("poison"));
 }
 
@@ -289,18 +312,27 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
         .send(h.client.send_message().queue_url(&url).message_body("x"))
         .await
         .unwrap();
+    let ledger = Ledger::new();
+    ledger.sent("x", "");
     let calls = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&calls);
+    let (counted, recording) = (Arc::clone(&calls), ledger.clone());
     let stats = within(
         30,
         TracedConsumer::new(h.client.clone(), &url, &instrumenter)
             .wait_time_seconds(1)
             .receive_spans(false, false)
             .run_until(
-                move |_| {
+                move |m| {
                     let n = counted.fetch_add(1, Ordering::SeqCst);
+                    let invocation = recording.started(m.body());
                     async move {
-                        assert!(n > 0, "first attempt blows up");
+                        if n == 0 {
+                            // A panic is a failed invocation: recorded as it
+                            // happens, then the handler blows up.
+                            invocation.finished(false);
+                            panic!("first attempt blows up");
+                        }
+                        invocation.finished(true);
                         HandlerResult::Ok(())
                     }
                 },
@@ -310,7 +342,12 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
     .await
     .unwrap();
     assert_eq!((stats.retried, stats.settled), (1, 1));
-    assert!(h.drain(&url).await.is_empty());
+    ledger.waiting(bodies(&h.drain(&url).await));
+    let a = ledger.check(
+        "sqs panicking handler, retried after the visibility timeout",
+        Contract::at_least_once().duplicates(0),
+    );
+    assert_eq!((a.processed, a.failed_attempts, a.waiting), (1, 1, 0));
     let spans = h.spans(3).await;
     let panicked = spans
         .iter()

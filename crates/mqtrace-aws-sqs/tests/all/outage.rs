@@ -2,17 +2,18 @@
 //! under a producer. The emulator keeps no state across a restart, so the outage
 //! is made by a proxy in front of it that stops listening (connections refused,
 //! open ones closed) and listens again: what the client sees of a killed and
-//! restarted endpoint. Each test accounts for every message sent.
+//! restarted endpoint. Each test accounts for every message sent through the
+//! delivery checker (`mqtrace_testing::delivery`).
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::QueueAttributeName;
 use mqtrace::HandlerResult;
 use mqtrace_aws_sqs::{TracedConsumer, TracedSqs};
+use mqtrace_testing::delivery::{Contract, Ledger};
 use mqtrace_testing::faults::{Mode, Proxy};
 use mqtrace_testing::{brokers, SpanStatus};
 
@@ -54,6 +55,21 @@ async fn on_queue(h: &Harness, url: &str) -> usize {
         .sum()
 }
 
+/// The message ids `0`..`MESSAGES` of a standard queue: no order is promised,
+/// so each is its own scope in the ledger.
+fn scope(id: usize) -> String {
+    id.to_string()
+}
+
+/// The bodies left on `url`, now visible.
+async fn bodies_left(h: &Harness, url: &str) -> Vec<String> {
+    h.drain(url)
+        .await
+        .iter()
+        .filter_map(|m| m.body().map(str::to_owned))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_side_endpoint_down_and_back() {
     let h = Harness::start().await;
@@ -67,6 +83,7 @@ async fn consumer_side_endpoint_down_and_back() {
         .await;
     let instrumenter = h.instrumenter(|b| b);
     let producer = TracedSqs::new(h.client.clone(), instrumenter.clone());
+    let ledger = Ledger::new();
     for i in 0..MESSAGES {
         producer
             .send(
@@ -77,8 +94,8 @@ async fn consumer_side_endpoint_down_and_back() {
             )
             .await
             .unwrap();
+        ledger.sent(i.to_string(), scope(i));
     }
-    let processed = Arc::new(Mutex::new(Vec::<usize>::new()));
     let count = Arc::new(AtomicUsize::new(0));
     let all_seen = Arc::new(tokio::sync::Notify::new());
     let consumer = TracedConsumer::new(through_proxy, &url, &instrumenter)
@@ -86,20 +103,18 @@ async fn consumer_side_endpoint_down_and_back() {
         .max_messages(2)
         .receive_spans(false, false);
     let run = {
-        let (processed, count, all_seen) = (
-            Arc::clone(&processed),
-            Arc::clone(&count),
-            Arc::clone(&all_seen),
-        );
+        let (ledger, count, all_seen) = (ledger.clone(), Arc::clone(&count), Arc::clone(&all_seen));
         tokio::spawn(async move {
             consumer
                 .run_until(
                     move |m| {
-                        let (processed, count) = (Arc::clone(&processed), Arc::clone(&count));
+                        let (ledger, count) = (ledger.clone(), Arc::clone(&count));
                         async move {
-                            processed.lock().unwrap().push(m.json()?);
+                            let id: usize = m.json()?;
+                            let invocation = ledger.started(id.to_string());
                             count.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(20)).await;
+                            invocation.finished(true);
                             HandlerResult::Ok(())
                         }
                     },
@@ -114,8 +129,7 @@ async fn consumer_side_endpoint_down_and_back() {
     // Every message processed, and the queue empty (nothing waiting or in flight).
     within(120, async {
         loop {
-            let distinct: BTreeSet<usize> = processed.lock().unwrap().iter().copied().collect();
-            if distinct.len() == MESSAGES && on_queue(&h, &url).await == 0 {
+            if ledger.accounting().processed == MESSAGES as u64 && on_queue(&h, &url).await == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -124,28 +138,26 @@ async fn consumer_side_endpoint_down_and_back() {
     .await;
     all_seen.notify_one();
     let stats = within(30, run).await.unwrap().unwrap();
-    let processed = processed.lock().unwrap().clone();
-    let distinct: BTreeSet<usize> = processed.iter().copied().collect();
-    let lost = (0..MESSAGES).filter(|i| !distinct.contains(i)).count();
-    let waiting = on_queue(&h, &url).await;
-    println!(
-        "sqs endpoint down under the consumer: sent {MESSAGES}, {done_at_cut} done when it went; \
-         processed {} ({} duplicates), waiting {waiting}, dead-lettered 0, lost {lost}; \
-         failed receives {}, failed deletes {}",
-        processed.len(),
-        processed.len() - distinct.len(),
-        stats.receive_failures,
-        stats.settle_failures
+    ledger.waiting(bodies_left(&h, &url).await);
+    let a = ledger.check(
+        "sqs endpoint down under the consumer",
+        Contract::at_least_once(),
     );
-    assert_eq!(lost, 0);
-    assert_eq!(waiting, 0);
+    println!(
+        "sqs endpoint down under the consumer: {done_at_cut} invocations when it went; \
+         failed receives {}, failed deletes {}",
+        stats.receive_failures, stats.settle_failures
+    );
+    assert_eq!(a.waiting, 0);
+    assert_eq!(on_queue(&h, &url).await, 0, "nothing left in flight");
     // (The SDK's own retries absorb part of the outage; what they do not is
     // counted here.)
     assert!(
         stats.receive_failures + stats.settle_failures > 0,
         "the outage was seen by the consumer"
     );
-    assert_eq!(stats.settled as usize, processed.len());
+    // Every successful invocation, duplicates included, was settled.
+    assert_eq!(stats.settled, a.processed + a.duplicates);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,12 +168,14 @@ async fn producer_side_endpoint_down_and_back() {
     let url = h.queue("payments", &[]).await;
     let instrumenter = h.instrumenter(|b| b);
     let producer = Arc::new(TracedSqs::new(through_proxy.clone(), instrumenter.clone()));
+    let ledger = Ledger::new();
     let acked = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let send_all = {
-        let (producer, url, acked, failed) = (
+        let (producer, url, ledger, acked, failed) = (
             Arc::clone(&producer),
             url.clone(),
+            ledger.clone(),
             Arc::clone(&acked),
             Arc::clone(&failed),
         );
@@ -182,6 +196,7 @@ async fn producer_side_endpoint_down_and_back() {
                     failed.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
+                ledger.sent(i.to_string(), scope(i));
                 acked.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -190,22 +205,17 @@ async fn producer_side_endpoint_down_and_back() {
     within(60, when_count(&acked, 10)).await;
     outage(&proxy).await;
     within(120, send_all).await.unwrap();
-    let stored: Vec<usize> = h
-        .drain(&url)
-        .await
-        .iter()
-        .map(|m| m.body().unwrap().parse().unwrap())
-        .collect();
-    let distinct: BTreeSet<usize> = stored.iter().copied().collect();
-    let lost = (0..MESSAGES).filter(|i| !distinct.contains(i)).count();
-    let failed = failed.load(Ordering::SeqCst);
-    println!(
-        "sqs endpoint down under the producer: sent {MESSAGES}, failed attempts {failed}, \
-         stored {} ({} duplicates), lost {lost}",
-        stored.len(),
-        stored.len() - distinct.len()
+    // What the queue stored, read back: each copy counts as a successful
+    // handling (a send retried after a lost answer stores a duplicate).
+    for body in bodies_left(&h, &url).await {
+        ledger.started(body).finished(true);
+    }
+    ledger.check(
+        "sqs endpoint down under the producer (the queue read back)",
+        Contract::at_least_once(),
     );
-    assert_eq!(lost, 0);
+    let failed = failed.load(Ordering::SeqCst);
+    println!("sqs endpoint down under the producer: failed send attempts {failed}");
     assert!(failed > 0, "the outage was seen by the producer");
     let spans = h.spans(MESSAGES + failed).await;
     let errors = spans

@@ -4,16 +4,22 @@
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use mqtrace::{Disposition, HandlerError, Settlement};
 use mqtrace_aws_sqs::{MessageTracer, SendMessageExt as _};
+use mqtrace_testing::delivery::{Contract, Ledger, Settled};
 use mqtrace_testing::TreeOptions;
 
 use crate::helpers::{assert_tree, within, Harness};
 
+/// The own-loop level (`MessageTracer::process`, then `settle` per message):
+/// one message handled, one failing permanently and forwarded to the
+/// dead-letter queue, both deleted; the run accounted by the delivery checker
+/// with each settlement as the loop saw it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_loop_gets_process_and_delete_spans_and_the_core_decides() {
     let h = Harness::start().await;
     let queue = h.queue("own", &[]).await;
     let dead = h.queue("own-dead", &[]).await;
     let instrumenter = h.instrumenter(|b| b.settle_spans(true));
+    let ledger = Ledger::new();
     for body in [r#"{"ok":true}"#, "{not json"] {
         h.client
             .send_message()
@@ -22,6 +28,8 @@ async fn own_loop_gets_process_and_delete_spans_and_the_core_decides() {
             .send_traced(&instrumenter)
             .await
             .unwrap();
+        // A standard queue: no order promised, each message its own scope.
+        ledger.sent(body, body);
     }
 
     let tracer =
@@ -42,19 +50,30 @@ async fn own_loop_gets_process_and_delete_spans_and_the_core_decides() {
         .await
         .unwrap();
         for message in out.messages() {
+            let body = message.body().unwrap_or_default();
             let processed = tracer
                 .process(message, |attempt| {
                     assert_eq!(attempt.number(), 1);
+                    let invocation = ledger.started(body);
                     async {
-                        let _: serde_json::Value = serde_json::from_str(
-                            message.body().unwrap_or_default(),
-                        )
-                        .map_err(|e| HandlerError::permanent(e).with_type("invalid_json"))?;
+                        let parsed = serde_json::from_str::<serde_json::Value>(body);
+                        invocation.finished(parsed.is_ok());
+                        parsed.map_err(|e| HandlerError::permanent(e).with_type("invalid_json"))?;
                         Ok(())
                     }
                 })
                 .await;
-            settled.push(tracer.settle(processed, message).await);
+            let s = tracer.settle(processed, message).await;
+            // A delete made: after the handler's success, or after the dead
+            // letter's copy was accepted.
+            if s.settlement == Settlement::Ack && !s.settle_failed {
+                let how = match s.disposition {
+                    Disposition::DeadLetter => Settled::Forwarded,
+                    _ => Settled::Done,
+                };
+                ledger.settled(body, how);
+            }
+            settled.push(s);
         }
     }
     let what: Vec<_> = settled
@@ -68,9 +87,21 @@ async fn own_loop_gets_process_and_delete_spans_and_the_core_decides() {
             (Disposition::DeadLetter, Settlement::Ack),
         ]
     );
-    assert!(h.drain(&queue).await.is_empty(), "both deleted");
+    let left = h.drain(&queue).await;
     let dead_letters = h.drain(&dead).await;
-    assert_eq!(dead_letters.len(), 1);
+    let bodies = |ms: &[aws_sdk_sqs::types::Message]| -> Vec<String> {
+        ms.iter()
+            .filter_map(|m| m.body().map(str::to_owned))
+            .collect()
+    };
+    ledger.waiting(bodies(&left));
+    ledger.dead_lettered(bodies(&dead_letters));
+    let a = ledger.check(
+        "sqs own loop, settled per message",
+        Contract::at_least_once().duplicates(0),
+    );
+    assert_eq!(a.waiting, 0, "both deleted");
+    assert_eq!(a.dead_lettered, 1);
     assert_eq!(dead_letters[0].body(), Some("{not json"));
 
     assert_tree(
