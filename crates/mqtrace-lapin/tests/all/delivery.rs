@@ -2,6 +2,7 @@
 //! checked by the delivery ledger (`mqtrace_testing::delivery`): nothing acked
 //! before its handler succeeded or its copy was stored, nothing lost.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,13 +11,13 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, ExchangeKind};
 use mqtrace::{Disposition, HandlerError, Instrumenter, Settlement};
-use mqtrace_lapin::{declare_exchange, AckCoalescer, DeliveryTracer, QueueSpec};
+use mqtrace_lapin::{declare_exchange, AckCoalescer, DeliveryTracer, QueueSpec, TracedConsumer};
 use mqtrace_testing::delivery::{Contract, Ledger, Settled as Seen};
 
-use crate::helpers::{drain_at_least, number_of, publish_numbered, within, Harness};
+use crate::helpers::{drain_at_least, number_of, publish_numbered, when_count, within, Harness};
 
 /// Records a settlement the way the ledger reads it.
-fn seen(ledger: &Ledger, id: &str, settled: &mqtrace::Settled) {
+pub(crate) fn seen(ledger: &Ledger, id: &str, settled: &mqtrace::Settled) {
     match (settled.settlement, settled.disposition) {
         (Settlement::Ack, Disposition::Settle) => ledger.settled(id, Seen::Done),
         (Settlement::Ack, _) => ledger.settled(id, Seen::Forwarded),
@@ -307,4 +308,100 @@ async fn an_ack_on_a_closed_channel_is_a_settle_failure() {
     assert_eq!((a.processed, a.waiting), (1, 1));
     let stats_failed = u64::from(settled.settle_failed);
     println!("rabbitmq ack on a closed channel: settle failures {stats_failed}");
+}
+
+/// Stop in the middle of a batch (issue 24's stop-mid-flight cell, the full
+/// consumer): 20 messages, a prefetch of 10 and 4 handlers at once, each 100 ms;
+/// the stop comes once 6 handlers have started, so handlers are running and
+/// prefetched deliveries wait unhandled. Every running handler finishes and is
+/// acked before the channel closes; whatever was only prefetched goes back to
+/// the queue. Nothing lost, nothing handled twice, nothing both handled and
+/// still on the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_in_the_middle_of_a_batch_finishes_the_running_handlers() {
+    const MESSAGES: usize = 20;
+    let h = Harness::start().await;
+    let instrumenter = h.instrumenter(|b| b);
+    let (_connection, channel) = h.channel().await;
+    let queue = QueueSpec::new(h.name("stop-mid-batch"));
+    queue.declare(&channel).await.unwrap();
+    let ledger = Ledger::new();
+    publish_numbered(&channel, &instrumenter, queue.name(), MESSAGES).await;
+    // No order is promised with 4 handlers at once: each message is its own scope.
+    for i in 0..MESSAGES {
+        ledger.sent(i.to_string(), i.to_string());
+    }
+
+    let started = Arc::new(AtomicUsize::new(0));
+    let running = Arc::new(AtomicUsize::new(0));
+    let running_at_stop = Arc::new(AtomicUsize::new(0));
+    let (recording, counted, now_running) =
+        (ledger.clone(), Arc::clone(&started), Arc::clone(&running));
+    let stop = {
+        let (started, running, at_stop) = (
+            Arc::clone(&started),
+            Arc::clone(&running),
+            Arc::clone(&running_at_stop),
+        );
+        async move {
+            when_count(&started, 6).await;
+            at_stop.store(running.load(Ordering::SeqCst), Ordering::SeqCst);
+        }
+    };
+    let stats = within(
+        30,
+        TracedConsumer::new(&h.url, queue.clone(), instrumenter)
+            .prefetch(10)
+            .concurrency(4)
+            .run_until(
+                move |message| {
+                    let call = recording.started(number_of(message.body()).to_string());
+                    now_running.fetch_add(1, Ordering::SeqCst);
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let running = Arc::clone(&now_running);
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        call.finished(true);
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        Ok(())
+                    }
+                },
+                stop,
+            ),
+    )
+    .await
+    .unwrap();
+
+    ledger.waiting(
+        crate::helpers::drain(&channel, queue.name())
+            .await
+            .iter()
+            .map(|d| number_of(&d.data).to_string()),
+    );
+    let a = ledger.check(
+        "rabbitmq stop in the middle of a batch",
+        Contract::at_least_once().duplicates(0),
+    );
+    let running_at_stop = running_at_stop.load(Ordering::SeqCst);
+    println!(
+        "rabbitmq stop in the middle of a batch: handlers running at the stop {running_at_stop}, \
+         started {}, still running after it {}; acked {}",
+        started.load(Ordering::SeqCst),
+        running.load(Ordering::SeqCst),
+        stats.settled
+    );
+    assert!(
+        running_at_stop >= 2,
+        "the stop came while handlers ran: {running_at_stop}"
+    );
+    assert_eq!(
+        running.load(Ordering::SeqCst),
+        0,
+        "every running handler finished before the consumer returned"
+    );
+    assert!(a.waiting > 0, "prefetched deliveries went back unhandled");
+    // Each message in one place: every handled one acked (the coalesced acks
+    // flushed at the stop), every other one back on the queue.
+    assert_eq!(a.processed + a.waiting, a.sent);
+    assert_eq!(stats.settled, a.processed);
 }

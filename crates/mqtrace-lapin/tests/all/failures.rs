@@ -12,6 +12,7 @@ use mqtrace::forward::{
 };
 use mqtrace::{HandlerError, HandlerResult};
 use mqtrace_lapin::{FieldTableExtractor, QueueSpec, TracedConsumer, TracedPublisher};
+use mqtrace_testing::delivery::{Contract, Ledger};
 use mqtrace_testing::{SpanStatus, TreeOptions};
 use opentelemetry::propagation::Extractor;
 
@@ -23,6 +24,11 @@ const OUTCOME: &[&str] = &[
     "mqtrace.message.attempt",
     "mqtrace.message.disposition",
 ];
+
+/// A delivery's body as the ledger's id.
+fn body_of(d: &lapin::message::Delivery) -> String {
+    String::from_utf8_lossy(&d.data).into_owned()
+}
 
 fn header(d: &lapin::message::Delivery, key: &str) -> Option<String> {
     let headers = d.properties.headers().as_ref()?;
@@ -48,15 +54,19 @@ async fn invalid_json_is_rejected_to_the_dead_letter_queue() {
         .await
         .unwrap();
 
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&calls);
+    let ledger = Ledger::new();
+    ledger.sent("{not json", "");
+
+    let recording = ledger.clone();
     let stats = within(
         30,
         TracedConsumer::new(&h.url, queue.clone(), instrumenter).run_until(
             move |message| {
-                counted.fetch_add(1, Ordering::SeqCst);
+                let call = recording.started(String::from_utf8_lossy(message.body()));
                 async move {
-                    let _: serde_json::Value = message.json()?;
+                    let parsed = message.json::<serde_json::Value>();
+                    call.finished(parsed.is_ok());
+                    parsed?;
                     HandlerResult::Ok(())
                 }
             },
@@ -66,10 +76,21 @@ async fn invalid_json_is_rejected_to_the_dead_letter_queue() {
     )
     .await
     .unwrap();
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "never redelivered");
     assert_eq!((stats.dead_lettered, stats.retried), (1, 0));
-    assert!(drain(&channel, queue.name()).await.is_empty());
+    let waiting = drain(&channel, queue.name()).await;
+    ledger.waiting(waiting.iter().map(body_of));
     let dead = drain_at_least(&channel, &dlq, 1).await;
+    ledger.dead_lettered(dead.iter().map(body_of));
+    let a = ledger.check(
+        "rabbitmq permanent failure (invalid JSON)",
+        Contract::at_least_once().duplicates(0),
+    );
+    // One invocation, failed, never redelivered: the message is in the
+    // dead-letter queue and nowhere else.
+    assert_eq!(
+        (a.processed, a.failed_attempts, a.waiting, a.dead_lettered),
+        (0, 1, 0, 1)
+    );
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].data, b"{not json");
     // The broker's own record of the rejection.
@@ -270,15 +291,23 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
         .publish_json("", queue.name(), &1, BasicProperties::default())
         .await
         .unwrap();
+    let ledger = Ledger::new();
+    ledger.sent("1", "");
     let calls = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&calls);
+    let (counted, recording) = (Arc::clone(&calls), ledger.clone());
     let stats = within(
         30,
         TracedConsumer::new(&h.url, queue.clone(), instrumenter).run_until(
-            move |_| {
+            move |message| {
                 let n = counted.fetch_add(1, Ordering::SeqCst);
+                let call = recording.started(String::from_utf8_lossy(message.body()));
                 async move {
-                    assert!(n > 0, "first attempt blows up");
+                    if n == 0 {
+                        // A panic is a failed invocation.
+                        call.finished(false);
+                        panic!("first attempt blows up");
+                    }
+                    call.finished(true);
                     HandlerResult::Ok(())
                 }
             },
@@ -287,6 +316,14 @@ async fn a_panicking_handler_is_a_transient_failure_and_the_consumer_goes_on() {
     )
     .await
     .unwrap();
+    let waiting = drain(&channel, queue.name()).await;
+    ledger.waiting(waiting.iter().map(body_of));
+    let a = ledger.check(
+        "rabbitmq panicking handler",
+        Contract::at_least_once().duplicates(0),
+    );
+    // The panic was a failed attempt, retried; the retry succeeded.
+    assert_eq!((a.processed, a.failed_attempts, a.waiting), (1, 1, 0));
     assert_eq!((stats.retried, stats.settled), (1, 1));
     assert_tree(
         &h.render(

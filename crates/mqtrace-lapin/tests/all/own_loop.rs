@@ -8,8 +8,10 @@ use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use mqtrace::{Disposition, HandlerError, Settlement};
 use mqtrace_lapin::{ChannelExt as _, DeliveryTracer, QueueSpec};
+use mqtrace_testing::delivery::{Contract, Ledger};
 use mqtrace_testing::TreeOptions;
 
+use crate::delivery::seen;
 use crate::helpers::{assert_tree, drain, drain_at_least, within, Harness};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,8 +126,10 @@ mqtrace.message.queue.duration [s] Histogram count=2 buckets=messaging messaging
 /// An own loop coalesces its acks through `AckCoalescer`: deliveries handed to
 /// concurrent tasks (their tags recorded in the stream's order), a permanent
 /// failure every 25 rejected at once, the acks sent as `multiple` runs. Far
-/// fewer ack frames than acked deliveries; once the consumer's channel closes
-/// nothing is left in the queue, and exactly the failures are dead-lettered.
+/// fewer ack frames than acked deliveries; through the delivery checker: once
+/// the consumer's channel closes nothing is left in the queue, exactly the
+/// failures are dead-lettered, and no delivery was acked before its handler
+/// succeeded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_loop_coalesces_acks() {
     const MESSAGES: usize = 100;
@@ -135,7 +139,12 @@ async fn own_loop_coalesces_acks() {
     let dlq = h.name("own-acks.dead");
     let queue = QueueSpec::new(h.name("own-acks")).dead_letter(h.name("own-acks.dlx"), &dlq);
     queue.declare(&channel).await.unwrap();
+    let ledger = Ledger::new();
     crate::helpers::publish_numbered(&channel, &instrumenter, queue.name(), MESSAGES).await;
+    // Handled by concurrent tasks, no order promised: each message its own scope.
+    for i in 0..MESSAGES {
+        ledger.sent(i.to_string(), i.to_string());
+    }
     let (consumer_connection, consumer_channel) = h.channel().await;
     consumer_channel
         .basic_qos(20, lapin::options::BasicQosOptions::default())
@@ -156,21 +165,29 @@ async fn own_loop_coalesces_acks() {
     for _ in 0..MESSAGES {
         let delivery = within(30, deliveries.next()).await.unwrap().unwrap();
         acks.arrived(delivery.delivery_tag);
-        let (tracer, acks) = (std::sync::Arc::clone(&tracer), acks.clone());
+        let (tracer, acks, ledger) = (std::sync::Arc::clone(&tracer), acks.clone(), ledger.clone());
         tasks.spawn(async move {
             let n = crate::helpers::number_of(&delivery.data);
+            let id = n.to_string();
             let processed = tracer
-                .process(&delivery, |_| async move {
-                    // Later deliveries finish first now and then.
-                    tokio::time::sleep(std::time::Duration::from_millis(n % 3)).await;
-                    if n.is_multiple_of(25) {
-                        Err(HandlerError::permanent("bad line"))
-                    } else {
-                        Ok(())
+                .process(&delivery, |_| {
+                    let call = ledger.started(&id);
+                    async move {
+                        // Later deliveries finish first now and then.
+                        tokio::time::sleep(std::time::Duration::from_millis(n % 3)).await;
+                        let ok = !n.is_multiple_of(25);
+                        call.finished(ok);
+                        if ok {
+                            Ok(())
+                        } else {
+                            Err(HandlerError::permanent("bad line"))
+                        }
                     }
                 })
                 .await;
-            tracer.settle_coalesced(processed, delivery, &acks).await
+            let settled = tracer.settle_coalesced(processed, delivery, &acks).await;
+            seen(&ledger, &id, &settled);
+            settled
         });
     }
     let mut dispositions = Vec::new();
@@ -189,10 +206,20 @@ async fn own_loop_coalesces_acks() {
     drop(deliveries);
     consumer_channel.close(200, "done".into()).await.unwrap();
     consumer_connection.close(200, "done".into()).await.unwrap();
-    assert!(
-        drain(&channel, queue.name()).await.is_empty(),
-        "every delivery was acknowledged"
+    ledger.waiting(
+        drain(&channel, queue.name())
+            .await
+            .iter()
+            .map(|d| crate::helpers::number_of(&d.data).to_string()),
     );
     let dead = crate::helpers::drain_numbers(&channel, &dlq, 4).await;
+    ledger.dead_lettered(dead.iter().cloned());
+    let a = ledger.check(
+        "rabbitmq own loop, coalesced acks",
+        Contract::at_least_once().duplicates(0),
+    );
+    assert_eq!(a.processed as usize, settled);
+    assert_eq!(a.waiting, 0, "every delivery was acknowledged");
+    assert_eq!((a.failed_attempts, a.dead_lettered), (4, 4));
     assert_eq!(dead, ["0", "25", "50", "75"]);
 }
