@@ -20,7 +20,9 @@
 //!   succeeded, unless it was settled as a forward (a retry or dead letter the
 //!   broker accepted);
 //! - **order** within each order scope: a message never first succeeds before an
-//!   earlier message of its scope that was not dead-lettered first succeeds;
+//!   earlier message of its scope (not dead-lettered) first succeeds or has its
+//!   retry copy forwarded ([`Settled::Forwarded`]: the copy goes to the tail,
+//!   where the broker's order promise ends);
 //! - **offsets never backwards**, per partition;
 //! - **duplicates** (successful invocations beyond the first) within the bound
 //!   the contract allows.
@@ -299,25 +301,41 @@ impl Ledger {
             }
         }
         // Within a scope, by send order: a message's first success never comes
-        // before that of an earlier one that was not dead-lettered.
+        // before an earlier one (not dead-lettered) is resolved: its first
+        // success, or its copy forwarded for a retry (the broker's order
+        // promise ends there: the copy goes to the tail).
         let mut by_scope: BTreeMap<&str, Vec<InScope<'_>>> = BTreeMap::new();
         for (id, m) in &inner.messages {
             if inner.dead.contains(id) {
                 continue;
             }
-            by_scope.entry(&m.scope).or_default().push((
-                m.position,
-                id,
-                m.successes.first().copied(),
-            ));
+            let forwarded = m
+                .settled
+                .iter()
+                .filter(|(_, how)| *how == Settled::Forwarded)
+                .map(|(at, _)| *at)
+                .min();
+            let resolved = match (m.successes.first().copied(), forwarded) {
+                (Some(s), Some(f)) => Some(s.min(f)),
+                (s, f) => s.or(f),
+            };
+            by_scope
+                .entry(&m.scope)
+                .or_default()
+                .push((m.position, id, resolved));
         }
         for list in by_scope.values_mut() {
             list.sort_unstable();
             for (i, (_, earlier, earlier_done)) in list.iter().enumerate() {
-                for (_, later, later_done) in &list[i + 1..] {
+                for (_, later, _) in &list[i + 1..] {
+                    let later_done = inner
+                        .messages
+                        .get(*later)
+                        .and_then(|m| m.successes.first().copied());
                     let early_first = match (earlier_done, later_done) {
-                        (Some(e), Some(l)) => l < e,
-                        // The later one succeeded; the earlier one never did.
+                        (Some(e), Some(l)) => l < *e,
+                        // The later one succeeded; the earlier one was never
+                        // resolved.
                         (None, Some(_)) => true,
                         _ => false,
                     };
@@ -454,6 +472,34 @@ mod tests {
         assert_eq!(a.backwards, [("0".to_owned(), 5, 3)]);
         let caught = std::panic::catch_unwind(|| l.check("broken", Contract::ordered()));
         assert!(caught.is_err());
+    }
+
+    #[test]
+    fn a_retry_forwarded_before_a_later_success_keeps_the_order() {
+        let l = Ledger::new();
+        for id in ["a", "b", "c"] {
+            l.sent(id, "p0");
+        }
+        // a fails, its retry is forwarded (to the tail), then b succeeds, then a.
+        l.started("a").finished(false);
+        l.settled("a", Settled::Forwarded);
+        l.started("b").finished(true);
+        l.started("a").finished(true);
+        l.started("c").finished(true);
+        let a = l.accounting();
+        assert!(a.reordered.is_empty(), "{:?}", a.reordered);
+        let l2 = Ledger::new();
+        for id in ["a", "b"] {
+            l2.sent(id, "p0");
+        }
+        l2.started("a").finished(false);
+        l2.started("b").finished(true);
+        l2.settled("a", Settled::Forwarded);
+        l2.started("a").finished(true);
+        assert_eq!(
+            l2.accounting().reordered,
+            [("a".to_owned(), "b".to_owned())]
+        );
     }
 
     #[test]

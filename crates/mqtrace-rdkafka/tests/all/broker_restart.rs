@@ -56,13 +56,7 @@ async fn consumer_side_broker_killed_and_restarted() {
     config
         .set("queued.min.messages", "1")
         .set("fetch.message.max.bytes", "64");
-    let consumer = mqtrace_rdkafka::TracedConsumer::from_config(
-        &config,
-        &[&topic],
-        h.producer(&instrumenter),
-        instrumenter.clone(),
-    )
-    .unwrap();
+    let consumer = h.consumer_with(&config, &[&topic], &instrumenter);
     let run = {
         let (processed, count, stop, ledger) = (
             Arc::clone(&processed),

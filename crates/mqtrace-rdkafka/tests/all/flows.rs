@@ -605,13 +605,7 @@ async fn a_rebalance_commits_the_settled_records_first() {
     let consumer = || {
         let mut config = h.consumer_config();
         config.set("auto.commit.interval.ms", "3600000");
-        mqtrace_rdkafka::TracedConsumer::from_config(
-            &config,
-            &[&topic],
-            h.producer(&instrumenter),
-            instrumenter.clone(),
-        )
-        .unwrap()
+        h.consumer_with(&config, &[&topic], &instrumenter)
     };
     let first = consumer();
     let joined_late = async {

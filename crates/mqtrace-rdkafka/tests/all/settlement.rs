@@ -48,6 +48,15 @@ fn still_waiting(ledger: &Ledger, committed: i64, records: i64) {
     ledger.waiting((committed.max(0)..records).map(|o| o.to_string()));
 }
 
+/// Reads the group's committed offset at the end of a five-record run, and tells
+/// the ledger: the commit, and the records still waiting. Returns the offset.
+async fn observe_the_end(h: &Harness, topic: &str, ledger: &Ledger) -> i64 {
+    let committed = committed_offset(h, topic).await;
+    ledger.committed("0", committed);
+    still_waiting(ledger, committed, 5);
+    committed
+}
+
 /// The own loop of these tests: receives `records` records (numbered from 0),
 /// handles each inside `tracer.process` (recording it in the ledger) and settles
 /// it; in record 2's handler the loop's commit timer fires. It stops at the
@@ -110,9 +119,7 @@ async fn own_loop_storing_offsets_under_the_default_auto_store_is_refused() {
     let tracer = mqtrace_rdkafka::RecordTracer::new(instrumenter, producer).store_offsets(true);
 
     let settled = own_loop(&h, &topic, &consumer, &tracer, &ledger, 5).await;
-    let committed = committed_offset(&h, &topic).await;
-    ledger.committed("0", committed);
-    still_waiting(&ledger, committed, 5);
+    let committed = observe_the_end(&h, &topic, &ledger).await;
     ledger.check(
         "kafka own loop, store_offsets under auto store",
         Contract::ordered(),
@@ -363,9 +370,7 @@ async fn a_failed_seek_back_holds_the_partition_at_the_record() {
         }
     }
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
-    let committed = committed_offset(&h, &topic).await;
-    ledger.committed("0", committed);
-    still_waiting(&ledger, committed, 5);
+    let committed = observe_the_end(&h, &topic, &ledger).await;
     ledger.check("kafka own loop, failed seek back", Contract::ordered());
     assert_eq!(redelivered, 1);
     assert_eq!(committed, 1);
@@ -536,8 +541,8 @@ async fn record_tracer_check_tells_at_start_up() {
 /// 2 fails permanently (to the dead-letter topic, read back), record 3's
 /// handler panics once (a transient failure), 0 and 4 succeed. Nothing is lost,
 /// the dead letter is one a handler saw, and the group's committed offset ends
-/// at the topic's end: the retried copies included, nothing waits. (Order is
-/// not claimed: a retry goes to the tail of the partition.)
+/// at the topic's end: the retried copies included, nothing waits. Order is
+/// checked up to each retry's forward (the copy goes to the partition's tail).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_handler_outcome_settles_through_the_checker() {
     let h = Harness::start().await;
@@ -562,6 +567,9 @@ async fn every_handler_outcome_settles_through_the_checker() {
                     match id {
                         1 if first => {
                             call.finished(false);
+                            // The consumer forwards the retry before it takes
+                            // the next record.
+                            ledger.settled("1", Settled::Forwarded);
                             Err(HandlerError::transient("gateway timeout"))
                         }
                         2 => {
@@ -570,6 +578,7 @@ async fn every_handler_outcome_settles_through_the_checker() {
                         }
                         3 if first => {
                             call.finished(false);
+                            ledger.settled("3", Settled::Forwarded);
                             panic!("the handler blows up on its first attempt");
                         }
                         _ => {
@@ -603,7 +612,7 @@ async fn every_handler_outcome_settles_through_the_checker() {
     ledger.committed("0", committed);
     let a = ledger.check(
         "kafka full consumer, every handler outcome",
-        Contract::at_least_once().duplicates(0),
+        Contract::ordered().duplicates(0),
     );
     assert_eq!((a.dead_lettered, a.failed_attempts), (1, 3));
     assert_eq!(committed, end, "the originals and their retries committed");
@@ -654,9 +663,7 @@ async fn a_missing_dead_letter_topic_holds_the_record() {
     )
     .await
     .unwrap();
-    let committed = committed_offset(&h, &topic).await;
-    ledger.committed("0", committed);
-    still_waiting(&ledger, committed, 5);
+    let committed = observe_the_end(&h, &topic, &ledger).await;
     let a = ledger.check(
         "kafka full consumer, dead-letter topic missing",
         Contract::ordered().duplicates(0),
@@ -683,13 +690,7 @@ async fn a_handler_slower_than_the_poll_interval_is_handled_again_not_passed() {
     config
         .set("session.timeout.ms", "3000")
         .set("max.poll.interval.ms", "3000");
-    let consumer = mqtrace_rdkafka::TracedConsumer::from_config(
-        &config,
-        &[&topic],
-        h.producer(&instrumenter),
-        instrumenter.clone(),
-    )
-    .unwrap();
+    let consumer = h.consumer_with(&config, &[&topic], &instrumenter);
     let done = Arc::new(AtomicUsize::new(0));
     within(
         90,
@@ -714,9 +715,7 @@ async fn a_handler_slower_than_the_poll_interval_is_handled_again_not_passed() {
     )
     .await
     .unwrap();
-    let committed = committed_offset(&h, &topic).await;
-    ledger.committed("0", committed);
-    still_waiting(&ledger, committed, 5);
+    let committed = observe_the_end(&h, &topic, &ledger).await;
     let a = ledger.check(
         "kafka full consumer, handler slower than max.poll.interval.ms",
         Contract::ordered(),

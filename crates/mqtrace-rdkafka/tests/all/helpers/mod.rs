@@ -157,8 +157,18 @@ impl Harness {
     }
 
     pub fn consumer(&self, topics: &[&str], instrumenter: &Instrumenter) -> TracedConsumer {
+        self.consumer_with(&self.consumer_config(), topics, instrumenter)
+    }
+
+    /// A full consumer made from `config`, forwarding with this run's producer.
+    pub fn consumer_with(
+        &self,
+        config: &ClientConfig,
+        topics: &[&str],
+        instrumenter: &Instrumenter,
+    ) -> TracedConsumer {
         TracedConsumer::from_config(
-            &self.consumer_config(),
+            config,
             topics,
             self.producer(instrumenter),
             instrumenter.clone(),
