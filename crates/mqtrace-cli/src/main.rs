@@ -15,15 +15,11 @@
 // A command-line tool reports its errors on stderr.
 #![allow(clippy::print_stderr)]
 
-mod capture;
 mod demo;
 mod doctor;
 mod journey;
-mod kafka;
-mod rabbit;
-mod sqs;
+mod receive;
 mod view;
-mod web;
 
 use std::process::ExitCode;
 

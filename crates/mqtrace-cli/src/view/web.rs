@@ -15,8 +15,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+use super::window::{Snapshot, Window};
 use crate::journey::{self, Index, Role};
-use crate::view::{Snapshot, Window};
 
 const PAGE: &str = include_str!("view.html");
 const DATA_SLOT: &str = "/*MQTRACE_DATA*/null";

@@ -1,4 +1,7 @@
-//! `mqtrace demo`: the order pipeline on the embedded broker.
+//! The demo's services, whatever the broker: telemetry per service, the order
+//! handler, the options and errors, the report. The broker runners
+//! (`super::kafka`, `super::rabbit`, `super::sqs`, and the embedded one in
+//! `super`) use them; this module uses none of them.
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,10 +10,8 @@ use std::time::Duration;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use mqtrace::embedded::{
-    Broker, ConsumerStats, Message, QueueOptions, StoredMessage, TracedConsumer, TracedProducer,
-};
-use mqtrace::{Disposition, HandlerError, HandlerResult, Instrumenter, Retryable};
+use mqtrace::embedded::ConsumerStats;
+use mqtrace::{HandlerError, HandlerResult, Instrumenter, Retryable};
 use mqtrace_telemetry::{TelemetryBuilder, TelemetryGuard};
 use mqtrace_testing::{
     Collector, CollectorConfig, Forest, Kind, MetricValue, RecordedMetric, RecordedSpan,
@@ -22,8 +23,8 @@ use tracing::instrument::WithSubscriber as _;
 use tracing::Instrument as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 
-const QUEUE: &str = "orders";
-const DEAD_LETTERS: &str = "orders.dlq";
+pub(crate) const QUEUE: &str = "orders";
+pub(crate) const DEAD_LETTERS: &str = "orders.dlq";
 /// Every order whose id is a multiple of this has a malformed payload: a permanent
 /// failure that goes straight to the dead-letter queue.
 const MALFORMED_EVERY: u64 = 7;
@@ -36,13 +37,13 @@ pub(crate) struct DemoArgs {
     pub(crate) messages: u64,
     /// Chance that one attempt to charge a payment fails transiently (0 to 1).
     #[arg(long, default_value_t = 0.3)]
-    fail_rate: f64,
+    pub(crate) fail_rate: f64,
     /// Seed of the failure dice: the same seed gives the same run.
     #[arg(long, default_value_t = 42)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Traces to print (0: all).
     #[arg(long, default_value_t = 6)]
-    show: usize,
+    pub(crate) show: usize,
     /// Where to run: `embedded` (the in-process broker), a RabbitMQ URL
     /// (`amqp://user:pass@host:port/vhost`) or a Kafka bootstrap address
     /// (`kafka://host:port`), or SQS: `sqs://host:port` for an emulator (static test
@@ -53,11 +54,11 @@ pub(crate) struct DemoArgs {
     pub(crate) broker: String,
     /// Leave durations out of the printed trees (for comparing runs).
     #[arg(long)]
-    no_timings: bool,
+    pub(crate) no_timings: bool,
     /// Also write every span to FILE as OTLP JSON lines, for `mqtrace view --load`
     /// and `mqtrace doctor`.
     #[arg(long, value_name = "FILE")]
-    save: Option<std::path::PathBuf>,
+    pub(crate) save: Option<std::path::PathBuf>,
 }
 
 impl From<mqtrace_rdkafka::ConsumeError> for DemoError {
@@ -108,7 +109,7 @@ pub(crate) enum DemoError {
     #[error("flush task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
     #[error("{0}")]
-    Capture(#[from] crate::capture::CaptureError),
+    Capture(#[from] crate::receive::capture::CaptureError),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -139,7 +140,7 @@ fn service(name: &str, collector: &Collector) -> Result<TelemetryGuard, DemoErro
 pub(crate) struct Services {
     collector: Collector,
     /// Writes the capture (`--save`) as trace requests arrive.
-    saving: Option<tokio::task::JoinHandle<Result<(), crate::capture::CaptureError>>>,
+    saving: Option<tokio::task::JoinHandle<Result<(), crate::receive::capture::CaptureError>>>,
     producer: TelemetryGuard,
     worker: TelemetryGuard,
     /// The worker's `tracing` subscriber: handler spans nest under the process span.
@@ -148,11 +149,14 @@ pub(crate) struct Services {
 }
 
 impl Services {
-    async fn start(messages: u64, save: Option<&std::path::Path>) -> Result<Self, DemoError> {
+    pub(crate) async fn start(
+        messages: u64,
+        save: Option<&std::path::Path>,
+    ) -> Result<Self, DemoError> {
         let (collector, saving) = match save {
             None => (Collector::start().await?, None),
             Some(path) => {
-                let mut writer = crate::capture::Writer::create(path)?;
+                let mut writer = crate::receive::capture::Writer::create(path)?;
                 let (tap, mut requests) = tokio::sync::mpsc::channel(64);
                 let collector =
                     Collector::start_with(CollectorConfig::default(), Some(tap)).await?;
@@ -217,7 +221,7 @@ impl Services {
     }
 
     /// Flushes both services and prints the trees and the summary.
-    async fn report(
+    pub(crate) async fn report(
         self,
         args: &DemoArgs,
         stats: &ConsumerStats,
@@ -321,68 +325,6 @@ pub(crate) fn order_body(order_id: u64) -> Vec<u8> {
         })
         .unwrap_or_default()
     }
-}
-
-pub(crate) async fn run(args: DemoArgs) -> Result<(), DemoError> {
-    if !(0.0..=1.0).contains(&args.fail_rate) {
-        return Err(DemoError::FailRate(args.fail_rate));
-    }
-    let services = Services::start(args.messages, args.save.as_deref()).await?;
-    let (stats, dead) = if args.broker == "embedded" || args.broker.starts_with("embedded:") {
-        run_embedded(&args, &services).await?
-    } else if args.broker.starts_with("amqp://") || args.broker.starts_with("amqps://") {
-        crate::rabbit::run(&args, &services).await?
-    } else if args.broker.starts_with("kafka://") {
-        crate::kafka::run(&args, &services).await?
-    } else if args.broker.starts_with("sqs://") {
-        crate::sqs::run(&args, &services).await?
-    } else {
-        return Err(DemoError::Broker(args.broker));
-    };
-    services.report(&args, &stats, dead).await
-}
-
-async fn run_embedded(
-    args: &DemoArgs,
-    services: &Services,
-) -> Result<(ConsumerStats, u64), DemoError> {
-    let broker = Broker::new();
-    broker.declare_queue(QUEUE, QueueOptions::default().dead_letter(DEAD_LETTERS));
-    broker.declare_queue(DEAD_LETTERS, QueueOptions::default());
-    let bar = services.bar();
-
-    // The producer service.
-    bar.set_message("publishing");
-    let producer = TracedProducer::new(broker.clone(), services.producer());
-    for order_id in 1..=args.messages {
-        producer
-            .send(QUEUE, Message::new(order_body(order_id)))
-            .await?;
-        bar.inc(1);
-    }
-
-    // The worker service.
-    bar.set_position(0);
-    bar.set_message("processing");
-    let consumer = TracedConsumer::new(broker.clone(), QUEUE, services.worker());
-    let handler = services.handler(args);
-    let mut stats = ConsumerStats::default();
-    while broker.depth(QUEUE)?.ready > 0 {
-        let disposition = consumer
-            .process_next(|m: StoredMessage| handler.call(m.body.to_vec(), m.attempt))
-            .await?;
-        match disposition {
-            Disposition::Settle => stats.settled += 1,
-            Disposition::Retry => stats.retried += 1,
-            Disposition::DeadLetter => stats.dead_lettered += 1,
-            Disposition::Drop => stats.dropped += 1,
-        }
-        if disposition != Disposition::Retry {
-            bar.inc(1);
-        }
-    }
-    let dead = broker.drain(DEAD_LETTERS)?.len() as u64;
-    Ok((stats, dead))
 }
 
 fn instrumenter(telemetry: &TelemetryGuard) -> Instrumenter {

@@ -8,7 +8,7 @@ use aws_sdk_sqs::Client;
 use mqtrace::embedded::ConsumerStats;
 use mqtrace_aws_sqs::{TracedConsumer, TracedSqs};
 
-use crate::demo::{order_body, DemoArgs, DemoError, Services};
+use super::services::{order_body, DemoArgs, DemoError, Services};
 
 /// `sqs://host:port`: an emulator at that address, any region, static test
 /// credentials. `sqs://` alone: AWS itself, with region and credentials from the

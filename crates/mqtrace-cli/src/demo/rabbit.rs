@@ -10,7 +10,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use mqtrace::embedded::ConsumerStats;
 use mqtrace_lapin::{QueueSpec, Server, TracedConsumer, TracedPublisher};
 
-use crate::demo::{order_body, DemoArgs, DemoError, Services};
+use super::services::{order_body, DemoArgs, DemoError, Services};
 
 const ANSWER: Duration = Duration::from_secs(10);
 

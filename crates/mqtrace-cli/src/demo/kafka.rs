@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::producer::FutureRecord;
 use rdkafka::ClientConfig;
 
-use crate::demo::{order_body, DemoArgs, DemoError, Services};
+use super::services::{order_body, DemoArgs, DemoError, Services};
 
 const ANSWER: Duration = Duration::from_secs(10);
 

@@ -10,7 +10,7 @@ use clap::Args;
 use mqtrace_testing::{spans_of, AttrValue, RecordedSpan};
 
 use crate::journey::{destination, disposition, journeys, Index, Role, Via, RELATIONSHIP};
-use crate::view::{listen, print, stopped, ListenArgs, ViewError};
+use crate::receive::{listen, print, stopped, ListenArgs, ReceiveError};
 
 /// Options of `mqtrace doctor`.
 #[derive(Debug, Args)]
@@ -47,9 +47,9 @@ pub(crate) struct DoctorArgs {
 
 /// Judges the capture or what arrives, prints the report, returns the number of
 /// findings.
-pub(crate) async fn run(args: DoctorArgs) -> Result<usize, ViewError> {
+pub(crate) async fn run(args: DoctorArgs) -> Result<usize, ReceiveError> {
     let spans = match &args.capture {
-        Some(path) => crate::capture::load(path)?.spans,
+        Some(path) => crate::receive::capture::load(path)?.spans,
         None => {
             let (collector, mut requests) = listen(&args.listen).await?;
             print(&format!(
