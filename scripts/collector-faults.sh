@@ -18,7 +18,7 @@ BROKERS=("$@")
 [ ${#BROKERS[@]} -eq 0 ] && BROKERS=(rabbitmq kafka sqs)
 unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_EXPORTER_OTLP_TRACES_ENDPOINT OTEL_SDK_DISABLED
 
-cargo build --release -p mqtrace-cli --example soak
+cargo build --release -p mqtrace-perf --bin soak
 scripts/brokers.sh start
 trap 'scripts/brokers.sh stop' EXIT
 # shellcheck disable=SC1091
@@ -34,7 +34,7 @@ for broker in "${BROKERS[@]}"; do
   rounds=${MQTRACE_CF_ROUNDS:-$rounds}
   per=${MQTRACE_CF_PER_PHASE:-$per}
   echo "== collector faults: $broker, $rounds rounds of $per messages per phase"
-  cargo run --release -q -p mqtrace-cli --example soak -- "$broker" --collector-faults \
+  cargo run --release -q -p mqtrace-perf --bin soak -- "$broker" --collector-faults \
     --rounds "$rounds" --per-phase "$per" | tee -a "$OUT"
 done
 echo "output: $OUT"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What a traced service pays, measured as services run: each run is its own
-# process (crates/mqtrace-cli/examples/service_cost.rs: one broker, one role, one
+# process (perf/src/bin/service_cost.rs: one broker, one role, one
 # variant), the collector is another (`mqtrace view`), and each run reports its
 # own CPU (user + system) and wall time per message. Variants run side by side in
 # interleaved rounds (raw, unsampled, exported, raw, ...; the Kafka producer also
@@ -23,7 +23,7 @@ if [ -z "${MQTRACE_TEST_KAFKA_BOOTSTRAP:-}" ] || [ -z "${MQTRACE_TEST_RABBITMQ_U
   # shellcheck disable=SC1091
   source .mqtrace-test/env
 fi
-cargo build --release --quiet -p mqtrace-cli --bin mqtrace --example service_cost
+cargo build --release --quiet -p mqtrace-cli --bin mqtrace -p mqtrace-perf --bin service_cost
 OUT=$(mktemp -d)
 trap 'kill "$VIEW" 2>/dev/null || true; rm -rf "$OUT"' EXIT
 # shellcheck source=scripts/view-collector.sh
@@ -39,7 +39,7 @@ for broker in kafka rabbitmq sqs; do
       [ "$broker$role" = kafkaproduce ] && variants="$variants by-hand"
       for variant in $variants; do
         echo "service-cost: $broker $role $variant, round $round/$ROUNDS" >&2
-        "$TARGET/release/examples/service_cost" "$broker" "$role" "$variant" \
+        "$TARGET/release/service_cost" "$broker" "$role" "$variant" \
           --messages "$n" --endpoint "$ENDPOINT" >>"$OUT/results.jsonl"
       done
     done

@@ -16,7 +16,7 @@ BROKERS=("$@")
 [ ${#BROKERS[@]} -eq 0 ] && BROKERS=(rabbitmq kafka sqs)
 unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_EXPORTER_OTLP_TRACES_ENDPOINT OTEL_SDK_DISABLED
 
-cargo build --release -p mqtrace-cli --example soak
+cargo build --release -p mqtrace-perf --bin soak
 scripts/brokers.sh start
 trap 'scripts/brokers.sh stop' EXIT
 # shellcheck disable=SC1091
@@ -30,7 +30,7 @@ for broker in "${BROKERS[@]}"; do
     *) echo "soak.sh: unknown broker $broker" >&2; exit 2 ;;
   esac
   echo "== soak: $broker, $MINUTES min at $rate/s"
-  cargo run --release -q -p mqtrace-cli --example soak -- "$broker" \
+  cargo run --release -q -p mqtrace-perf --bin soak -- "$broker" \
     --minutes "$MINUTES" --rate "$rate" --out "$OUT"
 done
 echo "report lines: $OUT"

@@ -61,4 +61,5 @@ echo "== cargo test"
 # --show-output: the fault tests print their accounting (sent, processed, lost).
 cargo test --workspace --all-features -- --show-output
 echo "== the collector-fault measurement, one short round (the figures: scripts/collector-faults.sh)"
-"${CARGO_TARGET_DIR:-target}/debug/examples/soak" rabbitmq --collector-faults --rounds 1 --per-phase 200
+cargo build --quiet -p mqtrace-perf --bin soak
+"${CARGO_TARGET_DIR:-target}/debug/soak" rabbitmq --collector-faults --rounds 1 --per-phase 200

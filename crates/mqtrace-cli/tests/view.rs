@@ -577,20 +577,21 @@ fn help_has_examples_and_names_the_checks() {
     assert!(stdout.contains("Exit status: 0 when nothing is wrong, 1 with findings"));
 }
 
-/// The `span_rate` example, built with the tests.
-fn example(name: &str) -> PathBuf {
+/// A binary of the `mqtrace-perf` crate, which `cargo test --workspace` builds
+/// (its own tests run them).
+fn perf_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join("examples").join(name);
+    let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: cargo test builds it (or cargo build -p mqtrace-cli --examples)",
+        "{} is missing: `cargo test --workspace` builds it, or `cargo build -p mqtrace-perf --bin {name}`",
         path.display()
     );
     path
 }
 
-/// Runs the `span_rate` example against `mqtrace view` in another process and
+/// Runs `span_rate` (`mqtrace-perf`) against `mqtrace view` in another process and
 /// returns its report and the number of spans the view received.
 fn span_rate(args: &[&str]) -> (bool, String, u64) {
     // One rate run at a time: two would share the machine's two cores.
@@ -609,7 +610,7 @@ fn span_rate(args: &[&str]) -> (bool, String, u64) {
         "100",
     ]);
     let (grpc, _) = endpoints(&view.wait_for("listening for OTLP", Duration::from_secs(30)));
-    let out = Command::new(example("span_rate"))
+    let out = Command::new(perf_binary("span_rate"))
         .args(args)
         .args(["--endpoint", &grpc])
         .output()

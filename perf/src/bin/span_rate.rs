@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! mqtrace view --summary-only &                 # the collector, in its own process
-//! cargo run --release -p mqtrace-cli --example span_rate -- --rate 10000 --seconds 60
+//! cargo run --release -p mqtrace-perf --bin span_rate -- --rate 10000 --seconds 60
 //! ```
 //!
 //! `--collector-delay-ms` makes the collector slow (a proxy holds its answers back);

@@ -10,7 +10,7 @@
 //! variables set (`source .mqtrace-test/env`):
 //!
 //! ```text
-//! cargo run --release -p mqtrace-cli --example soak -- rabbitmq --minutes 10 --rate 100
+//! cargo run --release -p mqtrace-perf --bin soak -- rabbitmq --minutes 10 --rate 100
 //! ```
 //!
 //! With `--collector-faults` it measures instead what an OTLP collector's faults cost
@@ -35,13 +35,9 @@ use mqtrace_testing::{Collector, Kind};
 use opentelemetry::trace::TraceContextExt as _;
 use tokio::sync::Notify;
 
-#[path = "soak/faults.rs"]
 mod faults;
-#[path = "soak/kafka.rs"]
 mod kafka;
-#[path = "soak/rabbit.rs"]
 mod rabbit;
-#[path = "soak/sqs.rs"]
 mod sqs;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
