@@ -484,15 +484,27 @@ impl std::ops::Deref for Closing {
     }
 }
 
+impl Closing {
+    /// Takes the consumer and closes it on a thread of its own; the receiver
+    /// hears when the close is over. `None` when it was closed already, or when
+    /// the thread did not start: the consumer was then closed on this one.
+    fn close(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let consumer = self.0.take()?;
+        let (closed, done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("mqtrace-kafka-close".into())
+            .spawn(move || {
+                drop(consumer);
+                let _ = closed.send(());
+            })
+            .ok()
+            .map(|_| done)
+    }
+}
+
 impl Drop for Closing {
     fn drop(&mut self) {
-        if let Some(consumer) = self.0.take() {
-            // Should the thread not start, the closure is dropped here, and the
-            // consumer closes on this thread.
-            let _ = std::thread::Builder::new()
-                .name("mqtrace-kafka-close".into())
-                .spawn(move || drop(consumer));
-        }
+        let _ = self.close();
     }
 }
 
@@ -688,21 +700,10 @@ impl TracedConsumer {
     /// [`TracedConsumer::run_until`], so the group hands the partitions on at
     /// once instead of after `session.timeout.ms`.
     pub async fn close(mut self, within: Duration) -> bool {
-        let Some(consumer) = self.consumer.0.take() else {
-            return true;
-        };
-        let (closed, done) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name("mqtrace-kafka-close".into())
-            .spawn(move || {
-                drop(consumer);
-                let _ = closed.send(());
-            });
-        if spawned.is_err() {
-            // The closure, and the consumer with it, was dropped on this thread.
-            return true;
+        match self.consumer.close() {
+            Some(done) => tokio::time::timeout(within, done).await.is_ok(),
+            None => true,
         }
-        tokio::time::timeout(within, done).await.is_ok()
     }
 
     /// Consumes until `shutdown` completes. A record being handled when it does is

@@ -494,14 +494,7 @@ impl Deliveries {
     /// claimed), every delivery recorded as a successful handler invocation.
     /// Add what is waiting or dead-lettered, then [`crate::delivery::Ledger::check`].
     pub fn ledger(&self, sent: std::ops::Range<usize>) -> crate::delivery::Ledger {
-        let ledger = crate::delivery::Ledger::new();
-        for id in sent {
-            ledger.sent(id.to_string(), id.to_string());
-        }
-        for id in self.all() {
-            ledger.started(id.to_string()).finished(true);
-        }
-        ledger
+        ledger_of(sent, |id| id.to_string(), self.all())
     }
 
     /// How many of `ids` were never delivered.
@@ -537,15 +530,25 @@ impl Killed {
         sent: std::ops::Range<usize>,
         scope: impl Fn(usize) -> String,
     ) -> crate::delivery::Ledger {
-        let ledger = crate::delivery::Ledger::new();
-        for id in sent {
-            ledger.sent(id.to_string(), scope(id));
-        }
-        for id in &self.done {
-            ledger.started(id.to_string()).finished(true);
-        }
-        ledger
+        ledger_of(sent, scope, self.done.iter().copied())
     }
+}
+
+/// A ledger of numbered messages `sent`, each in the order scope `scope` gives
+/// it, and each id in `handled` as a successful handler invocation.
+fn ledger_of(
+    sent: std::ops::Range<usize>,
+    scope: impl Fn(usize) -> String,
+    handled: impl IntoIterator<Item = usize>,
+) -> crate::delivery::Ledger {
+    let ledger = crate::delivery::Ledger::new();
+    for id in sent {
+        ledger.sent(id.to_string(), scope(id));
+    }
+    for id in handled {
+        ledger.started(id.to_string()).finished(true);
+    }
+    ledger
 }
 
 /// The parent's side of a kill test: runs `test` as a child process with `role`
